@@ -1,0 +1,47 @@
+"""KV-Compress's global allocation: one threshold over every head of every layer, evicting whole blocks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvcompress.allocators.base import Allocator
+
+
+@dataclass
+class GlobalAllocator(Allocator):
+    """Evict, per sequence, the cheapest whole blocks across all (layer, head) pairs until the budget is met.
+
+    Giving up ``j`` blocks of a head evicts its ``j × block_size`` lowest-ranked tokens; the block metric of that
+    eviction is the rank of the largest evicted token (KV-Compress). Because a head's block metrics rise with j,
+    taking the globally cheapest units yields a prefix per head, so every kept count differs from the length by
+    a multiple of ``block_size`` and each evicted unit frees exactly one block. The kept total may fall below the
+    target by up to ``block_size - 1`` tokens (the last unit is whole).
+    """
+
+    name = "global"
+
+    def allocate(self, ranks, lengths, floor, target, block_size) -> torch.Tensor:
+        L, S, H, N = ranks.shape
+        heads = ranks.permute(1, 0, 2, 3).reshape(S, L * H, N)
+        lens = lengths.permute(1, 0, 2).reshape(S, L * H).long()
+        evictable = (lens - floor.permute(1, 0, 2).reshape(S, L * H).long()).clamp_min(0)
+        units = evictable // block_size  # blocks each head may give up
+        J = max(int(units.max()), 1)
+        asc = heads.sort(-1).values  # -inf (invalid) first; shift past them to index the head's real tokens
+        pad = N - lens  # number of -inf slots at the front of each sorted row
+        j = torch.arange(1, J + 1, device=ranks.device)
+        idx = (pad[..., None] + j * block_size - 1).clamp(max=N - 1)
+        cost = asc.gather(-1, idx)  # [S, L*H, J]
+        cost = cost.masked_fill(j > units[..., None], float("inf"))
+        need = torch.ceil((lens.sum(-1) - target.double()).clamp_min(0) / block_size).long()  # blocks to evict [S]
+        flat = cost.reshape(S, -1)
+        # a stable sort of the row-major [head, j] costs orders equal costs of one head by j: prefixes stay prefixes
+        order = torch.argsort(flat, dim=-1, stable=True)
+        chosen = torch.zeros_like(flat, dtype=torch.bool)
+        take = torch.arange(flat.shape[-1], device=ranks.device) < need.clamp(max=flat.shape[-1])[:, None]
+        chosen.scatter_(-1, order, take & ~torch.isposinf(flat.gather(-1, order)))
+        evicted_blocks = chosen.view(S, L * H, J).sum(-1)
+        counts = lens - evicted_blocks * block_size
+        return counts.view(S, L, H).permute(1, 0, 2)

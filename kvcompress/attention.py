@@ -1,0 +1,108 @@
+"""Attention over the paged cache, registered with transformers' ``AttentionInterface`` as ``kvcompress_paged``.
+
+Any Llama/Mistral/Qwen2/Qwen3 model computes q, k, v and applies RoPE as usual, then calls this function, which
+writes the new keys and values into the paged cache and attends over what each kv head keeps. Causality uses the
+positions stored with every slot, so a compacted (reordered) cache attends correctly and new tokens keep their
+true positions without any re-rotation of kept keys.
+
+The maths runs through :mod:`kvcompress_kernels`, which dispatches to Triton on CUDA tensors and to the torch
+reference on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+
+from kvcompress.cache.paged import PagedKVCache
+from kvcompress.cache.step import DecodeObservation, ForwardStep, PrefillObservation
+from kvcompress_kernels import paged_decode, paged_prefill
+
+ATTN_IMPLEMENTATION = "kvcompress_paged"
+
+
+def paged_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """``query`` ``[B, H_q, T, D]``, ``key``/``value`` ``[B, H_kv, T, D]`` -> output ``[B, T, H_q, D]``.
+
+    The B×T tokens are the packed tokens of ``kwargs["kvc_step"]`` (decode: B sequences × 1 token; prefill:
+    one row holding one or several packed sequences).
+    """
+    step: ForwardStep | None = kwargs.get("kvc_step")
+    if step is None:
+        raise ValueError(
+            f"attn_implementation '{ATTN_IMPLEMENTATION}' needs the paged cache step passed as `kvc_step=` "
+            "to the model's forward; use kvcompress.generate or kvcompress.runner to drive the model"
+        )
+    layer = module.layer_idx
+    B, Hq, T, D = query.shape
+    cache = step.cache
+    Hkv = key.shape[1]
+    scale = scaling if scaling is not None else D**-0.5
+    k = key.transpose(1, 2).reshape(B * T, Hkv, D)
+    v = value.transpose(1, 2).reshape(B * T, Hkv, D)
+    cache.append(layer, step.seq_ids, step.cu_seqlens, k, v, step.positions)
+    sid = torch.as_tensor(step.seq_ids, device=cache.device)
+    tables, lengths = cache.block_tables[layer, sid], cache.lengths[layer, sid]
+    q = query.transpose(1, 2).reshape(B * T, Hq, D)
+
+    if step.is_decode:
+        out = paged_decode(
+            q,
+            cache.k_cache,
+            cache.v_cache,
+            tables,
+            lengths,
+            scale,
+            score_out=cache.slot_score if step.decode_power else None,
+            score_power=step.decode_power or 1,
+        )
+        if step.on_decode is not None:
+            step.on_decode(DecodeObservation(layer, step.seq_ids, decode_probs(cache, layer, step.seq_ids, q, scale)))
+    else:
+        out, obs = paged_prefill(
+            q,
+            cache.k_cache,
+            cache.v_cache,
+            cache.slot_pos,
+            tables,
+            lengths,
+            step.positions.to(torch.int32),
+            step.cu_seqlens.to(torch.int32),
+            scale,
+            obs_window=step.obs_window if step.obs_window >= 0 else 1 << 30,
+            obs_power=step.obs_power,
+        )
+        if step.on_prefill is not None:
+            cu = step.cu_seqlens.tolist()
+            for i, s in enumerate(step.seq_ids):
+                n = cu[i + 1] - cu[i]
+                w = n if step.obs_window < 0 else min(step.obs_window, n)
+                queries = q[cu[i + 1] - w : cu[i + 1]].transpose(0, 1)[None]
+                window_probs = obs[i : i + 1] if obs is not None else None
+                start = int(step.positions[cu[i + 1] - w]) if w else int(step.positions[cu[i + 1] - 1]) + 1
+                step.on_prefill(PrefillObservation(layer, s, w, start, window_probs, queries))
+    return out.view(B, T, Hq, D), None
+
+
+def decode_probs(cache: PagedKVCache, layer: int, seq_ids: list[int], q: torch.Tensor, scale: float) -> torch.Tensor:
+    """Softmax probabilities ``[B, H_q, L]`` of one decode query per sequence (``q``: ``[B, H_q, D]``) over the
+    logical slots of each query head's kv head; for scorers that need raw probabilities (e.g. TOVA)."""
+    view = cache.view(layer, seq_ids)
+    B, Hq, D = q.shape
+    H = view.keys.shape[1]
+    logits = torch.einsum("bhgd,bhld->bhgl", q.view(B, H, Hq // H, D).float(), view.keys.float()) * scale
+    logits = logits.masked_fill(~view.valid[:, :, None], float("-inf"))
+    return torch.softmax(logits, -1).nan_to_num(0.0).reshape(B, Hq, -1)
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)

@@ -1,0 +1,60 @@
+"""How much a sequence's cache may keep, and when compression runs."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+class BudgetError(ValueError):
+    """A budget that cannot be honoured (ratio < 1, budget below the protected window, ...)."""
+
+
+@dataclass
+class Budget:
+    """A per-sequence KV budget.
+
+    ``ratio`` keeps 1/ratio of the tokens seen (summed over every layer and kv head); ``max_cache_tokens`` instead
+    fixes the average number of tokens per kv head (KV-Compress's ``max_cache_tokens``) and wins when set.
+    The last ``protected_window`` tokens and the first ``n_sinks`` tokens of every head are never evicted and
+    count inside the budget. ``allocation`` names the allocator (see :mod:`kvcompress.allocators`).
+    ``compress_every`` > 0 re-compresses every N decode steps (continual compression); 0 compresses only after
+    the prompt.
+    """
+
+    ratio: float = 1.0
+    max_cache_tokens: int | None = None
+    protected_window: int = 32
+    n_sinks: int = 0
+    allocation: str = "uniform"
+    compress_every: int = 0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.ratio, (int, float)) and self.ratio >= 1):
+            raise BudgetError(f"budget.ratio must be a number >= 1 (1 = no compression), got {self.ratio!r}")
+        if self.max_cache_tokens is not None and self.max_cache_tokens < 1:
+            raise BudgetError(f"budget.max_cache_tokens must be >= 1 tokens per kv head, got {self.max_cache_tokens}")
+        if self.protected_window < 0 or self.n_sinks < 0 or self.compress_every < 0:
+            raise BudgetError("budget.protected_window, budget.n_sinks and budget.compress_every must be >= 0")
+
+    @property
+    def compresses(self) -> bool:
+        return self.max_cache_tokens is not None or self.ratio > 1
+
+    def per_head_target(self, seen: int) -> float:
+        """Average tokens a kv head may keep for a sequence that has seen ``seen`` tokens."""
+        if self.max_cache_tokens is not None:
+            return float(self.max_cache_tokens)
+        return seen / self.ratio
+
+    def check(self, seen: int, extra_protected: int = 0) -> None:
+        """Raise :class:`BudgetError` when the budget is smaller than what is always kept."""
+        floor = self.protected_window + self.n_sinks + extra_protected
+        target = self.per_head_target(seen)
+        if seen > floor and math.floor(target) < floor:
+            raise BudgetError(
+                f"the budget ({target:.1f} tokens per kv head for a {seen}-token sequence"
+                f"{f' at ratio {self.ratio:g}' if self.max_cache_tokens is None else ''}) is smaller than the "
+                f"protected tokens ({self.protected_window} recent + {self.n_sinks + extra_protected} sinks). "
+                "Lower budget.protected_window / budget.n_sinks, use a smaller ratio, or use longer inputs."
+            )

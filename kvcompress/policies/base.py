@@ -1,0 +1,93 @@
+"""The scorer interface: a policy says which tokens matter by keeping a score per cached slot.
+
+A policy is a dataclass with one job. It may
+
+* ask for the attention of the last ``window`` prompt queries (``-1``: every prompt query) against all keys,
+  raised to ``window_power``, and turn it into slot scores in :meth:`Policy.observe_prefill`;
+* ask the decode attention to add ``Σ_group p**decode_power`` into the slot scores every step (fused into the
+  attention kernel), or receive raw decode probabilities (``wants_decode_probs``);
+* compute ranking scores at compression time from keys/values/positions in :meth:`Policy.rank`.
+
+The compressor protects the recent window and sinks, asks the allocator how many tokens each head keeps and keeps
+each head's top-ranked slots. Higher rank = more important.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from kvcompress.cache.paged import HeadView, PagedKVCache
+from kvcompress.cache.step import DecodeObservation, PrefillObservation
+
+
+@dataclass
+class Policy:
+    """Base scorer; subclasses override the hooks they need. See the module docstring."""
+
+    window: ClassVar[int] = 0
+    window_power: ClassVar[int] = 1
+    decode_power: ClassVar[int] = 0
+    wants_decode_probs: ClassVar[bool] = False
+    needs_kv: ClassVar[bool] = False
+    sinks: ClassVar[int] = 0  # tokens at the start always kept by this policy, on top of budget.n_sinks
+    evicts: ClassVar[bool] = True
+    # allocations this policy composes with; None = every allocation
+    allocations: ClassVar[tuple[str, ...] | None] = None
+
+    def observe_prefill(self, cache: PagedKVCache, obs: PrefillObservation) -> None:
+        """Update slot scores from the prefill observation window of one layer of one sequence."""
+
+    def observe_decode(self, cache: PagedKVCache, obs: DecodeObservation) -> None:
+        """Update slot scores from one decode step's raw probabilities (only if ``wants_decode_probs``)."""
+
+    def rank(self, view: HeadView, seen: torch.Tensor) -> torch.Tensor:
+        """Ranking scores ``[S, H, L]`` for the slots of ``view`` (``seen``: ``[S]`` tokens seen per sequence)."""
+        return view.scores
+
+
+def group_sum(per_query_head: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """``[S, H_q, L]`` -> ``[S, H_kv, L]``: sum over the query heads of each GQA group."""
+    S, Hq, L = per_query_head.shape
+    return per_query_head.view(S, num_kv_heads, Hq // num_kv_heads, L).sum(2)
+
+
+def pool_by_position(
+    scores: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, kernel: int, mode: str = "max"
+) -> torch.Tensor:
+    """1-D pooling of per-slot ``scores`` ``[..., L]`` along the *position* axis (slots may be out of order).
+
+    SnapKV and KV-Compress pool along keys so a token's neighbours share its importance; after compaction the slot
+    order is no longer the position order, so slots are sorted by position, pooled and scattered back.
+    """
+    if kernel <= 1:
+        return scores
+    order = positions.masked_fill(~valid, torch.iinfo(torch.int64).max).argsort(-1)
+    s = scores.gather(-1, order).masked_fill(~valid.gather(-1, order), 0.0)
+    flat = s.reshape(-1, 1, s.shape[-1])
+    if mode == "max":
+        pooled = F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
+    elif mode == "avg":
+        pooled = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+    else:
+        raise ValueError(f"pooling must be 'max' or 'avg', got {mode!r}")
+    out = torch.empty_like(scores)
+    out.scatter_(-1, order, pooled.reshape(s.shape))
+    return out
+
+
+def window_scores(cache: PagedKVCache, obs: PrefillObservation, kernel: int, pooling: str) -> tuple:
+    """(view, ``[1, H_kv, L]`` scores): the observation window pooled along positions per query head, summed over
+    each GQA group. Shared by the attention-window policies (LFU, SnapKV, PyramidKV)."""
+    view = cache.view(obs.layer, [obs.seq_id], with_kv=False)
+    assert obs.window_probs is not None, "policy asked for a window but the observation has none"
+    probs = obs.window_probs[..., : view.valid.shape[-1]].float()
+    H = view.valid.shape[1]
+    g = probs.shape[1] // H
+    pos = view.positions.repeat_interleave(g, 1)
+    valid = view.valid.repeat_interleave(g, 1)
+    pooled = pool_by_position(probs, pos, valid, kernel, pooling)
+    return view, group_sum(pooled, H)
