@@ -12,12 +12,12 @@ reference on CPU tensors.
 from __future__ import annotations
 
 import torch
+from kvcompress_kernels import paged_decode, paged_prefill
 from torch import nn
 from transformers import AttentionInterface
 
 from kvcompress.cache.paged import PagedKVCache
 from kvcompress.cache.step import DecodeObservation, ForwardStep, PrefillObservation
-from kvcompress_kernels import paged_decode, paged_prefill
 
 ATTN_IMPLEMENTATION = "kvcompress_paged"
 
@@ -90,8 +90,13 @@ def paged_attention_forward(
                 queries = q[cu[i + 1] - w : cu[i + 1]].transpose(0, 1)[None]
                 window_probs = obs[i : i + 1] if obs is not None else None
                 start = int(step.positions[cu[i + 1] - w]) if w else int(step.positions[cu[i + 1] - 1]) + 1
-                step.on_prefill(PrefillObservation(layer, s, w, start, window_probs, queries))
+                step.on_prefill(PrefillObservation(layer, s, w, start, window_probs, queries, _rope_theta(module)))
     return out.view(B, T, Hq, D), None
+
+
+def _rope_theta(module: nn.Module) -> float:
+    params = getattr(module.config, "rope_parameters", None) or {}
+    return float(params.get("rope_theta", getattr(module.config, "rope_theta", 10000.0)))
 
 
 def decode_probs(cache: PagedKVCache, layer: int, seq_ids: list[int], q: torch.Tensor, scale: float) -> torch.Tensor:

@@ -15,6 +15,7 @@ Two evaluation modes (design.md section 4):
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -100,7 +101,7 @@ class PagedGenerator:
         decode = all(c == 1 for c in counts)
         flat = torch.tensor([t for ts in tokens for t in ts], device=self.device)
         positions = torch.cat(
-            [torch.arange(int(self.cache.seen[s]), int(self.cache.seen[s]) + c) for s, c in zip(seq_ids, counts)]
+            [torch.arange(int(self.cache.seen[s]), int(self.cache.seen[s]) + c) for s, c in zip(seq_ids, counts, strict=True)]
         ).to(self.device)
         cu = torch.tensor([0, *counts], device=self.device).cumsum(0)
         step = ForwardStep(self.cache, seq_ids, cu, positions)
@@ -185,7 +186,7 @@ class PagedGenerator:
 def _chunks(n: int, size: int, window: int) -> list[tuple[int, int]]:
     """Split ``n`` prompt tokens into chunks of ``size``; the last chunk holds at least the observation window."""
     bounds = list(range(0, n, size)) + [n]
-    spans = list(zip(bounds[:-1], bounds[1:]))
+    spans = list(itertools.pairwise(bounds))
     while len(spans) > 1 and window > 0 and spans[-1][1] - spans[-1][0] < window:
         spans[-2:] = [(spans[-2][0], spans[-1][1])]
     return spans

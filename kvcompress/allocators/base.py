@@ -35,6 +35,6 @@ def clamp_counts(counts: torch.Tensor, floor: torch.Tensor, lengths: torch.Tenso
 
 def keep_top(ranks: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Boolean mask ``[..., N]`` keeping the ``counts[...]`` highest-ranked slots of each row."""
-    order = ranks.argsort(-1, descending=True, stable=True)
+    order = torch.sort(ranks, dim=-1, descending=True, stable=True).indices
     keep_sorted = torch.arange(ranks.shape[-1], device=ranks.device) < counts[..., None]
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)

@@ -32,7 +32,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 from kvcompress_kernels import compact, write_kv
 
 
@@ -321,8 +320,8 @@ class PagedKVCache:
         slots = torch.where(valid, block * self.block_size + index % self.block_size, 0)
         flat = slots.reshape(-1)
         empty = self.k_cache.new_empty(0)
-        keys = self.k_cache.view(-1, self.head_dim)[flat].view(*slots.shape, -1) if with_kv else empty
-        values = self.v_cache.view(-1, self.head_dim)[flat].view(*slots.shape, -1) if with_kv else empty
+        keys = self.k_cache.view(-1, self.head_dim)[flat].view(*slots.shape, self.head_dim) if with_kv else empty
+        values = self.v_cache.view(-1, self.head_dim)[flat].view(*slots.shape, self.head_dim) if with_kv else empty
         return HeadView(
             layer=layer,
             seq_ids=list(seq_ids),

@@ -31,6 +31,7 @@ class PrefillObservation:
     window_start: int  # position of the first window query
     window_probs: torch.Tensor | None
     queries: torch.Tensor
+    rope_theta: float = 10000.0
 
 
 @dataclass

@@ -198,7 +198,7 @@ class FrequentWords(SyntheticTask):
 
 
 RULER_TASKS: dict[str, type[SyntheticTask]] = {
-    cls.name: cls  # type: ignore[misc]  # dataclass field defaults are class attributes
+    cls.name: cls  # a dataclass field default is also a class attribute
     for cls in (NiahSingle, NiahMultiKey, NiahMultiValue, NiahMultiQuery, VariableTracking, FrequentWords)
 }
 

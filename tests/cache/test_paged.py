@@ -1,0 +1,156 @@
+"""Paged cache operations: block boundaries, short heads, freeing, exhaustion, and a property test against a
+dense reference."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvcompress.cache.paged import PagedKVCache, PoolExhaustedError
+
+L, H, D, BS = 2, 3, 4, 4
+
+
+def make(num_blocks: int = 64, max_seqs: int = 2) -> PagedKVCache:
+    return PagedKVCache(L, H, D, num_blocks, block_size=BS, max_seqs=max_seqs, max_tokens_per_head=64)
+
+
+def append(cache: PagedKVCache, seq: int, n: int, start: int = 0) -> torch.Tensor:
+    """Append n tokens to every layer; K[t, h, :] = position*10 + h, so contents identify the token."""
+    cache.reserve([seq], [n])
+    pos = torch.arange(start, start + n)
+    k = (pos[:, None, None] * 10 + torch.arange(H)[None, :, None]).float().expand(n, H, D).contiguous()
+    for layer in range(L):
+        cache.append(layer, [seq], torch.tensor([0, n]), k + layer * 1000, -k, pos)
+    cache.advance([seq], [n])
+    return k
+
+
+def positions(cache: PagedKVCache, layer: int, seq: int, head: int) -> list[int]:
+    v = cache.view(layer, [seq])
+    return sorted(v.positions[0, head][v.valid[0, head]].tolist())
+
+
+@pytest.mark.parametrize("n", [1, BS - 1, BS, BS + 1, 3 * BS])
+def test_append_across_block_boundaries(n: int) -> None:
+    cache = make()
+    s = cache.add_sequence()
+    append(cache, s, n)
+    assert cache.num_used_blocks == L * H * -(-n // BS)
+    v = cache.view(1, [s])
+    assert v.valid.sum() == H * n
+    # K was written where the block table says: key value encodes (layer, position, head)
+    expect = 1000 + v.positions * 10 + torch.arange(H)[None, :, None]
+    assert torch.equal(v.keys[..., 0][v.valid], expect[v.valid].float())
+    assert torch.equal(v.values[..., 0][v.valid], -(expect[v.valid].float() - 1000))
+
+
+def test_evict_compacts_and_frees_blocks() -> None:
+    cache = make()
+    s = cache.add_sequence()
+    append(cache, s, 10)  # 3 blocks per head
+    keep = torch.zeros(1, H, 10, dtype=torch.bool)
+    keep[0, 0, [1, 8, 9]] = True  # head 0 keeps 3 tokens -> 1 block
+    keep[0, 1] = True  # head 1 keeps all
+    keep[0, 2, 0] = True  # head 2 keeps 1 token
+    before = cache.num_free_blocks
+    freed = cache.evict(0, [s], keep)
+    assert freed == 2 + 0 + 2
+    assert cache.num_free_blocks == before + 4
+    assert cache.lengths[0, s].tolist() == [3, 10, 1]
+    assert positions(cache, 0, s, 0) == [1, 8, 9]
+    assert positions(cache, 0, s, 2) == [0]
+    v = cache.view(0, [s])
+    assert torch.equal(v.keys[0, 0, :3, 0].sort().values, torch.tensor([10.0, 80.0, 90.0]))
+    assert positions(cache, 1, s, 0) == list(range(10))  # other layer untouched
+
+
+def test_head_at_length_zero_and_one() -> None:
+    cache = make()
+    s = cache.add_sequence()
+    append(cache, s, 5)
+    keep = torch.zeros(1, H, 5, dtype=torch.bool)
+    keep[0, 1, 4] = True
+    cache.evict(0, [s], keep)
+    assert cache.lengths[0, s].tolist() == [0, 1, 0]
+    assert cache.num_blocks_held[0, s].tolist() == [0, 1, 0]
+    append(cache, s, 1, start=5)  # a length-0 head gets a fresh block
+    assert cache.lengths[0, s].tolist() == [1, 2, 1]
+    assert positions(cache, 0, s, 1) == [4, 5]
+
+
+def test_exhaustion_raises_before_writing() -> None:
+    cache = make(num_blocks=L * H * 2)
+    s = cache.add_sequence()
+    append(cache, s, 2 * BS)
+    snapshot = (cache.block_tables.clone(), cache.lengths.clone(), cache.num_free_blocks)
+    with pytest.raises(PoolExhaustedError, match="needs 6 more blocks but only 0"):
+        cache.reserve([s], [1])
+    assert torch.equal(cache.block_tables, snapshot[0]) and torch.equal(cache.lengths, snapshot[1])
+    assert cache.num_free_blocks == snapshot[2]
+
+
+def test_release_and_fork_account_blocks() -> None:
+    cache = make(max_seqs=3)
+    a = cache.add_sequence()
+    append(cache, a, 7)
+    b = cache.fork(a)
+    assert cache.num_used_blocks == 2 * L * H * 2
+    assert positions(cache, 1, b, 2) == list(range(7))
+    assert torch.equal(cache.view(1, [b]).keys, cache.view(1, [a]).keys)
+    cache.release(a)
+    assert cache.num_used_blocks == L * H * 2
+    assert positions(cache, 1, b, 2) == list(range(7))
+
+
+def test_memory_accounting_after_halving() -> None:
+    cache = make()
+    s = cache.add_sequence()
+    append(cache, s, 32)
+    m0 = cache.memory([s])
+    assert m0.logical_compression == 1.0
+    keep = torch.zeros(1, H, 32, dtype=torch.bool)
+    keep[..., ::2] = True
+    for layer in range(L):
+        cache.evict(layer, [s], keep)
+    m = cache.memory([s])
+    assert m.tokens_kept == L * H * 16 and m.logical_compression == 2.0
+    assert m.allocated_bytes * 2 == m0.allocated_bytes
+    assert m.dense_bytes == L * H * 32 * 2 * D * 4
+    assert 1.0 < m.physical_compression < 2.0  # metadata overhead shows up
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 9), st.integers(0, 2**16)), min_size=1, max_size=12))
+def test_random_append_evict_matches_dense_reference(ops) -> None:
+    """Random appends and evictions on two sequences against a dict-of-lists reference per (layer, seq, head)."""
+    cache = make(num_blocks=400)
+    seqs = [cache.add_sequence(), cache.add_sequence()]
+    ref = {(layer, s, h): [] for layer in range(L) for s in seqs for h in range(H)}
+    seen = dict.fromkeys(seqs, 0)
+    gen = torch.Generator().manual_seed(0)
+    for is_evict, n, salt in ops:
+        s = seqs[salt % 2]
+        if not is_evict:
+            append(cache, s, n, start=seen[s])
+            for layer in range(L):
+                for h in range(H):
+                    ref[layer, s, h] += list(range(seen[s], seen[s] + n))
+            seen[s] += n
+        else:
+            layer = salt % L
+            width = max(int(cache.lengths[layer, s].max()), 1)
+            keep = torch.rand(1, H, width, generator=gen) < 0.5
+            held = cache.view(layer, [s])
+            for h in range(H):
+                kept = held.positions[0, h][keep[0, h, : held.valid.shape[-1]] & held.valid[0, h]].tolist()
+                ref[layer, s, h] = sorted(kept)
+            cache.evict(layer, [s], keep)
+    for (layer, s, h), want in ref.items():
+        assert positions(cache, layer, s, h) == want
+        v = cache.view(layer, [s])
+        got_k = v.keys[0, h, :, 0][v.valid[0, h]]
+        assert torch.equal(got_k, (v.positions[0, h][v.valid[0, h]] * 10 + h + layer * 1000).float())
+    used = int(cache.num_blocks_held.sum())
+    assert used == cache.num_used_blocks
+    assert torch.equal(cache.num_blocks_held, (cache.lengths + BS - 1) // BS)

@@ -1,0 +1,176 @@
+"""Every policy and allocator on a tiny random Llama: budgets honoured, top scores kept, protection, memory freed,
+and generation after eviction equal to dense attention masked to the kept tokens."""
+
+import math
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from transformers import AttentionInterface
+
+from kvcompress.allocators import ALLOCATORS
+from kvcompress.budget import Budget, BudgetError
+from kvcompress.compressor import Compressor
+from kvcompress.generate import PagedGenerator, generate
+
+POLICIES = ["full", "lfu", "h2o", "snapkv", "pyramidkv", "streaming", "tova", "knorm", "random", "keydiff",
+            "expected_attention"]
+PROMPT = 150
+
+
+def policy(name: str, **overrides):
+    cfg = OmegaConf.load(f"conf/policy/{name}.yaml")
+    return instantiate(OmegaConf.merge(cfg, overrides))
+
+
+def compatible(name: str, allocation: str) -> bool:
+    allowed = type(policy(name)).allocations
+    return allowed is None or allocation in allowed
+
+
+def prompt(n: int = PROMPT, seed: int = 0) -> list[int]:
+    return torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def prefilled(model, name: str, budget: Budget, n: int = PROMPT) -> tuple[PagedGenerator, int, torch.Tensor]:
+    gen = PagedGenerator(model, Compressor(policy(name), budget), block_size=16, max_tokens_per_head=n + 8)
+    s = gen.cache.add_sequence()
+    logits = gen.prefill(s, prompt(n))
+    return gen, s, logits
+
+
+@pytest.mark.parametrize("name", POLICIES)
+@pytest.mark.parametrize("allocation", list(ALLOCATORS))
+def test_budget_and_protection(tiny_llama, name: str, allocation: str) -> None:
+    if not compatible(name, allocation):
+        with pytest.raises(ValueError, match="does not compose"):
+            Compressor(policy(name), Budget(ratio=4, allocation=allocation))
+        return
+    budget = Budget(ratio=4, protected_window=8, n_sinks=2, allocation=allocation)
+    gen, s, _ = prefilled(tiny_llama, name, budget)
+    before = gen.cache.view(0, [s]).scores.clone()
+    gen.compress([s])
+    cache = gen.cache
+    kept = cache.lengths[:, s].long()  # [L, H]
+    if name == "full":
+        assert (kept == PROMPT).all()
+        return
+    total_target = PROMPT / 4 * kept.numel()
+    if allocation == "uniform":
+        assert (kept == math.ceil(PROMPT / 4)).all()
+    elif allocation == "global":
+        evicted = PROMPT - kept
+        assert (evicted % cache.block_size == 0).all()  # whole blocks only
+        assert total_target - cache.block_size < kept.sum() <= total_target
+    else:
+        assert abs(kept.sum().item() - total_target) <= kept.numel()  # rounding per head at most
+    sinks = 2 + type(gen.compressor.policy).sinks
+    for layer in range(cache.num_layers):
+        v = cache.view(layer, [s], with_kv=False)
+        for h in range(cache.num_kv_heads):
+            pos = set(v.positions[0, h][v.valid[0, h]].tolist())
+            assert set(range(PROMPT - 8, PROMPT)) <= pos, "protected window evicted"
+            assert set(range(sinks)) <= pos, "sink evicted"
+    del before
+
+
+def test_kept_tokens_are_the_top_scored(tiny_llama) -> None:
+    gen, s, _ = prefilled(tiny_llama, "lfu", Budget(ratio=3, protected_window=4))
+    views = [gen.cache.view(layer, [s], with_kv=False) for layer in range(gen.cache.num_layers)]
+    gen.compress([s])
+    for layer, v in enumerate(views):
+        after = gen.cache.view(layer, [s], with_kv=False)
+        for h in range(gen.cache.num_kv_heads):
+            kept = set(after.positions[0, h][after.valid[0, h]].tolist())
+            scores = dict(zip(v.positions[0, h].tolist(), v.scores[0, h].tolist(), strict=True))
+            candidates = {p: sc for p, sc in scores.items() if p < PROMPT - 4}
+            kept_c = [candidates[p] for p in kept if p in candidates]
+            dropped = [sc for p, sc in candidates.items() if p not in kept]
+            assert min(kept_c) >= max(dropped)
+
+
+def test_global_allocator_frees_memory_to_about_one_over_ratio(tiny_llama) -> None:
+    gen, s, _ = prefilled(tiny_llama, "lfu", Budget(ratio=4, protected_window=8, allocation="global"), n=320)
+    m0 = gen.cache.memory([s])
+    gen.compress([s])
+    m = gen.cache.memory([s])
+    assert m.logical_compression >= 4.0
+    assert gen.cache.num_used_blocks == m.blocks_allocated
+    assert m0.allocated_bytes / m.allocated_bytes > 3.5  # whole blocks returned to the pool
+    assert m.physical_compression > 3.0
+
+
+def test_budget_errors() -> None:
+    with pytest.raises(BudgetError, match=">= 1"):
+        Budget(ratio=0.5)
+    with pytest.raises(BudgetError, match="smaller than the protected tokens"):
+        Budget(ratio=64, protected_window=32).check(1000)
+    with pytest.raises(ValueError, match="accepted: uniform, pyramid, adakv, global"):
+        Compressor(policy("lfu"), Budget(ratio=2, allocation="nope"))
+
+
+def test_lfu_metric_variants_and_continual_compression(tiny_llama) -> None:
+    for metric in ["L2-sum", "L1-sum", "L2-avg", "L1-avg"]:
+        comp = Compressor(policy("lfu", metric=metric), Budget(ratio=2, protected_window=8, compress_every=4))
+        out = generate(tiny_llama, [prompt(64)], comp, max_new_tokens=12)
+        assert len(out[0].tokens) == 12
+        assert comp.n_compressions == 1 + 2  # after prefill, then after decode forwards 4 and 8 (of 11)
+
+
+def _masked_dense_attention(keep_by_layer, prompt_len):
+    """A dense eager attention that hides, from queries past the prompt, the prompt tokens each kv head evicted."""
+
+    def forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        B, Hq, T, D = query.shape
+        Hkv = key.shape[1]
+        g = Hq // Hkv
+        i = torch.arange(T)[:, None]
+        j = torch.arange(T)[None, :]
+        allowed = (j <= i).expand(Hkv, T, T).clone()
+        kept = keep_by_layer[module.layer_idx]  # [H, prompt_len] bool
+        late = i >= prompt_len
+        allowed[:, :, :prompt_len] &= ~late | kept[:, None, :]
+        logits = torch.einsum("bhgtd,bhsd->bhgts", query.view(B, Hkv, g, T, D), key) * scaling
+        logits = logits.masked_fill(~allowed[None, :, None], float("-inf"))
+        out = torch.einsum("bhgts,bhsd->bhgtd", logits.softmax(-1), value)
+        return out.reshape(B, Hq, T, D).transpose(1, 2), None
+
+    return forward
+
+
+@pytest.mark.parametrize("name,allocation", [("lfu", "global"), ("snapkv", "adakv"), ("streaming", "uniform")])
+def test_generation_after_eviction_equals_masked_dense(tiny_llama, name, allocation) -> None:
+    gen, s, logits = prefilled(tiny_llama, name, Budget(ratio=3, protected_window=8, allocation=allocation))
+    gen.compress([s])
+    keep = []
+    for layer in range(gen.cache.num_layers):
+        v = gen.cache.view(layer, [s], with_kv=False)
+        mask = torch.zeros(gen.cache.num_kv_heads, PROMPT, dtype=torch.bool)
+        for h in range(gen.cache.num_kv_heads):
+            mask[h, v.positions[0, h][v.valid[0, h]]] = True
+        keep.append(mask)
+    tokens, _ = gen.decode([s], logits[None], max_new_tokens=4)
+    paged_last = gen.forward([s], [[tokens[0][-1]]])[0]
+    AttentionInterface.register("test_masked_dense", _masked_dense_attention(keep, PROMPT))
+    tiny_llama.set_attn_implementation("test_masked_dense")
+    try:
+        full = torch.tensor([prompt() + tokens[0]])
+        dense = tiny_llama(full, use_cache=False).logits[0].float()
+    finally:
+        tiny_llama.set_attn_implementation("sdpa")
+    # every generated token and the final logits agree with dense attention masked to the kept tokens
+    assert dense[PROMPT - 1 :].argmax(-1)[:4].tolist() == tokens[0]
+    torch.testing.assert_close(paged_last, dense[-1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["query_aware", "query_agnostic"])
+def test_every_policy_generates_in_both_modes(tiny_llama, mode) -> None:
+    ctx, q = prompt(96), prompt(12, seed=1)
+    for name in POLICIES:
+        allocation = next(a for a in ALLOCATORS if compatible(name, a))
+        comp = Compressor(policy(name), Budget(ratio=4, protected_window=8, allocation=allocation))
+        out = generate(tiny_llama, [(ctx, q), (ctx[:80], q)], comp, max_new_tokens=3, mode=mode)
+        assert [len(o.tokens) for o in out] == [3, 3]
+        want = 1.0 if name == "full" else 3.0
+        assert out[0].memory.logical_compression >= want * (1 if mode == "query_aware" else 0.8)
