@@ -1,0 +1,176 @@
+"""Helpers shared by the paged attention kernels (Triton device functions and host-side utilities).
+
+Cache layout (see docs/KERNELS.md): ``k_cache``/``v_cache`` are ``[num_blocks, block_size, head_dim]``; the
+logical slot ``j`` of a (sequence, kv head) lives in physical block ``block_tables[s, h, j // block_size]``
+at offset ``j % block_size``. Block ids are widened to int64 before they are multiplied by a stride, so
+pools with more than 2**31 elements address correctly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .backend import interpreter_enabled
+
+LOG2E = 1.4426950408889634  # softmax is computed with exp2: exp(x) == exp2(x * log2(e))
+MIN_DOT = 16  # smallest tl.dot tile dimension accepted by real GPUs
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= max(n, 1)."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def upcast_tiles(dtype: torch.dtype) -> bool:
+    """Whether kernels cast loaded tiles to fp32 before ``tl.dot``.
+
+    Always under the interpreter (it computes bf16 wrongly) and for fp32 caches (then the dot runs in
+    IEEE fp32, not TF32, so fp32 results match the reference to ~1e-5). fp16/bf16 on a GPU keep their
+    native dtype so the dots use tensor cores with fp32 accumulation.
+    """
+    return interpreter_enabled() or dtype == torch.float32
+
+
+def check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int]:
+    """Validate the pool tensors ``[num_blocks, block_size, head_dim]``; return (block_size, head_dim)."""
+    if k_cache.dim() != 3 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache/v_cache must both be [num_blocks, block_size, head_dim], got "
+                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"k_cache and v_cache dtypes differ: {k_cache.dtype} vs {v_cache.dtype}")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("k_cache/v_cache need a unit stride on head_dim")
+    return int(k_cache.shape[1]), int(k_cache.shape[2])
+
+
+def check_tables(block_tables: torch.Tensor, lengths: torch.Tensor, num_kv_heads: int | None = None) -> None:
+    """Validate ``block_tables`` ``[num_seqs, H_kv, max_blocks]`` and ``lengths`` ``[num_seqs, H_kv]`` (int32)."""
+    if block_tables.dim() != 3 or block_tables.dtype != torch.int32:
+        raise ValueError(f"block_tables must be int32 [num_seqs, num_kv_heads, max_blocks], got "
+                         f"{block_tables.dtype} {tuple(block_tables.shape)}")
+    if lengths.shape != block_tables.shape[:2] or lengths.dtype != torch.int32:
+        raise ValueError(f"lengths must be int32 {tuple(block_tables.shape[:2])}, got {lengths.dtype} "
+                         f"{tuple(lengths.shape)}")
+    if num_kv_heads is not None and block_tables.shape[1] != num_kv_heads:
+        raise ValueError(f"block_tables has {block_tables.shape[1]} kv heads, expected {num_kv_heads}")
+
+
+def group_size(num_q_heads: int, num_kv_heads: int) -> int:
+    """GQA group size ``H_q // H_kv`` (query head ``hq`` reads kv head ``hq // group``)."""
+    if num_kv_heads <= 0 or num_q_heads % num_kv_heads:
+        raise ValueError(f"H_q={num_q_heads} is not a multiple of H_kv={num_kv_heads}")
+    return num_q_heads // num_kv_heads
+
+
+def max_length(lengths: torch.Tensor) -> int:
+    """Largest per-head length (one host sync); 0 for an empty batch."""
+    return int(lengths.max().item()) if lengths.numel() else 0
+
+
+def gather_logical(
+    block_tables: torch.Tensor, lengths: torch.Tensor, block_size: int, max_len: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Torch helper: map logical slots to physical (block, offset).
+
+    Returns ``blocks`` and ``offsets`` ``[num_seqs, num_kv_heads, max_len]`` int64 and ``valid`` (bool, same
+    shape; slot < length). Table entries past a head's length may be garbage (-1), so invalid slots are
+    pointed at block 0 instead of being read from the table value.
+    """
+    j = torch.arange(max_len, device=block_tables.device)
+    valid = j < lengths.unsqueeze(-1).long()
+    col = (j // block_size).clamp(max=block_tables.shape[-1] - 1)  # max_len > 0 implies >= 1 column
+    blocks = block_tables.long().index_select(-1, col)
+    blocks = torch.where(valid, blocks, torch.zeros_like(blocks))
+    offsets = (j % block_size).expand_as(blocks)
+    return blocks, offsets, valid
+
+
+def num_programs_target(device: torch.device) -> int:
+    """How many programs a launch should provide to fill the device (2 waves of SMs on CUDA)."""
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def pick_num_splits(batch: int, num_kv_heads: int, max_len: int, device: torch.device, block_n: int) -> int:
+    """Split-K factor for decode: enough (seq, kv_head, split) programs to fill the GPU, each split
+    keeping at least 256 keys (shorter splits spend more on the merge than they save)."""
+    min_chunk = 256 if device.type == "cuda" else 4096
+    max_by_len = max(1, math.ceil(max_len / max(min_chunk, block_n)))
+    want = math.ceil(num_programs_target(device) / max(batch * num_kv_heads, 1))
+    return int(max(1, min(want, max_by_len, 64)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton device functions
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def slot_coords(bt_row_ptr, offs_n, mask_n, BLOCK_SIZE: tl.constexpr):
+    """Physical (block, offset) of logical slots ``offs_n`` of one head; block ids widened to int64.
+
+    ``bt_row_ptr`` points at ``block_tables[s, h, 0]`` (contiguous in the last dim). Masked slots read no
+    table entry (they may be garbage) and map to block 0.
+    """
+    blk = tl.load(bt_row_ptr + offs_n // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
+    return blk, offs_n % BLOCK_SIZE
+
+
+@triton.jit
+def load_tile(base_ptr, blk, off, offs_d, mask_n, mask_d, stride_b, stride_s, UPCAST: tl.constexpr):
+    """Gather a ``[BLOCK_N, BLOCK_D]`` tile of K or V rows at physical (blk, off); fp32 when UPCAST."""
+    ptrs = base_ptr + blk[:, None] * stride_b + off[:, None] * stride_s + offs_d[None, :]
+    tile = tl.load(ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def mm(a, b, UPCAST: tl.constexpr):
+    """``a @ b`` with fp32 accumulation: IEEE fp32 when UPCAST, else in the (fp16/bf16) dtype of ``b``."""
+    if UPCAST:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        r = tl.dot(a.to(b.dtype), b)
+    return r
+
+
+@triton.jit
+def online_softmax_step(qk, m_i, l_i, acc, v, UPCAST: tl.constexpr):
+    """One flash-attention update with a ``[M, N]`` tile of log2-domain logits (masked = -inf).
+
+    Rows whose logits are all -inf so far keep ``m_i == -inf``; a safe max avoids ``-inf - -inf``.
+    Returns the new (m_i, l_i, acc).
+    """
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(qk - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + mm(p, v, UPCAST)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def finish_rows(m_i, l_i, acc):
+    """Normalise the accumulator; rows that saw no key give zeros and lse ``-inf`` (log2 domain)."""
+    has = l_i > 0.0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    return out, lse
+
+
+@triton.jit
+def prob_power(logit, lse, valid, POWER: tl.constexpr):
+    """``p**POWER`` with ``p = exp2(logit - lse)`` (log2 domain), 0 where not ``valid``."""
+    lse_safe = tl.where(lse == float("-inf"), float("inf"), lse)
+    p = tl.where(valid, tl.exp2(logit - lse_safe), 0.0)
+    if POWER == 2:
+        p = p * p
+    return p

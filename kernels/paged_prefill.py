@@ -1,0 +1,354 @@
+"""Varlen paged prefill attention over the per-head KV cache, with an observation-window score.
+
+``paged_prefill`` runs the packed new tokens of several sequences against everything their kv heads hold
+(cached prefix + the new tokens, already written to the cache). Slot order is not position order after
+compaction, so causality is decided per slot by ``slot_pos <= q_pos``.
+
+Triton path:
+
+1. ``_prefill_kernel`` -- grid ``(query tiles, num_kv_heads)``. A tile packs ``BLOCK_Q`` query tokens x the
+   ``G`` query heads of one GQA group into ``BLOCK_M = BLOCK_Q * G (padded)`` rows, so every K/V tile is
+   loaded once per group. It walks all ``lengths[b, h]`` slots in key tiles with an online softmax (no
+   T x T matrix), skipping a key tile outright when every slot in it is in the future of every query of
+   the tile. The tile -> sequence map is a binary search over ``cu_seqlens_q`` (no host sync).
+   With ``obs_window > 0`` it also stores each row's final log-sum-exp.
+2. ``_obs_kernel`` -- grid ``(num_seqs, num_kv_heads, key tiles)``. A program owns one key tile of one
+   head (so no atomics), loads it once, and loops over the group's query heads and the window queries,
+   recomputing ``p = exp2(q.k * scale - lse)`` from the stored lse and summing ``p**obs_power``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    LOG2E,
+    MIN_DOT,
+    check_cache,
+    check_tables,
+    finish_rows,
+    gather_logical,
+    group_size,
+    load_tile,
+    max_length,
+    mm,
+    next_pow2,
+    online_softmax_step,
+    prob_power,
+    slot_coords,
+    upcast_tiles,
+)
+from .backend import use_triton
+
+__all__ = ["paged_prefill", "paged_prefill_torch", "paged_prefill_triton"]
+
+_REF_QUERY_CHUNK = 512  # the torch reference bounds its logits to [H_q, 512, len] per step
+
+
+def _check_args(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_pos: torch.Tensor,
+    block_tables: torch.Tensor,
+    lengths: torch.Tensor,
+    q_pos: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    obs_window: int,
+    obs_power: int,
+) -> tuple[int, int]:
+    """Validate shapes; return (block_size, group_size)."""
+    block_size, head_dim = check_cache(k_cache, v_cache)
+    if q.dim() != 3 or q.shape[-1] != head_dim:
+        raise ValueError(f"q must be [T_total, H_q, {head_dim}], got {tuple(q.shape)}")
+    if slot_pos.shape != k_cache.shape[:2] or slot_pos.dtype != torch.int32 or not slot_pos.is_contiguous():
+        raise ValueError(f"slot_pos must be contiguous int32 {tuple(k_cache.shape[:2])}")
+    check_tables(block_tables, lengths)
+    if cu_seqlens_q.shape != (block_tables.shape[0] + 1,) or cu_seqlens_q.dtype != torch.int32:
+        raise ValueError(f"cu_seqlens_q must be int32 [{block_tables.shape[0] + 1}]")
+    if q_pos.shape != (q.shape[0],) or q_pos.dtype != torch.int32:
+        raise ValueError(f"q_pos must be int32 [{q.shape[0]}]")
+    if obs_window < 0 or obs_power not in (1, 2):
+        raise ValueError(f"need obs_window >= 0 and obs_power in (1, 2), got {obs_window}, {obs_power}")
+    return block_size, group_size(q.shape[1], block_tables.shape[1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PyTorch reference
+# ----------------------------------------------------------------------------------------------------------
+
+
+def paged_prefill_torch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_pos: torch.Tensor,
+    block_tables: torch.Tensor,
+    lengths: torch.Tensor,
+    q_pos: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    scale: float,
+    *,
+    obs_window: int = 0,
+    obs_power: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """PyTorch reference of :func:`paged_prefill`: per sequence, gather the heads' slots and run a masked
+    fp32 softmax over chunks of at most 512 queries (memory ``O(H_q * 512 * len)``)."""
+    block_size, group = _check_args(q, k_cache, v_cache, slot_pos, block_tables, lengths, q_pos, cu_seqlens_q,
+                                    obs_window, obs_power)
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    num_seqs, num_kv_heads = lengths.shape
+    out = torch.zeros_like(q)
+    max_len = max_length(lengths)
+    obs = q.new_zeros((num_seqs, num_q_heads, max_len), dtype=torch.float32) if obs_window > 0 else None
+    cu = cu_seqlens_q.tolist()
+    for b in range(num_seqs):
+        t0, t1 = cu[b], cu[b + 1]
+        seq_len = max_length(lengths[b])
+        if t1 == t0 or seq_len == 0:
+            continue
+        blocks, offsets, valid = gather_logical(block_tables[b], lengths[b], block_size, seq_len)  # [Hkv, M]
+        keys = k_cache[blocks, offsets].float()  # garbage past a length is masked in the logits
+        values = v_cache[blocks, offsets].float().masked_fill(~valid[..., None], 0.0)  # 0 * NaN = NaN
+        kpos = slot_pos[blocks, offsets]  # [Hkv, M]
+        window_start = max(t0, t1 - obs_window)
+        for c0 in range(t0, t1, _REF_QUERY_CHUNK):
+            c1 = min(c0 + _REF_QUERY_CHUNK, t1)
+            qc = q[c0:c1].float().view(c1 - c0, num_kv_heads, group, head_dim)
+            logits = torch.einsum("thgd,hmd->hgtm", qc, keys) * scale
+            visible = valid[:, None, :] & (kpos[:, None, :] <= q_pos[c0:c1, None].to(kpos.device))  # [Hkv, t, M]
+            logits = logits.masked_fill(~visible[:, None], float("-inf"))
+            probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+            oc = torch.einsum("hgtm,hmd->thgd", probs, values)
+            out[c0:c1] = oc.reshape(c1 - c0, num_q_heads, head_dim).to(q.dtype)
+            if obs is not None and c1 > window_start:
+                win = probs[:, :, max(window_start - c0, 0):].pow(obs_power).sum(dim=2)  # [Hkv, G, M]
+                obs[b, :, :seq_len] += win.reshape(num_q_heads, seq_len)
+    return out, obs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _find_seq(cu_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
+    """Sequence owning query tile ``tile``: sequence b's tiles start at ``cu[b] // BLOCK_Q + b`` (an upper
+    bound on the tiles of the sequences before it), so a binary search over that monotone key finds it."""
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        key = tl.load(cu_ptr + mid) // BLOCK_Q + mid
+        if key <= tile:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_ptr, v_ptr, pos_ptr, bt_ptr, len_ptr, qpos_ptr, cu_ptr, out_ptr, lse_ptr,
+    qk_scale, num_seqs,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_vb, stride_vs,
+    stride_btb, stride_bth, stride_lb,
+    G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    STORE_LSE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """One (query tile, kv_head). Row r of the tile is query token ``r // G`` of the tile, head ``r % G``
+    of the group. Writes ``out`` [T, H_q, D] and, if STORE_LSE, ``lse`` [T, H_q] (log2 domain)."""
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    num_q_heads = tl.num_programs(1) * G
+    b = _find_seq(cu_ptr, tile, num_seqs, BLOCK_Q)
+    q_start = tl.load(cu_ptr + b)
+    q_len = tl.load(cu_ptr + b + 1) - q_start
+    local = tile - (q_start // BLOCK_Q + b)  # index of this tile inside sequence b
+    if local * BLOCK_Q < q_len:
+        rows = tl.arange(0, BLOCK_M)
+        tok = local * BLOCK_Q + rows // G
+        row_mask = (rows < BLOCK_Q * G) & (tok < q_len)
+        t = (q_start + tok).to(tl.int64)
+        hq = h * G + rows % G
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < HEAD_DIM
+        qmask = row_mask[:, None] & mask_d[None, :]
+        q = tl.load(q_ptr + t[:, None] * stride_qt + hq[:, None] * stride_qh + offs_d[None, :], mask=qmask, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        qpos = tl.load(qpos_ptr + t, mask=row_mask, other=-1)
+        qpos_max = tl.max(qpos, 0)
+        length = tl.load(len_ptr + b * stride_lb + h)
+        bt_row_ptr = bt_ptr + b * stride_btb + h * stride_bth
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for n0 in range(0, length, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < length
+            blk, off = slot_coords(bt_row_ptr, offs_n, mask_n, BLOCK_SIZE)
+            kpos = tl.load(pos_ptr + blk * BLOCK_SIZE + off, mask=mask_n, other=2147483647)
+            if tl.min(kpos, 0) <= qpos_max:  # otherwise every slot is in the future of every query
+                k = load_tile(k_ptr, blk, off, offs_d, mask_n, mask_d, stride_kb, stride_ks, UPCAST)
+                v = load_tile(v_ptr, blk, off, offs_d, mask_n, mask_d, stride_vb, stride_vs, UPCAST)
+                qk = mm(q, tl.trans(k), UPCAST) * qk_scale
+                visible = mask_n[None, :] & (kpos[None, :] <= qpos[:, None])
+                qk = tl.where(visible, qk, float("-inf"))
+                m_i, l_i, acc = online_softmax_step(qk, m_i, l_i, acc, v, UPCAST)
+
+        out, lse = finish_rows(m_i, l_i, acc)
+        tl.store(out_ptr + t[:, None] * stride_ot + hq[:, None] * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=qmask)
+        if STORE_LSE:
+            tl.store(lse_ptr + t * num_q_heads + hq, lse, mask=row_mask)
+
+
+@triton.jit
+def _obs_kernel(
+    q_ptr, k_ptr, pos_ptr, bt_ptr, len_ptr, qpos_ptr, cu_ptr, lse_ptr, obs_ptr,
+    qk_scale, obs_window, obs_len,
+    stride_qt, stride_qh, stride_kb, stride_ks, stride_btb, stride_bth, stride_lb,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_SIZE: tl.constexpr, POWER: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Observation scores of one key tile of one (seq, kv_head): for each query head g of the group,
+    ``obs[b, h*G+g, j] = sum over the last obs_window queries of p**POWER`` (``obs`` is [B, H_q, obs_len])."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    n0 = tl.program_id(2) * BLOCK_N
+    num_q_heads = tl.num_programs(1) * G
+    length = tl.load(len_ptr + b * stride_lb + h)
+    if n0 < length:
+        q_end = tl.load(cu_ptr + b + 1)
+        w_start = tl.maximum(tl.load(cu_ptr + b), q_end - obs_window)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < length
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < HEAD_DIM
+        blk, off = slot_coords(bt_ptr + b * stride_btb + h * stride_bth, offs_n, mask_n, BLOCK_SIZE)
+        kpos = tl.load(pos_ptr + blk * BLOCK_SIZE + off, mask=mask_n, other=2147483647)
+        k = load_tile(k_ptr, blk, off, offs_d, mask_n, mask_d, stride_kb, stride_ks, UPCAST)
+        kt = tl.trans(k)
+        for g in range(G):
+            hq = h * G + g
+            score = tl.zeros([BLOCK_N], tl.float32)
+            for w0 in range(w_start, q_end, BLOCK_W):
+                t = w0 + tl.arange(0, BLOCK_W)
+                mask_t = t < q_end
+                t64 = t.to(tl.int64)
+                q = tl.load(q_ptr + t64[:, None] * stride_qt + hq * stride_qh + offs_d[None, :],
+                            mask=mask_t[:, None] & mask_d[None, :], other=0.0)
+                qpos = tl.load(qpos_ptr + t64, mask=mask_t, other=-1)
+                lse = tl.load(lse_ptr + t64 * num_q_heads + hq, mask=mask_t, other=float("-inf"))
+                qk = mm(q, kt, UPCAST) * qk_scale
+                visible = mask_t[:, None] & mask_n[None, :] & (kpos[None, :] <= qpos[:, None])
+                score += tl.sum(prob_power(qk, lse[:, None], visible, POWER), 0)
+            obs_row = obs_ptr + (b.to(tl.int64) * num_q_heads + hq) * obs_len
+            tl.store(obs_row + offs_n, score, mask=mask_n)
+
+
+def _prefill_tiles(group: int, head_dim: int) -> tuple[int, int, int]:
+    """(BLOCK_M rows = BLOCK_Q tokens x G heads padded to a power of two, BLOCK_Q, BLOCK_N keys per tile)."""
+    block_m = max(64, next_pow2(group))
+    return block_m, block_m // group, 64 if head_dim <= 64 else 32
+
+
+def paged_prefill_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_pos: torch.Tensor,
+    block_tables: torch.Tensor,
+    lengths: torch.Tensor,
+    q_pos: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    scale: float,
+    *,
+    obs_window: int = 0,
+    obs_power: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Triton implementation of :func:`paged_prefill`."""
+    block_size, group = _check_args(q, k_cache, v_cache, slot_pos, block_tables, lengths, q_pos, cu_seqlens_q,
+                                    obs_window, obs_power)
+    total, num_q_heads, head_dim = q.shape
+    num_seqs, num_kv_heads = lengths.shape
+    block_tables = block_tables.contiguous()
+    lengths = lengths.contiguous()
+    q_pos = q_pos.contiguous()
+    cu_seqlens_q = cu_seqlens_q.contiguous()
+    q_in = q if q.stride(-1) == 1 else q.contiguous()
+    out = torch.zeros((total, num_q_heads, head_dim), device=q.device, dtype=q.dtype)
+    max_len = max_length(lengths) if obs_window > 0 else 0
+    obs = torch.zeros((num_seqs, num_q_heads, max_len), device=q.device, dtype=torch.float32) if obs_window else None
+    if total == 0 or num_seqs == 0:
+        return out, obs
+
+    block_m, block_q, block_n = _prefill_tiles(group, head_dim)
+    block_d = max(MIN_DOT, next_pow2(head_dim))
+    upcast = upcast_tiles(k_cache.dtype)
+    lse = torch.empty((total, num_q_heads), device=q.device, dtype=torch.float32) if obs is not None else out
+    num_tiles = total // block_q + num_seqs
+    _prefill_kernel[(num_tiles, num_kv_heads)](
+        q_in, k_cache, v_cache, slot_pos, block_tables, lengths, q_pos, cu_seqlens_q, out, lse,
+        scale * LOG2E, num_seqs,
+        q_in.stride(0), q_in.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        block_tables.stride(0), block_tables.stride(1), lengths.stride(0),
+        G=group, BLOCK_M=block_m, BLOCK_Q=block_q, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
+        BLOCK_SIZE=block_size, STORE_LSE=obs is not None, UPCAST=upcast, num_warps=4,
+    )
+    if obs is not None and max_len > 0:
+        _obs_kernel[(num_seqs, num_kv_heads, triton.cdiv(max_len, block_n))](
+            q_in, k_cache, slot_pos, block_tables, lengths, q_pos, cu_seqlens_q, lse, obs,
+            scale * LOG2E, min(obs_window, total), max_len,
+            q_in.stride(0), q_in.stride(1), k_cache.stride(0), k_cache.stride(1),
+            block_tables.stride(0), block_tables.stride(1), lengths.stride(0),
+            G=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_W=MIN_DOT,
+            BLOCK_SIZE=block_size, POWER=obs_power, UPCAST=upcast, num_warps=4,
+        )
+    return out, obs
+
+
+def paged_prefill(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_pos: torch.Tensor,
+    block_tables: torch.Tensor,
+    lengths: torch.Tensor,
+    q_pos: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    scale: float,
+    *,
+    obs_window: int = 0,
+    obs_power: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Causal varlen prefill attention over the paged, per-head KV cache.
+
+    Args:
+        q: ``[T_total, H_q, D]`` new tokens of all sequences, packed (RoPE applied).
+        k_cache, v_cache: ``[num_blocks, block_size, D]`` pool; the new tokens' K/V are already written.
+        slot_pos: ``[num_blocks, block_size]`` int32 original position of every slot (causal mask source,
+            because compaction breaks slot order == position order).
+        block_tables: ``[B, H_kv, max_blocks]`` int32; lengths: ``[B, H_kv]`` int32 (include new tokens).
+        q_pos: ``[T_total]`` int32 true positions of the queries.
+        cu_seqlens_q: ``[B + 1]`` int32 offsets of each sequence's queries in ``q``.
+        scale: softmax scale.
+        obs_window: if > 0, also return the observation scores of the last ``obs_window`` queries of each
+            sequence (``>= `` its query count means all of them, H2O-style).
+        obs_power: 1 or 2, the power applied to each probability before summing.
+
+    Returns:
+        ``(out, obs)``: ``out`` ``[T_total, H_q, D]`` in ``q.dtype``; ``obs`` ``[B, H_q, max_len]`` float32
+        (``max_len = lengths.max()``, slot ``j`` of the query head's kv head, 0 past its length) or None.
+        A query sees slot j of its kv head iff ``j < lengths[b, h]`` and ``slot_pos <= q_pos``.
+    """
+    impl = paged_prefill_triton if use_triton(q.device) else paged_prefill_torch
+    return impl(q, k_cache, v_cache, slot_pos, block_tables, lengths, q_pos, cu_seqlens_q, scale,
+                obs_window=obs_window, obs_power=obs_power)

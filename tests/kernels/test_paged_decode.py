@@ -1,0 +1,166 @@
+"""paged_decode: Triton kernel vs torch reference vs naive dense loop, with fused score accumulation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from kvcompress_kernels import paged_decode, paged_decode_torch, paged_decode_triton, use_backend
+from paged_case import make_case, naive_decode
+
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=1e-2, rtol=1e-2)}
+SCORE_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.float16: dict(atol=2e-3, rtol=1e-2)}
+
+# per-head lengths around block boundaries, including empty and single-token heads; 150 spans 3 key tiles
+LENGTHS = [[15, 0, 16], [1, 17, 150]]
+
+
+def _query(batch: int, num_q_heads: int, head_dim: int, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, num_q_heads, head_dim, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def _run_both(case, q, scale, power, splits):
+    """Triton and torch decode on the same case; each accumulates into its own copy of a non-zero score."""
+    init = torch.rand(case.slot_score.shape, generator=torch.Generator().manual_seed(3)).to(case.slot_score.device)
+    s_tri, s_ref = init.clone(), init.clone()
+    args = (q, case.k_cache, case.v_cache, case.block_tables, case.lengths, scale)
+    out_tri = paged_decode_triton(*args, score_out=s_tri, score_power=power, num_splits=splits)
+    out_ref = paged_decode_torch(*args, score_out=s_ref, score_power=power)
+    return out_tri, out_ref, s_tri - init, s_ref - init
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 3, 4, 8])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_triton_matches_torch(dtype, head_dim, group, splits):
+    case = make_case(LENGTHS, head_dim, dtype, seed=group)
+    q = _query(2, 3 * group, head_dim, dtype)
+    power = 1 + (group + splits) % 2  # both powers across the grid, each with 1 and >1 splits
+    out_tri, out_ref, add_tri, add_ref = _run_both(case, q, head_dim**-0.5, power, splits)
+    assert out_tri.dtype == dtype and out_tri.shape == q.shape
+    torch.testing.assert_close(out_tri, out_ref, **TOL[dtype])
+    torch.testing.assert_close(add_tri, add_ref, **SCORE_TOL[dtype])
+    assert torch.all(out_tri[0, group:2 * group] == 0), "a length-0 head must output zeros"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("group", [1, 3, 8])
+@pytest.mark.parametrize("power", [1, 2])
+def test_torch_matches_naive(dtype, group, power):
+    head_dim = 64
+    case = make_case(LENGTHS, head_dim, dtype, seed=7)
+    q = _query(2, 3 * group, head_dim, dtype)
+    score = torch.zeros_like(case.slot_score)
+    out = paged_decode_torch(q, case.k_cache, case.v_cache, case.block_tables, case.lengths, 0.125,
+                             score_out=score, score_power=power)
+    ref_out, ref_scores = naive_decode(q, case, 0.125, power)
+    torch.testing.assert_close(out.float(), ref_out, **TOL[dtype])
+    expected = torch.zeros_like(score)
+    for slot, value in ref_scores.items():
+        expected.view(-1)[slot] = value
+    torch.testing.assert_close(score, expected, **SCORE_TOL[dtype])
+    # with power 1 each query head's probabilities sum to 1 over its slots
+    if power == 1:
+        assert score.sum().item() == pytest.approx(group * int((case.lengths > 0).sum()), rel=1e-3)
+
+
+@pytest.mark.parametrize("power", [1, 2])
+def test_split_invariance_and_scores(power):
+    """Many splits (incl. splits that fall entirely past short heads) equal one split, scores included."""
+    case = make_case([[300, 40], [5, 257]], 64, torch.float32, seed=11)
+    q = _query(2, 8, 64, torch.float32)
+    args = (q, case.k_cache, case.v_cache, case.block_tables, case.lengths, 0.125)
+    results = []
+    for splits in (1, 2, 5):
+        score = torch.zeros_like(case.slot_score)
+        results.append((paged_decode_triton(*args, score_out=score, score_power=power, num_splits=splits), score))
+    for out, score in results[1:]:
+        torch.testing.assert_close(out, results[0][0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(score, results[0][1], atol=1e-6, rtol=1e-5)
+    # no slot outside the heads' valid ranges was touched
+    valid = torch.zeros(case.slot_score.numel(), dtype=torch.bool)
+    for b in range(2):
+        for h in range(2):
+            valid[case.slots(b, h)] = True
+    assert torch.all(results[-1][1].view(-1)[~valid] == 0)
+    assert torch.all(results[-1][1].view(-1)[valid] > 0)
+
+
+def test_without_score_and_auto_splits():
+    case = make_case(LENGTHS, 64, torch.float16, seed=5)
+    q = _query(2, 12, 64, torch.float16)
+    args = (q, case.k_cache, case.v_cache, case.block_tables, case.lengths, 0.125)
+    torch.testing.assert_close(paged_decode_triton(*args), paged_decode_torch(*args), **TOL[torch.float16])
+
+
+def test_dispatcher_routes_by_backend():
+    case = make_case([[20]], 64, torch.float32)
+    q = _query(1, 2, 64, torch.float32)
+    args = (q, case.k_cache, case.v_cache, case.block_tables, case.lengths, 0.125)
+    with use_backend("torch"):
+        ref = paged_decode(*args)
+    with use_backend("triton"):
+        tri = paged_decode(*args)
+    torch.testing.assert_close(tri, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_rejects_bad_inputs():
+    case = make_case([[20]], 64, torch.float32)
+    q = _query(1, 3, 64, torch.float32)
+    with pytest.raises(ValueError, match="multiple"):
+        paged_decode_torch(q[:, :3], case.k_cache, case.v_cache, case.block_tables.expand(1, 2, -1).contiguous(),
+                           case.lengths.expand(1, 2).contiguous(), 0.1)
+    with pytest.raises(ValueError, match="score_power"):
+        paged_decode_torch(q, case.k_cache, case.v_cache, case.block_tables, case.lengths, 0.1, score_power=3)
+
+
+def test_int32_offset_overflow_pool():
+    """A pool of > 2**31 elements (never touched: torch.empty) with the used blocks at its far end."""
+    head_dim, block_size = 64, 16
+    num_blocks = (1 << 31) // (block_size * head_dim) + 64
+    assert num_blocks * block_size * head_dim > 2**31
+    case = make_case([[40, 17], [33, 70]], head_dim, torch.float16, num_blocks=num_blocks, seed=2)
+    q = _query(2, 8, head_dim, torch.float16)
+    for splits in (1, 2):
+        out_tri, out_ref, add_tri, add_ref = _run_both(case, q, 0.125, 2, splits)
+        torch.testing.assert_close(out_tri, out_ref, **TOL[torch.float16])
+        torch.testing.assert_close(add_tri, add_ref, **SCORE_TOL[torch.float16])
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    lengths=st.lists(st.lists(st.integers(0, 90), min_size=2, max_size=2), min_size=1, max_size=2),
+    group=st.sampled_from([1, 2, 4]),
+    splits=st.integers(1, 3),
+    power=st.sampled_from([1, 2]),
+)
+def test_random_shapes_property(lengths, group, splits, power):
+    case = make_case(lengths, 64, torch.float32, seed=len(lengths))
+    q = _query(len(lengths), 2 * group, 64, torch.float32)
+    out_tri, out_ref, add_tri, add_ref = _run_both(case, q, 0.125, power, splits)
+    torch.testing.assert_close(out_tri, out_ref, **TOL[torch.float32])
+    torch.testing.assert_close(add_tri, add_ref, **SCORE_TOL[torch.float32])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 is only checked on a GPU (interpreter bf16 is wrong)")
+@pytest.mark.parametrize("splits", [1, 4])
+def test_bf16_on_gpu(splits):
+    case = make_case([[1000, 3], [257, 64]], 128, torch.bfloat16, seed=4)
+    case = type(case)(*(t.cuda() for t in vars(case).values()))
+    q = _query(2, 8, 128, torch.bfloat16).cuda()
+    out_tri, out_ref, add_tri, add_ref = _run_both(case, q, 128**-0.5, 2, splits)
+    torch.testing.assert_close(out_tri, out_ref, atol=1.5e-2, rtol=1e-2)
+    torch.testing.assert_close(add_tri, add_ref, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_small_head_dim(splits):
+    """head_dim 16 (the project's tiny test Llama): the dot's K dimension is exactly the 16 minimum."""
+    case = make_case([[70, 3, 0]], 16, torch.float32, seed=12)
+    q = _query(1, 9, 16, torch.float32)
+    out_tri, out_ref, add_tri, add_ref = _run_both(case, q, 0.25, 2, splits)
+    torch.testing.assert_close(out_tri, out_ref, **TOL[torch.float32])
+    torch.testing.assert_close(add_tri, add_ref, **SCORE_TOL[torch.float32])
