@@ -100,9 +100,8 @@ class PagedGenerator:
         self.cache.reserve(seq_ids, counts)
         decode = all(c == 1 for c in counts)
         flat = torch.tensor([t for ts in tokens for t in ts], device=self.device)
-        positions = torch.cat(
-            [torch.arange(int(self.cache.seen[s]), int(self.cache.seen[s]) + c) for s, c in zip(seq_ids, counts, strict=True)]
-        ).to(self.device)
+        starts = [int(self.cache.seen[s]) for s in seq_ids]
+        positions = torch.cat([torch.arange(a, a + c) for a, c in zip(starts, counts, strict=True)]).to(self.device)
         cu = torch.tensor([0, *counts], device=self.device).cumsum(0)
         step = ForwardStep(self.cache, seq_ids, cu, positions)
         if self.compressor is not None:

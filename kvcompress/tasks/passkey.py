@@ -11,7 +11,7 @@ _INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
     "I will quiz you about the important information there.\n\n"
 )
-_QUESTION = "What is the pass key? The pass key is"
+_QUESTION = "What is the pass key?"
 
 
 @dataclass

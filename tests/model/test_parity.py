@@ -20,7 +20,8 @@ def chat_ids(tok, text: str) -> list[int]:
 
 def test_single_long_prompt_matches_hf_dense(smollm2) -> None:
     model, tok = smollm2.model, smollm2.tokenizer
-    text = "A pass key is hidden here. " + FILLER * 40 + "The pass key is 71432. " + FILLER * 30 + "What is the pass key?"
+    needle = "The pass key is 71432. "
+    text = "A pass key is hidden here. " + FILLER * 40 + needle + FILLER * 30 + "What is the pass key?"
     ids = chat_ids(tok, text)
     assert len(ids) >= 1000
     model.set_attn_implementation("sdpa")

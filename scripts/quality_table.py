@@ -1,0 +1,153 @@
+"""Quality of every policy at several compression ratios, in both evaluation modes, on the embedded model.
+
+For each sample and policy the prompt (query-aware) or context (query-agnostic) is prefilled once; the cache is
+then forked once per ratio, each fork is compressed to its own budget, and all forks decode together in one
+batch. Results append to ``<out>/rows.jsonl`` as they complete (re-running resumes); the Markdown table goes to
+``<out>/table.md``.
+
+    python scripts/quality_table.py --out results/quality --samples 3 --tokens 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from kvcompress.budget import Budget
+from kvcompress.compressor import Compressor
+from kvcompress.generate import PagedGenerator
+from kvcompress.model import load_model
+from kvcompress.tasks.metrics import score
+from kvcompress.tasks.registry import build_task
+
+# (label, policy config, allocation)
+SETUPS = [
+    ("lfu+global", "lfu", "global"),
+    ("lfu+uniform", "lfu", "uniform"),
+    ("snapkv", "snapkv", "uniform"),
+    ("snapkv+adakv", "snapkv", "adakv"),
+    ("pyramidkv", "pyramidkv", "pyramid"),
+    ("h2o", "h2o", "uniform"),
+    ("tova", "tova", "uniform"),
+    ("streaming", "streaming", "uniform"),
+    ("expected_attention", "expected_attention", "uniform"),
+    ("keydiff", "keydiff", "uniform"),
+    ("knorm", "knorm", "uniform"),
+    ("random", "random", "uniform"),
+]
+
+
+def split_prompt(tok, context: str, question: str) -> tuple[list[int], list[int]]:
+    """Chat-template the user turn and cut it, in tokens, where the context ends."""
+    text = tok.apply_chat_template([{"role": "user", "content": context + question}], tokenize=False,
+                                   add_generation_prompt=True)
+    cut = text.index(context) + len(context)
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return enc(text[:cut]), enc(text[cut:])
+
+
+def run_setup(model, tok, sample, policy_name, allocation, ratios, protected, mode) -> list[dict]:
+    ctx, q = split_prompt(tok, sample.context, sample.question)
+    policy = instantiate(OmegaConf.load(f"conf/policy/{policy_name}.yaml"))
+    n = len(ratios)
+    gen = PagedGenerator(model, Compressor(policy, Budget(ratio=2, protected_window=protected, allocation=allocation)),
+                         max_seqs=n + 1, max_tokens_per_head=len(ctx) + len(q) + sample.max_new_tokens + 8)
+    base = gen.cache.add_sequence()
+    logits = gen.prefill(base, ctx + q if mode == "query_aware" else ctx)
+    seqs, firsts, mems = [], [], []
+    for r in ratios:
+        s = gen.fork(base)
+        Compressor(policy, Budget(ratio=r, protected_window=protected, allocation=allocation)).compress(gen.cache, [s])
+        first = logits if mode == "query_aware" else gen.prefill(s, q, observe=False)
+        seqs.append(s)
+        firsts.append(first)
+        mems.append(gen.cache.memory([s]))
+    gen.cache.release(base)
+    tokens, _ = gen.decode(seqs, torch.stack(firsts), sample.max_new_tokens, [tok.eos_token_id])
+    rows = []
+    for r, t, m in zip(ratios, tokens, mems, strict=True):
+        pred = tok.decode(t, skip_special_tokens=True)
+        rows.append({"ratio": r, "prediction": pred, "score": score(sample.metric, pred, sample.answers, sample),
+                     "logical": m.logical_compression, "physical": m.physical_compression,
+                     "prompt_tokens": len(ctx) + len(q)})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="results/quality")
+    ap.add_argument("--task", default="passkey")
+    ap.add_argument("--samples", type=int, default=3)
+    ap.add_argument("--first", type=int, default=None, help="run only the first N samples (ids stay stable)")
+    ap.add_argument("--tokens", type=int, default=1000)
+    ap.add_argument("--ratios", default="2,4,8,16")
+    ap.add_argument("--protected", type=int, default=16)
+    ap.add_argument("--modes", default="query_aware,query_agnostic")
+    ap.add_argument("--setups", default=",".join(s[0] for s in SETUPS))
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows_path = out / "rows.jsonl"
+    done = set()
+    if rows_path.exists():
+        done = {(r["setup"], r["mode"], r["sample_id"]) for r in map(json.loads, rows_path.read_text().splitlines())}
+    lm = load_model("smollm2")
+    samples = build_task(args.task, tokenizer=lm.tokenizer, n_samples=args.samples, target_tokens=args.tokens).samples()
+    samples = samples[: args.first]
+    ratios = [float(r) for r in args.ratios.split(",")]
+    wanted = [s for s in SETUPS if s[0] in args.setups.split(",")] + [("full", "full", "uniform")]
+    t0 = time.perf_counter()
+    with rows_path.open("a") as f:
+        for mode in args.modes.split(","):
+            for sample in samples:
+                for label, pol, alloc in wanted:
+                    if (label, mode, sample.sample_id) in done:
+                        continue
+                    rs = [1.0] if label == "full" else ratios
+                    for row in run_setup(lm.model, lm.tokenizer, sample, pol, alloc, rs, args.protected, mode):
+                        f.write(json.dumps({"setup": label, "mode": mode, "sample_id": sample.sample_id, **row}) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                    print(f"{mode} {sample.sample_id} {label} done at {time.perf_counter() - t0:.0f}s", flush=True)
+    write_table(rows_path, out / "table.md", ratios)
+
+
+def write_table(rows_path: Path, table_path: Path, ratios: list[float]) -> None:
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
+    agg: dict[tuple, list] = defaultdict(list)
+    for r in rows:
+        agg[(r["mode"], r["setup"], r["ratio"])].append(r)
+    lines = []
+    for mode in sorted({r["mode"] for r in rows}):
+        full = agg.get((mode, "full", 1.0), [])
+        full_score = sum(r["score"] for r in full) / max(len(full), 1)
+        lines += [f"\n### {mode} (full cache: {full_score:.1f}, n={len(full)})\n",
+                  "| policy | " + " | ".join(f"{r:g}x score (% full) [logical/physical]" for r in ratios) + " |",
+                  "|---|" + "---|" * len(ratios)]
+        for setup in sorted({r["setup"] for r in rows if r["mode"] == mode} - {"full"}):
+            cells = []
+            for ratio in ratios:
+                rs = agg.get((mode, setup, ratio), [])
+                if not rs:
+                    cells.append("-")
+                    continue
+                s = sum(r["score"] for r in rs) / len(rs)
+                lg = sum(r["logical"] for r in rs) / len(rs)
+                ph = sum(r["physical"] for r in rs) / len(rs)
+                pct = f"{100 * s / full_score:.0f}%" if full_score else "n/a"
+                cells.append(f"{s:.0f} ({pct}) [{lg:.1f}/{ph:.1f}]")
+            lines.append(f"| {setup} | " + " | ".join(cells) + " |")
+    table_path.write_text("\n".join(lines) + "\n")
+    print(table_path.read_text())
+
+
+if __name__ == "__main__":
+    main()
