@@ -1,0 +1,72 @@
+"""Turning a :class:`~kvcompress.tasks.base.Sample` into the token ids the generator prefills.
+
+The model sees ``context + question`` as one user turn of the tokenizer's chat template (with the generation
+prompt). The rendered text is cut where the context ends and both halves are tokenized separately, so
+``context_ids + question_ids`` is the same token sequence in both evaluation modes: query-aware prefills it whole,
+query-agnostic prefills (and compresses) ``context_ids`` first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from kvcompress.tasks.base import Sample
+
+
+class ExperimentError(ValueError):
+    """A run that cannot proceed as configured; the message says what to change."""
+
+
+class PromptTooLongError(ExperimentError):
+    """A prompt (plus its generation budget) that does not fit the model's context window."""
+
+
+@dataclass
+class Prompt:
+    """Token ids of one sample: the compressible context part and the rest (question + assistant header)."""
+
+    context_ids: list[int]
+    question_ids: list[int]
+
+    @property
+    def ids(self) -> list[int]:
+        return self.context_ids + self.question_ids
+
+    def __len__(self) -> int:
+        return len(self.context_ids) + len(self.question_ids)
+
+
+def render_chat(tokenizer: PreTrainedTokenizerBase, content: str) -> str:
+    """The chat template applied to a single user turn, with the assistant generation prompt appended."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return content  # base models without a template see the raw prompt
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def build_prompt(tokenizer: PreTrainedTokenizerBase, sample: Sample) -> Prompt:
+    """Split the rendered prompt of ``sample`` at the end of its context and tokenize both parts."""
+    content = sample.context + sample.question
+    text = render_chat(tokenizer, content)
+    start = text.find(content)
+    if start < 0:
+        raise ExperimentError(f"sample {sample.sample_id}: the chat template altered the prompt text; cannot split it")
+    cut = start + len(sample.context)
+
+    def encode(part: str) -> list[int]:
+        return list(tokenizer(part, add_special_tokens=False)["input_ids"]) if part else []
+
+    return Prompt(encode(text[:cut]), encode(text[cut:]))
+
+
+def check_fits(prompt: Prompt, max_new_tokens: int, max_positions: int, sample_id: str) -> None:
+    """Raise :class:`PromptTooLongError` when prompt + generation exceeds the model's position limit."""
+    need = len(prompt) + max_new_tokens
+    if need > max_positions:
+        raise PromptTooLongError(
+            f"sample {sample_id}: prompt of {len(prompt)} tokens + {max_new_tokens} new tokens exceeds the model "
+            f"context of {max_positions} positions; use a smaller task.target_tokens or set task.max_context_tokens"
+        )

@@ -1,0 +1,418 @@
+"""One experiment run: model x policy x budget x task x seed, evaluated sample by sample into a run directory.
+
+:func:`run_experiment` is what ``experiments/run.py`` calls with the composed Hydra config. It builds the task's
+samples and their prompts, checks every prompt against the model context and the budget before generating
+anything, then evaluates the samples not yet in ``predictions.jsonl`` (see :mod:`kvcompress.experiment.records`)
+and finally writes ``summary.json``.
+
+Modes (design.md section 4): ``query_aware`` prefills context + question, compresses, decodes.
+``query_agnostic`` prefills and compresses each distinct context once (samples sharing a ``context_id``),
+forks the compressed context per question, prefills the question without letting the policy observe it, decodes
+and releases the fork.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+import random
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from kvcompress.budget import Budget
+from kvcompress.cache.paged import MemoryStats
+from kvcompress.compressor import Compressor
+from kvcompress.experiment.prompts import ExperimentError, Prompt, build_prompt, check_fits
+from kvcompress.experiment.records import SUMMARY, BaselineStore, PredictionsLog, write_json_atomic
+from kvcompress.generate import MODES, PagedGenerator
+from kvcompress.model import LoadedModel, load_model
+from kvcompress.policies.base import Policy
+from kvcompress.tasks.base import Sample
+from kvcompress.tasks.metrics import score
+from kvcompress.tasks.registry import TASKS, build_task
+
+log = logging.getLogger(__name__)
+
+# task config keys that are not constructor arguments of the task class
+TASK_RUN_KEYS = ("name", "mode", "max_new_tokens")
+# friendlier config names for constructor arguments (``task.path`` -> ``data_dir`` of LongBench, ...)
+TASK_ALIASES = {"path": "data_dir", "subset": "subsets"}
+# test hook: SIGKILL this process after N predictions were written (simulates a crash for resume tests)
+KILL_AFTER_ENV = "KVCOMPRESS_TEST_KILL_AFTER"
+
+
+@dataclass
+class RunContext:
+    """What the runner needs besides the config: where to write and what the sweep calls things."""
+
+    run_dir: Path
+    policy_name: str
+    baselines_dir: Path | None = None
+    progress: bool = True
+
+
+@dataclass
+class Item:
+    """A sample with its prompt ids."""
+
+    sample: Sample
+    prompt: Prompt
+    max_new_tokens: int
+
+
+def fingerprint(cfg: DictConfig) -> str:
+    """Hash of everything that changes a run's predictions (the logger and bookkeeping paths do not)."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(data, dict)
+    for key in ("logger", "baselines_dir", "progress", "threads"):
+        data.pop(key, None)
+    return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def baseline_key(cfg: DictConfig) -> str:
+    """Key under which a full-cache score is shared: model, task config (mode included) and seed."""
+    data = {
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "task": OmegaConf.to_container(cfg.task, resolve=True),
+        "seed": cfg.seed,
+    }
+    digest = hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{cfg.task.name}-{model_name(cfg)}-s{cfg.seed}-{digest}"
+
+
+def model_name(cfg: DictConfig) -> str:
+    """The model's short name in outputs: ``model.name`` or the last component of its path."""
+    return str(cfg.model.get("name") or Path(str(cfg.model.name_or_path)).name)
+
+
+def task_kwargs(cfg: DictConfig, tokenizer: Any) -> dict[str, Any]:
+    """Constructor arguments of the configured task class, from ``cfg.task`` plus tokenizer and seed."""
+    name = str(cfg.task.name)
+    if name not in TASKS:
+        raise ExperimentError(f"unknown task.name {name!r}; accepted: {', '.join(sorted(TASKS))}")
+    accepted = set(inspect.signature(TASKS[name]).parameters)
+    given = {k: v for k, v in OmegaConf.to_container(cfg.task, resolve=True).items() if k not in TASK_RUN_KEYS}
+    kwargs: dict[str, Any] = {}
+    for key, value in given.items():
+        target = key if key in accepted else TASK_ALIASES.get(key, key)
+        if target in accepted:
+            kwargs[target] = value
+        elif key != "n_samples":  # n_samples is applied by the runner for tasks without it
+            raise ExperimentError(f"task {name!r} has no option {key!r}; it accepts: {', '.join(sorted(accepted))}")
+    for key, value in (("tokenizer", tokenizer), ("seed", cfg.seed)):
+        if key in accepted:
+            kwargs[key] = value
+    return kwargs
+
+
+def load_samples(cfg: DictConfig, tokenizer: Any) -> list[Sample]:
+    """The task's samples, capped at ``task.n_samples`` when the task class does not take that option."""
+    kwargs = task_kwargs(cfg, tokenizer)
+    try:
+        task = build_task(str(cfg.task.name), **kwargs)
+    except TypeError as err:  # e.g. a required option left unset
+        raise ExperimentError(f"task {cfg.task.name!r}: {err}") from err
+    samples = task.samples()
+    n = cfg.task.get("n_samples")
+    if n is not None and "n_samples" not in kwargs:
+        samples = samples[: int(n)]
+    if not samples:
+        raise ExperimentError(f"task {cfg.task.name!r} produced no samples")
+    return samples
+
+
+def build_compressor(policy: Policy, cfg: DictConfig) -> Compressor:
+    """A compressor for ``policy`` under ``cfg.budget`` (budget and composition errors name the fix)."""
+    budget = Budget(**OmegaConf.to_container(cfg.budget, resolve=True))
+    try:
+        return Compressor(policy, budget)
+    except ValueError as err:
+        raise ExperimentError(str(err)) from err
+
+
+def prepare(samples: list[Sample], cfg: DictConfig, loaded: LoadedModel, comp: Compressor) -> list[Item]:
+    """Prompts for every sample, checked against the model context and the budget before any generation."""
+    max_positions = int(loaded.model.config.max_position_embeddings)
+    override = cfg.task.get("max_new_tokens")
+    items = []
+    for sample in samples:
+        prompt = build_prompt(loaded.tokenizer, sample)
+        new_tokens = int(override) if override is not None else sample.max_new_tokens
+        check_fits(prompt, new_tokens, max_positions, sample.sample_id)
+        if comp.active:
+            compressed = len(prompt.context_ids) if cfg.task.mode == "query_agnostic" else len(prompt)
+            comp.budget.check(compressed, comp.policy.sinks)
+        items.append(Item(sample, prompt, new_tokens))
+    return items
+
+
+def eos_ids(loaded: LoadedModel) -> list[int]:
+    """Token ids that end generation: the tokenizer's EOS plus the model's generation-config EOS ids."""
+    ids = {loaded.tokenizer.eos_token_id}
+    gen_eos = getattr(loaded.model.generation_config, "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    return sorted(i for i in ids if i is not None)
+
+
+def memory_fields(before: MemoryStats, after: MemoryStats) -> dict[str, Any]:
+    """Per-sample cache accounting: after the prompt (compressed) and at the end of decoding."""
+    return {
+        "tokens_seen": before.tokens_seen,
+        "tokens_kept": before.tokens_kept,
+        "dense_bytes": before.dense_bytes,
+        "logical_compression": before.logical_compression,
+        "physical_compression": before.physical_compression,
+        "kv_bytes": before.allocated_bytes,
+        "kv_bytes_end": after.allocated_bytes,
+    }
+
+
+class Evaluator:
+    """Runs prompts through one :class:`PagedGenerator` and turns outputs into prediction records."""
+
+    def __init__(self, loaded: LoadedModel, comp: Compressor, items: list[Item], mode: str) -> None:
+        self.loaded, self.mode = loaded, mode
+        longest = max(len(it.prompt) + it.max_new_tokens for it in items)
+        seqs = 2 if mode == "query_agnostic" else 1  # the compressed context and one fork of it
+        self.gen = PagedGenerator(loaded.model, comp, max_seqs=seqs, max_tokens_per_head=longest)
+        self.eos = eos_ids(loaded)
+
+    def groups(self, items: list[Item]) -> Iterator[list[Item]]:
+        """Samples evaluated together: one per group (query-aware) or all sharing a context (query-agnostic)."""
+        if self.mode == "query_aware":
+            yield from ([it] for it in items)
+            return
+        by_context: dict[str, list[Item]] = {}
+        for it in items:
+            by_context.setdefault(it.sample.context_id, []).append(it)
+        yield from by_context.values()
+
+    def run_group(self, group: list[Item]) -> Iterator[dict[str, Any]]:
+        """Evaluate a group; yields one record per sample as soon as it is done."""
+        gen, timings = self.gen, self.gen.timings
+        t0, p0 = time.perf_counter(), timings["prefill_s"]
+        parent = None
+        if self.mode == "query_agnostic":
+            parent = gen.cache.add_sequence()
+            gen.prefill(parent, group[0].prompt.context_ids)
+            gen.compress([parent])
+        try:
+            for it in group:
+                seq = gen.cache.add_sequence() if parent is None else gen.fork(parent)
+                try:
+                    if parent is None:
+                        logits = gen.prefill(seq, it.prompt.ids)
+                        gen.compress([seq])
+                    else:
+                        logits = gen.prefill(seq, it.prompt.question_ids, observe=False)
+                    before = gen.cache.memory([seq])
+                    d0 = timings["decode_s"]
+                    tokens, _ = gen.decode([seq], logits[None], it.max_new_tokens, self.eos)
+                    after = gen.cache.memory([seq])
+                finally:
+                    gen.cache.release(seq)
+                yield self.record(
+                    it,
+                    tokens[0],
+                    before,
+                    after,
+                    timings["prefill_s"] - p0,
+                    timings["decode_s"] - d0,
+                    time.perf_counter() - t0,
+                )
+                t0, p0 = time.perf_counter(), timings["prefill_s"]
+        finally:
+            if parent is not None:
+                gen.cache.release(parent)
+
+    def record(
+        self,
+        it: Item,
+        tokens: list[int],
+        before: MemoryStats,
+        after: MemoryStats,
+        prefill_s: float,
+        decode_s: float,
+        time_s: float,
+    ) -> dict[str, Any]:
+        prediction = self.loaded.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        s = it.sample
+        return {
+            "sample_id": s.sample_id,
+            "task": s.task,
+            "context_id": s.context_id,
+            "prediction": prediction,
+            "answers": s.answers,
+            "metric": s.metric,
+            "score": score(s.metric, prediction, s.answers, s),
+            "prompt_tokens": len(it.prompt),
+            "context_tokens": len(it.prompt.context_ids),
+            "new_tokens": len(tokens),
+            **memory_fields(before, after),
+            "prefill_s": prefill_s,
+            "decode_s": decode_s,
+            "time_s": time_s,
+        }
+
+
+def _kill_hook() -> Callable[[int], None]:
+    limit = os.environ.get(KILL_AFTER_ENV)
+
+    def check(written: int) -> None:
+        if limit is not None and written >= int(limit):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return check
+
+
+def summarize(
+    cfg: DictConfig, ctx: RunContext, loaded: LoadedModel, records: list[dict[str, Any]], wall_s: float
+) -> dict[str, Any]:
+    """The ``summary.json`` content (design.md section 6 keys first) from every sample's record."""
+    n = len(records)
+    total = {
+        k: sum(r[k] for r in records)
+        for k in (
+            "tokens_seen",
+            "tokens_kept",
+            "dense_bytes",
+            "kv_bytes",
+            "new_tokens",
+            "prompt_tokens",
+            "prefill_s",
+            "decode_s",
+            "time_s",
+        )
+    }
+    per_task: dict[str, dict[str, float]] = {}
+    for r in records:
+        entry = per_task.setdefault(r["task"], {"score": 0.0, "n_samples": 0})
+        entry["score"] += r["score"]
+        entry["n_samples"] += 1
+    for entry in per_task.values():
+        entry["score"] /= entry["n_samples"]
+    mean_score = sum(r["score"] for r in records) / n
+    return {
+        "model": model_name(cfg),
+        "policy": ctx.policy_name,
+        "task": str(cfg.task.name),
+        "mode": str(cfg.task.mode),
+        "compression_ratio": float(cfg.budget.ratio),
+        "logical_compression": total["tokens_seen"] / max(total["tokens_kept"], 1),
+        "physical_compression": total["dense_bytes"] / max(total["kv_bytes"], 1),
+        "score": mean_score,
+        "n_samples": n,
+        "kv_bytes_allocated_peak": max(r["kv_bytes_end"] for r in records),
+        "wall_s": wall_s,
+        "allocation": str(cfg.budget.allocation),
+        "max_cache_tokens": cfg.budget.max_cache_tokens,
+        "protected_window": int(cfg.budget.protected_window),
+        "seed": int(cfg.seed),
+        "per_task": per_task,
+        "kv_bytes_mean": total["kv_bytes"] / n,
+        "prompt_tokens_mean": total["prompt_tokens"] / n,
+        "tokens_per_s": total["new_tokens"] / max(total["decode_s"], 1e-9),
+        "prefill_tokens_per_s": total["prompt_tokens"] / max(total["prefill_s"], 1e-9),
+        "samples_s": total["time_s"],
+        "model_path": str(loaded.path),
+        "policy_params": OmegaConf.to_container(cfg.policy, resolve=True),
+        "config_hash": fingerprint(cfg),
+        "full_cache_score": None,
+        "score_pct_of_full": None,
+        "complete": True,
+    }
+
+
+def run_experiment(cfg: DictConfig, ctx: RunContext, policy: Policy) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Evaluate every sample not yet in ``predictions.jsonl`` and write ``summary.json``.
+
+    Returns the summary and the per-sample records (in task order).
+    """
+    t_start = time.perf_counter()
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # a missing ??? value fails before any work
+    if cfg.task.mode not in MODES:
+        raise ExperimentError(f"task.mode must be one of {', '.join(MODES)}, got {cfg.task.mode!r}")
+    comp = build_compressor(policy, cfg)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    loaded = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.device)
+    items = prepare(load_samples(cfg, loaded.tokenizer), cfg, loaded, comp)
+    ids = [it.sample.sample_id for it in items]
+    if len(set(ids)) != len(ids):
+        raise ExperimentError(f"task {cfg.task.name!r} yields duplicate sample ids; cannot resume safely")
+
+    preds = PredictionsLog(ctx.run_dir, fingerprint(cfg))
+    pending = [it for it in items if it.sample.sample_id not in preds]
+    if len(pending) < len(items):
+        log.info("resuming: %d of %d samples already in %s", len(items) - len(pending), len(items), preds.path)
+    if pending:
+        evaluator = Evaluator(loaded, comp, pending, str(cfg.task.mode))
+        kill_check = _kill_hook()
+        bar = tqdm(total=len(pending), desc=f"{ctx.policy_name} x{cfg.budget.ratio:g}", disable=not ctx.progress)
+        written = 0
+        for group in evaluator.groups(pending):
+            for record in evaluator.run_group(group):
+                preds.append(record)
+                written += 1
+                bar.update(1)
+                bar.set_postfix(score=f"{record['score']:.0f}", cr=f"{record['logical_compression']:.1f}")
+                kill_check(written)
+        bar.close()
+
+    records = preds.ordered(ids)
+    summary = summarize(cfg, ctx, loaded, records, time.perf_counter() - t_start)
+    summary["n_resumed"] = len(items) - len(pending)
+    attach_baseline(summary, cfg, ctx, uncompressed=not comp.active)
+    write_json_atomic(ctx.run_dir / SUMMARY, summary)
+    return summary, records
+
+
+def attach_baseline(summary: dict[str, Any], cfg: DictConfig, ctx: RunContext, uncompressed: bool) -> None:
+    """Fill ``full_cache_score``: this run's own score when uncompressed (and record it), else the stored one."""
+    store = BaselineStore(ctx.baselines_dir) if ctx.baselines_dir is not None else None
+    key = baseline_key(cfg)
+    if uncompressed:
+        full = summary["score"]
+        if store is not None:
+            store.put(key, full, str(ctx.run_dir))
+    else:
+        full = store.get(key) if store is not None else None
+    summary["full_cache_score"] = full
+    summary["baseline_key"] = key
+    if full:
+        summary["score_pct_of_full"] = 100.0 * summary["score"] / full
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    """One human-readable line describing a finished run."""
+    full = summary.get("full_cache_score")
+    vs_full = f" ({summary['score_pct_of_full']:.0f}% of full {full:.1f})" if summary.get("score_pct_of_full") else ""
+    return (
+        f"{summary['policy']} x{summary['compression_ratio']:g} [{summary['allocation']}, {summary['mode']}] "
+        f"on {summary['task']}/{summary['model']}: compression logical {summary['logical_compression']:.2f}x "
+        f"physical {summary['physical_compression']:.2f}x, score {summary['score']:.1f}{vs_full} "
+        f"over {summary['n_samples']} samples, {summary['wall_s']:.1f} s"
+    )
+
+
+__all__ = [
+    "ExperimentError",
+    "RunContext",
+    "baseline_key",
+    "fingerprint",
+    "run_experiment",
+    "summary_line",
+]
