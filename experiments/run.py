@@ -36,6 +36,7 @@ USER_ERRORS = (BudgetError, TaskDataError, ModelNotFoundError, ExperimentError, 
 
 
 def _run(cfg: DictConfig) -> None:
+    """Skip a finished run, else instantiate the policy, evaluate, log the summary line and (optionally) wandb."""
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     done = finished_summary(run_dir)

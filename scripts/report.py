@@ -39,6 +39,8 @@ COLUMNS = [
     "wall_s",
     "run_dir",
 ]
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+DASHES = ("-", "--", "-.", ":")
 MD_COLUMNS = {
     "policy": "policy",
     "allocation": "allocation",
@@ -113,14 +115,22 @@ def plot(df: pd.DataFrame, path: Path) -> None:
     """Score and % of full-cache score against effective (logical) compression, log2 x-axis."""
     fig, (ax_score, ax_pct) = plt.subplots(1, 2, figsize=(12, 4.5))
     compressed = df[~df["uncompressed"]].assign(label=line_labels(df[~df["uncompressed"]]))
-    for label, sub in compressed.groupby("label", sort=True):
+    for i, (label, sub) in enumerate(compressed.groupby("label", sort=True)):
         sub = sub.sort_values("logical_compression")
-        ax_score.plot(sub["logical_compression"], sub["score"], marker="o", label=label)
-        ax_pct.plot(sub["logical_compression"], sub["pct_of_full"], marker="o", label=label)
+        # marker and dash vary too, so policies with equal scores stay visible on top of each other
+        style = {
+            "marker": MARKERS[i % len(MARKERS)],
+            "linestyle": DASHES[i % len(DASHES)],
+            "label": label,
+            "markersize": 9 - (i % 3) * 2,
+            "alpha": 0.85,
+        }
+        ax_score.plot(sub["logical_compression"], sub["score"], **style)
+        ax_pct.plot(sub["logical_compression"], sub["pct_of_full"], **style)
     full = df.loc[df["uncompressed"], "score"]
     if not full.empty:
-        ax_score.axhline(full.mean(), color="black", linestyle="--", label=f"full cache ({full.mean():.1f})")
-        ax_pct.axhline(100.0, color="black", linestyle="--", label="full cache")
+        ax_score.axhline(full.mean(), color="black", linewidth=1, label=f"full cache ({full.mean():.1f})")
+        ax_pct.axhline(100.0, color="black", linewidth=1, label="full cache")
     if compressed["pct_of_full"].isna().all():
         ax_pct.text(0.5, 0.5, "no full-cache run with a score > 0", ha="center", transform=ax_pct.transAxes)
     xs = df["logical_compression"]

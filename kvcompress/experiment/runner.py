@@ -277,9 +277,18 @@ def _kill_hook() -> Callable[[int], None]:
 
 
 def summarize(
-    cfg: DictConfig, ctx: RunContext, loaded: LoadedModel, records: list[dict[str, Any]], wall_s: float
+    cfg: DictConfig,
+    ctx: RunContext,
+    loaded: LoadedModel,
+    records: list[dict[str, Any]],
+    wall_s: float,
+    compressed: bool,
 ) -> dict[str, Any]:
-    """The ``summary.json`` content (design.md section 6 keys first) from every sample's record."""
+    """The ``summary.json`` content (design.md section 6 keys first) from every sample's record.
+
+    ``compression_ratio`` is the nominal ratio the cache was held to: ``budget.ratio``, or 1 when nothing was
+    compressed (``policy=full``); ``budget_ratio`` always holds the configured value.
+    """
     n = len(records)
     total = {
         k: sum(r[k] for r in records)
@@ -308,7 +317,7 @@ def summarize(
         "policy": ctx.policy_name,
         "task": str(cfg.task.name),
         "mode": str(cfg.task.mode),
-        "compression_ratio": float(cfg.budget.ratio),
+        "compression_ratio": float(cfg.budget.ratio) if compressed else 1.0,
         "logical_compression": total["tokens_seen"] / max(total["tokens_kept"], 1),
         "physical_compression": total["dense_bytes"] / max(total["kv_bytes"], 1),
         "score": mean_score,
@@ -316,6 +325,7 @@ def summarize(
         "kv_bytes_allocated_peak": max(r["kv_bytes_end"] for r in records),
         "wall_s": wall_s,
         "allocation": str(cfg.budget.allocation),
+        "budget_ratio": float(cfg.budget.ratio),
         "max_cache_tokens": cfg.budget.max_cache_tokens,
         "protected_window": int(cfg.budget.protected_window),
         "seed": int(cfg.seed),
@@ -373,7 +383,7 @@ def run_experiment(cfg: DictConfig, ctx: RunContext, policy: Policy) -> tuple[di
         bar.close()
 
     records = preds.ordered(ids)
-    summary = summarize(cfg, ctx, loaded, records, time.perf_counter() - t_start)
+    summary = summarize(cfg, ctx, loaded, records, time.perf_counter() - t_start, comp.active)
     summary["n_resumed"] = len(items) - len(pending)
     attach_baseline(summary, cfg, ctx, uncompressed=not comp.active)
     write_json_atomic(ctx.run_dir / SUMMARY, summary)
