@@ -6,15 +6,18 @@ and a dispatcher (plain name) that picks one according to :func:`set_backend` /
 See docs/KERNELS.md for the memory layout and the algorithms.
 """
 
+from ._common import gather_logical
 from .backend import get_backend, interpreter_enabled, set_backend, use_backend
 from .cache_ops import compact, compact_torch, compact_triton, write_kv, write_kv_torch, write_kv_triton
-from .paged_decode import paged_decode, paged_decode_torch, paged_decode_triton
+from .paged_decode import decode_probs_torch, paged_decode, paged_decode_torch, paged_decode_triton
 from .paged_prefill import paged_prefill, paged_prefill_torch, paged_prefill_triton
 
 __all__ = [
     "compact",
     "compact_torch",
     "compact_triton",
+    "decode_probs_torch",
+    "gather_logical",
     "get_backend",
     "interpreter_enabled",
     "paged_decode",

@@ -79,6 +79,28 @@ def _check_args(
 # ----------------------------------------------------------------------------------------------------------
 
 
+def decode_probs_torch(
+    q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tensor, lengths: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax probabilities of one decode query per sequence over each head's logical slots, in fp32.
+
+    ``q``: ``[B, H_q, D]``. Returns ``probs`` ``[B, H_kv, G, M]`` (G query heads per kv head, M = longest head;
+    zero past a head's length, all zero for a length-0 head) and the ``blocks``, ``offsets``, ``valid``
+    ``[B, H_kv, M]`` of :func:`gather_logical`. Shared by the reference decode and by scorers that need raw
+    probabilities (TOVA).
+    """
+    block_size = k_cache.shape[1]
+    batch, num_q_heads, head_dim = q.shape
+    num_kv_heads = block_tables.shape[1]
+    blocks, offsets, valid = gather_logical(block_tables, lengths, block_size, max_length(lengths))
+    keys = k_cache[blocks, offsets].float()  # garbage past a length is masked in the logits
+    qg = q.float().view(batch, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
+    logits = torch.einsum("bhgd,bhmd->bhgm", qg, keys) * scale
+    logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a length-0 head has an all -inf row
+    return probs, blocks, offsets, valid
+
+
 def paged_decode_torch(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -96,19 +118,12 @@ def paged_decode_torch(
     ``num_splits`` is accepted for signature parity and ignored (the reference does not split).
     """
     del num_splits
-    block_size, group = _check_args(q, k_cache, v_cache, block_tables, lengths, score_out, score_power)
+    block_size, _ = _check_args(q, k_cache, v_cache, block_tables, lengths, score_out, score_power)
     batch, num_q_heads, head_dim = q.shape
-    num_kv_heads = block_tables.shape[1]
-    max_len = max_length(lengths)
-    if max_len == 0:
+    if max_length(lengths) == 0:
         return torch.zeros_like(q)
-    blocks, offsets, valid = gather_logical(block_tables, lengths, block_size, max_len)  # [B, Hkv, M]
-    keys = k_cache[blocks, offsets].float()  # garbage past a length is masked in the logits
+    probs, blocks, offsets, valid = decode_probs_torch(q, k_cache, block_tables, lengths, scale)
     values = v_cache[blocks, offsets].float().masked_fill(~valid[..., None], 0.0)  # 0 * NaN = NaN
-    qg = q.float().view(batch, num_kv_heads, group, head_dim)
-    logits = torch.einsum("bhgd,bhmd->bhgm", qg, keys) * scale
-    logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a length-0 head has an all -inf row
     out = torch.einsum("bhgm,bhmd->bhgd", probs, values)
     if score_out is not None:
         contrib = probs.pow(score_power).sum(dim=2)  # [B, Hkv, M]: summed over the group's query heads

@@ -12,11 +12,10 @@ reference on CPU tensors.
 from __future__ import annotations
 
 import torch
-from kvcompress_kernels import paged_decode, paged_prefill
+from kvcompress_kernels import decode_probs_torch, paged_decode, paged_prefill
 from torch import nn
 from transformers import AttentionInterface
 
-from kvcompress.cache.paged import PagedKVCache
 from kvcompress.cache.step import DecodeObservation, ForwardStep, PrefillObservation
 
 ATTN_IMPLEMENTATION = "kvcompress_paged"
@@ -67,7 +66,8 @@ def paged_attention_forward(
             score_power=step.decode_power or 1,
         )
         if step.on_decode is not None:
-            step.on_decode(DecodeObservation(layer, step.seq_ids, decode_probs(cache, layer, step.seq_ids, q, scale)))
+            probs = decode_probs_torch(q, cache.k_cache, tables, lengths, scale)[0]  # [B, H_kv, G, L]
+            step.on_decode(DecodeObservation(layer, step.seq_ids, probs.reshape(B, Hq, -1)))
     else:
         out, obs = paged_prefill(
             q,
@@ -97,17 +97,6 @@ def paged_attention_forward(
 def _rope_theta(module: nn.Module) -> float:
     params = getattr(module.config, "rope_parameters", None) or {}
     return float(params.get("rope_theta", getattr(module.config, "rope_theta", 10000.0)))
-
-
-def decode_probs(cache: PagedKVCache, layer: int, seq_ids: list[int], q: torch.Tensor, scale: float) -> torch.Tensor:
-    """Softmax probabilities ``[B, H_q, L]`` of one decode query per sequence (``q``: ``[B, H_q, D]``) over the
-    logical slots of each query head's kv head; for scorers that need raw probabilities (e.g. TOVA)."""
-    view = cache.view(layer, seq_ids)
-    B, Hq, D = q.shape
-    H = view.keys.shape[1]
-    logits = torch.einsum("bhgd,bhld->bhgl", q.view(B, H, Hq // H, D).float(), view.keys.float()) * scale
-    logits = logits.masked_fill(~view.valid[:, :, None], float("-inf"))
-    return torch.softmax(logits, -1).nan_to_num(0.0).reshape(B, Hq, -1)
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)

@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from kvcompress_kernels import compact, write_kv
+from kvcompress_kernels import compact, gather_logical, write_kv
 
 
 class PoolExhaustedError(RuntimeError):
@@ -189,9 +189,7 @@ class PagedKVCache:
         dst = self._pop_free(total)
         for pool in (self.k_cache, self.v_cache, self.slot_pos, self.slot_score):
             pool[dst.long()] = pool[src]
-        table = self.block_tables[:, new]
-        table[used] = dst
-        self.block_tables[:, new] = table
+        self.block_tables[:, new][used] = dst  # basic indexing: a view, written in place
         self.lengths[:, new] = self.lengths[:, seq_id]
         self.num_blocks_held[:, new] = held
         self.seen[new] = self.seen[seq_id]
@@ -312,12 +310,8 @@ class PagedKVCache:
         sid = torch.as_tensor(seq_ids, device=self.device)
         lengths = self.lengths[layer, sid].long()  # [S, H]
         max_len = int(lengths.max()) if lengths.numel() else 0
-        idx = torch.arange(max_len, device=self.device)
-        valid = idx < lengths[..., None]  # [S, H, L]
-        index = idx.expand(*lengths.shape, max_len)
-        bt = self.block_tables[layer, sid].long().clamp_min(0)
-        block = torch.gather(bt, -1, index // self.block_size)
-        slots = torch.where(valid, block * self.block_size + index % self.block_size, 0)
+        blocks, offsets, valid = gather_logical(self.block_tables[layer, sid], lengths, self.block_size, max_len)
+        slots = torch.where(valid, blocks * self.block_size + offsets, 0)  # [S, H, L]
         flat = slots.reshape(-1)
         empty = self.k_cache.new_empty(0)
         keys = self.k_cache.view(-1, self.head_dim)[flat].view(*slots.shape, self.head_dim) if with_kv else empty
