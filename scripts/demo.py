@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from kvcompress.budget import Budget
 from kvcompress.compressor import Compressor
+from kvcompress.experiment.prompts import build_prompt
 from kvcompress.generate import generate
 from kvcompress.model import load_model
 from kvcompress.tasks.passkey import Passkey
@@ -30,10 +31,7 @@ def main() -> None:
     lm = load_model(args.model)
     print(f"loaded {args.model} in {lm.load_s:.1f}s ({'cached copy' if lm.from_cache else 'converted from GGUF'})")
     sample = Passkey(lm.tokenizer, n_samples=1, target_tokens=args.tokens, seed=1).samples()[0]
-    ids = lm.tokenizer.apply_chat_template(
-        [{"role": "user", "content": sample.context + sample.question}], add_generation_prompt=True, tokenize=True,
-        return_dict=True,
-    )["input_ids"]
+    ids = build_prompt(lm.tokenizer, sample).ids
     policy = instantiate(OmegaConf.load(f"conf/policy/{args.policy}.yaml"))
     comp = Compressor(policy, Budget(ratio=args.ratio, protected_window=16, allocation=args.allocation))
     t0 = time.perf_counter()

