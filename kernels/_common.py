@@ -89,6 +89,26 @@ def gather_logical(
     return blocks, offsets, valid
 
 
+def gather_blocks(
+    pool: torch.Tensor, block_tables: torch.Tensor, valid: torch.Tensor, block_size: int, max_len: int
+) -> torch.Tensor:
+    """Torch helper: the logical slots ``[num_seqs, num_kv_heads, max_len, head_dim]`` of a pool
+    ``[num_blocks, block_size, head_dim]``, copied a whole block at a time (one ``index_select`` of contiguous
+    ``block_size × head_dim`` rows, far cheaper on CPU than indexing slot by slot).
+
+    Slots past a head's length (``~valid``, always a suffix) are zeroed: the pool there may hold anything, NaN
+    included, and ``0 × NaN`` would poison a probability-weighted sum.
+    """
+    num_seqs, num_kv_heads = block_tables.shape[:2]
+    cols = -(-max_len // block_size)
+    ids = block_tables[..., :cols].long().clamp_min(0).reshape(-1)
+    out = pool.index_select(0, ids).view(num_seqs, num_kv_heads, cols * block_size, pool.shape[-1])[:, :, :max_len]
+    bad = (~valid).nonzero(as_tuple=True)
+    if bad[0].numel():
+        out[bad] = 0
+    return out
+
+
 def num_programs_target(device: torch.device) -> int:
     """How many programs a launch should provide to fill the device (2 waves of SMs on CUDA)."""
     if device.type == "cuda":

@@ -30,6 +30,7 @@ from ._common import (
     check_cache,
     check_tables,
     finish_rows,
+    gather_blocks,
     gather_logical,
     group_size,
     load_tile,
@@ -93,9 +94,9 @@ def decode_probs_torch(
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = block_tables.shape[1]
     blocks, offsets, valid = gather_logical(block_tables, lengths, block_size, max_length(lengths))
-    keys = k_cache[blocks, offsets].float()  # garbage past a length is masked in the logits
+    keys = gather_blocks(k_cache, block_tables, valid, block_size, blocks.shape[-1]).float()
     qg = q.float().view(batch, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
-    logits = torch.einsum("bhgd,bhmd->bhgm", qg, keys) * scale
+    logits = torch.matmul(qg, keys.transpose(-1, -2)) * scale  # [B, H_kv, G, M]
     logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a length-0 head has an all -inf row
     return probs, blocks, offsets, valid
@@ -120,11 +121,12 @@ def paged_decode_torch(
     del num_splits
     block_size, _ = _check_args(q, k_cache, v_cache, block_tables, lengths, score_out, score_power)
     batch, num_q_heads, head_dim = q.shape
-    if max_length(lengths) == 0:
+    max_len = max_length(lengths)
+    if max_len == 0:
         return torch.zeros_like(q)
     probs, blocks, offsets, valid = decode_probs_torch(q, k_cache, block_tables, lengths, scale)
-    values = v_cache[blocks, offsets].float().masked_fill(~valid[..., None], 0.0)  # 0 * NaN = NaN
-    out = torch.einsum("bhgm,bhmd->bhgd", probs, values)
+    values = gather_blocks(v_cache, block_tables, valid, block_size, blocks.shape[-1]).float()
+    out = torch.matmul(probs, values)  # [B, H_kv, G, D]
     if score_out is not None:
         contrib = probs.pow(score_power).sum(dim=2)  # [B, Hkv, M]: summed over the group's query heads
         slots = blocks * block_size + offsets

@@ -49,7 +49,7 @@ def paged_attention_forward(
     scale = scaling if scaling is not None else D**-0.5
     k = key.transpose(1, 2).reshape(B * T, Hkv, D)
     v = value.transpose(1, 2).reshape(B * T, Hkv, D)
-    cache.append(layer, step.seq_ids, step.cu_seqlens, k, v, step.positions)
+    cache.append(layer, step.seq_ids, step.cu_seqlens, k, v, step.positions, step.append_slots(layer))
     sid = torch.as_tensor(step.seq_ids, device=cache.device)
     tables, lengths = cache.block_tables[layer, sid], cache.lengths[layer, sid]
     q = query.transpose(1, 2).reshape(B * T, Hq, D)

@@ -33,8 +33,12 @@ MODES = ("query_aware", "query_agnostic")
 
 @contextlib.contextmanager
 def paged_attention(model: PreTrainedModel) -> Iterator[None]:
-    """Route the model's attention through the paged cache for the duration of the block."""
+    """Route the model's attention through the paged cache for the duration of the block (re-entrant: an inner
+    block inside an outer one changes nothing, so a decode loop switches once, not once per step)."""
     previous = model.config._attn_implementation
+    if previous == ATTN_IMPLEMENTATION:
+        yield
+        return
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     try:
         yield
@@ -160,24 +164,25 @@ class PagedGenerator:
         active = [i for i in range(len(seq_ids)) if limits[i] > 0]
         pending = {i: int(first_logits[i].argmax()) for i in active}
         steps = 0
-        while active:
-            for i in list(active):
-                tok = pending[i]
-                if tok in eos:
-                    active.remove(i)
-                    continue
-                out[i].append(tok)
-                if len(out[i]) >= limits[i]:
-                    active.remove(i)
-            if not active:
-                break
-            logits = self.forward([seq_ids[i] for i in active], [[pending[i]] for i in active])
-            steps += 1
-            for row, i in enumerate(active):
-                last[i] = logits[row]
-                pending[i] = int(logits[row].argmax())
-            if self.compressor is not None and self.compressor.due(steps):
-                self.compress([seq_ids[i] for i in active])
+        with paged_attention(self.model):  # switched once for the whole loop, not per step
+            while active:
+                for i in list(active):
+                    tok = pending[i]
+                    if tok in eos:
+                        active.remove(i)
+                        continue
+                    out[i].append(tok)
+                    if len(out[i]) >= limits[i]:
+                        active.remove(i)
+                if not active:
+                    break
+                logits = self.forward([seq_ids[i] for i in active], [[pending[i]] for i in active])
+                steps += 1
+                for row, i in enumerate(active):
+                    last[i] = logits[row]
+                    pending[i] = int(logits[row].argmax())
+                if self.compressor is not None and self.compressor.due(steps):
+                    self.compress([seq_ids[i] for i in active])
         self.timings["decode_s"] += time.perf_counter() - t0
         return out, last
 

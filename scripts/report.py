@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     df[COLUMNS].to_csv(out / "report.csv", index=False)
     write_markdown(df, out / "report.md")
     plot(df, out / "report.png")
+    print((out / "report.md").read_text(encoding="utf-8"))
     print(f"{len(df)} runs -> {out / 'report.csv'}, {out / 'report.md'}, {out / 'report.png'}")
     if args.wandb:
         print(f"wandb run: {log_wandb(df, args.root, args.project, args.wandb)}")

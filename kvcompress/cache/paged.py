@@ -259,6 +259,25 @@ class PagedKVCache:
         block = self.block_tables[layer, seq, head, (index // self.block_size).long()].long()
         return block * self.block_size + index % self.block_size
 
+    def append_slots(self, seq_ids: list[int], cu_seqlens: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """Physical slots where :meth:`append` writes the packed new tokens of ``seq_ids``: ``[num_layers, T_total,
+        H]`` for every layer at once (one vectorised plan per forward step, so the per-layer write is a single
+        scatter; call it before any layer of the step is written), or ``[T_total, H]`` for one ``layer``."""
+        sid = torch.as_tensor(seq_ids, device=self.device)
+        cu = cu_seqlens.to(self.device, torch.int64)
+        counts = cu[1:] - cu[:-1]
+        tok_seq = torch.repeat_interleave(torch.arange(len(seq_ids), device=self.device), counts)  # [T]
+        rank = torch.arange(int(cu[-1]), device=self.device) - cu[:-1][tok_seq]
+        layers = torch.arange(self.num_layers, device=self.device) if layer is None else torch.tensor([layer])
+        index = self.lengths[layers][:, sid].long()[:, tok_seq] + rank[None, :, None]  # [L', T, H]
+        held = self.num_blocks_held[layers][:, sid].long()[:, tok_seq]
+        if bool((index // self.block_size >= held).any()):
+            raise RuntimeError("append() without reserve(): a token would land in an unallocated block")
+        heads = torch.arange(self.num_kv_heads, device=self.device)[None, None, :]
+        block = self.block_tables[layers[:, None, None], sid[tok_seq][None, :, None], heads, index // self.block_size]
+        slots = block.long() * self.block_size + index % self.block_size
+        return slots if layer is None else slots[0]
+
     def append(
         self,
         layer: int,
@@ -267,25 +286,19 @@ class PagedKVCache:
         keys: torch.Tensor,
         values: torch.Tensor,
         positions: torch.Tensor,
+        slots: torch.Tensor | None = None,
     ) -> None:
         """Write packed new tokens of one layer at the end of each head; blocks must be reserved.
 
         ``keys``/``values``: ``[T_total, H, D]`` (post-RoPE), ``positions``: ``[T_total]``, ``cu_seqlens``:
-        ``[B + 1]`` offsets of each sequence's tokens. The length of every head of every sequence grows by
-        that sequence's token count; scores of the new slots start at 0.
+        ``[B + 1]`` offsets of each sequence's tokens. ``slots`` ``[T_total, H]``: this layer's row of
+        :meth:`append_slots`, computed before any layer of the step was written (recomputed when None). The length
+        of every head of every sequence grows by that sequence's token count; scores of the new slots start at 0.
         """
+        if slots is None:
+            slots = self.append_slots(seq_ids, cu_seqlens, layer)
         sid = torch.as_tensor(seq_ids, device=self.device)
-        cu = cu_seqlens.to(self.device, torch.int64)
-        counts = cu[1:] - cu[:-1]
-        tok_seq = torch.repeat_interleave(torch.arange(len(seq_ids), device=self.device), counts)  # [T]
-        rank = torch.arange(keys.shape[0], device=self.device) - cu[:-1][tok_seq]
-        start = self.lengths[layer, sid].long()  # [B, H]
-        index = start[tok_seq] + rank[:, None]  # [T, H]
-        held = self.num_blocks_held[layer, sid].long()[tok_seq]
-        if bool((index // self.block_size >= held).any()):
-            raise RuntimeError("append() without reserve(): a token would land in an unallocated block")
-        heads = torch.arange(self.num_kv_heads, device=self.device)
-        slots = self._slot(layer, sid[tok_seq][:, None], heads[None, :], index)  # [T, H]
+        counts = (cu_seqlens[1:] - cu_seqlens[:-1]).to(self.device, torch.int32)
         H, D = self.num_kv_heads, self.head_dim
         write_kv(
             self.k_cache,
@@ -297,7 +310,7 @@ class PagedKVCache:
             values.reshape(-1, D).to(self.dtype),
             positions.to(self.device, torch.int32)[:, None].expand(-1, H).reshape(-1),
         )
-        self.lengths[layer, sid] += counts.to(torch.int32)[:, None]
+        self.lengths[layer, sid] += counts[:, None]
 
     def advance(self, seq_ids: list[int], num_new: list[int]) -> None:
         """Record that the sequences have seen ``num_new`` more tokens (call once per forward step)."""

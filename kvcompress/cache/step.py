@@ -57,9 +57,17 @@ class ForwardStep:
     on_prefill: Callable[[PrefillObservation], None] | None = None
     on_decode: Callable[[DecodeObservation], None] | None = None
     counts: list[int] = field(init=False)
+    slots: torch.Tensor | None = field(init=False, default=None)  # [num_layers, T_total, H]: where to append
 
     def __post_init__(self) -> None:
         self.counts = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()
+
+    def append_slots(self, layer: int) -> torch.Tensor:
+        """Slots ``[T_total, H]`` of this step's new tokens in ``layer``, planned for every layer on first use
+        (before any layer is written, which :meth:`PagedKVCache.append_slots` requires)."""
+        if self.slots is None:
+            self.slots = self.cache.append_slots(self.seq_ids, self.cu_seqlens)
+        return self.slots[layer]
 
     @property
     def is_decode(self) -> bool:
