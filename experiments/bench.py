@@ -10,6 +10,8 @@ Sections (each figure repeated ``repeats`` times, interleaved across ratios/syst
   pool, (d) pool bytes in use; see :mod:`kvcompress.bench.throughput`.
 * ``latency``: (b) one decode step against context length for HF dense, the paged cache, and the paged cache
   at ``latency.ratio``; see :mod:`kvcompress.bench.latency`.
+* ``generation``: end-to-end greedy generation (prefill + decode) of one real prompt: HF ``generate`` against
+  the paged cache uncompressed and at ``generation.ratio``; see :mod:`kvcompress.bench.generation`.
 * ``overhead``: (c) a policy's decode bookkeeping plus continual compression as a % of decode time; see
   :mod:`kvcompress.bench.overhead`.
 
@@ -25,6 +27,7 @@ import platform
 import statistics
 import sys
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from kvcompress.bench.generation import generation_speed, task_prompt
 from kvcompress.bench.latency import decode_latency
 from kvcompress.bench.overhead import compression_overhead
 from kvcompress.bench.throughput import Workload, throughput_sweep
@@ -42,7 +46,7 @@ from kvcompress.compressor import Compressor
 from kvcompress.model import ModelNotFoundError, load_model
 
 log = logging.getLogger("kvcompress.bench")
-SECTIONS = ("throughput", "latency", "overhead")
+SECTIONS = ("throughput", "latency", "generation", "overhead")
 MIB = 1 << 20
 POLICY_DIR = Path(__file__).resolve().parents[1] / "conf" / "policy"
 
@@ -129,6 +133,21 @@ def latency_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def generation_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        f"Prompt {rows[0]['prompt_tokens']} tokens, {rows[0]['new_tokens']} new tokens, "
+        f"{rows[0]['repeats']} repeats.\n",
+        "| system | wall s median [min–max] | new tokens/s | vs hf_dense (time) | same tokens as HF |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['system']} | {r['wall_s_median']:.2f} [{r['wall_s_min']:.2f}–{r['wall_s_max']:.2f}] | "
+            f"{r['tokens_per_s']:.1f} | {r['ratio_vs_hf']:.2f}x | {'yes' if r['same_tokens_as_hf'] else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
 def overhead_table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| policy | decode ms/step without policy | with policy | compress ms total (n) | overhead % median "
@@ -149,6 +168,7 @@ def write_tables(rows: Rows, out: Path, header: str) -> None:
     for section, fmt, title in (
         ("throughput", throughput_table, "(a, d) Throughput and pool memory against compression ratio"),
         ("latency", latency_table, "(b) Decode step latency against context length"),
+        ("generation", generation_table, "(b) End-to-end generation: HF dense against the paged cache"),
         ("overhead", overhead_table, "(c) Compression overhead per policy"),
     ):
         if rows.of(section):
@@ -215,6 +235,13 @@ def run_bench(cfg: DictConfig, out: Path) -> Path:
                 ):  # fmt: skip
                     rows.add("latency", row)
                 log.info("latency at %d tokens done", context)
+        elif section == "generation" and not rows.of("generation"):
+            ratio = float(cfg.generation.ratio)
+            ids = task_prompt(tok, int(cfg.generation.prompt_tokens))
+            compressed = {f"paged_x{ratio:g}": partial(_compressor_factory(cfg), ratio)}
+            for row in generation_speed(model, ids, int(cfg.generation.new_tokens), int(cfg.repeats), compressed):
+                rows.add("generation", row)
+            log.info("generation done")
         elif section == "overhead":
             done_pol = {r["policy"] for r in rows.of("overhead")}
             for name in cfg.overhead.policies:

@@ -20,6 +20,8 @@ TINY = [
     "throughput.workload.pool_seqs=1.5",
     "latency.contexts=[64,128]",
     "latency.steps=2",
+    "generation.prompt_tokens=256",
+    "generation.new_tokens=4",
     "overhead.policies=[lfu,snapkv]",
     "overhead.context=256",
     "overhead.steps=6",
@@ -55,8 +57,10 @@ def test_bench_all_sections_then_resume(tmp_path, tiny_model_dir):
         ("paged", 128),
     }
     assert {r["policy"] for r in rows if r["section"] == "overhead"} == {"lfu", "snapkv"}
+    generation = {r["system"]: r for r in rows if r["section"] == "generation"}
+    assert set(generation) == {"hf_dense", "paged", "paged_x8"} and generation["paged"]["same_tokens_as_hf"]
     tables = (tmp_path / "b" / "tables.md").read_text()
-    for title in ("Throughput", "Decode step latency", "Compression overhead"):
+    for title in ("Throughput", "Decode step latency", "End-to-end generation", "Compression overhead"):
         assert title in tables
     assert "| 4 |" in tables and "Command: `python experiments/bench.py model=hf" in tables
 
