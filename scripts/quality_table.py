@@ -44,12 +44,18 @@ SETUPS = [
     ("knorm", "knorm", "uniform"),
     ("random", "random", "uniform"),
 ]
+# Variants of the KV-Compress pair, run only when named in --setups (label -> policy overrides).
+VARIANTS = {
+    "lfu-allq+global": ("lfu", "global", {"window": -1}),
+    "lfu-L1avg+global": ("lfu", "global", {"metric": "L1-avg"}),
+    "lfu-nopool+global": ("lfu", "global", {"pool_kernel": 1}),
+}
 
 
-def run_setup(model, tok, sample, policy_name, allocation, ratios, protected, mode) -> list[dict]:
+def run_setup(model, tok, sample, policy_name, allocation, ratios, protected, mode, overrides=None) -> list[dict]:
     prompt = build_prompt(tok, sample)
     ctx, q = prompt.context_ids, prompt.question_ids
-    policy = instantiate(OmegaConf.load(f"conf/policy/{policy_name}.yaml"))
+    policy = instantiate(OmegaConf.load(f"conf/policy/{policy_name}.yaml"), **(overrides or {}))
     n = len(ratios)
     gen = PagedGenerator(model, Compressor(policy, Budget(ratio=2, protected_window=protected, allocation=allocation)),
                          max_seqs=n + 1, max_tokens_per_head=len(ctx) + len(q) + sample.max_new_tokens + 8)
@@ -96,16 +102,22 @@ def main() -> None:
     samples = build_task(args.task, tokenizer=lm.tokenizer, n_samples=args.samples, target_tokens=args.tokens).samples()
     samples = samples[: args.first]
     ratios = [float(r) for r in args.ratios.split(",")]
-    wanted = [s for s in SETUPS if s[0] in args.setups.split(",")] + [("full", "full", "uniform")]
+    names = args.setups.split(",")
+    unknown = [n for n in names if n not in {s[0] for s in SETUPS} | set(VARIANTS)]
+    if unknown:
+        ap.error(f"unknown setups {unknown}; accepted: {', '.join([s[0] for s in SETUPS] + list(VARIANTS))}")
+    wanted = [(*s, {}) for s in SETUPS if s[0] in names] + [(n, *VARIANTS[n]) for n in names if n in VARIANTS]
+    wanted.append(("full", "full", "uniform", {}))
     t0 = time.perf_counter()
     with rows_path.open("a") as f:
         for mode in args.modes.split(","):
             for sample in samples:
-                for label, pol, alloc in wanted:
+                for label, pol, alloc, overrides in wanted:
                     if (label, mode, sample.sample_id) in done:
                         continue
                     rs = [1.0] if label == "full" else ratios
-                    for row in run_setup(lm.model, lm.tokenizer, sample, pol, alloc, rs, args.protected, mode):
+                    rows = run_setup(lm.model, lm.tokenizer, sample, pol, alloc, rs, args.protected, mode, overrides)
+                    for row in rows:
                         f.write(json.dumps({"setup": label, "mode": mode, "sample_id": sample.sample_id, **row}) + "\n")
                     f.flush()
                     os.fsync(f.fileno())
