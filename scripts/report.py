@@ -71,10 +71,12 @@ def collect(root: Path) -> pd.DataFrame:
 
 
 def markdown_table(df: pd.DataFrame) -> str:
-    """A GitHub markdown table of the report's main columns (numbers rounded for reading)."""
+    """A GitHub markdown table of the report's main columns (numbers rounded for reading).
+
+    Identical rows are shown once: a full-cache job ignores ``budget.ratio``, so a ratio grid repeats it."""
     header = list(MD_COLUMNS.values())
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for _, row in df.iterrows():
+    for _, row in df.drop_duplicates(subset=list(MD_COLUMNS)).iterrows():
         cells = []
         for key in MD_COLUMNS:
             value = row[key]
