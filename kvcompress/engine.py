@@ -215,13 +215,13 @@ class Engine:
         while self.waiting and self.waiting[0][0].arrival_step <= self.step_no:
             request, generated, preemptions = self.waiting[0]
             if len(self.running) >= self.max_seqs:
-                return
+                break
             prefix = [*request.prompt_ids, *generated]
             need = self._blocks_for(len(prefix))
             # an idle engine admits the head request whatever the watermark: it fits alone (checked on add)
             headroom = self.watermark if self.running else 0
             if self.cache.num_free_blocks - promised < need + headroom:
-                return
+                break
             self.waiting.popleft()
             self.stats.recomputed_tokens += len(generated)
             seq_id = self.cache.add_sequence()
@@ -296,6 +296,9 @@ class Engine:
         t0 = time.perf_counter()
         for r in [r for r in self.running if not r.prefilling and r.pending is not None]:
             tok, r.pending = r.pending, None
+            if r.request.max_new_tokens == 0:
+                self._finish(r, "length")
+                continue
             if tok in set(r.request.eos_token_ids):
                 self._finish(r, "eos")
                 continue

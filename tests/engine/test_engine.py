@@ -100,6 +100,11 @@ def test_eos_finishes_early(tiny_llama):
     assert out.finish_reason == "eos" and out.tokens == first[: first.index(first[3])]
 
 
+def test_zero_new_tokens_prefills_and_returns_nothing(tiny_llama):
+    out = Engine(tiny_llama, max_seqs=1, max_tokens_per_head=128).run([Request("r", [5] * 20, 0)])[0]
+    assert out.tokens == [] and out.finish_reason == "length"
+
+
 def test_bad_requests_are_refused_with_reasons(tiny_llama):
     engine = Engine(tiny_llama, num_blocks=16, max_seqs=2, max_tokens_per_head=128)
     with pytest.raises(ValueError, match="non-empty prompt"):

@@ -1,0 +1,73 @@
+"""Where a policy/allocator pair spends the budget: kept tokens per layer and how much of the needle each keeps.
+
+Prefills one needle-in-a-haystack prompt, compresses it, and prints per layer the kept tokens (min–max over kv
+heads) and the fraction of the needle's value tokens still cached (mean over kv heads), then the answer.
+
+    python scripts/inspect_allocation.py --setups lfu:global,lfu:uniform --ratio 2 --sample 0
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from kvcompress.budget import Budget
+from kvcompress.compressor import Compressor
+from kvcompress.experiment.prompts import build_prompt
+from kvcompress.generate import PagedGenerator
+from kvcompress.model import load_model
+from kvcompress.tasks.registry import build_task
+
+
+def needle_positions(ids: list[int], value_ids: list[int]) -> list[int]:
+    """Positions of the first occurrence of ``value_ids`` in ``ids`` (the needle's value tokens)."""
+    for i in range(len(ids) - len(value_ids) + 1):
+        if ids[i : i + len(value_ids)] == value_ids:
+            return list(range(i, i + len(value_ids)))
+    raise ValueError("the needle value does not occur in the prompt as the same tokens")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--setups", default="lfu:global,lfu:uniform", help="policy:allocation pairs, comma separated")
+    ap.add_argument("--ratio", type=float, default=2.0)
+    ap.add_argument("--task", default="niah_single")
+    ap.add_argument("--tokens", type=int, default=1000)
+    ap.add_argument("--samples", type=int, default=10, help="task size (sample ids depend on it)")
+    ap.add_argument("--sample", type=int, default=0, help="which sample to inspect")
+    ap.add_argument("--protected", type=int, default=32)
+    args = ap.parse_args()
+    lm = load_model("smollm2")
+    tok = lm.tokenizer
+    sample = build_task(args.task, tokenizer=tok, n_samples=args.samples, target_tokens=args.tokens).samples()[
+        args.sample
+    ]
+    ids = build_prompt(tok, sample).ids
+    needle = needle_positions(ids, tok(sample.answers[0], add_special_tokens=False).input_ids)
+    print(f"{sample.sample_id}: {len(ids)} prompt tokens, value {sample.answers[0]!r} at positions {needle}")
+    for setup in args.setups.split(","):
+        name, allocation = setup.split(":")
+        policy = instantiate(OmegaConf.load(f"conf/policy/{name}.yaml"))
+        budget = Budget(ratio=args.ratio, protected_window=args.protected, allocation=allocation)
+        gen = PagedGenerator(lm.model, Compressor(policy, budget), max_tokens_per_head=len(ids) + sample.max_new_tokens)
+        seq = gen.cache.add_sequence()
+        logits = gen.prefill(seq, ids)
+        gen.compress([seq])
+        print(f"\n{name} + {allocation} at {args.ratio:g}x")
+        print("layer | kept per head (min-max) | needle tokens kept")
+        for layer in range(gen.cache.num_layers):
+            view = gen.cache.view(layer, [seq], with_kv=False)
+            kept = view.lengths[0]
+            have = torch.stack(
+                [torch.isin(torch.tensor(needle), view.positions[0, h][view.valid[0, h]]) for h in range(len(kept))]
+            )
+            print(f"{layer:5d} | {int(kept.min()):4d}-{int(kept.max()):4d} | {float(have.float().mean()):.2f}")
+        tokens, _ = gen.decode([seq], logits[None], sample.max_new_tokens, [tok.eos_token_id])
+        print("answer:", repr(tok.decode(tokens[0], skip_special_tokens=True)))
+
+
+if __name__ == "__main__":
+    main()
