@@ -20,6 +20,7 @@ Triton path:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -29,6 +30,7 @@ from ._common import (
     check_cache,
     check_tables,
     finish_rows,
+    gather_blocks,
     gather_logical,
     group_size,
     load_tile,
@@ -94,8 +96,9 @@ def paged_prefill_torch(
     obs_window: int = 0,
     obs_power: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """PyTorch reference of :func:`paged_prefill`: per sequence, gather the heads' slots and run a masked
-    fp32 softmax over chunks of at most 512 queries (memory ``O(H_q * 512 * len)``)."""
+    """PyTorch reference of :func:`paged_prefill`: per sequence, gather the heads' slots (a block at a time) and
+    run torch's fused attention with the causal-by-position mask over chunks of at most 512 queries (memory
+    ``O(H_q * 512 * len)``); only the observation-window queries get explicit fp32 probabilities."""
     block_size, group = _check_args(q, k_cache, v_cache, slot_pos, block_tables, lengths, q_pos, cu_seqlens_q,
                                     obs_window, obs_power)
     num_q_heads, head_dim = q.shape[1], q.shape[2]
@@ -110,21 +113,24 @@ def paged_prefill_torch(
         if t1 == t0 or seq_len == 0:
             continue
         blocks, offsets, valid = gather_logical(block_tables[b], lengths[b], block_size, seq_len)  # [Hkv, M]
-        keys = k_cache[blocks, offsets].float()  # garbage past a length is masked in the logits
-        values = v_cache[blocks, offsets].float().masked_fill(~valid[..., None], 0.0)  # 0 * NaN = NaN
+        # invalid slots are zeroed by gather_blocks, so NaN garbage in the pool cannot leak through the mask
+        keys = gather_blocks(k_cache, block_tables[b : b + 1], valid[None], block_size, seq_len)[0].float()
+        values = gather_blocks(v_cache, block_tables[b : b + 1], valid[None], block_size, seq_len)[0].float()
         kpos = slot_pos[blocks, offsets]  # [Hkv, M]
+        k_g = keys[:, None].expand(-1, group, -1, -1)  # [Hkv, G, M, D]: a view, one copy per kv head
+        v_g = values[:, None].expand(-1, group, -1, -1)
         window_start = max(t0, t1 - obs_window)
         for c0 in range(t0, t1, _REF_QUERY_CHUNK):
             c1 = min(c0 + _REF_QUERY_CHUNK, t1)
-            qc = q[c0:c1].float().view(c1 - c0, num_kv_heads, group, head_dim)
-            logits = torch.einsum("thgd,hmd->hgtm", qc, keys) * scale
+            qc = q[c0:c1].float().view(c1 - c0, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)  # [Hkv,G,t,D]
             visible = valid[:, None, :] & (kpos[:, None, :] <= q_pos[c0:c1, None].to(kpos.device))  # [Hkv, t, M]
-            logits = logits.masked_fill(~visible[:, None], float("-inf"))
-            probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-            oc = torch.einsum("hgtm,hmd->thgd", probs, values)
-            out[c0:c1] = oc.reshape(c1 - c0, num_q_heads, head_dim).to(q.dtype)
+            oc = F.scaled_dot_product_attention(qc, k_g, v_g, attn_mask=visible[:, None], scale=scale)
+            out[c0:c1] = oc.permute(2, 0, 1, 3).reshape(c1 - c0, num_q_heads, head_dim).to(q.dtype)
             if obs is not None and c1 > window_start:
-                win = probs[:, :, max(window_start - c0, 0):].pow(obs_power).sum(dim=2)  # [Hkv, G, M]
+                w0 = max(window_start - c0, 0)
+                logits = torch.matmul(qc[:, :, w0:], keys.transpose(-1, -2)[:, None]) * scale  # [Hkv, G, w, M]
+                logits = logits.masked_fill(~visible[:, None, w0:], float("-inf"))
+                win = torch.softmax(logits, dim=-1).nan_to_num(0.0).pow(obs_power).sum(dim=2)  # [Hkv, G, M]
                 obs[b, :, :seq_len] += win.reshape(num_q_heads, seq_len)
     return out, obs
 
