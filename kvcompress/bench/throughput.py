@@ -29,7 +29,7 @@ class Workload:
     """The requests and the pool of one throughput measurement."""
 
     n_requests: int = 12
-    prompt_tokens: int = 256
+    prompt_tokens: int = 512
     new_tokens: int = 96
     pool_seqs: float = 2.0  # pool = this many uncompressed sequences of prompt + new tokens
     block_size: int = 16
