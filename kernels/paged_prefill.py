@@ -120,12 +120,20 @@ def paged_prefill_torch(
         k_g = keys[:, None].expand(-1, group, -1, -1)  # [Hkv, G, M, D]: a view, one copy per kv head
         v_g = values[:, None].expand(-1, group, -1, -1)
         window_start = max(t0, t1 - obs_window)
-        for c0 in range(t0, t1, _REF_QUERY_CHUNK):
+        # a fresh sequence (this forward holds all its tokens, slots in position order) is plain causal attention:
+        # torch's fused kernel runs it without building a mask; only the window rows are then recomputed below
+        fresh = bool((lengths[b] == t1 - t0).all()) and torch.equal(kpos, q_pos[t0:t1].to(kpos)[None].expand_as(kpos))
+        if fresh:
+            qa = q[t0:t1].float().view(t1 - t0, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
+            oa = F.scaled_dot_product_attention(qa, k_g, v_g, is_causal=True, scale=scale)
+            out[t0:t1] = oa.permute(2, 0, 1, 3).reshape(t1 - t0, num_q_heads, head_dim).to(q.dtype)
+        for c0 in range(window_start if fresh else t0, t1, _REF_QUERY_CHUNK):
             c1 = min(c0 + _REF_QUERY_CHUNK, t1)
             qc = q[c0:c1].float().view(c1 - c0, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)  # [Hkv,G,t,D]
             visible = valid[:, None, :] & (kpos[:, None, :] <= q_pos[c0:c1, None].to(kpos.device))  # [Hkv, t, M]
-            oc = F.scaled_dot_product_attention(qc, k_g, v_g, attn_mask=visible[:, None], scale=scale)
-            out[c0:c1] = oc.permute(2, 0, 1, 3).reshape(c1 - c0, num_q_heads, head_dim).to(q.dtype)
+            if not fresh:
+                oc = F.scaled_dot_product_attention(qc, k_g, v_g, attn_mask=visible[:, None], scale=scale)
+                out[c0:c1] = oc.permute(2, 0, 1, 3).reshape(c1 - c0, num_q_heads, head_dim).to(q.dtype)
             if obs is not None and c1 > window_start:
                 w0 = max(window_start - c0, 0)
                 logits = torch.matmul(qc[:, :, w0:], keys.transpose(-1, -2)[:, None]) * scale  # [Hkv, G, w, M]
