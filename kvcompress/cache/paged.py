@@ -254,8 +254,11 @@ class PagedKVCache:
         self.block_tables[li, sid[bi], hi, logical.long()] = ids
         self.num_blocks_held[:, sid] = held + need
 
-    def _slot(self, layer: int, seq: torch.Tensor, head: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """Flat physical slot ids (block * block_size + offset) of logical slot ``index`` of (``seq``, ``head``)."""
+    def _slot(
+        self, layer: int | torch.Tensor, seq: torch.Tensor, head: torch.Tensor, index: torch.Tensor
+    ) -> torch.Tensor:
+        """Flat physical slot ids (block * block_size + offset) of logical slot ``index`` of (``layer``, ``seq``,
+        ``head``); tensor arguments broadcast against each other."""
         block = self.block_tables[layer, seq, head, (index // self.block_size).long()].long()
         return block * self.block_size + index % self.block_size
 
@@ -268,14 +271,14 @@ class PagedKVCache:
         counts = cu[1:] - cu[:-1]
         tok_seq = torch.repeat_interleave(torch.arange(len(seq_ids), device=self.device), counts)  # [T]
         rank = torch.arange(int(cu[-1]), device=self.device) - cu[:-1][tok_seq]
-        layers = torch.arange(self.num_layers, device=self.device) if layer is None else torch.tensor([layer])
+        layers = torch.arange(self.num_layers) if layer is None else torch.tensor([layer])
+        layers = layers.to(self.device)
         index = self.lengths[layers][:, sid].long()[:, tok_seq] + rank[None, :, None]  # [L', T, H]
         held = self.num_blocks_held[layers][:, sid].long()[:, tok_seq]
         if bool((index // self.block_size >= held).any()):
             raise RuntimeError("append() without reserve(): a token would land in an unallocated block")
         heads = torch.arange(self.num_kv_heads, device=self.device)[None, None, :]
-        block = self.block_tables[layers[:, None, None], sid[tok_seq][None, :, None], heads, index // self.block_size]
-        slots = block.long() * self.block_size + index % self.block_size
+        slots = self._slot(layers[:, None, None], sid[tok_seq][None, :, None], heads, index)  # [L', T, H]
         return slots if layer is None else slots[0]
 
     def append(
