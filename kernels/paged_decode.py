@@ -81,18 +81,24 @@ def _check_args(
 
 
 def decode_probs_torch(
-    q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tensor, lengths: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+    max_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax probabilities of one decode query per sequence over each head's logical slots, in fp32.
 
     ``q``: ``[B, H_q, D]``. Returns ``probs`` ``[B, H_kv, G, M]`` (G query heads per kv head, M = longest head;
     zero past a head's length, all zero for a length-0 head) and ``valid`` ``[B, H_kv, M]`` (slot < length).
-    Shared by the reference decode and by scorers that need raw probabilities (TOVA).
+    Shared by the reference decode and by scorers that need raw probabilities (TOVA). ``max_len`` saves a host
+    sync when the caller already knows ``lengths.max()``.
     """
     block_size = k_cache.shape[1]
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = block_tables.shape[1]
-    max_len = max_length(lengths)
+    max_len = max_length(lengths) if max_len is None else max_len
     valid = torch.arange(max_len, device=lengths.device) < lengths.unsqueeze(-1).long()
     keys = gather_blocks(k_cache, block_tables, valid, block_size, max_len).float()
     qg = q.float().view(batch, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
@@ -124,12 +130,12 @@ def paged_decode_torch(
     max_len = max_length(lengths)
     if max_len == 0:
         return torch.zeros_like(q)
-    probs, valid = decode_probs_torch(q, k_cache, block_tables, lengths, scale)
-    values = gather_blocks(v_cache, block_tables, valid, block_size, valid.shape[-1]).float()
+    probs, valid = decode_probs_torch(q, k_cache, block_tables, lengths, scale, max_len)
+    values = gather_blocks(v_cache, block_tables, valid, block_size, max_len).float()
     out = torch.matmul(probs, values)  # [B, H_kv, G, D]
     if score_out is not None:
         contrib = probs.pow(score_power).sum(dim=2)  # [B, Hkv, M]: summed over the group's query heads
-        blocks, offsets, _ = gather_logical(block_tables, lengths, block_size, valid.shape[-1])
+        blocks, offsets, _ = gather_logical(block_tables, lengths, block_size, max_len)
         slots = blocks * block_size + offsets
         score_out.view(-1).index_add_(0, slots[valid], contrib[valid])
     return out.reshape(batch, num_q_heads, head_dim).to(q.dtype)
