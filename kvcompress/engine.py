@@ -193,7 +193,7 @@ class Engine:
             self._prefill_step()
             self._decode_step()
         self.stats.steps += 1
-        self.stats.peak_blocks = max(self.stats.peak_blocks, self.cache.peak_blocks)
+        self.stats.peak_blocks = self.cache.peak_blocks  # the cache keeps the running maximum
         self.step_no += 1
         return list(self.finished.values())[done_before:]
 
@@ -258,22 +258,22 @@ class Engine:
         # policy wants every prompt query (window < 0)
         finals = [r for r in picked if len(r.chunks) == 1]
         middles = [r for r in picked if len(r.chunks) > 1]
-        for group, observe in ((middles, window if window < 0 else 0), (finals, window)):
-            if not group:
-                continue
-            spans = [g.chunks.popleft() for g in group]
-            logits = self.gen.forward(
-                [g.seq_id for g in group], [g.prefix[a:b] for g, (a, b) in zip(group, spans, strict=True)], observe
-            )
-            self.stats.prefill_tokens += sum(b - a for a, b in spans)
-            if group is finals:
-                self.stats.prefill_s += time.perf_counter() - t0
-                self._compress(finals)
-                for row, r in enumerate(finals):
-                    r.pending = int(logits[row].argmax())
-                    r.memory = self.cache.memory([r.seq_id])
-                return
+        if middles:
+            self._forward_chunks(middles, window if window < 0 else 0)
+        logits = self._forward_chunks(finals, window) if finals else None
         self.stats.prefill_s += time.perf_counter() - t0
+        if finals:
+            self._compress(finals)
+            for row, r in enumerate(finals):
+                r.pending = int(logits[row].argmax())
+                r.memory = self.cache.memory([r.seq_id])
+
+    def _forward_chunks(self, group: list[_Running], observe: int) -> torch.Tensor:
+        """One packed forward of each sequence's next chunk; returns the last logits ``[len(group), vocab]``."""
+        spans = [r.chunks.popleft() for r in group]
+        self.stats.prefill_tokens += sum(b - a for a, b in spans)
+        tokens = [r.prefix[a:b] for r, (a, b) in zip(group, spans, strict=True)]
+        return self.gen.forward([r.seq_id for r in group], tokens, observe)
 
     def _fit(self, picked: list[_Running]) -> list[_Running]:
         """Drop the newest picked chunks until the rest fit the pool. If not even the oldest fits, compress the
@@ -299,7 +299,7 @@ class Engine:
             if r.request.max_new_tokens == 0:
                 self._finish(r, "length")
                 continue
-            if tok in set(r.request.eos_token_ids):
+            if tok in r.request.eos_token_ids:
                 self._finish(r, "eos")
                 continue
             r.generated.append(tok)
