@@ -43,12 +43,12 @@ from kvcompress.bench.overhead import compression_overhead
 from kvcompress.bench.throughput import Workload, throughput_sweep
 from kvcompress.budget import Budget, BudgetError
 from kvcompress.compressor import Compressor
+from kvcompress.experiment.policy_config import load_policy
 from kvcompress.model import ModelNotFoundError, load_model
 
 log = logging.getLogger("kvcompress.bench")
 SECTIONS = ("throughput", "latency", "generation", "overhead")
 MIB = 1 << 20
-POLICY_DIR = Path(__file__).resolve().parents[1] / "conf" / "policy"
 
 
 class Rows:
@@ -176,14 +176,6 @@ def write_tables(rows: Rows, out: Path, header: str) -> None:
     out.write_text("\n".join(parts) + "\n")
 
 
-def _policy_yaml(name: str) -> Path:
-    path = POLICY_DIR / f"{name}.yaml"
-    if not path.exists():
-        accepted = ", ".join(sorted(p.stem for p in POLICY_DIR.glob("*.yaml")))
-        raise ValueError(f"overhead.policies: unknown policy {name!r}; accepted: {accepted}")
-    return path
-
-
 def _compressor_factory(cfg: DictConfig):
     budget_kw = OmegaConf.to_container(cfg.budget, resolve=True)
 
@@ -247,7 +239,10 @@ def run_bench(cfg: DictConfig, out: Path) -> Path:
             for name in cfg.overhead.policies:
                 if name in done_pol:
                     continue
-                policy = instantiate(OmegaConf.load(_policy_yaml(name)))
+                try:
+                    policy = load_policy(name)
+                except ValueError as err:
+                    raise ValueError(f"overhead.policies: {err}") from err
                 for row in compression_overhead(
                     model, tok, {name: policy}, ratio=float(cfg.overhead.ratio), context=int(cfg.overhead.context),
                     steps=int(cfg.overhead.steps), compress_every=int(cfg.overhead.compress_every),

@@ -8,11 +8,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
-
 from kvcompress.budget import Budget
 from kvcompress.compressor import Compressor
+from kvcompress.experiment.policy_config import load_policy
 from kvcompress.experiment.prompts import build_prompt
 from kvcompress.generate import generate
 from kvcompress.model import load_model
@@ -32,7 +30,7 @@ def main() -> None:
     print(f"loaded {args.model} in {lm.load_s:.1f}s ({'cached copy' if lm.from_cache else 'converted from GGUF'})")
     sample = Passkey(lm.tokenizer, n_samples=1, target_tokens=args.tokens, seed=1).samples()[0]
     ids = build_prompt(lm.tokenizer, sample).ids
-    policy = instantiate(OmegaConf.load(f"conf/policy/{args.policy}.yaml"))
+    policy = load_policy(args.policy)
     comp = Compressor(policy, Budget(ratio=args.ratio, protected_window=16, allocation=args.allocation))
     t0 = time.perf_counter()
     res = generate(lm.model, [ids], comp, max_new_tokens=24, eos_token_ids=[lm.tokenizer.eos_token_id])[0]

@@ -11,11 +11,10 @@ from __future__ import annotations
 import argparse
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from kvcompress.budget import Budget
 from kvcompress.compressor import Compressor
+from kvcompress.experiment.policy_config import load_policy
 from kvcompress.experiment.prompts import build_prompt
 from kvcompress.generate import PagedGenerator
 from kvcompress.model import load_model
@@ -50,7 +49,7 @@ def main() -> None:
     print(f"{sample.sample_id}: {len(ids)} prompt tokens, value {sample.answers[0]!r} at positions {needle}")
     for setup in args.setups.split(","):
         name, allocation = setup.split(":")
-        policy = instantiate(OmegaConf.load(f"conf/policy/{name}.yaml"))
+        policy = load_policy(name)
         budget = Budget(ratio=args.ratio, protected_window=args.protected, allocation=allocation)
         gen = PagedGenerator(lm.model, Compressor(policy, budget), max_tokens_per_head=len(ids) + sample.max_new_tokens)
         seq = gen.cache.add_sequence()

@@ -18,11 +18,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from kvcompress.budget import Budget
 from kvcompress.compressor import Compressor
+from kvcompress.experiment.policy_config import load_policy
 from kvcompress.experiment.prompts import build_prompt
 from kvcompress.generate import PagedGenerator
 from kvcompress.model import load_model
@@ -55,7 +54,7 @@ VARIANTS = {
 def run_setup(model, tok, sample, policy_name, allocation, ratios, protected, mode, overrides=None) -> list[dict]:
     prompt = build_prompt(tok, sample)
     ctx, q = prompt.context_ids, prompt.question_ids
-    policy = instantiate(OmegaConf.load(f"conf/policy/{policy_name}.yaml"), **(overrides or {}))
+    policy = load_policy(policy_name, **(overrides or {}))
     n = len(ratios)
     gen = PagedGenerator(model, Compressor(policy, Budget(ratio=2, protected_window=protected, allocation=allocation)),
                          max_seqs=n + 1, max_tokens_per_head=len(ctx) + len(q) + sample.max_new_tokens + 8)
