@@ -103,10 +103,7 @@ def gather_blocks(
     cols = -(-max_len // block_size)
     ids = block_tables[..., :cols].long().clamp_min(0).reshape(-1)
     out = pool.index_select(0, ids).view(num_seqs, num_kv_heads, cols * block_size, pool.shape[-1])[:, :, :max_len]
-    bad = (~valid).nonzero(as_tuple=True)
-    if bad[0].numel():
-        out[bad] = 0
-    return out
+    return out.masked_fill_(~valid[..., None], 0)  # a mask, not an index: no count is read back to the host
 
 
 def num_programs_target(device: torch.device) -> int:

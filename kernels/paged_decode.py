@@ -119,6 +119,7 @@ def paged_decode_torch(
     score_out: torch.Tensor | None = None,
     score_power: int = 2,
     num_splits: int | None = None,
+    max_len: int | None = None,
 ) -> torch.Tensor:
     """PyTorch reference of :func:`paged_decode` (gathers each head's slots, softmax in fp32).
 
@@ -127,7 +128,7 @@ def paged_decode_torch(
     del num_splits
     block_size, _ = _check_args(q, k_cache, v_cache, block_tables, lengths, score_out, score_power)
     batch, num_q_heads, head_dim = q.shape
-    max_len = max_length(lengths)
+    max_len = max_length(lengths) if max_len is None else max_len
     if max_len == 0:
         return torch.zeros_like(q)
     probs, valid = decode_probs_torch(q, k_cache, block_tables, lengths, scale, max_len)
@@ -136,8 +137,8 @@ def paged_decode_torch(
     if score_out is not None:
         contrib = probs.pow(score_power).sum(dim=2)  # [B, Hkv, M]: summed over the group's query heads
         blocks, offsets, _ = gather_logical(block_tables, lengths, block_size, max_len)
-        slots = blocks * block_size + offsets
-        score_out.view(-1).index_add_(0, slots[valid], contrib[valid])
+        slots = blocks * block_size + offsets  # padded slots point at block 0 and add an exact 0 (p is 0 there)
+        score_out.view(-1).index_add_(0, slots.reshape(-1), contrib.reshape(-1))
     return out.reshape(batch, num_q_heads, head_dim).to(q.dtype)
 
 
@@ -309,6 +310,7 @@ def paged_decode_triton(
     score_out: torch.Tensor | None = None,
     score_power: int = 2,
     num_splits: int | None = None,
+    max_len: int | None = None,
 ) -> torch.Tensor:
     """Triton implementation of :func:`paged_decode` (split-K flash-decoding + fused score accumulation)."""
     block_size, group = _check_args(q, k_cache, v_cache, block_tables, lengths, score_out, score_power)
@@ -321,7 +323,7 @@ def paged_decode_triton(
     lengths = lengths.contiguous()
     q_in = q if q.stride(-1) == 1 else q.contiguous()
 
-    max_len = max_length(lengths)
+    max_len = max_length(lengths) if max_len is None else max_len
     block_n = _decode_block_n(head_dim)
     if num_splits is None:
         num_splits = pick_num_splits(batch, num_kv_heads, max_len, q.device, block_n)
@@ -383,6 +385,7 @@ def paged_decode(
     score_out: torch.Tensor | None = None,
     score_power: int = 2,
     num_splits: int | None = None,
+    max_len: int | None = None,
 ) -> torch.Tensor:
     """Decode attention of one new token per sequence over the paged, per-head KV cache.
 
@@ -397,13 +400,15 @@ def paged_decode(
             slot, ``sum over the group's query heads of p**score_power`` (p = final softmax probability).
         score_power: 1 or 2 (L1/L2 accumulation).
         num_splits: split-K factor; None picks it from the max length and the SM count.
+        max_len: ``lengths.max()`` when the caller knows it (the engine keeps lengths on the host); None reads it
+            from ``lengths``, which costs a host sync.
 
     Returns:
         ``[B, H_q, D]`` in ``q.dtype``.
     """
     impl = paged_decode_triton if use_triton(q.device) else paged_decode_torch
     return impl(q, k_cache, v_cache, block_tables, lengths, scale,
-                score_out=score_out, score_power=score_power, num_splits=num_splits)
+                score_out=score_out, score_power=score_power, num_splits=num_splits, max_len=max_len)
 
 
 def decode_kv_bytes(lengths: torch.Tensor, head_dim: int, dtype: torch.dtype) -> int:

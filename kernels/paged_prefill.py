@@ -95,6 +95,7 @@ def paged_prefill_torch(
     *,
     obs_window: int = 0,
     obs_power: int = 1,
+    max_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """PyTorch reference of :func:`paged_prefill`: per sequence, gather the heads' slots (a block at a time) and
     run torch's fused attention with the causal-by-position mask over chunks of at most 512 queries (memory
@@ -104,7 +105,7 @@ def paged_prefill_torch(
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_seqs, num_kv_heads = lengths.shape
     out = torch.zeros_like(q)
-    max_len = max_length(lengths)
+    max_len = max_length(lengths) if max_len is None else max_len
     obs = q.new_zeros((num_seqs, num_q_heads, max_len), dtype=torch.float32) if obs_window > 0 else None
     cu = cu_seqlens_q.tolist()
     for b in range(num_seqs):
@@ -286,6 +287,7 @@ def paged_prefill_triton(
     *,
     obs_window: int = 0,
     obs_power: int = 1,
+    max_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Triton implementation of :func:`paged_prefill`."""
     block_size, group = _check_args(q, k_cache, v_cache, slot_pos, block_tables, lengths, q_pos, cu_seqlens_q,
@@ -298,7 +300,10 @@ def paged_prefill_triton(
     cu_seqlens_q = cu_seqlens_q.contiguous()
     q_in = q if q.stride(-1) == 1 else q.contiguous()
     out = torch.zeros((total, num_q_heads, head_dim), device=q.device, dtype=q.dtype)
-    max_len = max_length(lengths) if obs_window > 0 else 0
+    if obs_window <= 0:
+        max_len = 0
+    elif max_len is None:
+        max_len = max_length(lengths)
     obs = torch.zeros((num_seqs, num_q_heads, max_len), device=q.device, dtype=torch.float32) if obs_window else None
     if total == 0 or num_seqs == 0:
         return out, obs
@@ -342,6 +347,7 @@ def paged_prefill(
     *,
     obs_window: int = 0,
     obs_power: int = 1,
+    max_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal varlen prefill attention over the paged, per-head KV cache.
 
@@ -357,6 +363,7 @@ def paged_prefill(
         obs_window: if > 0, also return the observation scores of the last ``obs_window`` queries of each
             sequence (``>= `` its query count means all of them, H2O-style).
         obs_power: 1 or 2, the power applied to each probability before summing.
+        max_len: ``lengths.max()`` when the caller knows it; None reads it from ``lengths`` (a host sync).
 
     Returns:
         ``(out, obs)``: ``out`` ``[T_total, H_q, D]`` in ``q.dtype``; ``obs`` ``[B, H_q, max_len]`` float32
@@ -365,4 +372,4 @@ def paged_prefill(
     """
     impl = paged_prefill_triton if use_triton(q.device) else paged_prefill_torch
     return impl(q, k_cache, v_cache, slot_pos, block_tables, lengths, q_pos, cu_seqlens_q, scale,
-                obs_window=obs_window, obs_power=obs_power)
+                obs_window=obs_window, obs_power=obs_power, max_len=max_len)

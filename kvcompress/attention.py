@@ -34,27 +34,25 @@ def paged_attention_forward(
     """``query`` ``[B, H_q, T, D]``, ``key``/``value`` ``[B, H_kv, T, D]`` -> output ``[B, T, H_q, D]``.
 
     The B×T tokens are the packed tokens of ``kwargs["kvc_step"]`` (decode: B sequences × 1 token; prefill:
-    one row holding one or several packed sequences).
+    one row holding one or several packed sequences). Everything this layer needs to know about the cache comes
+    from the step's plan, built once per forward: nothing here reads a device value back to the host.
     """
     step: ForwardStep | None = kwargs.get("kvc_step")
     if step is None:
         raise ValueError(
             f"attn_implementation '{ATTN_IMPLEMENTATION}' needs the paged cache step passed as `kvc_step=` "
-            "to the model's forward; use kvcompress.generate or kvcompress.runner to drive the model"
+            "to the model's forward; drive the model through kvcompress.engine.Engine (or its ModelRunner)"
         )
     layer = module.layer_idx
     B, Hq, T, D = query.shape
-    cache = step.cache
+    cache, plan = step.cache, step.plan
     Hkv = key.shape[1]
     scale = scaling if scaling is not None else D**-0.5
-    k = key.transpose(1, 2).reshape(B * T, Hkv, D)
-    v = value.transpose(1, 2).reshape(B * T, Hkv, D)
-    cache.append(layer, step.seq_ids, step.cu_seqlens, k, v, step.positions, step.append_slots(layer))
-    sid = torch.as_tensor(step.seq_ids, device=cache.device)
-    tables, lengths = cache.block_tables[layer, sid], cache.lengths[layer, sid]
+    cache.write(layer, plan, key.transpose(1, 2).reshape(B * T, Hkv, D), value.transpose(1, 2).reshape(B * T, Hkv, D))
+    tables, lengths, max_len = plan.block_tables[layer], plan.lengths[layer], plan.max_len[layer]
     q = query.transpose(1, 2).reshape(B * T, Hq, D)
 
-    if step.is_decode:
+    if plan.is_decode:
         out = paged_decode(
             q,
             cache.k_cache,
@@ -64,10 +62,11 @@ def paged_attention_forward(
             scale,
             score_out=cache.slot_score if step.decode_power else None,
             score_power=step.decode_power or 1,
+            max_len=max_len,
         )
-        if step.on_decode is not None:
-            probs = decode_probs_torch(q, cache.k_cache, tables, lengths, scale)[0]  # [B, H_kv, G, L]
-            step.on_decode(DecodeObservation(layer, step.seq_ids, probs.reshape(B, Hq, -1)))
+        if step.decode_probs and step.observer is not None:
+            probs = decode_probs_torch(q, cache.k_cache, tables, lengths, scale, max_len)[0]  # [B, H_kv, G, L]
+            step.observer.observe_decode(cache, DecodeObservation(layer, plan.seq_ids, probs.reshape(B, Hq, -1)))
     else:
         out, obs = paged_prefill(
             q,
@@ -76,21 +75,22 @@ def paged_attention_forward(
             cache.slot_pos,
             tables,
             lengths,
-            step.positions.to(torch.int32),
-            step.cu_seqlens.to(torch.int32),
+            plan.positions.to(torch.int32),
+            plan.cu_seqlens,
             scale,
             obs_window=step.obs_window if step.obs_window >= 0 else 1 << 30,
             obs_power=step.obs_power,
+            max_len=max_len,
         )
-        if step.on_prefill is not None:
-            cu = step.cu_seqlens.tolist()
-            for i, s in enumerate(step.seq_ids):
-                n = cu[i + 1] - cu[i]
+        if step.obs_window and step.observer is not None:
+            end = 0
+            for i, (s, n, start) in enumerate(zip(plan.seq_ids, plan.counts, plan.starts, strict=True)):
+                end += n
                 w = n if step.obs_window < 0 else min(step.obs_window, n)
-                queries = q[cu[i + 1] - w : cu[i + 1]].transpose(0, 1)[None]
+                queries = q[end - w : end].transpose(0, 1)[None]
                 window_probs = obs[i : i + 1] if obs is not None else None
-                start = int(step.positions[cu[i + 1] - w]) if w else int(step.positions[cu[i + 1] - 1]) + 1
-                step.on_prefill(PrefillObservation(layer, s, w, start, window_probs, queries, _rope_theta(module)))
+                obs_i = PrefillObservation(layer, s, w, start + n - w, window_probs, queries, _rope_theta(module))
+                step.observer.observe_prefill(cache, obs_i)
     return out.view(B, T, Hq, D), None
 
 

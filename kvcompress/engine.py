@@ -1,69 +1,49 @@
-"""A continuous-batching engine over one shared, compressed paged KV pool.
+"""The engine: the one driver of generation, evaluation and benchmarks, over one shared compressed paged pool.
 
-This is the mechanism behind KV-Compress's throughput claim: compression frees blocks, freed blocks admit more
-requests, and more requests decode together in one batched step. Each engine :meth:`Engine.step`
+Continuous batching is the mechanism behind KV-Compress's throughput claim: compression frees blocks, freed blocks
+admit more requests, and more requests decode together in one batched step. Each :meth:`Engine.step`
 
 1. **admits** waiting requests (in arrival order) while a sequence slot is free and the pool has the blocks the
    whole prompt needs *uncompressed* (prefill holds every prompt token until the compressor runs), plus a
-   watermark of headroom for the running sequences' growth;
-2. runs **one packed varlen prefill** forward of up to ``max_prefill_tokens`` prompt tokens (each long prompt in
-   chunks of ``prefill_chunk``; the final chunk of a prompt carries the policy's observation window, and a
-   sequence is **compressed** as soon as its prompt is in);
-3. runs **one batched decode** forward for every sequence past its prompt, and re-compresses a sequence every
+   watermark of headroom for the running sequences' growth. Requests sharing a prompt (``share_prefix``) get one
+   parent sequence that prefills it once; each request then forks it;
+2. runs **packed varlen prefill** forwards of up to ``max_prefill_tokens`` prompt tokens (each long prompt in
+   chunks of ``prefill_chunk``; the final chunk of a prompt carries the policy's observation window), and
+   **compresses** a sequence as soon as its prompt is in, before its question (query-agnostic) is prefilled;
+3. runs **one batched decode** forward for every sequence past its prefill, and re-compresses a sequence every
    ``budget.compress_every`` of its decode steps (continual compression).
 
 When a forward would need more blocks than are free, the engine first compresses the running sequences down to
 their budgets (compression on pool pressure), and only then **preempts** the most recently admitted sequence:
 its blocks return to the pool, and the request goes back to the front of the queue with the tokens it already
-generated, to be recomputed (prefilled as prompt + generated tokens) when memory allows. No request is dropped.
+generated, to be recomputed when memory allows. No request is dropped.
 
-Greedy outputs equal :func:`kvcompress.generate.generate` on one sequence with the same compressor, as long as
-no pool pressure forces extra compressions or preemptions (``tests/engine``); without a compressor they are
-equal under preemption too, because recomputing an uncompressed cache reproduces it.
+This module is the one place that decides when compression runs (:meth:`Engine._compress`) and times it. A
+request's state lives in its :class:`~kvcompress.sequence.Sequence`; the model forward in the
+:class:`~kvcompress.model_runner.ModelRunner`. A decode step reads back only the sampled tokens.
+
+Greedy outputs do not depend on what else runs, as long as no pool pressure forces extra compressions or
+preemptions (``tests/engine``); without a compressor they are equal under preemption too, because recomputing an
+uncompressed cache reproduces it. The default pool (room for ``max_seqs`` uncompressed sequences of
+``max_tokens_per_head``) never comes under pressure.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from kvcompress.cache.paged import MemoryStats, PagedKVCache, PoolExhaustedError
+from kvcompress.budget import Budget
+from kvcompress.cache.paged import PagedKVCache, PoolExhaustedError
 from kvcompress.compressor import Compressor
-from kvcompress.generate import PagedGenerator, _chunks, paged_attention
-
-
-@dataclass
-class Request:
-    """One generation request: greedy decoding of up to ``max_new_tokens`` after ``prompt_ids``.
-
-    ``arrival_step`` is the engine step from which the request may be admitted (simulated arrivals over time).
-    """
-
-    request_id: int | str
-    prompt_ids: Sequence[int]
-    max_new_tokens: int
-    eos_token_ids: Sequence[int] = ()
-    arrival_step: int = 0
-
-
-@dataclass
-class RequestOutput:
-    """A finished request. ``memory`` is its cache accounting right after its (last) prompt compression."""
-
-    request_id: int | str
-    prompt_tokens: int
-    tokens: list[int]
-    finish_reason: str  # "eos" | "length"
-    preemptions: int
-    admitted_step: int
-    finished_step: int
-    memory: MemoryStats | None
+from kvcompress.model_runner import ModelRunner, make_cache, paged_attention
+from kvcompress.sequence import Request, RequestOutput, Sequence, plan_chunks
 
 
 @dataclass
@@ -82,29 +62,18 @@ class EngineStats:
     pressure_compressions: int = 0
     blocks_freed: int = 0
     peak_blocks: int = 0
+    shared_prefills: int = 0  # parent sequences that prefilled a shared prompt once
+    forks: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
     compress_s: float = 0.0
 
 
 @dataclass
-class _Running:
-    """A request that holds a cache sequence: still prefilling (``chunks`` left) or decoding."""
-
+class _Queued:
     request: Request
-    seq_id: int
-    admitted_step: int
-    prefix: list[int]  # what is prefilled: the prompt, plus the tokens generated before a preemption
-    chunks: deque[tuple[int, int]]
-    generated: list[int]
-    preemptions: int
-    pending: int | None = None  # next token (argmax of the last logits), not yet emitted
-    decode_steps: int = 0  # decode forwards since the last (re)admission: drives compress_every
-    memory: MemoryStats | None = None
-
-    @property
-    def prefilling(self) -> bool:
-        return bool(self.chunks)
+    generated: list[int] = field(default_factory=list)
+    preemptions: int = 0
 
 
 @dataclass
@@ -112,8 +81,9 @@ class Engine:
     """Continuous batching for one model over one paged pool; see the module docstring for the schedule.
 
     ``num_blocks`` fixes the pool (default: room for ``max_seqs`` uncompressed sequences of
-    ``max_tokens_per_head``). ``watermark_blocks`` is the headroom admission leaves for running sequences to grow
-    (default: one block per (layer, kv head), i.e. one sequence's next block on every head).
+    ``max_tokens_per_head``, itself defaulting to the model's context). ``watermark_blocks`` is the headroom
+    admission leaves for running sequences to grow (default: one block per (layer, kv head)). ``keep_logits``
+    keeps each request's last logits in its output.
     """
 
     model: PreTrainedModel
@@ -122,76 +92,94 @@ class Engine:
     block_size: int = 16
     max_seqs: int = 16
     max_tokens_per_head: int | None = None
-    prefill_chunk: int = 512
-    max_prefill_tokens: int = 2048
+    prefill_chunk: int = 2048
+    max_prefill_tokens: int = 4096
     watermark_blocks: int | None = None
+    keep_logits: bool = False
     stats: EngineStats = field(init=False, default_factory=EngineStats)
 
     def __post_init__(self) -> None:
-        if self.max_prefill_tokens < 1 or self.prefill_chunk < 1:
-            raise ValueError("prefill_chunk and max_prefill_tokens must be >= 1 tokens")
-        self.gen = PagedGenerator(
-            self.model,
-            self.compressor,
-            block_size=self.block_size,
-            max_seqs=self.max_seqs,
-            max_tokens_per_head=self.max_tokens_per_head,
-            num_blocks=self.num_blocks,
-            prefill_chunk=self.prefill_chunk,
-        )
-        self.cache: PagedKVCache = self.gen.cache
+        if self.max_prefill_tokens < 1 or self.prefill_chunk < 1 or self.max_seqs < 1:
+            raise ValueError("max_seqs, prefill_chunk and max_prefill_tokens must be >= 1")
+        max_tokens = self.max_tokens_per_head or int(self.model.config.max_position_embeddings)
+        self.cache: PagedKVCache = make_cache(self.model, self.max_seqs, max_tokens, self.num_blocks, self.block_size)
+        self.runner = ModelRunner(self.model, self.cache)
         heads = self.cache.num_layers * self.cache.num_kv_heads
         self.watermark = heads if self.watermark_blocks is None else self.watermark_blocks
         self.step_no = 0
-        self.waiting: deque[tuple[Request, list[int], int]] = deque()  # (request, generated so far, preemptions)
-        self.running: list[_Running] = []  # in admission order
+        self.waiting: deque[_Queued] = deque()
+        self.running: list[Sequence] = []  # in admission order; parents of shared prompts included
+        self.parents: dict[Hashable, Sequence] = {}
         self.finished: dict[int | str, RequestOutput] = {}
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request: Request) -> None:
-        """Queue a request; raises ``ValueError`` when it could never run on this pool, whatever else runs."""
-        n = len(request.prompt_ids)
-        if n == 0 or request.max_new_tokens < 0:
+        """Queue a request; raises ``ValueError`` when it could never run on this engine, whatever else runs."""
+        rid = request.request_id
+        n = len(request.prompt_ids) + len(request.question_ids)
+        if not request.prompt_ids or request.max_new_tokens < 0:
             raise ValueError(
-                f"request {request.request_id!r}: needs a non-empty prompt and max_new_tokens >= 0 "
-                f"(got {n} prompt tokens, max_new_tokens={request.max_new_tokens})"
+                f"request {rid!r}: needs a non-empty prompt and max_new_tokens >= 0 "
+                f"(got {len(request.prompt_ids)} prompt tokens, max_new_tokens={request.max_new_tokens})"
             )
         longest = self.cache.max_blocks_per_head * self.block_size
         if n + request.max_new_tokens > longest:
             raise ValueError(
-                f"request {request.request_id!r}: {n} prompt + {request.max_new_tokens} new tokens exceed the "
-                f"engine's max_tokens_per_head={longest}; build the Engine with a larger max_tokens_per_head"
+                f"request {rid!r}: {n} prompt + {request.max_new_tokens} new tokens exceed the engine's "
+                f"max_tokens_per_head={longest}; build the Engine with a larger max_tokens_per_head"
             )
         alone = self._blocks_for(n + request.max_new_tokens)
         if alone > self.cache.num_blocks:
             raise ValueError(
-                f"request {request.request_id!r}: {n} prompt + {request.max_new_tokens} new tokens need {alone} "
-                f"blocks uncompressed, but the pool has {self.cache.num_blocks}; raise num_blocks"
+                f"request {rid!r}: {n} prompt + {request.max_new_tokens} new tokens need {alone} blocks "
+                f"uncompressed, but the pool has {self.cache.num_blocks}; raise num_blocks"
             )
-        if request.request_id in self.finished or any(r.request_id == request.request_id for r in self._all_requests()):
-            raise ValueError(f"request id {request.request_id!r} is already in the engine")
-        self.waiting.append((request, [], 0))
+        if request.budget is not None:
+            if self.compressor is None:
+                raise ValueError(f"request {rid!r} brings a budget, but the engine has no compressor to apply it")
+            self.compressor.check_budget(request.budget)
+        known = [*self._all_requests()]
+        if rid in self.finished or any(r.request_id == rid for r in known):
+            raise ValueError(f"request id {rid!r} is already in the engine")
+        if request.share_prefix is not None:
+            other = next((r for r in known if r.share_prefix == request.share_prefix), None)
+            if other is not None and list(other.prompt_ids) != list(request.prompt_ids):
+                raise ValueError(
+                    f"request {rid!r}: share_prefix {request.share_prefix!r} is already used by request "
+                    f"{other.request_id!r} with a different prompt; requests sharing a prefix need identical prompts"
+                )
+        self.waiting.append(_Queued(request))
 
     def _all_requests(self) -> Iterable[Request]:
-        yield from (w[0] for w in self.waiting)
-        yield from (r.request for r in self.running)
+        yield from (q.request for q in self.waiting)
+        yield from (s.request for s in self.running if s.request is not None)
 
     @property
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or any(s.request is not None for s in self.running))
 
     def _blocks_for(self, tokens: int) -> int:
         return PagedKVCache.blocks_for(self.cache.num_layers, self.cache.num_kv_heads, tokens, 1, self.block_size)
 
+    def _budget(self, request: Request) -> Budget | None:
+        """The budget a request is held to (None without a compressor)."""
+        if self.compressor is None:
+            return None
+        return request.budget or self.compressor.budget
+
+    def _compresses(self, budget: Budget | None) -> bool:
+        return self.compressor is not None and self.compressor.compresses(budget)
+
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
     def step(self) -> list[RequestOutput]:
-        """Admit, prefill one packed batch, decode every running sequence once; returns requests finished now."""
+        """Admit, prefill packed chunks, decode every running sequence once; returns the requests finished now."""
         done_before = len(self.finished)
-        self._admit()
+        blocked = self._admit()
         with paged_attention(self.model):
             self._prefill_step()
             self._decode_step()
+        self._release_idle_parents(blocked)
         self.stats.steps += 1
         self.stats.peak_blocks = self.cache.peak_blocks  # the cache keeps the running maximum
         self.step_no += 1
@@ -199,7 +187,7 @@ class Engine:
 
     def run(self, requests: Iterable[Request] = (), progress: bool = False) -> list[RequestOutput]:
         """Add ``requests``, step until every request has finished; outputs in the order requests were added."""
-        order = [r.request_id for r in self.finished.values()]
+        order = list(self.finished)
         for r in requests:
             self.add_request(r)
         order += [r.request_id for r in self._all_requests() if r.request_id not in order]
@@ -210,72 +198,179 @@ class Engine:
         return [self.finished[i] for i in order]
 
     # ------------------------------------------------------------------ admission
-    def _admit(self) -> None:
-        promised = sum(self._prefill_blocks_left(r) for r in self.running if r.prefilling)
-        while self.waiting and self.waiting[0][0].arrival_step <= self.step_no:
-            request, generated, preemptions = self.waiting[0]
+    def _admit(self) -> bool:
+        """Admit what fits; returns whether an arrived request was left waiting for lack of room or slots."""
+        blocked = False
+        promised = sum(self._prefill_blocks_left(s) for s in self.running if s.prefilling)
+        skipped: list[_Queued] = []  # children waiting for their parent's prefill keep their place
+        while self.waiting and self.waiting[0].request.arrival_step <= self.step_no:
+            queued = self.waiting[0]
+            blocked = True  # cleared below when the loop runs dry rather than breaking
             if len(self.running) >= self.max_seqs:
                 break
-            prefix = [*request.prompt_ids, *generated]
-            need = self._blocks_for(len(prefix))
-            # an idle engine admits the head request whatever the watermark: it fits alone (checked on add)
-            headroom = self.watermark if self.running else 0
-            if self.cache.num_free_blocks - promised < need + headroom:
+            key = queued.request.share_prefix
+            parent = self.parents.get(key) if key is not None else None
+            if parent is not None and parent.prefilling:
+                skipped.append(self.waiting.popleft())
+                blocked = False
+                continue
+            if parent is not None:
+                need = int(self.cache.num_blocks_held[:, parent.seq_id].sum())
+                need += self.cache.blocks_needed([parent.seq_id], [len(self._suffix(queued))])
+            elif key is not None and self._sharers(key) > 1 and self.max_seqs - len(self.running) > 1:
+                need = self._blocks_for(len(queued.request.prompt_ids))
+                if not self._fits(need, promised):
+                    break
+                self._start_parent(queued.request)
+                promised += need
+                blocked = False
+                continue
+            else:
+                need = self._blocks_for(len(queued.request.prompt_ids) + len(self._suffix(queued)))
+            if not self._fits(need, promised):
                 break
             self.waiting.popleft()
-            self.stats.recomputed_tokens += len(generated)
-            seq_id = self.cache.add_sequence()
-            window = self.compressor.observe_window(len(prefix)) if self.compressor else 0
-            chunks = deque(_chunks(len(prefix), self.prefill_chunk, window))
-            self.running.append(_Running(request, seq_id, self.step_no, prefix, chunks, generated, preemptions))
-            promised += need
+            self.stats.recomputed_tokens += len(queued.generated)
+            if parent is not None:
+                self._fork_child(parent, queued)
+            else:
+                self._start(queued)
+                promised += need
+            blocked = False
+        self.waiting.extendleft(reversed(skipped))
         self.stats.peak_running = max(self.stats.peak_running, len(self.running))
+        return blocked
 
-    def _prefill_blocks_left(self, r: _Running) -> int:
-        return self._blocks_for(len(r.prefix)) - int(self.cache.num_blocks_held[:, r.seq_id].sum())
+    def _fits(self, need: int, promised: int) -> bool:
+        # an idle engine admits the head request whatever the watermark: it fits alone (checked on add)
+        headroom = self.watermark if self.running else 0
+        return self.cache.num_free_blocks - promised >= need + headroom
+
+    def _sharers(self, key: Hashable) -> int:
+        return sum(q.request.share_prefix == key for q in self.waiting)
+
+    @staticmethod
+    def _suffix(queued: _Queued) -> list[int]:
+        """What is prefilled after the prompt's compression: the question, then tokens generated before a
+        preemption."""
+        return [*queued.request.question_ids, *queued.generated]
+
+    def _prefill_blocks_left(self, s: Sequence) -> int:
+        return self.cache.blocks_needed([s.seq_id], [len(s.tokens) - s.prefilled])
+
+    def _window(self, observes: bool) -> int:
+        return self.compressor.window if observes and self.compressor is not None else 0
+
+    def _start(self, queued: _Queued) -> None:
+        r = queued.request
+        budget = self._budget(r)
+        observes = self._compresses(budget)
+        prompt, tokens = len(r.prompt_ids), [*r.prompt_ids, *self._suffix(queued)]
+        chunks = plan_chunks(0, prompt, self.prefill_chunk, self._window(observes))
+        chunks += plan_chunks(prompt, len(tokens), self.prefill_chunk, 0)
+        seq = Sequence(
+            r, self.cache.add_sequence(), budget, tokens, chunks, prompt if observes else None, self.step_no,
+            generated=queued.generated, preemptions=queued.preemptions,
+        )  # fmt: skip
+        self.running.append(seq)
+
+    def _start_parent(self, request: Request) -> None:
+        """A parent sequence that prefills a shared prompt once (observed whenever the policy evicts: its
+        children's budgets decide later whether it is compressed once for all of them or each fork on its own)."""
+        key, tokens = request.share_prefix, list(request.prompt_ids)
+        observes = self.compressor is not None and self.compressor.policy.evicts
+        chunks = plan_chunks(0, len(tokens), self.prefill_chunk, self._window(observes))
+        parent = Sequence(None, self.cache.add_sequence(), None, tokens, chunks, len(tokens), self.step_no)
+        parent.share_key, parent.share_count = key, self._sharers(key)
+        self.parents[key] = parent
+        self.running.append(parent)
+        self.stats.shared_prefills += 1
+
+    def _fork_child(self, parent: Sequence, queued: _Queued) -> None:
+        """A request of a shared prompt: fork the parent, compress the fork unless the parent already was to this
+        request's budget, then prefill the suffix (or decode straight away)."""
+        r = queued.request
+        child_id = self.cache.fork(parent.seq_id)
+        if self.compressor is not None:
+            self.compressor.fork(parent.seq_id, child_id)
+        budget = self._budget(r)
+        prompt, tokens = len(r.prompt_ids), [*r.prompt_ids, *self._suffix(queued)]
+        chunks = plan_chunks(prompt, len(tokens), self.prefill_chunk, 0)
+        seq = Sequence(
+            r, child_id, budget, tokens, chunks, None, self.step_no,
+            generated=queued.generated, preemptions=queued.preemptions,
+        )  # fmt: skip
+        seq.prefill_s = parent.prefill_s / parent.share_count
+        seq.compress_s = parent.compress_s / parent.share_count
+        self.running.append(seq)
+        self.stats.forks += 1
+        if self._compresses(budget) and parent.compressed_for != budget:
+            self._compress([seq])
+        if not chunks:
+            seq.pending, seq.last_logits = parent.pending, parent.last_logits
+            seq.memory = self.cache.memory([child_id])
+
+    def _release_idle_parents(self, blocked: bool) -> None:
+        """Release ready parents no waiting request needs. When admission was ``blocked`` and only ready parents
+        hold the pool, nothing would ever free it: release them too, so the head request runs on its own."""
+        stuck = blocked and all(s.request is None and not s.prefilling for s in self.running)
+        for parent in [p for p in self.parents.values() if not p.prefilling]:
+            if stuck or not self._sharers(parent.share_key):
+                self._drop(parent)
 
     # ------------------------------------------------------------------ prefill
     def _prefill_step(self) -> None:
-        """One packed forward of prompt chunks (several sequences), oldest admissions first."""
-        picked: list[_Running] = []
+        """Packed forwards of prompt chunks (several sequences), oldest admissions first; one forward per distinct
+        observation window among the picked chunks."""
+        picked: list[Sequence] = []
         tokens = 0
-        for r in self.running:
-            if not r.prefilling:
+        for s in self.running:
+            if not s.prefilling:
                 continue
-            a, b = r.chunks[0]
+            a, b, _ = s.chunks[0]
             if picked and tokens + (b - a) > self.max_prefill_tokens:
                 break
-            picked.append(r)
+            picked.append(s)
             tokens += b - a
-        if not picked:
-            return
-        picked = self._fit(picked)
-        if not picked:
-            return
+        picked = self._fit(picked) if picked else []
+        for window in sorted({s.chunks[0][2] for s in picked}):
+            self._prefill_forward([s for s in picked if s.chunks[0][2] == window], window)
+
+    def _prefill_forward(self, group: list[Sequence], window: int) -> None:
         t0 = time.perf_counter()
-        window = self.compressor.observe_window(0) if self.compressor else 0
-        # a forward observes one window size for all its sequences: final chunks observe, others only if the
-        # policy wants every prompt query (window < 0)
-        finals = [r for r in picked if len(r.chunks) == 1]
-        middles = [r for r in picked if len(r.chunks) > 1]
-        if middles:
-            self._forward_chunks(middles, window if window < 0 else 0)
-        logits = self._forward_chunks(finals, window) if finals else None
-        self.stats.prefill_s += time.perf_counter() - t0
-        if finals:
-            self._compress(finals)
-            for row, r in enumerate(finals):
-                r.pending = int(logits[row].argmax())
-                r.memory = self.cache.memory([r.seq_id])
+        spans = [s.chunks.popleft() for s in group]
+        counts = [b - a for a, b, _ in spans]
+        tokens = [s.tokens[a:b] for s, (a, b, _) in zip(group, spans, strict=True)]
+        logits = self.runner.forward([s.seq_id for s in group], tokens, self.compressor, window)
+        done = [i for i, s in enumerate(group) if not s.chunks]
+        sampled = ModelRunner.sample(logits[done]) if done else []
+        dt = time.perf_counter() - t0
+        self.stats.prefill_s += dt
+        self.stats.prefill_tokens += sum(counts)
+        for s, n in zip(group, counts, strict=True):
+            s.prefill_s += dt * n / sum(counts)
+        for i, tok in zip(done, sampled, strict=True):
+            group[i].pending = tok
+            if self.keep_logits:
+                group[i].last_logits = logits[i].clone()
+        due = [s for s, (_, b, _) in zip(group, spans, strict=True) if s.compress_at == b]
+        for parent in [s for s in due if s.request is None]:
+            self._compress_parent(parent)
+        self._compress([s for s in due if s.request is not None])
+        for i in done:
+            if group[i].request is not None:
+                group[i].memory = self.cache.memory([group[i].seq_id])
 
-    def _forward_chunks(self, group: list[_Running], observe: int) -> torch.Tensor:
-        """One packed forward of each sequence's next chunk; returns the last logits ``[len(group), vocab]``."""
-        spans = [r.chunks.popleft() for r in group]
-        self.stats.prefill_tokens += sum(b - a for a, b in spans)
-        tokens = [r.prefix[a:b] for r, (a, b) in zip(group, spans, strict=True)]
-        return self.gen.forward([r.seq_id for r in group], tokens, observe)
+    def _compress_parent(self, parent: Sequence) -> None:
+        """Compress a shared prompt once when every request waiting on it is held to the same budget."""
+        parent.compress_at = None
+        budgets = [self._budget(q.request) for q in self.waiting if q.request.share_prefix == parent.share_key]
+        if budgets and all(b == budgets[0] for b in budgets) and self._compresses(budgets[0]):
+            parent.budget = budgets[0]
+            self._compress([parent])
+            parent.compressed_for = budgets[0]
 
-    def _fit(self, picked: list[_Running]) -> list[_Running]:
+    def _fit(self, picked: list[Sequence]) -> list[Sequence]:
         """Drop the newest picked chunks until the rest fit the pool. If not even the oldest fits, compress the
         decoding sequences and preempt sequences admitted after it; failing that, skip prefill this step and let
         decoding sequences finish (they free their blocks)."""
@@ -284,69 +379,91 @@ class Engine:
         need = self._chunk_blocks(picked)
         if need <= self.cache.num_free_blocks or self._make_room(need, keep=picked[0]):
             return picked
-        if any(not r.prefilling for r in self.running):
+        if any(s.decoding for s in self.running):
             return []
         raise PoolExhaustedError(need, self.cache.num_free_blocks, self.cache.num_blocks)  # add_request prevents it
 
-    def _chunk_blocks(self, picked: list[_Running]) -> int:
-        return self.cache.blocks_needed([r.seq_id for r in picked], [r.chunks[0][1] - r.chunks[0][0] for r in picked])
+    def _chunk_blocks(self, picked: list[Sequence]) -> int:
+        return self.cache.blocks_needed([s.seq_id for s in picked], [s.chunks[0][1] - s.chunks[0][0] for s in picked])
 
     # ------------------------------------------------------------------ decode
     def _decode_step(self) -> None:
         t0 = time.perf_counter()
-        for r in [r for r in self.running if not r.prefilling and r.pending is not None]:
-            tok, r.pending = r.pending, None
-            if r.request.max_new_tokens == 0:
-                self._finish(r, "length")
-                continue
-            if tok in r.request.eos_token_ids:
-                self._finish(r, "eos")
-                continue
-            r.generated.append(tok)
-            self.stats.generated_tokens += 1
-            if len(r.generated) >= r.request.max_new_tokens:
-                self._finish(r, "length")
-        batch = [r for r in self.running if not r.prefilling]
+        for s in [s for s in self.running if s.decoding and s.pending is not None]:
+            assert s.request is not None
+            tok, s.pending = s.pending, None
+            if s.request.max_new_tokens == 0:
+                self._finish(s, "length")
+            elif tok in s.request.eos_token_ids:
+                self._finish(s, "eos")
+            else:
+                s.generated.append(tok)
+                self.stats.generated_tokens += 1
+                if len(s.generated) >= s.request.max_new_tokens:
+                    self._finish(s, "length")
+        batch = [s for s in self.running if s.decoding]
         if not batch:
             return
-        need = self.cache.blocks_needed([r.seq_id for r in batch], [1] * len(batch))
+        need = self.cache.blocks_needed([s.seq_id for s in batch], [1] * len(batch))
         if need > self.cache.num_free_blocks:
             self._make_room(need, keep=None)
-            batch = [r for r in self.running if not r.prefilling]
+            batch = [s for s in self.running if s.decoding]
             if not batch:
                 return
         self.stats.peak_decode_batch = max(self.stats.peak_decode_batch, len(batch))
-        logits = self.gen.forward([r.seq_id for r in batch], [[r.generated[-1]] for r in batch])
+        observer = self.compressor if any(self._compresses(s.budget) for s in batch) else None
+        logits = self.runner.forward([s.seq_id for s in batch], [[s.generated[-1]] for s in batch], observer)
+        sampled = ModelRunner.sample(logits)
+        dt = time.perf_counter() - t0
         self.stats.decode_tokens += len(batch)
+        self.stats.decode_s += dt
         due = []
-        for row, r in enumerate(batch):
-            r.pending = int(logits[row].argmax())
-            r.decode_steps += 1
-            if self.compressor is not None and self.compressor.due(r.decode_steps):
-                due.append(r)
-        self.stats.decode_s += time.perf_counter() - t0
+        for row, (s, tok) in enumerate(zip(batch, sampled, strict=True)):
+            s.pending = tok
+            s.decode_s += dt / len(batch)
+            s.decode_steps += 1
+            if self.keep_logits:
+                s.last_logits = logits[row].clone()
+            every = s.budget.compress_every if s.budget is not None else 0
+            if every and s.decode_steps % every == 0 and self._compresses(s.budget):
+                due.append(s)
         self._compress(due)
 
-    # ------------------------------------------------------------------ memory pressure
-    def _compress(self, rs: list[_Running]) -> int:
-        if self.compressor is None or not rs:
+    # ------------------------------------------------------------------ compression and memory pressure
+    def _compress(self, seqs: list[Sequence]) -> int:
+        """The one place compression runs: each sequence down to its own budget, timed once and shared out."""
+        seqs = [s for s in seqs if self._compresses(s.budget)]
+        for s in seqs:
+            s.compress_at = None
+        if not seqs or self.compressor is None:
             return 0
         t0 = time.perf_counter()
-        freed = self.compressor.compress(self.cache, [r.seq_id for r in rs])
-        self.stats.compress_s += time.perf_counter() - t0
+        freed = 0
+        groups: list[tuple[Budget | None, list[int]]] = []
+        for s in seqs:
+            group = next((g for b, g in groups if b == s.budget), None)
+            if group is None:
+                groups.append((s.budget, group := []))
+            group.append(s.seq_id)
+        for budget, ids in groups:
+            freed += self.compressor.compress(self.cache, ids, budget)
+        dt = time.perf_counter() - t0
+        for s in seqs:
+            s.compress_s += dt / len(seqs)
+        self.stats.compress_s += dt
         self.stats.compressions += 1
         self.stats.blocks_freed += freed
         return freed
 
-    def _make_room(self, need: int, keep: _Running | None) -> bool:
+    def _make_room(self, need: int, keep: Sequence | None) -> bool:
         """Free blocks until ``need`` are free: compress the decoding sequences, then preempt the newest ones.
 
         With ``keep`` (a prefill that needs room) only sequences admitted after it may be preempted; with None (a
         decode step) any may, newest first, and ``need`` shrinks as victims leave the batch. Returns whether
         ``need`` blocks are now free.
         """
-        decoding = [r for r in self.running if not r.prefilling]
-        if decoding and self.compressor is not None and self.compressor.active:
+        decoding = [s for s in self.running if s.decoding]
+        if decoding and any(self._compresses(s.budget) for s in decoding):
             self._compress(decoding)
             self.stats.pressure_compressions += 1
         while self.cache.num_free_blocks < need:
@@ -355,27 +472,28 @@ class Engine:
                 return False
             self._preempt(victims[-1])
             if keep is None:  # a decode step: the victim no longer needs its next block either
-                ids = [r.seq_id for r in self.running if not r.prefilling]
+                ids = [s.seq_id for s in self.running if s.decoding]
                 need = self.cache.blocks_needed(ids, [1] * len(ids))
         return True
 
-    def _preempt(self, r: _Running) -> None:
-        """Release a sequence's blocks and requeue it first in line, keeping what it has generated."""
-        self.cache.release(r.seq_id)
-        self.running.remove(r)
-        self.waiting.appendleft((r.request, r.generated, r.preemptions + 1))
-        self.stats.preemptions += 1
+    def _drop(self, s: Sequence) -> None:
+        """Release a sequence's cache (and the policy's state for it)."""
+        self.cache.release(s.seq_id)
+        if self.compressor is not None:
+            self.compressor.release(s.seq_id)
+        self.running.remove(s)
+        if s.request is None:
+            del self.parents[s.share_key]
 
-    def _finish(self, r: _Running, reason: str) -> None:
-        self.cache.release(r.seq_id)
-        self.running.remove(r)
-        self.finished[r.request.request_id] = RequestOutput(
-            request_id=r.request.request_id,
-            prompt_tokens=len(r.request.prompt_ids),
-            tokens=r.generated,
-            finish_reason=reason,
-            preemptions=r.preemptions,
-            admitted_step=r.admitted_step,
-            finished_step=self.step_no,
-            memory=r.memory,
-        )
+    def _preempt(self, s: Sequence) -> None:
+        """Release a sequence's blocks and requeue its request first in line, keeping what it has generated."""
+        self._drop(s)
+        if s.request is not None:
+            self.waiting.appendleft(_Queued(s.request, s.generated, s.preemptions + 1))
+            self.stats.preemptions += 1
+
+    def _finish(self, s: Sequence, reason: str) -> None:
+        assert s.request is not None
+        memory_end = self.cache.memory([s.seq_id])
+        self._drop(s)
+        self.finished[s.request.request_id] = s.output(reason, self.step_no, memory_end)

@@ -2,18 +2,51 @@
 
 The model runs with ``use_cache=False`` and our attention function (see :mod:`kvcompress.attention`) receives a
 :class:`ForwardStep` through the attention kwargs, exactly as transformers' own continuous-batching path hands
-its paged cache to ``paged|sdpa``. The step says which cache sequences the packed tokens belong to, and which
-attention statistics the active policy wants recorded while attention is computed.
+its paged cache to ``paged|sdpa``. The step carries
+
+* the :class:`StepPlan`: the device metadata of the forward (write slots, block tables, lengths, positions),
+  built by :meth:`~kvcompress.cache.paged.PagedKVCache.plan_step` once for every layer, so no layer computes or
+  reads back anything to find where its keys go;
+* what the active policy wants recorded while attention is computed, and the :class:`Observer` (the
+  compressor) that receives it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from kvcompress.cache.paged import PagedKVCache
+if TYPE_CHECKING:
+    from kvcompress.cache.paged import PagedKVCache
+
+
+@dataclass
+class StepPlan:
+    """Device metadata of one forward of ``B`` sequences and ``T`` packed tokens, for all ``L`` layers.
+
+    ``slots`` ``[L, T, H]`` int64: where each layer writes each new token's key of each kv head.
+    ``block_tables`` ``[L, B, H, cols]`` int32 and ``lengths`` ``[L, B, H]`` int32: the post-step tables the
+    kernels read (``cols`` = most blocks any head of the batch holds). ``positions`` ``[T]`` int64 and
+    ``cu_seqlens`` ``[B + 1]`` int32 split the packed tokens by sequence. ``counts``, ``starts`` (first new
+    position of each sequence) and ``max_len`` (longest head per layer) are host copies, so no kernel launch or
+    observation needs to read a size back from the device.
+    """
+
+    seq_ids: list[int]
+    counts: list[int]
+    starts: list[int]
+    cu_seqlens: torch.Tensor
+    positions: torch.Tensor
+    slots: torch.Tensor
+    block_tables: torch.Tensor
+    lengths: torch.Tensor
+    max_len: list[int]
+
+    @property
+    def is_decode(self) -> bool:
+        return all(c == 1 for c in self.counts)
 
 
 @dataclass
@@ -43,32 +76,27 @@ class DecodeObservation:
     probs: torch.Tensor
 
 
+class Observer(Protocol):
+    """Receives the attention statistics a forward was asked to record (the compressor, for its policy)."""
+
+    def observe_prefill(self, cache: PagedKVCache, obs: PrefillObservation) -> None: ...
+
+    def observe_decode(self, cache: PagedKVCache, obs: DecodeObservation) -> None: ...
+
+
 @dataclass
 class ForwardStep:
-    """A forward pass of packed tokens: ``cu_seqlens`` ``[B + 1]`` splits ``positions`` ``[T_total]`` by sequence."""
+    """One forward over the cache: its plan, plus what the attention records and for whom.
+
+    ``obs_window``: last-w prompt queries whose attention is recorded (-1: every query; 0: none), raised to
+    ``obs_power``. ``decode_power`` 1 or 2: each decode step adds Σ_group p**power to the slot scores, fused into
+    the attention kernel (0: off). ``decode_probs``: hand raw decode probabilities to the observer.
+    """
 
     cache: PagedKVCache
-    seq_ids: list[int]
-    cu_seqlens: torch.Tensor
-    positions: torch.Tensor
-    obs_window: int = 0  # last-w prompt queries whose attention is recorded; -1 = every query
+    plan: StepPlan
+    observer: Observer | None = None
+    obs_window: int = 0
     obs_power: int = 1
-    decode_power: int = 0  # 0: no decode accumulation; 1 or 2: slot_score += Σ_group p**power (fused)
-    on_prefill: Callable[[PrefillObservation], None] | None = None
-    on_decode: Callable[[DecodeObservation], None] | None = None
-    counts: list[int] = field(init=False)
-    slots: torch.Tensor | None = field(init=False, default=None)  # [num_layers, T_total, H]: where to append
-
-    def __post_init__(self) -> None:
-        self.counts = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()
-
-    def append_slots(self, layer: int) -> torch.Tensor:
-        """Slots ``[T_total, H]`` of this step's new tokens in ``layer``, planned for every layer on first use
-        (before any layer is written, which :meth:`PagedKVCache.append_slots` requires)."""
-        if self.slots is None:
-            self.slots = self.cache.append_slots(self.seq_ids, self.cu_seqlens)
-        return self.slots[layer]
-
-    @property
-    def is_decode(self) -> bool:
-        return all(c == 1 for c in self.counts)
+    decode_power: int = 0
+    decode_probs: bool = False

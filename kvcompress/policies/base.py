@@ -6,7 +6,8 @@ A policy is a dataclass with one job. It may
   raised to ``window_power``, and turn it into slot scores in :meth:`Policy.observe_prefill`;
 * ask the decode attention to add ``Σ_group p**decode_power`` into the slot scores every step (fused into the
   attention kernel), or receive raw decode probabilities (``wants_decode_probs``);
-* compute ranking scores at compression time from keys/values/positions in :meth:`Policy.rank`.
+* compute ranking scores at compression time from keys/values/positions in :meth:`Policy.rank`;
+* keep state per cache sequence, told of forks and releases through :meth:`Policy.fork` / :meth:`Policy.release`.
 
 The compressor protects the recent window and sinks, asks the allocator how many tokens each head keeps and keeps
 each head's top-ranked slots. Higher rank = more important.
@@ -47,6 +48,12 @@ class Policy:
     def rank(self, view: HeadView, seen: torch.Tensor) -> torch.Tensor:
         """Ranking scores ``[S, H, L]`` for the slots of ``view`` (``seen``: ``[S]`` tokens seen per sequence)."""
         return view.scores
+
+    def fork(self, parent: int, child: int) -> None:
+        """Cache sequence ``child`` was forked from ``parent``: copy any state kept per sequence."""
+
+    def release(self, seq_id: int) -> None:
+        """Cache sequence ``seq_id`` was released (its id may be reused): drop any state kept for it."""
 
 
 def group_sum(per_query_head: torch.Tensor, num_kv_heads: int) -> torch.Tensor:

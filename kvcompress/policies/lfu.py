@@ -46,6 +46,13 @@ class LFUPolicy(Policy):
         cache.set_scores(view, view.scores * self.decay + add)
         self._window_start[obs.seq_id] = obs.window_start
 
+    def fork(self, parent: int, child: int) -> None:
+        if parent in self._window_start:
+            self._window_start[child] = self._window_start[parent]
+
+    def release(self, seq_id: int) -> None:
+        self._window_start.pop(seq_id, None)
+
     def rank(self, view: HeadView, seen: torch.Tensor) -> torch.Tensor:
         if self.metric.endswith("sum"):
             return view.scores

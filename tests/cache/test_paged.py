@@ -17,13 +17,21 @@ def make(num_blocks: int = 64, max_seqs: int = 2) -> PagedKVCache:
 
 def append(cache: PagedKVCache, seq: int, n: int, start: int = 0) -> torch.Tensor:
     """Append n tokens to every layer; K[t, h, :] = position*10 + h, so contents identify the token."""
-    cache.reserve([seq], [n])
+    plan = cache.plan_step([seq], [n])
+    assert plan.positions.tolist() == list(range(start, start + n))
     pos = torch.arange(start, start + n)
     k = (pos[:, None, None] * 10 + torch.arange(H)[None, :, None]).float().expand(n, H, D).contiguous()
     for layer in range(L):
-        cache.append(layer, [seq], torch.tensor([0, n]), k + layer * 1000, -k, pos)
-    cache.advance([seq], [n])
+        cache.write(layer, plan, k + layer * 1000, -k)
     return k
+
+
+def evict_layer(cache: PagedKVCache, layer: int, seq: int, keep: torch.Tensor) -> int:
+    """Evict in one layer only (``keep`` ``[1, H, N]``): every other layer keeps everything."""
+    full = torch.ones(L, *keep.shape[:-1], max(keep.shape[-1], int(cache.lengths[:, seq].max())), dtype=torch.bool)
+    full[layer] = False
+    full[layer, ..., : keep.shape[-1]] = keep
+    return cache.evict([seq], full)
 
 
 def positions(cache: PagedKVCache, layer: int, seq: int, head: int) -> list[int]:
@@ -54,7 +62,7 @@ def test_evict_compacts_and_frees_blocks() -> None:
     keep[0, 1] = True  # head 1 keeps all
     keep[0, 2, 0] = True  # head 2 keeps 1 token
     before = cache.num_free_blocks
-    freed = cache.evict(0, [s], keep)
+    freed = evict_layer(cache, 0, s, keep)
     assert freed == 2 + 0 + 2
     assert cache.num_free_blocks == before + 4
     assert cache.lengths[0, s].tolist() == [3, 10, 1]
@@ -71,7 +79,7 @@ def test_head_at_length_zero_and_one() -> None:
     append(cache, s, 5)
     keep = torch.zeros(1, H, 5, dtype=torch.bool)
     keep[0, 1, 4] = True
-    cache.evict(0, [s], keep)
+    evict_layer(cache, 0, s, keep)
     assert cache.lengths[0, s].tolist() == [0, 1, 0]
     assert cache.num_blocks_held[0, s].tolist() == [0, 1, 0]
     append(cache, s, 1, start=5)  # a length-0 head gets a fresh block
@@ -83,11 +91,12 @@ def test_exhaustion_raises_before_writing() -> None:
     cache = make(num_blocks=L * H * 2)
     s = cache.add_sequence()
     append(cache, s, 2 * BS)
-    snapshot = (cache.block_tables.clone(), cache.lengths.clone(), cache.num_free_blocks)
+    snapshot = (cache.block_tables.copy(), cache.lengths.copy(), cache.seen.copy(), cache.num_free_blocks)
     with pytest.raises(PoolExhaustedError, match="needs 6 more blocks but only 0"):
-        cache.reserve([s], [1])
-    assert torch.equal(cache.block_tables, snapshot[0]) and torch.equal(cache.lengths, snapshot[1])
-    assert cache.num_free_blocks == snapshot[2]
+        cache.plan_step([s], [1])
+    assert (cache.block_tables == snapshot[0]).all() and (cache.lengths == snapshot[1]).all()
+    assert (cache.seen == snapshot[2]).all()
+    assert cache.num_free_blocks == snapshot[3]
 
 
 def test_release_and_fork_account_blocks() -> None:
@@ -111,8 +120,7 @@ def test_memory_accounting_after_halving() -> None:
     assert m0.logical_compression == 1.0
     keep = torch.zeros(1, H, 32, dtype=torch.bool)
     keep[..., ::2] = True
-    for layer in range(L):
-        cache.evict(layer, [s], keep)
+    cache.evict([s], keep.expand(L, -1, -1, -1))
     m = cache.memory([s])
     assert m.tokens_kept == L * H * 16 and m.logical_compression == 2.0
     assert m.allocated_bytes * 2 == m0.allocated_bytes
@@ -145,7 +153,7 @@ def test_random_append_evict_matches_dense_reference(ops) -> None:
             for h in range(H):
                 kept = held.positions[0, h][keep[0, h, : held.valid.shape[-1]] & held.valid[0, h]].tolist()
                 ref[layer, s, h] = sorted(kept)
-            cache.evict(layer, [s], keep)
+            evict_layer(cache, layer, s, keep)
     for (layer, s, h), want in ref.items():
         assert positions(cache, layer, s, h) == want
         v = cache.view(layer, [s])
@@ -153,4 +161,4 @@ def test_random_append_evict_matches_dense_reference(ops) -> None:
         assert torch.equal(got_k, (v.positions[0, h][v.valid[0, h]] * 10 + h + layer * 1000).float())
     used = int(cache.num_blocks_held.sum())
     assert used == cache.num_used_blocks
-    assert torch.equal(cache.num_blocks_held, (cache.lengths + BS - 1) // BS)
+    assert (cache.num_blocks_held == (cache.lengths + BS - 1) // BS).all()

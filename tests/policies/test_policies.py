@@ -2,6 +2,7 @@
 and generation after eviction equal to dense attention masked to the kept tokens."""
 
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -12,7 +13,9 @@ from transformers import AttentionInterface
 from kvcompress.allocators import ALLOCATORS
 from kvcompress.budget import Budget, BudgetError
 from kvcompress.compressor import Compressor
-from kvcompress.generate import PagedGenerator, generate
+from kvcompress.engine import Engine, Request
+from kvcompress.generate import generate
+from kvcompress.model_runner import ModelRunner, make_cache
 
 POLICIES = ["full", "lfu", "h2o", "snapkv", "pyramidkv", "streaming", "tova", "knorm", "random", "keydiff",
             "expected_attention"]
@@ -33,11 +36,37 @@ def prompt(n: int = PROMPT, seed: int = 0) -> list[int]:
     return torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def prefilled(model, name: str, budget: Budget, n: int = PROMPT) -> tuple[PagedGenerator, int, torch.Tensor]:
-    gen = PagedGenerator(model, Compressor(policy(name), budget), block_size=16, max_tokens_per_head=n + 8)
-    s = gen.cache.add_sequence()
-    logits = gen.prefill(s, prompt(n))
-    return gen, s, logits
+@dataclass
+class Prefilled:
+    """One prompt prefilled in a single forward through the model runner, its compressor observing the window."""
+
+    runner: ModelRunner
+    compressor: Compressor
+    seq: int
+    logits: torch.Tensor  # [vocab] last-token logits of the prompt
+
+    @property
+    def cache(self):
+        return self.runner.cache
+
+    def compress(self) -> None:
+        self.compressor.compress(self.cache, [self.seq])
+
+    def decode(self, n: int) -> tuple[list[int], torch.Tensor]:
+        """Greedy-decode ``n`` tokens; returns them and the logits after the last one."""
+        tokens, logits = [], self.logits
+        for _ in range(n):
+            tokens.append(int(logits.argmax()))
+            logits = self.runner.forward([self.seq], [[tokens[-1]]], self.compressor)[0]
+        return tokens, logits
+
+
+def prefilled(model, name: str, budget: Budget, n: int = PROMPT) -> Prefilled:
+    comp = Compressor(policy(name), budget)
+    runner = ModelRunner(model, make_cache(model, 1, n + 8))
+    s = runner.cache.add_sequence()
+    logits = runner.forward([s], [prompt(n)], comp, comp.window if comp.active else 0)[0]
+    return Prefilled(runner, comp, s, logits)
 
 
 @pytest.mark.parametrize("name", POLICIES)
@@ -48,11 +77,11 @@ def test_budget_and_protection(tiny_llama, name: str, allocation: str) -> None:
             Compressor(policy(name), Budget(ratio=4, allocation=allocation))
         return
     budget = Budget(ratio=4, protected_window=8, n_sinks=2, allocation=allocation)
-    gen, s, _ = prefilled(tiny_llama, name, budget)
-    before = gen.cache.view(0, [s]).scores.clone()
-    gen.compress([s])
+    gen = prefilled(tiny_llama, name, budget)
+    s = gen.seq
+    gen.compress()
     cache = gen.cache
-    kept = cache.lengths[:, s].long()  # [L, H]
+    kept = torch.from_numpy(cache.lengths[:, s])  # [L, H]
     if name == "full":
         assert (kept == PROMPT).all()
         return
@@ -72,13 +101,13 @@ def test_budget_and_protection(tiny_llama, name: str, allocation: str) -> None:
             pos = set(v.positions[0, h][v.valid[0, h]].tolist())
             assert set(range(PROMPT - 8, PROMPT)) <= pos, "protected window evicted"
             assert set(range(sinks)) <= pos, "sink evicted"
-    del before
 
 
 def test_kept_tokens_are_the_top_scored(tiny_llama) -> None:
-    gen, s, _ = prefilled(tiny_llama, "lfu", Budget(ratio=3, protected_window=4))
+    gen = prefilled(tiny_llama, "lfu", Budget(ratio=3, protected_window=4))
+    s = gen.seq
     views = [gen.cache.view(layer, [s], with_kv=False) for layer in range(gen.cache.num_layers)]
-    gen.compress([s])
+    gen.compress()
     for layer, v in enumerate(views):
         after = gen.cache.view(layer, [s], with_kv=False)
         for h in range(gen.cache.num_kv_heads):
@@ -91,9 +120,10 @@ def test_kept_tokens_are_the_top_scored(tiny_llama) -> None:
 
 
 def test_global_allocator_frees_memory_to_about_one_over_ratio(tiny_llama) -> None:
-    gen, s, _ = prefilled(tiny_llama, "lfu", Budget(ratio=4, protected_window=8, allocation="global"), n=320)
+    gen = prefilled(tiny_llama, "lfu", Budget(ratio=4, protected_window=8, allocation="global"), n=320)
+    s = gen.seq
     m0 = gen.cache.memory([s])
-    gen.compress([s])
+    gen.compress()
     m = gen.cache.memory([s])
     assert m.logical_compression >= 4.0
     assert gen.cache.num_used_blocks == m.blocks_allocated
@@ -113,9 +143,10 @@ def test_budget_errors() -> None:
 def test_lfu_metric_variants_and_continual_compression(tiny_llama) -> None:
     for metric in ["L2-sum", "L1-sum", "L2-avg", "L1-avg"]:
         comp = Compressor(policy("lfu", metric=metric), Budget(ratio=2, protected_window=8, compress_every=4))
-        out = generate(tiny_llama, [prompt(64)], comp, max_new_tokens=12)
+        engine = Engine(tiny_llama, comp, max_seqs=1, max_tokens_per_head=80)
+        out = engine.run([Request(0, prompt(64), 12)])
         assert len(out[0].tokens) == 12
-        assert comp.n_compressions == 1 + 2  # after prefill, then after decode forwards 4 and 8 (of 11)
+        assert engine.stats.compressions == 1 + 2  # after prefill, then after decode forwards 4 and 8 (of 11)
 
 
 def _masked_dense_attention(keep_by_layer, prompt_len):
@@ -141,8 +172,9 @@ def _masked_dense_attention(keep_by_layer, prompt_len):
 
 @pytest.mark.parametrize("name,allocation", [("lfu", "global"), ("snapkv", "adakv"), ("streaming", "uniform")])
 def test_generation_after_eviction_equals_masked_dense(tiny_llama, name, allocation) -> None:
-    gen, s, logits = prefilled(tiny_llama, name, Budget(ratio=3, protected_window=8, allocation=allocation))
-    gen.compress([s])
+    gen = prefilled(tiny_llama, name, Budget(ratio=3, protected_window=8, allocation=allocation))
+    s = gen.seq
+    gen.compress()
     keep = []
     for layer in range(gen.cache.num_layers):
         v = gen.cache.view(layer, [s], with_kv=False)
@@ -150,8 +182,8 @@ def test_generation_after_eviction_equals_masked_dense(tiny_llama, name, allocat
         for h in range(gen.cache.num_kv_heads):
             mask[h, v.positions[0, h][v.valid[0, h]]] = True
         keep.append(mask)
-    tokens, _ = gen.decode([s], logits[None], max_new_tokens=4)
-    paged_last = gen.forward([s], [[tokens[0][-1]]])[0]
+    generated, paged_last = gen.decode(4)
+    tokens = [generated]
     AttentionInterface.register("test_masked_dense", _masked_dense_attention(keep, PROMPT))
     tiny_llama.set_attn_implementation("test_masked_dense")
     try:
