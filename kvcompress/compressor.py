@@ -114,6 +114,7 @@ class Compressor:
         target = torch.tensor(
             [budget.per_head_target(s) * per_seq for s in seen_h.tolist()], dtype=torch.float64, device=cache.device
         )
-        allocator = self.allocator if budget.allocation == self.budget.allocation else build_allocator(budget.allocation)
+        same = budget.allocation == self.budget.allocation
+        allocator = self.allocator if same else build_allocator(budget.allocation)
         counts = allocator.allocate(ranks_t, lengths, floor, target, cache.block_size)
         return cache.evict(seq_ids, keep_top(ranks_t, counts))

@@ -83,7 +83,8 @@ class Engine:
     ``num_blocks`` fixes the pool (default: room for ``max_seqs`` uncompressed sequences of
     ``max_tokens_per_head``, itself defaulting to the model's context). ``watermark_blocks`` is the headroom
     admission leaves for running sequences to grow (default: one block per (layer, kv head)). ``keep_logits``
-    keeps each request's last logits in its output.
+    keeps each request's last logits in its output. ``observe_decode=False`` keeps decode steps from feeding the
+    policy (the bookkeeping-free baseline of the overhead benchmark).
     """
 
     model: PreTrainedModel
@@ -96,6 +97,7 @@ class Engine:
     max_prefill_tokens: int = 4096
     watermark_blocks: int | None = None
     keep_logits: bool = False
+    observe_decode: bool = True
     stats: EngineStats = field(init=False, default_factory=EngineStats)
 
     def __post_init__(self) -> None:
@@ -411,7 +413,8 @@ class Engine:
             if not batch:
                 return
         self.stats.peak_decode_batch = max(self.stats.peak_decode_batch, len(batch))
-        observer = self.compressor if any(self._compresses(s.budget) for s in batch) else None
+        observes = self.observe_decode and any(self._compresses(s.budget) for s in batch)
+        observer = self.compressor if observes else None
         logits = self.runner.forward([s.seq_id for s in batch], [[s.generated[-1]] for s in batch], observer)
         sampled = ModelRunner.sample(logits)
         dt = time.perf_counter() - t0

@@ -1,6 +1,6 @@
 """``generate()``: greedy generation of a batch of prompts through the :class:`~kvcompress.engine.Engine`.
 
-Two evaluation modes (docs/DESIGN.md, "Evaluation modes"):
+Two evaluation modes (docs/EXPERIMENTS.md, "Prompts and modes"):
 
 * ``query_aware``: the whole prompt (context + question) is prefilled, then compressed, then decoded.
 * ``query_agnostic``: the context is prefilled and compressed before the question is seen; the question is

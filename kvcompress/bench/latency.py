@@ -4,7 +4,8 @@ One decode step (one new token for each of ``batch`` sequences) is timed at each
 side by side in one process:
 
 * ``hf_dense``: the model with sdpa attention and a transformers ``DynamicCache`` holding ``context`` tokens;
-* ``paged``: :class:`~kvcompress.generate.PagedGenerator` with no compressor, ``context`` tokens per head;
+* ``paged``: the engine's :class:`~kvcompress.model_runner.ModelRunner` decode forward (no compressor), ``context``
+  tokens per head;
 * ``paged_x{ratio}``: the paged cache holding ``context // ratio`` tokens per head, i.e. what a cache compressed
   ``ratio``-fold holds, while its ``seen`` count still says ``context`` tokens were seen, so new tokens get their
   real RoPE positions. The kept positions are an evenly spaced subset of ``range(context)`` (see
@@ -31,7 +32,7 @@ from typing import Protocol
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from kvcompress.generate import PagedGenerator, model_kv_geometry
+from kvcompress.model_runner import ModelRunner, make_cache, model_kv_geometry
 
 LayerKV = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each [batch, num_kv_heads, tokens, head_dim]
 
@@ -128,10 +129,11 @@ class HFDecoder:
 
 @dataclass
 class PagedDecoder:
-    """:class:`PagedGenerator` (no compressor) over sequences ``seq_ids`` filled directly with K/V."""
+    """The engine's model runner (no compressor) over sequences ``seq_ids`` filled directly with K/V: a decode step
+    is exactly the forward an :class:`~kvcompress.engine.Engine` decode step runs, without the prefill."""
 
     name: str
-    gen: PagedGenerator
+    runner: ModelRunner
     seq_ids: list[int]
     tokens: list[int]  # next input id per sequence
     kept: int
@@ -155,24 +157,20 @@ class PagedDecoder:
         ``n + extra_tokens`` tokens per head (block-rounded) for every sequence.
         """
         batch, heads, kept, head_dim = kv[0][0].shape
-        gen = PagedGenerator(
-            model, None, block_size=block_size, max_seqs=batch, max_tokens_per_head=kept + extra_tokens
-        )
-        cache = gen.cache
+        cache = make_cache(model, batch, kept + extra_tokens, block_size=block_size)
         seq_ids = [cache.add_sequence() for _ in range(batch)]
-        cache.reserve(seq_ids, [kept] * batch)
-        cu = torch.arange(batch + 1, device=cache.device) * kept
-        packed_pos = positions.to(cache.device).repeat(batch)  # [batch * kept]
+        plan = cache.plan_step(seq_ids, [kept] * batch)
+        plan.positions = positions.to(cache.device).repeat(batch)  # [batch * kept]: the kept subset, not 0..n-1
         pack = lambda t: t.transpose(1, 2).reshape(batch * kept, heads, head_dim)  # [B, H, n, D] -> [B*n, H, D]
         for layer, (k, v) in enumerate(kv):
-            cache.append(layer, seq_ids, cu, pack(k), pack(v), packed_pos)
-        cache.advance(seq_ids, [seen] * batch)
+            cache.write(layer, plan, pack(k), pack(v))
+        cache.seen[seq_ids] = seen
         kv_bytes = cache.memory(seq_ids).allocated_bytes
-        return cls(name, gen, seq_ids, [token] * batch, kept, kv_bytes)
+        return cls(name, ModelRunner(model, cache), seq_ids, [token] * batch, kept, kv_bytes)
 
     def step(self) -> torch.Tensor:
-        logits = self.gen.forward(self.seq_ids, [[t] for t in self.tokens])
-        self.tokens = logits.argmax(-1).tolist()
+        logits = self.runner.forward(self.seq_ids, [[t] for t in self.tokens])
+        self.tokens = ModelRunner.sample(logits)
         return logits
 
 

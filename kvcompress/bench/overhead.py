@@ -1,31 +1,31 @@
 """What a policy's bookkeeping and continual compression cost, as a share of decode time.
 
-For each policy a real prompt is prefilled into a :class:`~kvcompress.generate.PagedGenerator` whose compressor is
-``Compressor(policy, Budget(ratio, allocation="uniform", compress_every))`` and compressed once. The compressed
-sequence is then forked, and each fork decodes exactly ``steps`` tokens through :meth:`PagedGenerator.decode`:
+For each policy, ``batch`` requests on one real prompt run through a fresh :class:`~kvcompress.engine.Engine`
+whose compressor is ``Compressor(policy, Budget(ratio, allocation="uniform", compress_every))``. The prompt is
+prefilled once, compressed once, and each request decodes exactly ``steps`` tokens:
 
-* **policy**: with the policy's compressor (decode-time score accumulation or probability hooks, plus a
-  compression every ``compress_every`` steps);
-* **baseline**: with ``gen.compressor = None`` (no statistics asked of the attention, no compression).
+* **policy**: decode steps feed the policy (score accumulation fused into the attention, or probability hooks),
+  plus a compression every ``compress_every`` steps;
+* **baseline**: ``observe_decode=False`` and no continual compression.
 
-Both start from the same compressed cache; baseline and policy runs alternate within each repeat.
+Both decode over the same compressed cache; baseline and policy runs alternate within each repeat.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
-import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kvcompress.bench.latency import summarize
 from kvcompress.budget import Budget
-from kvcompress.cache.paged import PagedKVCache
 from kvcompress.compressor import Compressor
+from kvcompress.engine import Engine
 from kvcompress.experiment.prompts import build_prompt
-from kvcompress.generate import PagedGenerator, model_kv_geometry
 from kvcompress.policies.base import Policy
+from kvcompress.sequence import Request
 from kvcompress.tasks.registry import build_task
 
 
@@ -46,61 +46,46 @@ def spread(name: str, values: list[float]) -> dict[str, float]:
 
 @dataclass
 class DecodeRun:
-    """One timed decode of ``steps`` tokens from forks of the compressed sequence."""
+    """One engine run over ``batch`` requests sharing one compressed prompt, timed over its decode-only steps."""
 
     ms_per_step: float
     compress_ms: float
     n_compressions: int
+    kept_tokens_per_head: float
 
 
-@dataclass
-class OverheadBench:
-    """A generator holding one prefilled, compressed sequence (``base``) and its first decode logits ``[vocab]``."""
+def run_engine(
+    model: PreTrainedModel, ids: list[int], compressor: Compressor, steps: int, batch: int, with_policy: bool
+) -> DecodeRun:
+    """Decode exactly ``steps`` tokens (no EOS) for ``batch`` requests on ``ids`` through a fresh engine.
 
-    gen: PagedGenerator
-    compressor: Compressor
-    base: int
-    first_logits: torch.Tensor
-    prompt_tokens: int
-
-    @classmethod
-    def prepare(
-        cls, model: PreTrainedModel, ids: list[int], compressor: Compressor, steps: int, batch: int
-    ) -> OverheadBench:
-        """Prefill ``ids`` and compress; the pool fits the uncompressed prompt plus ``batch`` growing forks."""
-        layers, heads, _ = model_kv_geometry(model)
-        longest = len(ids) + steps + 1
-        gen = PagedGenerator(
-            model,
-            compressor,
-            max_seqs=1 + batch,
-            max_tokens_per_head=longest,
-            num_blocks=PagedKVCache.blocks_for(layers, heads, longest, 1 + batch),
-        )
-        base = gen.cache.add_sequence()
-        first = gen.prefill(base, ids)
-        gen.compress([base])
-        return cls(gen, compressor, base, first, len(ids))
-
-    @property
-    def kept_tokens_per_head(self) -> float:
-        """Mean tokens per (layer, kv head) of the compressed base sequence."""
-        return float(self.gen.cache.memory([self.base]).kept_per_head.float().mean())
-
-    def run(self, steps: int, batch: int, with_policy: bool) -> DecodeRun:
-        """Fork ``batch`` copies of the base, decode exactly ``steps`` tokens (no EOS), release the copies."""
-        comp = self.compressor
-        forks = [self.gen.fork(self.base) for _ in range(batch)]
-        self.gen.compressor = comp if with_policy else None
-        s0, n0 = comp.compress_s, comp.n_compressions
-        t0 = time.perf_counter()
-        # decode() takes its first token from first_logits, so steps + 1 new tokens cost exactly `steps` forwards
-        self.gen.decode(forks, self.first_logits.expand(batch, -1), steps + 1, eos_token_ids=())
-        elapsed = time.perf_counter() - t0
-        self.gen.compressor = comp
-        for s in forks:
-            self.gen.cache.release(s)
-        return DecodeRun(elapsed * 1e3 / steps, (comp.compress_s - s0) * 1e3, comp.n_compressions - n0)
+    Both runs compress the prompt once after prefill, so they decode over the same cache. The policy run then lets
+    decode steps feed the policy and re-compresses every ``compress_every`` steps; the baseline does neither. The
+    figure is the mean wall time of the engine steps that ran no prefill (every step after the first).
+    """
+    budget = compressor.budget if with_policy else dataclasses.replace(compressor.budget, compress_every=0)
+    engine = Engine(
+        model,
+        Compressor(compressor.policy, budget),
+        max_seqs=batch + 1,  # + the parent holding the shared prompt
+        max_tokens_per_head=len(ids) + steps + 1,
+        observe_decode=with_policy,
+    )
+    # the prefill yields the first token, so steps + 1 new tokens cost exactly `steps` decode forwards
+    for i in range(batch):
+        engine.add_request(Request(i, ids, steps + 1, share_prefix="prompt" if batch > 1 else None))
+    first = engine.step()  # prefill, compression, first decode forward
+    assert not first, "a request finished in its first step"
+    s0, n0 = engine.stats.compress_s, engine.stats.compressions
+    t0, n_steps = time.perf_counter(), 0
+    outputs = []
+    while engine.has_unfinished:
+        outputs += engine.step()
+        n_steps += 1
+    elapsed = time.perf_counter() - t0
+    kept = float(outputs[0].memory.kept_per_head.float().mean())
+    compress_ms = (engine.stats.compress_s - s0) * 1e3
+    return DecodeRun(elapsed * 1e3 / max(n_steps - 1, 1), compress_ms, engine.stats.compressions - n0, kept)
 
 
 def compression_overhead(
@@ -117,28 +102,28 @@ def compression_overhead(
     """Per policy: decode ms/step with the policy vs without, and the overhead in % (median/min/max over repeats).
 
     Each repeat decodes ``steps`` tokens for ``batch`` forks twice (baseline and policy, alternating which goes
-    first). ``compress_ms_total`` and ``n_compressions`` are the compressions during one policy run (from
-    :attr:`Compressor.compress_s` / :attr:`Compressor.n_compressions`), ``overhead_pct`` is
+    first). ``compress_ms_total`` and ``n_compressions`` are the decode-time compressions of one policy run (from
+    the engine's stats), ``overhead_pct`` is
     ``100 * (t_policy - t_base) / t_base`` of the paired runs. Set ``torch.set_num_threads`` before calling.
     """
     ids = benchmark_prompt(tokenizer, context, model.config.vocab_size)
     rows = []
     for label, policy in policies.items():
         compressor = Compressor(policy, Budget(ratio=ratio, allocation="uniform", compress_every=compress_every))
-        bench = OverheadBench.prepare(model, ids, compressor, steps, batch)
         policy_runs, base_runs = [], []
         for r in range(repeats):
             for with_policy in (r % 2 == 0, r % 2 == 1):
-                (policy_runs if with_policy else base_runs).append(bench.run(steps, batch, with_policy))
+                run = run_engine(model, ids, compressor, steps, batch, with_policy)
+                (policy_runs if with_policy else base_runs).append(run)
         t_pol = [run.ms_per_step for run in policy_runs]
         t_base = [run.ms_per_step for run in base_runs]
         overhead = [100 * (p - b) / b for p, b in zip(t_pol, t_base, strict=True)]
         rows.append(
             {
                 "policy": label,
-                "prompt_tokens": bench.prompt_tokens,
+                "prompt_tokens": len(ids),
                 "ratio": ratio,
-                "kept_tokens_per_head": bench.kept_tokens_per_head,
+                "kept_tokens_per_head": policy_runs[0].kept_tokens_per_head,
                 "steps": steps,
                 "compress_every": compress_every,
                 "batch": batch,

@@ -20,7 +20,7 @@ from kvcompress.cache.paged import PagedKVCache
 from kvcompress.compressor import Compressor
 from kvcompress.engine import Engine, Request
 from kvcompress.experiment.prompts import build_prompt
-from kvcompress.generate import model_kv_geometry
+from kvcompress.model_runner import model_kv_geometry
 from kvcompress.tasks.registry import build_task
 
 

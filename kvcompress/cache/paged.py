@@ -57,7 +57,7 @@ class PoolExhaustedError(RuntimeError):
 
 @dataclass
 class MemoryStats:
-    """Memory accounting of the sequences in a cache (docs/DESIGN.md, "Memory accounting").
+    """Memory accounting of the sequences in a cache (docs/DESIGN.md, "The cache").
 
     ``logical_compression`` is tokens seen / tokens kept summed over every (layer, head) of the sequences;
     ``physical_compression`` is the bytes a dense cache of the same sequences would hold / the bytes of the

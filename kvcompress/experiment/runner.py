@@ -1,11 +1,12 @@
-"""One experiment run: model x policy x budget x task x seed, evaluated sample by sample into a run directory.
+"""One experiment run: model x policy x budget x task x seed, evaluated into a run directory.
 
 :func:`run_experiment` is what ``experiments/run.py`` calls with the composed Hydra config. It builds the task's
 samples and their prompts, checks every prompt against the model context and the budget before generating
 anything, then evaluates the samples not yet in ``predictions.jsonl`` (see :mod:`kvcompress.experiment.records`)
-and finally writes ``summary.json``.
+together through one :class:`~kvcompress.engine.Engine` (``engine.max_seqs`` at a time), writing each sample's
+record as it finishes, and finally writes ``summary.json``.
 
-Modes (design.md section 4): ``query_aware`` prefills context + question, compresses, decodes.
+Modes (docs/EXPERIMENTS.md, "Prompts and modes"): ``query_aware`` prefills context + question, compresses, decodes.
 ``query_agnostic`` prefills and compresses each distinct context once (samples sharing a ``context_id``),
 forks the compressed context per question, prefills the question without letting the policy observe it, decodes
 and releases the fork.
@@ -33,11 +34,13 @@ from tqdm import tqdm
 from kvcompress.budget import Budget
 from kvcompress.cache.paged import MemoryStats
 from kvcompress.compressor import Compressor
+from kvcompress.engine import Engine
 from kvcompress.experiment.prompts import ExperimentError, Prompt, build_prompt, check_fits
 from kvcompress.experiment.records import SUMMARY, BaselineStore, PredictionsLog, write_json_atomic
-from kvcompress.generate import MODES, PagedGenerator
+from kvcompress.generate import MODES, as_request
 from kvcompress.model import LoadedModel, load_model
 from kvcompress.policies.base import Policy
+from kvcompress.sequence import RequestOutput
 from kvcompress.tasks.base import Sample
 from kvcompress.tasks.metrics import score
 from kvcompress.tasks.registry import TASKS, build_task
@@ -75,7 +78,7 @@ def fingerprint(cfg: DictConfig) -> str:
     """Hash of everything that changes a run's predictions (the logger and bookkeeping paths do not)."""
     data = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(data, dict)
-    for key in ("logger", "baselines_dir", "progress", "threads"):
+    for key in ("logger", "baselines_dir", "progress", "threads", "engine"):
         data.pop(key, None)
     return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -166,7 +169,7 @@ def eos_ids(loaded: LoadedModel) -> list[int]:
 
 
 def memory_fields(before: MemoryStats, after: MemoryStats) -> dict[str, Any]:
-    """Per-sample cache accounting: after the prompt (compressed) and at the end of decoding."""
+    """Per-sample cache accounting: when decoding began (prompt compressed) and at the end of decoding."""
     return {
         "tokens_seen": before.tokens_seen,
         "tokens_kept": before.tokens_kept,
@@ -178,92 +181,60 @@ def memory_fields(before: MemoryStats, after: MemoryStats) -> dict[str, Any]:
     }
 
 
-class Evaluator:
-    """Runs prompts through one :class:`PagedGenerator` and turns outputs into prediction records."""
+def evaluate(
+    loaded: LoadedModel, comp: Compressor, items: list[Item], mode: str, engine_cfg: dict[str, Any]
+) -> Iterator[dict[str, Any]]:
+    """Evaluate ``items`` together through one :class:`Engine` (batched up to ``engine_cfg["max_seqs"]``);
+    yields one record per sample as soon as it finishes, in finishing order.
 
-    def __init__(self, loaded: LoadedModel, comp: Compressor, items: list[Item], mode: str) -> None:
-        self.loaded, self.mode = loaded, mode
-        longest = max(len(it.prompt) + it.max_new_tokens for it in items)
-        seqs = 2 if mode == "query_agnostic" else 1  # the compressed context and one fork of it
-        self.gen = PagedGenerator(loaded.model, comp, max_seqs=seqs, max_tokens_per_head=longest)
-        self.eos = eos_ids(loaded)
+    Query-agnostic samples that share a context share one prefill of it (``share_prefix`` = the context id), and
+    the compressed context is forked per question.
+    """
+    eos = eos_ids(loaded)
+    requests = [
+        as_request(
+            it.sample.sample_id,
+            it.prompt.context_ids,
+            it.prompt.question_ids,
+            mode,
+            it.max_new_tokens,
+            eos,
+            share_prefix=it.sample.context_id if mode == "query_agnostic" else None,
+        )
+        for it in items
+    ]
+    longest = max(len(it.prompt) + it.max_new_tokens for it in items)
+    engine = Engine(loaded.model, comp if comp.active else None, max_tokens_per_head=longest, **engine_cfg)
+    for request in requests:
+        engine.add_request(request)
+    by_id = {it.sample.sample_id: it for it in items}
+    while engine.has_unfinished:
+        for out in engine.step():
+            yield record(loaded, by_id[out.request_id], out)
 
-    def groups(self, items: list[Item]) -> Iterator[list[Item]]:
-        """Samples evaluated together: one per group (query-aware) or all sharing a context (query-agnostic)."""
-        if self.mode == "query_aware":
-            yield from ([it] for it in items)
-            return
-        by_context: dict[str, list[Item]] = {}
-        for it in items:
-            by_context.setdefault(it.sample.context_id, []).append(it)
-        yield from by_context.values()
 
-    def run_group(self, group: list[Item]) -> Iterator[dict[str, Any]]:
-        """Evaluate a group; yields one record per sample as soon as it is done."""
-        gen, timings = self.gen, self.gen.timings
-        t0, p0 = time.perf_counter(), timings["prefill_s"]
-        parent = None
-        if self.mode == "query_agnostic":
-            parent = gen.cache.add_sequence()
-            gen.prefill(parent, group[0].prompt.context_ids)
-            gen.compress([parent])
-        try:
-            for it in group:
-                seq = gen.cache.add_sequence() if parent is None else gen.fork(parent)
-                try:
-                    if parent is None:
-                        logits = gen.prefill(seq, it.prompt.ids)
-                        gen.compress([seq])
-                    else:
-                        logits = gen.prefill(seq, it.prompt.question_ids, observe=False)
-                    before = gen.cache.memory([seq])
-                    d0 = timings["decode_s"]
-                    tokens, _ = gen.decode([seq], logits[None], it.max_new_tokens, self.eos)
-                    after = gen.cache.memory([seq])
-                finally:
-                    gen.cache.release(seq)
-                yield self.record(
-                    it,
-                    tokens[0],
-                    before,
-                    after,
-                    timings["prefill_s"] - p0,
-                    timings["decode_s"] - d0,
-                    time.perf_counter() - t0,
-                )
-                t0, p0 = time.perf_counter(), timings["prefill_s"]
-        finally:
-            if parent is not None:
-                gen.cache.release(parent)
-
-    def record(
-        self,
-        it: Item,
-        tokens: list[int],
-        before: MemoryStats,
-        after: MemoryStats,
-        prefill_s: float,
-        decode_s: float,
-        time_s: float,
-    ) -> dict[str, Any]:
-        prediction = self.loaded.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-        s = it.sample
-        return {
-            "sample_id": s.sample_id,
-            "task": s.task,
-            "context_id": s.context_id,
-            "prediction": prediction,
-            "answers": s.answers,
-            "metric": s.metric,
-            "score": score(s.metric, prediction, s.answers, s),
-            "prompt_tokens": len(it.prompt),
-            "context_tokens": len(it.prompt.context_ids),
-            "new_tokens": len(tokens),
-            **memory_fields(before, after),
-            "prefill_s": prefill_s,
-            "decode_s": decode_s,
-            "time_s": time_s,
-        }
+def record(loaded: LoadedModel, it: Item, out: RequestOutput) -> dict[str, Any]:
+    """The ``predictions.jsonl`` line of one finished sample."""
+    prediction = loaded.tokenizer.decode(out.tokens, skip_special_tokens=True).strip()
+    s = it.sample
+    assert out.memory is not None and out.memory_end is not None
+    return {
+        "sample_id": s.sample_id,
+        "task": s.task,
+        "context_id": s.context_id,
+        "prediction": prediction,
+        "answers": s.answers,
+        "metric": s.metric,
+        "score": score(s.metric, prediction, s.answers, s),
+        "prompt_tokens": len(it.prompt),
+        "context_tokens": len(it.prompt.context_ids),
+        "new_tokens": len(out.tokens),
+        **memory_fields(out.memory, out.memory_end),
+        "prefill_s": out.prefill_s,
+        "decode_s": out.decode_s,
+        "compress_s": out.compress_s,
+        "time_s": out.prefill_s + out.decode_s + out.compress_s,
+    }
 
 
 def _kill_hook() -> Callable[[int], None]:
@@ -284,7 +255,7 @@ def summarize(
     wall_s: float,
     compressed: bool,
 ) -> dict[str, Any]:
-    """The ``summary.json`` content (design.md section 6 keys first) from every sample's record.
+    """The ``summary.json`` content (the keys docs/EXPERIMENTS.md "Outputs" promises first) from the records.
 
     ``compression_ratio`` is the nominal ratio the cache was held to: ``budget.ratio``, or 1 when nothing was
     compressed (``policy=full``); ``budget_ratio`` always holds the configured value.
@@ -369,17 +340,14 @@ def run_experiment(cfg: DictConfig, ctx: RunContext, policy: Policy) -> tuple[di
     if len(pending) < len(items):
         log.info("resuming: %d of %d samples already in %s", len(items) - len(pending), len(items), preds.path)
     if pending:
-        evaluator = Evaluator(loaded, comp, pending, str(cfg.task.mode))
         kill_check = _kill_hook()
         bar = tqdm(total=len(pending), desc=f"{ctx.policy_name} x{cfg.budget.ratio:g}", disable=not ctx.progress)
-        written = 0
-        for group in evaluator.groups(pending):
-            for record in evaluator.run_group(group):
-                preds.append(record)
-                written += 1
-                bar.update(1)
-                bar.set_postfix(score=f"{record['score']:.0f}", cr=f"{record['logical_compression']:.1f}")
-                kill_check(written)
+        engine_cfg = OmegaConf.to_container(cfg.engine, resolve=True) if "engine" in cfg else {}
+        for written, rec in enumerate(evaluate(loaded, comp, pending, str(cfg.task.mode), engine_cfg), 1):
+            preds.append(rec)
+            bar.update(1)
+            bar.set_postfix(score=f"{rec['score']:.0f}", cr=f"{rec['logical_compression']:.1f}")
+            kill_check(written)
         bar.close()
 
     records = preds.ordered(ids)

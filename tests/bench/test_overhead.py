@@ -5,7 +5,7 @@ import zlib
 import pytest
 
 from kvcompress.bench.overhead import compression_overhead
-from kvcompress.generate import PagedGenerator
+from kvcompress.model_runner import ModelRunner
 from kvcompress.policies.lfu import LFUPolicy
 from kvcompress.policies.streaming import StreamingPolicy
 
@@ -35,15 +35,15 @@ class WordTokenizer:
 
 @pytest.fixture
 def forward_calls(monkeypatch) -> list[int]:
-    """Counts every PagedGenerator.forward call (prefill chunks and decode steps)."""
+    """Counts every ModelRunner.forward call (prefill chunks and decode steps)."""
     calls: list[int] = []
-    forward = PagedGenerator.forward
+    forward = ModelRunner.forward
 
-    def counting(self, seq_ids, tokens, observe_window=0):
+    def counting(self, seq_ids, tokens, *args, **kwargs):
         calls.append(len(seq_ids))
-        return forward(self, seq_ids, tokens, observe_window)
+        return forward(self, seq_ids, tokens, *args, **kwargs)
 
-    monkeypatch.setattr(PagedGenerator, "forward", counting)
+    monkeypatch.setattr(ModelRunner, "forward", counting)
     return calls
 
 
@@ -61,8 +61,8 @@ def test_rows_and_exact_step_count(tiny_llama, forward_calls) -> None:
         assert r["compress_ms_total"] > 0
         assert r["decode_ms_per_step"] > 0 and r["baseline_ms_per_step"] > 0
         assert r["overhead_pct_min"] <= r["overhead_pct"] <= r["overhead_pct_max"]
-    # per policy: one prefill forward, then repeats x (policy + baseline) x exactly `steps` decode forwards
-    assert len(forward_calls) == 2 * (1 + 2 * 2 * 4)
+    # per policy: repeats x (policy + baseline) engine runs of one prefill forward and exactly `steps` decode forwards
+    assert len(forward_calls) == 2 * 2 * 2 * (1 + 4)
 
 
 def test_no_continual_compression_and_batch(tiny_llama) -> None:
