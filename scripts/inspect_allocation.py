@@ -16,8 +16,9 @@ from kvcompress.budget import Budget
 from kvcompress.compressor import Compressor
 from kvcompress.experiment.policy_config import load_policy
 from kvcompress.experiment.prompts import build_prompt
-from kvcompress.generate import PagedGenerator
+from kvcompress.generate import generate
 from kvcompress.model import load_model
+from kvcompress.model_runner import ModelRunner, make_cache
 from kvcompress.tasks.registry import build_task
 
 
@@ -51,22 +52,22 @@ def main() -> None:
         name, allocation = setup.split(":")
         policy = load_policy(name)
         budget = Budget(ratio=args.ratio, protected_window=args.protected, allocation=allocation)
-        gen = PagedGenerator(lm.model, Compressor(policy, budget), max_tokens_per_head=len(ids) + sample.max_new_tokens)
-        seq = gen.cache.add_sequence()
-        logits = gen.prefill(seq, ids)
-        gen.compress([seq])
+        comp = Compressor(policy, budget)
+        runner = ModelRunner(lm.model, make_cache(lm.model, 1, len(ids)))
+        seq = runner.cache.add_sequence()
+        runner.forward([seq], [ids], comp, comp.window)  # the prompt in one forward, the policy observing
+        comp.compress(runner.cache, [seq])
         print(f"\n{name} + {allocation} at {args.ratio:g}x")
         print("layer | kept per head (min-max) | needle tokens kept")
-        for layer in range(gen.cache.num_layers):
-            view = gen.cache.view(layer, [seq], with_kv=False)
+        for layer in range(runner.cache.num_layers):
+            view = runner.cache.view(layer, [seq], with_kv=False)
             kept = view.lengths[0]
             have = torch.stack(
                 [torch.isin(torch.tensor(needle), view.positions[0, h][view.valid[0, h]]) for h in range(len(kept))]
             )
             print(f"{layer:5d} | {int(kept.min()):4d}-{int(kept.max()):4d} | {float(have.float().mean()):.2f}")
-        tokens, _ = gen.decode([seq], logits[None], sample.max_new_tokens, [tok.eos_token_id])
-        print("answer:", repr(tok.decode(tokens[0], skip_special_tokens=True)))
-
+        out = generate(lm.model, [ids], comp, sample.max_new_tokens, [tok.eos_token_id])[0]
+        print("answer:", repr(tok.decode(out.tokens, skip_special_tokens=True)))
 
 if __name__ == "__main__":
     main()

@@ -1,9 +1,9 @@
 """Quality of every policy at several compression ratios, in both evaluation modes, on the embedded model.
 
-For each sample and policy the prompt (query-aware) or context (query-agnostic) is prefilled once; the cache is
-then forked once per ratio, each fork is compressed to its own budget, and all forks decode together in one
-batch. Results append to ``<out>/rows.jsonl`` as they complete (re-running resumes); the Markdown table goes to
-``<out>/table.md``.
+For each policy, every sample goes through one engine: its prompt (query-aware) or context (query-agnostic) is
+prefilled once, forked once per ratio, each fork compressed to its own budget, and the forks of several samples
+decode together. Results append to ``<out>/rows.jsonl`` as they complete (re-running resumes); the Markdown table
+goes to ``<out>/table.md``.
 
     python scripts/quality_table.py --out results/quality --samples 3 --tokens 1000
 """
@@ -15,16 +15,19 @@ import json
 import os
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from kvcompress.budget import Budget
 from kvcompress.compressor import Compressor
+from kvcompress.engine import Engine
 from kvcompress.experiment.policy_config import load_policy
 from kvcompress.experiment.prompts import build_prompt
-from kvcompress.generate import PagedGenerator
+from kvcompress.generate import as_request
 from kvcompress.model import load_model
+from kvcompress.sequence import RequestOutput
 from kvcompress.tasks.metrics import score
 from kvcompress.tasks.registry import build_task
 
@@ -51,32 +54,42 @@ VARIANTS = {
 }
 
 
-def run_setup(model, tok, sample, policy_name, allocation, ratios, protected, mode, overrides=None) -> list[dict]:
-    prompt = build_prompt(tok, sample)
-    ctx, q = prompt.context_ids, prompt.question_ids
+def run_setup(model, tok, samples, policy_name, allocation, ratios, protected, mode, overrides=None,
+              max_seqs: int = 8) -> Iterator[tuple[str, list[dict]]]:
+    """Every sample under every ratio through one engine; yields ``(sample_id, rows)`` as each sample completes.
+
+    The requests of one sample share its prompt (query-aware) or context (query-agnostic): the engine prefills it
+    once, forks it per ratio and compresses each fork to its own budget."""
     policy = load_policy(policy_name, **(overrides or {}))
-    n = len(ratios)
-    gen = PagedGenerator(model, Compressor(policy, Budget(ratio=2, protected_window=protected, allocation=allocation)),
-                         max_seqs=n + 1, max_tokens_per_head=len(ctx) + len(q) + sample.max_new_tokens + 8)
-    base = gen.cache.add_sequence()
-    logits = gen.prefill(base, ctx + q if mode == "query_aware" else ctx)
-    seqs, firsts, mems = [], [], []
-    for r in ratios:
-        s = gen.fork(base)
-        Compressor(policy, Budget(ratio=r, protected_window=protected, allocation=allocation)).compress(gen.cache, [s])
-        first = logits if mode == "query_aware" else gen.prefill(s, q, observe=False)
-        seqs.append(s)
-        firsts.append(first)
-        mems.append(gen.cache.memory([s]))
-    gen.cache.release(base)
-    tokens, _ = gen.decode(seqs, torch.stack(firsts), sample.max_new_tokens, [tok.eos_token_id])
-    rows = []
-    for r, t, m in zip(ratios, tokens, mems, strict=True):
-        pred = tok.decode(t, skip_special_tokens=True)
-        rows.append({"ratio": r, "prediction": pred, "score": score(sample.metric, pred, sample.answers, sample),
-                     "logical": m.logical_compression, "physical": m.physical_compression,
-                     "prompt_tokens": len(ctx) + len(q)})
-    return rows
+    prompts = {s.sample_id: build_prompt(tok, s) for s in samples}
+    longest = max(len(p) + s.max_new_tokens for s, p in zip(samples, prompts.values(), strict=True))
+    engine = Engine(model, Compressor(policy, Budget(protected_window=protected, allocation=allocation)),
+                    max_seqs=max_seqs, max_tokens_per_head=longest)
+    for sample in samples:
+        prompt = prompts[sample.sample_id]
+        for r in ratios:
+            budget = Budget(ratio=r, protected_window=protected, allocation=allocation)
+            engine.add_request(as_request((sample.sample_id, r), prompt.context_ids, prompt.question_ids, mode,
+                                          sample.max_new_tokens, [tok.eos_token_id], budget=budget,
+                                          share_prefix=sample.sample_id))
+    by_id = {s.sample_id: s for s in samples}
+    outputs: dict[str, dict[float, RequestOutput]] = defaultdict(dict)
+    while engine.has_unfinished:
+        for out in engine.step():
+            sample_id, r = out.request_id
+            outputs[sample_id][r] = out
+            if len(outputs[sample_id]) < len(ratios):
+                continue
+            sample, finished = by_id[sample_id], outputs.pop(sample_id)
+            rows = []
+            for ratio in ratios:
+                o = finished[ratio]
+                pred = tok.decode(o.tokens, skip_special_tokens=True)
+                rows.append({"ratio": ratio, "prediction": pred,
+                             "score": score(sample.metric, pred, sample.answers, sample),
+                             "logical": o.memory.logical_compression, "physical": o.memory.physical_compression,
+                             "prompt_tokens": o.prompt_tokens})
+            yield sample_id, rows
 
 
 def main() -> None:
@@ -90,7 +103,10 @@ def main() -> None:
     ap.add_argument("--protected", type=int, default=16)
     ap.add_argument("--modes", default="query_aware,query_agnostic")
     ap.add_argument("--setups", default=",".join(s[0] for s in SETUPS))
+    ap.add_argument("--max-seqs", type=int, default=8, help="sequences the engine runs at once (forks included)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for the 135M model)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows_path = out / "rows.jsonl"
@@ -110,17 +126,18 @@ def main() -> None:
     t0 = time.perf_counter()
     with rows_path.open("a") as f:
         for mode in args.modes.split(","):
-            for sample in samples:
-                for label, pol, alloc, overrides in wanted:
-                    if (label, mode, sample.sample_id) in done:
-                        continue
-                    rs = [1.0] if label == "full" else ratios
-                    rows = run_setup(lm.model, lm.tokenizer, sample, pol, alloc, rs, args.protected, mode, overrides)
+            for label, pol, alloc, overrides in wanted:
+                pending = [s for s in samples if (label, mode, s.sample_id) not in done]
+                if not pending:
+                    continue
+                rs = [1.0] if label == "full" else ratios
+                for sample_id, rows in run_setup(lm.model, lm.tokenizer, pending, pol, alloc, rs, args.protected,
+                                                 mode, overrides, args.max_seqs):
                     for row in rows:
-                        f.write(json.dumps({"setup": label, "mode": mode, "sample_id": sample.sample_id, **row}) + "\n")
+                        f.write(json.dumps({"setup": label, "mode": mode, "sample_id": sample_id, **row}) + "\n")
                     f.flush()
                     os.fsync(f.fileno())
-                    print(f"{mode} {sample.sample_id} {label} done at {time.perf_counter() - t0:.0f}s", flush=True)
+                    print(f"{mode} {sample_id} {label} done at {time.perf_counter() - t0:.0f}s", flush=True)
     write_table(rows_path, out / "table.md", ratios)
 
 
