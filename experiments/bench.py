@@ -14,6 +14,8 @@ Sections (each figure repeated ``repeats`` times, interleaved across ratios/syst
   the paged cache uncompressed and at ``generation.ratio``; see :mod:`kvcompress.bench.generation`.
 * ``overhead``: (c) a policy's decode bookkeeping plus continual compression as a % of decode time; see
   :mod:`kvcompress.bench.overhead`.
+* ``evaluation``: ``evaluation.n_samples`` task samples evaluated through the engine together against one at a
+  time (and a loop of HF ``generate`` calls); see :mod:`kvcompress.bench.evaluation`.
 
 Every measurement is appended to ``rows.jsonl`` in the Hydra run directory as soon as it exists; re-running with
 ``hydra.run.dir=<that dir>`` skips what is there (resume). ``tables.md`` is rewritten at the end of each section.
@@ -37,6 +39,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from kvcompress.bench.evaluation import evaluation_speed, task_items
 from kvcompress.bench.generation import generation_speed, task_prompt
 from kvcompress.bench.latency import decode_latency
 from kvcompress.bench.overhead import compression_overhead
@@ -47,7 +50,7 @@ from kvcompress.experiment.policy_config import load_policy
 from kvcompress.model import ModelNotFoundError, load_model
 
 log = logging.getLogger("kvcompress.bench")
-SECTIONS = ("throughput", "latency", "generation", "overhead")
+SECTIONS = ("throughput", "latency", "generation", "overhead", "evaluation")
 MIB = 1 << 20
 
 
@@ -163,6 +166,22 @@ def overhead_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def evaluation_table(rows: list[dict[str, Any]]) -> str:
+    r0 = rows[0]
+    lines = [
+        f"{r0['n_samples']} samples of ~{r0['prompt_tokens_mean']:.0f} prompt tokens, {r0['repeats']} repeats.\n",
+        "| system | sequences at once | compressed | wall s median [min–max] | samples/s | time vs one at a time |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['system']} | {r['max_seqs']} | {'yes' if r['compressed'] else 'no'} | "
+            f"{r['wall_s_median']:.1f} [{r['wall_s_min']:.1f}–{r['wall_s_max']:.1f}] | {r['samples_per_s']:.2f} | "
+            f"{r['time_vs_one_at_a_time']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
 def write_tables(rows: Rows, out: Path, header: str) -> None:
     parts = [header]
     for section, fmt, title in (
@@ -170,6 +189,7 @@ def write_tables(rows: Rows, out: Path, header: str) -> None:
         ("latency", latency_table, "(b) Decode step latency against context length"),
         ("generation", generation_table, "(b) End-to-end generation: HF dense against the paged cache"),
         ("overhead", overhead_table, "(c) Compression overhead per policy"),
+        ("evaluation", evaluation_table, "Evaluation: batched through the engine against one at a time"),
     ):
         if rows.of(section):
             parts += [f"\n## {title}\n", fmt(rows.of(section))]
@@ -250,6 +270,14 @@ def run_bench(cfg: DictConfig, out: Path) -> Path:
                 ):  # fmt: skip
                     rows.add("overhead", row)
                 log.info("overhead of %s done", name)
+        elif section == "evaluation" and not rows.of("evaluation"):
+            ev = cfg.evaluation
+            items = task_items(loaded, str(ev.task), int(ev.n_samples), int(ev.prompt_tokens))
+            budget = Budget(**{**OmegaConf.to_container(cfg.budget, resolve=True), "ratio": float(ev.ratio)})
+            comp = Compressor(instantiate(cfg.policy), budget)
+            for row in evaluation_speed(loaded, items, comp, int(ev.max_seqs), int(cfg.repeats), hf_loop=ev.hf_loop):
+                rows.add("evaluation", row)
+            log.info("evaluation done")
         write_tables(rows, tables, header)
     print(tables.read_text())
     return tables

@@ -26,6 +26,10 @@ TINY = [
     "overhead.context=256",
     "overhead.steps=6",
     "overhead.compress_every=3",
+    "evaluation.n_samples=3",
+    "evaluation.prompt_tokens=200",
+    "evaluation.ratio=2",
+    "evaluation.max_seqs=3",
 ]
 
 
@@ -59,8 +63,12 @@ def test_bench_all_sections_then_resume(tmp_path, tiny_model_dir):
     assert {r["policy"] for r in rows if r["section"] == "overhead"} == {"lfu", "snapkv"}
     generation = {r["system"]: r for r in rows if r["section"] == "generation"}
     assert set(generation) == {"hf_dense", "paged", "paged_x8"} and generation["paged"]["same_tokens_as_hf"]
+    evaluation = {r["system"]: r for r in rows if r["section"] == "evaluation"}
+    assert set(evaluation) == {"engine_batched", "engine_one_at_a_time", "hf_loop"}
+    assert evaluation["engine_one_at_a_time"]["time_vs_one_at_a_time"] == 1.0
+    assert evaluation["engine_batched"]["max_seqs"] == 3 and evaluation["engine_batched"]["n_samples"] == 3
     tables = (tmp_path / "b" / "tables.md").read_text()
-    for title in ("Throughput", "Decode step latency", "End-to-end generation", "Compression overhead"):
+    for title in ("Throughput", "Decode step latency", "End-to-end generation", "Compression overhead", "Evaluation"):
         assert title in tables
     assert "| 4 |" in tables and "Command: `python experiments/bench.py model=hf" in tables
 
