@@ -90,20 +90,31 @@ def gather_logical(
 
 
 def gather_blocks(
-    pool: torch.Tensor, block_tables: torch.Tensor, valid: torch.Tensor, block_size: int, max_len: int
+    pool: torch.Tensor,
+    block_tables: torch.Tensor,
+    valid: torch.Tensor,
+    block_size: int,
+    max_len: int,
+    zero_invalid: bool = True,
 ) -> torch.Tensor:
     """Torch helper: the logical slots ``[num_seqs, num_kv_heads, max_len, head_dim]`` of a pool
     ``[num_blocks, block_size, head_dim]``, copied a whole block at a time (one ``index_select`` of contiguous
     ``block_size × head_dim`` rows, far cheaper on CPU than indexing slot by slot).
 
-    Slots past a head's length (``~valid``, always a suffix) are zeroed: the pool there may hold anything, NaN
-    included, and ``0 × NaN`` would poison a probability-weighted sum.
+    With ``zero_invalid``, slots past a head's length (``~valid``, always a suffix) are zeroed: the pool there may
+    hold anything, NaN included, and ``0 × NaN`` would poison a probability-weighted sum. (Keys whose logits are
+    masked to -inf afterwards need no zeroing.) The zeroing multiplies by the mask and then clears NaN/inf, which
+    is exact for finite valid slots, several times cheaper on CPU than a broadcast ``masked_fill``, and reads
+    nothing back to the host.
     """
     num_seqs, num_kv_heads = block_tables.shape[:2]
     cols = -(-max_len // block_size)
     ids = block_tables[..., :cols].long().clamp_min(0).reshape(-1)
-    out = pool.index_select(0, ids).view(num_seqs, num_kv_heads, cols * block_size, pool.shape[-1])[:, :, :max_len]
-    return out.masked_fill_(~valid[..., None], 0)  # a mask, not an index: no count is read back to the host
+    full = pool.index_select(0, ids).view(num_seqs, num_kv_heads, cols * block_size, pool.shape[-1])
+    if zero_invalid:
+        keep = torch.nn.functional.pad(valid, (0, cols * block_size - max_len), value=False)
+        full.mul_(keep[..., None]).nan_to_num_(0.0, 0.0, 0.0)
+    return full[:, :, :max_len]
 
 
 def num_programs_target(device: torch.device) -> int:

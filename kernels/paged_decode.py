@@ -100,7 +100,7 @@ def decode_probs_torch(
     num_kv_heads = block_tables.shape[1]
     max_len = max_length(lengths) if max_len is None else max_len
     valid = torch.arange(max_len, device=lengths.device) < lengths.unsqueeze(-1).long()
-    keys = gather_blocks(k_cache, block_tables, valid, block_size, max_len).float()
+    keys = gather_blocks(k_cache, block_tables, valid, block_size, max_len, zero_invalid=False).float()
     qg = q.float().view(batch, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
     logits = torch.matmul(qg, keys.transpose(-1, -2)) * scale  # [B, H_kv, G, M]
     logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
