@@ -9,6 +9,7 @@ See docs/KERNELS.md for the memory layout and the algorithms.
 from ._common import gather_logical
 from .backend import get_backend, interpreter_enabled, set_backend, use_backend
 from .cache_ops import compact, compact_torch, compact_triton, write_kv, write_kv_torch, write_kv_triton
+from .dense_prefill import dense_prefill
 from .paged_decode import decode_probs_torch, paged_decode, paged_decode_torch, paged_decode_triton
 from .paged_prefill import paged_prefill, paged_prefill_torch, paged_prefill_triton
 
@@ -17,6 +18,7 @@ __all__ = [
     "compact_torch",
     "compact_triton",
     "decode_probs_torch",
+    "dense_prefill",
     "gather_logical",
     "get_backend",
     "interpreter_enabled",

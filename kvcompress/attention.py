@@ -12,7 +12,7 @@ reference on CPU tensors.
 from __future__ import annotations
 
 import torch
-from kvcompress_kernels import decode_probs_torch, paged_decode, paged_prefill
+from kvcompress_kernels import decode_probs_torch, dense_prefill, paged_decode, paged_prefill
 from torch import nn
 from transformers import AttentionInterface
 
@@ -48,7 +48,8 @@ def paged_attention_forward(
     cache, plan = step.cache, step.plan
     Hkv = key.shape[1]
     scale = scaling if scaling is not None else D**-0.5
-    cache.write(layer, plan, key.transpose(1, 2).reshape(B * T, Hkv, D), value.transpose(1, 2).reshape(B * T, Hkv, D))
+    k, v = key.transpose(1, 2).reshape(B * T, Hkv, D), value.transpose(1, 2).reshape(B * T, Hkv, D)
+    cache.write(layer, plan, k, v)
     tables, lengths, max_len = plan.block_tables[layer], plan.lengths[layer], plan.max_len[layer]
     q = query.transpose(1, 2).reshape(B * T, Hq, D)
 
@@ -68,20 +69,24 @@ def paged_attention_forward(
             probs = decode_probs_torch(q, cache.k_cache, tables, lengths, scale, max_len)[0]  # [B, H_kv, G, L]
             step.observer.observe_decode(cache, DecodeObservation(layer, plan.seq_ids, probs.reshape(B, Hq, -1)))
     else:
-        out, obs = paged_prefill(
-            q,
-            cache.k_cache,
-            cache.v_cache,
-            cache.slot_pos,
-            tables,
-            lengths,
-            plan.positions.to(torch.int32),
-            plan.cu_seqlens,
-            scale,
-            obs_window=step.obs_window if step.obs_window >= 0 else 1 << 30,
-            obs_power=step.obs_power,
-            max_len=max_len,
-        )
+        window = step.obs_window if step.obs_window >= 0 else 1 << 30
+        if plan.fresh:  # no cached prefix: fused dense attention over the new tokens themselves
+            out, obs = dense_prefill(q, k, v, plan.counts, scale, obs_window=window, obs_power=step.obs_power)
+        else:
+            out, obs = paged_prefill(
+                q,
+                cache.k_cache,
+                cache.v_cache,
+                cache.slot_pos,
+                tables,
+                lengths,
+                plan.positions.to(torch.int32),
+                plan.cu_seqlens,
+                scale,
+                obs_window=window,
+                obs_power=step.obs_power,
+                max_len=max_len,
+            )
         if step.obs_window and step.observer is not None:
             end = 0
             for i, (s, n, start) in enumerate(zip(plan.seq_ids, plan.counts, plan.starts, strict=True)):

@@ -48,6 +48,11 @@ class StepPlan:
     def is_decode(self) -> bool:
         return all(c == 1 for c in self.counts)
 
+    @property
+    def fresh(self) -> bool:
+        """Every sequence starts at position 0: nothing was cached before this forward."""
+        return all(s == 0 for s in self.starts)
+
 
 @dataclass
 class PrefillObservation:
