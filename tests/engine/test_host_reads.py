@@ -52,3 +52,33 @@ def test_decode_step_reads_only_the_sampled_tokens(policy: str, layers: int, bat
         with count_host_reads() as calls:
             assert engine.step() == []
         assert engine.stats.decode_tokens > 0 and calls == ["tolist"], calls
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_cuda_decode_steps_make_no_sync_but_the_sample(policy: str, monkeypatch) -> None:
+    """On CUDA the same steps run under ``set_sync_debug_mode("error")``; only the sampled-token read is allowed."""
+    from kvcompress.model_runner import ModelRunner
+
+    model = _llama(4).cuda()
+    engine = Engine(model, POLICIES[policy](), max_seqs=3, max_tokens_per_head=256)
+    for i in range(3):
+        engine.add_request(Request(i, list(range(3, 60 + 7 * i)), 12))
+    engine.step()
+    sample = ModelRunner.sample
+
+    def allowed(logits):
+        torch.cuda.set_sync_debug_mode("default")
+        try:
+            return sample(logits)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+
+    monkeypatch.setattr(ModelRunner, "sample", staticmethod(allowed))
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(4):
+            assert engine.step() == []
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
