@@ -71,12 +71,12 @@ def write_kv_torch(
     slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
 ) -> None:
     """PyTorch reference of :func:`write_kv` (indexed assignment on flat views)."""
-    block_size, head_dim = _check_write(k_cache, v_cache, slot_pos, slot_score, slots, k, v, pos)
-    blocks, offsets = slots // block_size, slots % block_size
-    k_cache[blocks, offsets] = k.to(k_cache.dtype)
-    v_cache[blocks, offsets] = v.to(v_cache.dtype)
-    slot_pos.view(-1)[slots] = pos.to(torch.int32)
-    slot_score.view(-1)[slots] = 0.0
+    _, head_dim = _check_write(k_cache, v_cache, slot_pos, slot_score, slots, k, v, pos)
+    # flat views and index_copy_: one row copy per slot, several times cheaper on CPU than (block, offset) indexing
+    k_cache.view(-1, head_dim).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(-1, head_dim).index_copy_(0, slots, v.to(v_cache.dtype))
+    slot_pos.view(-1).index_copy_(0, slots, pos.to(torch.int32))
+    slot_score.view(-1).index_fill_(0, slots, 0.0)
 
 
 def compact_torch(

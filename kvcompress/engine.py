@@ -175,7 +175,11 @@ class Engine:
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
     def step(self) -> list[RequestOutput]:
-        """Admit, prefill packed chunks, decode every running sequence once; returns the requests finished now."""
+        """Admit, prefill packed chunks, decode every running sequence once; returns the requests finished now.
+
+        The model's attention is switched to the paged cache for the step; a caller stepping in a loop can hold the
+        switch across steps with :func:`~kvcompress.model_runner.paged_attention` (as :meth:`run` does), which
+        saves walking the model's modules twice per step."""
         done_before = len(self.finished)
         blocked = self._admit()
         with paged_attention(self.model):
@@ -193,7 +197,7 @@ class Engine:
         for r in requests:
             self.add_request(r)
         order += [r.request_id for r in self._all_requests() if r.request_id not in order]
-        with tqdm(total=len(order), desc="requests", disable=not progress) as bar:
+        with tqdm(total=len(order), desc="requests", disable=not progress) as bar, paged_attention(self.model):
             bar.update(len(self.finished))
             while self.has_unfinished:
                 bar.update(len(self.step()))

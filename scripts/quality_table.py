@@ -27,6 +27,7 @@ from kvcompress.experiment.policy_config import load_policy
 from kvcompress.experiment.prompts import build_prompt
 from kvcompress.generate import as_request
 from kvcompress.model import load_model
+from kvcompress.model_runner import paged_attention
 from kvcompress.sequence import RequestOutput
 from kvcompress.tasks.metrics import score
 from kvcompress.tasks.registry import build_task
@@ -73,6 +74,12 @@ def run_setup(model, tok, samples, policy_name, allocation, ratios, protected, m
                                           sample.max_new_tokens, [tok.eos_token_id], budget=budget,
                                           share_prefix=sample.sample_id))
     by_id = {s.sample_id: s for s in samples}
+    with paged_attention(model):
+        yield from _collect(engine, by_id, ratios, tok)
+
+
+def _collect(engine: Engine, by_id: dict, ratios: list[float], tok) -> Iterator[tuple[str, list[dict]]]:
+    """Step the engine; yield each sample's rows once every ratio of it has finished."""
     outputs: dict[str, dict[float, RequestOutput]] = defaultdict(dict)
     while engine.has_unfinished:
         for out in engine.step():

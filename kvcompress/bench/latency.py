@@ -160,7 +160,8 @@ class PagedDecoder:
         cache = make_cache(model, batch, kept + extra_tokens, block_size=block_size)
         seq_ids = [cache.add_sequence() for _ in range(batch)]
         plan = cache.plan_step(seq_ids, [kept] * batch)
-        plan.positions = positions.to(cache.device).repeat(batch)  # [batch * kept]: the kept subset, not 0..n-1
+        # [batch * kept]: the kept subset, not 0..n-1
+        plan.slot_positions = positions.to(cache.device, torch.int32).repeat(batch).repeat_interleave(heads)
         pack = lambda t: t.transpose(1, 2).reshape(batch * kept, heads, head_dim)  # [B, H, n, D] -> [B*n, H, D]
         for layer, (k, v) in enumerate(kv):
             cache.write(layer, plan, pack(k), pack(v))

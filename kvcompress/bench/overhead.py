@@ -24,6 +24,7 @@ from kvcompress.budget import Budget
 from kvcompress.compressor import Compressor
 from kvcompress.engine import Engine
 from kvcompress.experiment.prompts import build_prompt
+from kvcompress.model_runner import paged_attention
 from kvcompress.policies.base import Policy
 from kvcompress.sequence import Request
 from kvcompress.tasks.registry import build_task
@@ -79,9 +80,10 @@ def run_engine(
     s0, n0 = engine.stats.compress_s, engine.stats.compressions
     t0, n_steps = time.perf_counter(), 0
     outputs = []
-    while engine.has_unfinished:
-        outputs += engine.step()
-        n_steps += 1
+    with paged_attention(model):
+        while engine.has_unfinished:
+            outputs += engine.step()
+            n_steps += 1
     elapsed = time.perf_counter() - t0
     kept = float(outputs[0].memory.kept_per_head.float().mean())
     compress_ms = (engine.stats.compress_s - s0) * 1e3

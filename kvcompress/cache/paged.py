@@ -296,6 +296,7 @@ class PagedKVCache:
             starts=starts.tolist(),
             cu_seqlens=self.upload(cu, torch.int32),
             positions=pos_d,
+            slot_positions=self.upload(np.repeat(positions, H), torch.int32),
             slots=self.upload(slots, torch.long),
             block_tables=self.upload(self.block_tables[:, sid, :, :cols], torch.int32),
             lengths=self.upload(lengths, torch.int32),
@@ -305,7 +306,7 @@ class PagedKVCache:
     def write(self, layer: int, plan: StepPlan, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write one layer's packed new tokens (``keys``/``values`` ``[T_total, H, D]``, post-RoPE) into the slots
         :meth:`plan_step` reserved; their scores start at 0."""
-        H, D = self.num_kv_heads, self.head_dim
+        D = self.head_dim
         write_kv(
             self.k_cache,
             self.v_cache,
@@ -314,7 +315,7 @@ class PagedKVCache:
             plan.slots[layer].reshape(-1),
             keys.reshape(-1, D).to(self.dtype),
             values.reshape(-1, D).to(self.dtype),
-            plan.positions.to(torch.int32)[:, None].expand(-1, H).reshape(-1),
+            plan.slot_positions,
         )
 
     def _slot(self, layer: np.ndarray, seq: np.ndarray, head: np.ndarray, index: np.ndarray) -> np.ndarray:

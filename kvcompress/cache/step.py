@@ -29,7 +29,8 @@ class StepPlan:
     ``slots`` ``[L, T, H]`` int64: where each layer writes each new token's key of each kv head.
     ``block_tables`` ``[L, B, H, cols]`` int32 and ``lengths`` ``[L, B, H]`` int32: the post-step tables the
     kernels read (``cols`` = most blocks any head of the batch holds). ``positions`` ``[T]`` int64 and
-    ``cu_seqlens`` ``[B + 1]`` int32 split the packed tokens by sequence. ``counts``, ``starts`` (first new
+    ``cu_seqlens`` ``[B + 1]`` int32 split the packed tokens by sequence; ``slot_positions`` ``[T * H]`` int32 is
+    each written slot's position, in the order of ``slots[layer]``. ``counts``, ``starts`` (first new
     position of each sequence) and ``max_len`` (longest head per layer) are host copies, so no kernel launch or
     observation needs to read a size back from the device.
     """
@@ -39,6 +40,7 @@ class StepPlan:
     starts: list[int]
     cu_seqlens: torch.Tensor
     positions: torch.Tensor
+    slot_positions: torch.Tensor
     slots: torch.Tensor
     block_tables: torch.Tensor
     lengths: torch.Tensor

@@ -39,6 +39,7 @@ from kvcompress.experiment.prompts import ExperimentError, Prompt, build_prompt,
 from kvcompress.experiment.records import SUMMARY, BaselineStore, PredictionsLog, write_json_atomic
 from kvcompress.generate import MODES, as_request
 from kvcompress.model import LoadedModel, load_model
+from kvcompress.model_runner import paged_attention
 from kvcompress.policies.base import Policy
 from kvcompress.sequence import RequestOutput
 from kvcompress.tasks.base import Sample
@@ -208,9 +209,10 @@ def evaluate(
     for request in requests:
         engine.add_request(request)
     by_id = {it.sample.sample_id: it for it in items}
-    while engine.has_unfinished:
-        for out in engine.step():
-            yield record(loaded, by_id[out.request_id], out)
+    with paged_attention(loaded.model):
+        while engine.has_unfinished:
+            for out in engine.step():
+                yield record(loaded, by_id[out.request_id], out)
 
 
 def record(loaded: LoadedModel, it: Item, out: RequestOutput) -> dict[str, Any]:
