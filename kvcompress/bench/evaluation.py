@@ -9,11 +9,11 @@ pressure), so they compare like with like; a mismatch raises.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import torch
 
+from kvcompress.bench.generation import time_systems
 from kvcompress.bench.latency import summarize
 from kvcompress.compressor import Compressor
 from kvcompress.experiment.prompts import build_prompt
@@ -58,15 +58,8 @@ def evaluation_speed(
     }
     if hf_loop:
         systems["hf_loop"] = lambda: _hf_loop(loaded, items)
-    times: dict[str, list[float]] = {name: [] for name in systems}
-    preds: dict[str, list[str]] = {}
-    for repeat in range(repeats):
-        names = list(systems)
-        for name in names[repeat % len(names) :] + names[: repeat % len(names)]:  # rotate who goes first
-            t0 = time.perf_counter()
-            preds[name] = sorted(systems[name]())  # the engine yields in finishing order
-            times[name].append(time.perf_counter() - t0)
-    if preds["engine_batched"] != preds["engine_one_at_a_time"]:
+    times, preds = time_systems(systems, repeats)
+    if sorted(preds["engine_batched"]) != sorted(preds["engine_one_at_a_time"]):  # the engine yields as they finish
         raise RuntimeError("batched evaluation predicted differently from one-at-a-time evaluation")
     one = summarize(times["engine_one_at_a_time"])["median"]
     rows = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -19,6 +20,8 @@ from kvcompress.compressor import Compressor
 from kvcompress.experiment.prompts import build_prompt
 from kvcompress.generate import generate
 from kvcompress.tasks.registry import build_task
+
+T = TypeVar("T")
 
 
 def task_prompt(tokenizer: PreTrainedTokenizerBase, tokens: int, task: str = "niah_single") -> list[int]:
@@ -34,6 +37,20 @@ def _hf(model: PreTrainedModel, ids: list[int], new_tokens: int) -> list[int]:
         x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
     )
     return out[0, len(ids) :].tolist()
+
+
+def time_systems(systems: dict[str, Callable[[], T]], repeats: int) -> tuple[dict[str, list[float]], dict[str, T]]:
+    """Run every system ``repeats`` times, rotating which goes first each round so drift hits all alike; returns
+    each system's wall times and its last output."""
+    times: dict[str, list[float]] = {name: [] for name in systems}
+    outputs: dict[str, T] = {}
+    names = list(systems)
+    for repeat in range(repeats):
+        for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
+            t0 = time.perf_counter()
+            outputs[name] = systems[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times, outputs
 
 
 def generation_speed(
@@ -52,14 +69,7 @@ def generation_speed(
     }
     for label, make in (compressors or {}).items():
         systems[label] = lambda make=make: generate(model, [ids], make(), new_tokens)[0].tokens
-    times: dict[str, list[float]] = {name: [] for name in systems}
-    tokens: dict[str, list[int]] = {}
-    for repeat in range(repeats):
-        names = list(systems)
-        for name in names[repeat % len(names) :] + names[: repeat % len(names)]:  # rotate who goes first
-            t0 = time.perf_counter()
-            tokens[name] = systems[name]()
-            times[name].append(time.perf_counter() - t0)
+    times, tokens = time_systems(systems, repeats)
     if tokens["paged"] != tokens["hf_dense"]:
         raise RuntimeError(
             f"the uncompressed paged generation differs from HF's: {tokens['paged'][:16]} vs "
