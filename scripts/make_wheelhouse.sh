@@ -126,4 +126,4 @@ if missing:
 EOF
 echo "wheelhouse complete: $(ls "$DIR"/*.whl | wc -l) wheels, $(du -sh "$DIR" | cut -f1) in $DIR"
 echo "on the node (torch, triton, transformers installed; see $DIR/node-pins.txt):"
-echo "  pip install --no-index --find-links $(basename "$DIR") -e '.[test]'"
+echo "  pip install --no-index --find-links ${1:-wheelhouse} -e '.[test]'"
