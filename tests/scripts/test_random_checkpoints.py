@@ -48,7 +48,8 @@ def test_tiny_loads_and_is_seeded(script, smollm2_tokenizer, tmp_path):
     assert torch.all(wa["model.norm.weight"] == 1)
     assert wa["model.embed_tokens.weight"].float().std().item() == pytest.approx(0.02, rel=0.05)
 
-    model = AutoModelForCausalLM.from_pretrained(a)
+    model, info = AutoModelForCausalLM.from_pretrained(a, output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched tensors
     assert model.dtype == torch.bfloat16 and model.config.num_key_value_heads == 2
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     loaded = load_model(str(a))  # kvcompress's own loader: fp32, tokenizer from the directory
