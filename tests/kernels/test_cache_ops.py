@@ -103,6 +103,7 @@ def test_evict_compact_then_decode(device, backend):
     holes = evict[evict < n_keep]  # logical holes inside the kept prefix
     movers = torch.nonzero(keep[n_keep:]).flatten() + n_keep  # survivors in the tail
     assert len(holes) == len(movers)
+    keep, holes, movers = keep.to(device), holes.to(device), movers.to(device)  # index device tensors on-device
     q = torch.randn(1, 2, 64).to(device)
     k_keep, v_keep = case.k_cache.view(-1, 64)[slots[keep]], case.v_cache.view(-1, 64)[slots[keep]]
     pos_keep = case.slot_pos.view(-1)[slots[keep]].sort().values
