@@ -17,6 +17,16 @@ import torch.nn.functional as F
 
 GARBAGE_POS = -7  # a position every query would see if a kernel read an unused slot
 
+ON_GPU = torch.cuda.is_available()
+# Dtypes of the Triton-vs-torch comparisons: bf16 only on a GPU (the CPU interpreter computes bf16 wrongly).
+DTYPES = [torch.float32, torch.float16, *([torch.bfloat16] if ON_GPU else [])]
+# Output tolerances; bf16 as vLLM's kernel tests (8 mantissa bits: ~4e-3 relative rounding per element).
+OUT_TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=1e-2, rtol=1e-2),
+           torch.bfloat16: dict(atol=1.5e-2, rtol=1e-2)}
+# (H_q, H_kv, D) of real models, checked on CUDA only (too slow for the interpreter): SmolLM2-135M,
+# Llama-3.1-8B, Qwen2-7B, Llama-2-7B (MHA), and a head_dim-256 GQA-8 case (Gemma-style).
+MODEL_GEOMETRIES = [(9, 3, 64), (32, 8, 128), (28, 4, 128), (32, 32, 128), (16, 2, 256)]
+
 
 @dataclass
 class PagedCase:
@@ -32,10 +42,14 @@ class PagedCase:
         return self.k_cache.shape[1]
 
     def slots(self, b: int, h: int) -> torch.Tensor:
-        """Flat slot ids ``[len]`` (int64) of head (b, h) in logical order, read through the block table."""
+        """Flat slot ids ``[len]`` (int64, CPU) of head (b, h) in logical order, read through the block table."""
         bs = self.block_size
-        return torch.tensor([int(self.block_tables[b, h, j // bs]) * bs + j % bs
-                             for j in range(int(self.lengths[b, h]))], dtype=torch.int64)
+        table = self.block_tables[b, h].tolist()  # one device->host copy, not one per slot
+        return torch.tensor([table[j // bs] * bs + j % bs for j in range(int(self.lengths[b, h]))], dtype=torch.int64)
+
+    def to(self, device: torch.device | str) -> PagedCase:
+        """The same case with every tensor on ``device``."""
+        return PagedCase(*(t.to(device) for t in vars(self).values()))
 
     def dense(self, b: int, h: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(K [len, D] fp32, V [len, D] fp32, pos [len] int64) of head (b, h)."""
@@ -55,12 +69,14 @@ def make_case(
     positions: list[list[torch.Tensor]] | None = None,
     num_blocks: int | None = None,
     seed: int = 0,
+    device: torch.device | str = "cpu",
 ) -> PagedCase:
-    """Random paged pool holding ``lengths[b][h]`` tokens per head.
+    """Random paged pool holding ``lengths[b][h]`` tokens per head, on ``device``.
 
     ``positions[b][h]`` (int, ``[len]``) gives each logical slot's token position (default: its index).
     ``num_blocks`` forces a pool size; the pool is then ``torch.empty`` and only the used blocks, placed at
     the far end, are written (for pools beyond 2**31 elements that must not be touched).
+    The pool is filled on the CPU (same random values on every device), then moved.
     """
     gen = torch.Generator().manual_seed(seed)
     batch, heads = len(lengths), len(lengths[0])
@@ -99,7 +115,7 @@ def make_case(
             pos = torch.arange(n) if positions is None else positions[b][h]
             slot_pos.view(-1)[slots] = pos.to(torch.int32)
     return PagedCase(k_cache, v_cache, slot_pos, slot_score, block_tables,
-                     torch.tensor(lengths, dtype=torch.int32))
+                     torch.tensor(lengths, dtype=torch.int32)).to(device)
 
 
 def naive_decode(

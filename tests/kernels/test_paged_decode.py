@@ -1,4 +1,8 @@
-"""paged_decode: Triton kernel vs torch reference vs naive dense loop, with fused score accumulation."""
+"""paged_decode: Triton kernel vs torch reference vs naive dense loop, with fused score accumulation.
+
+The Triton comparisons run on the ``device`` fixture (CUDA when present, else the CPU interpreter); the torch
+reference vs naive loop checks stay on the CPU. bf16 and the real-model geometries only run on a GPU.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +11,21 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kvcompress_kernels import paged_decode, paged_decode_torch, paged_decode_triton, use_backend
-from paged_case import make_case, naive_decode
+from paged_case import DTYPES, MODEL_GEOMETRIES, make_case, naive_decode
+from paged_case import OUT_TOL as TOL
 
-TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=1e-2, rtol=1e-2)}
-SCORE_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.float16: dict(atol=2e-3, rtol=1e-2)}
+SCORE_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.float16: dict(atol=2e-3, rtol=1e-2),
+             torch.bfloat16: dict(atol=1e-2, rtol=1e-2)}
 
 # per-head lengths around block boundaries, including empty and single-token heads; 150 spans 3 key tiles
 LENGTHS = [[15, 0, 16], [1, 17, 150]]
 
 
-def _query(batch: int, num_q_heads: int, head_dim: int, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
-    return torch.randn(batch, num_q_heads, head_dim, generator=torch.Generator().manual_seed(seed)).to(dtype)
+def _query(batch: int, num_q_heads: int, head_dim: int, dtype: torch.dtype, seed: int = 1,
+           device: torch.device | str = "cpu") -> torch.Tensor:
+    """Decode queries ``[B, H_q, D]`` (drawn on the CPU, so every device sees the same values)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, num_q_heads, head_dim, generator=gen).to(device, dtype)
 
 
 def _run_both(case, q, scale, power, splits):
@@ -30,13 +38,13 @@ def _run_both(case, q, scale, power, splits):
     return out_tri, out_ref, s_tri - init, s_ref - init
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("group", [1, 3, 4, 8])
 @pytest.mark.parametrize("splits", [1, 3])
-def test_triton_matches_torch(dtype, head_dim, group, splits):
-    case = make_case(LENGTHS, head_dim, dtype, seed=group)
-    q = _query(2, 3 * group, head_dim, dtype)
+def test_triton_matches_torch(device, dtype, head_dim, group, splits):
+    case = make_case(LENGTHS, head_dim, dtype, seed=group, device=device)
+    q = _query(2, 3 * group, head_dim, dtype, device=device)
     power = 1 + (group + splits) % 2  # both powers across the grid, each with 1 and >1 splits
     out_tri, out_ref, add_tri, add_ref = _run_both(case, q, head_dim**-0.5, power, splits)
     assert out_tri.dtype == dtype and out_tri.shape == q.shape
@@ -67,15 +75,16 @@ def test_torch_matches_naive(dtype, group, power):
 
 
 @pytest.mark.parametrize("power", [1, 2])
-def test_split_invariance_and_scores(power):
+def test_split_invariance_and_scores(device, power):
     """Many splits (incl. splits that fall entirely past short heads) equal one split, scores included."""
-    case = make_case([[300, 40], [5, 257]], 64, torch.float32, seed=11)
-    q = _query(2, 8, 64, torch.float32)
+    case = make_case([[300, 40], [5, 257]], 64, torch.float32, seed=11, device=device)
+    q = _query(2, 8, 64, torch.float32, device=device)
     args = (q, case.k_cache, case.v_cache, case.block_tables, case.lengths, 0.125)
     results = []
     for splits in (1, 2, 5):
         score = torch.zeros_like(case.slot_score)
-        results.append((paged_decode_triton(*args, score_out=score, score_power=power, num_splits=splits), score))
+        out = paged_decode_triton(*args, score_out=score, score_power=power, num_splits=splits)
+        results.append((out.cpu(), score.cpu()))
     for out, score in results[1:]:
         torch.testing.assert_close(out, results[0][0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(score, results[0][1], atol=1e-6, rtol=1e-5)
@@ -88,16 +97,16 @@ def test_split_invariance_and_scores(power):
     assert torch.all(results[-1][1].view(-1)[valid] > 0)
 
 
-def test_without_score_and_auto_splits():
-    case = make_case(LENGTHS, 64, torch.float16, seed=5)
-    q = _query(2, 12, 64, torch.float16)
+def test_without_score_and_auto_splits(device):
+    case = make_case(LENGTHS, 64, torch.float16, seed=5, device=device)
+    q = _query(2, 12, 64, torch.float16, device=device)
     args = (q, case.k_cache, case.v_cache, case.block_tables, case.lengths, 0.125)
     torch.testing.assert_close(paged_decode_triton(*args), paged_decode_torch(*args), **TOL[torch.float16])
 
 
-def test_dispatcher_routes_by_backend():
-    case = make_case([[20]], 64, torch.float32)
-    q = _query(1, 2, 64, torch.float32)
+def test_dispatcher_routes_by_backend(device):
+    case = make_case([[20]], 64, torch.float32, device=device)
+    q = _query(1, 2, 64, torch.float32, device=device)
     args = (q, case.k_cache, case.v_cache, case.block_tables, case.lengths, 0.125)
     with use_backend("torch"):
         ref = paged_decode(*args)
@@ -116,13 +125,13 @@ def test_rejects_bad_inputs():
         paged_decode_torch(q, case.k_cache, case.v_cache, case.block_tables, case.lengths, 0.1, score_power=3)
 
 
-def test_int32_offset_overflow_pool():
+def test_int32_offset_overflow_pool(device):
     """A pool of > 2**31 elements (never touched: torch.empty) with the used blocks at its far end."""
     head_dim, block_size = 64, 16
     num_blocks = (1 << 31) // (block_size * head_dim) + 64
     assert num_blocks * block_size * head_dim > 2**31
-    case = make_case([[40, 17], [33, 70]], head_dim, torch.float16, num_blocks=num_blocks, seed=2)
-    q = _query(2, 8, head_dim, torch.float16)
+    case = make_case([[40, 17], [33, 70]], head_dim, torch.float16, num_blocks=num_blocks, seed=2, device=device)
+    q = _query(2, 8, head_dim, torch.float16, device=device)
     for splits in (1, 2):
         out_tri, out_ref, add_tri, add_ref = _run_both(case, q, 0.125, 2, splits)
         torch.testing.assert_close(out_tri, out_ref, **TOL[torch.float16])
@@ -136,31 +145,38 @@ def test_int32_offset_overflow_pool():
     splits=st.integers(1, 3),
     power=st.sampled_from([1, 2]),
 )
-def test_random_shapes_property(lengths, group, splits, power):
-    case = make_case(lengths, 64, torch.float32, seed=len(lengths))
-    q = _query(len(lengths), 2 * group, 64, torch.float32)
+def test_random_shapes_property(device, lengths, group, splits, power):
+    case = make_case(lengths, 64, torch.float32, seed=len(lengths), device=device)
+    q = _query(len(lengths), 2 * group, 64, torch.float32, device=device)
     out_tri, out_ref, add_tri, add_ref = _run_both(case, q, 0.125, power, splits)
     torch.testing.assert_close(out_tri, out_ref, **TOL[torch.float32])
     torch.testing.assert_close(add_tri, add_ref, **SCORE_TOL[torch.float32])
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 is only checked on a GPU (interpreter bf16 is wrong)")
-@pytest.mark.parametrize("splits", [1, 4])
-def test_bf16_on_gpu(splits):
-    case = make_case([[1000, 3], [257, 64]], 128, torch.bfloat16, seed=4)
-    case = type(case)(*(t.cuda() for t in vars(case).values()))
-    q = _query(2, 8, 128, torch.bfloat16).cuda()
-    out_tri, out_ref, add_tri, add_ref = _run_both(case, q, 128**-0.5, 2, splits)
-    torch.testing.assert_close(out_tri, out_ref, atol=1.5e-2, rtol=1e-2)
-    torch.testing.assert_close(add_tri, add_ref, atol=1e-2, rtol=1e-2)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("splits", [1, 4, None])
+@pytest.mark.parametrize("geometry", MODEL_GEOMETRIES, ids=lambda g: "x".join(map(str, g)))
+def test_model_geometries_on_gpu(device, geometry, splits, dtype):
+    """Real-model (H_q, H_kv, D) on CUDA: per-head lengths from 0 to ~2k (several key tiles and splits, the
+    automatic split count included), scores accumulated onto non-zero values."""
+    num_q_heads, num_kv_heads, head_dim = geometry
+    gen = torch.Generator().manual_seed(num_q_heads * head_dim)
+    lengths = torch.randint(0, 2100, (3, num_kv_heads), generator=gen)
+    lengths[0, 0], lengths[1, -1] = 0, 1
+    case = make_case(lengths.tolist(), head_dim, dtype, seed=num_kv_heads, device=device)
+    q = _query(3, num_q_heads, head_dim, dtype, seed=head_dim, device=device)
+    out_tri, out_ref, add_tri, add_ref = _run_both(case, q, head_dim**-0.5, 2, splits)
+    assert out_tri.is_cuda and out_tri.dtype == dtype
+    torch.testing.assert_close(out_tri, out_ref, **TOL[dtype])
+    torch.testing.assert_close(add_tri, add_ref, **SCORE_TOL[dtype])
 
 
 @pytest.mark.parametrize("splits", [1, 2])
-def test_small_head_dim(splits):
+def test_small_head_dim(device, splits):
     """head_dim 16 (the project's tiny test Llama): the dot's K dimension is exactly the 16 minimum."""
-    case = make_case([[70, 3, 0]], 16, torch.float32, seed=12)
-    q = _query(1, 9, 16, torch.float32)
+    case = make_case([[70, 3, 0]], 16, torch.float32, seed=12, device=device)
+    q = _query(1, 9, 16, torch.float32, device=device)
     out_tri, out_ref, add_tri, add_ref = _run_both(case, q, 0.25, 2, splits)
     torch.testing.assert_close(out_tri, out_ref, **TOL[torch.float32])
     torch.testing.assert_close(add_tri, add_ref, **SCORE_TOL[torch.float32])

@@ -1,20 +1,26 @@
-"""paged_prefill: Triton kernel vs torch reference vs naive dense loop, incl. compacted prefixes and obs."""
+"""paged_prefill: Triton kernel vs torch reference vs naive dense loop, incl. compacted prefixes and obs.
+
+The Triton comparisons run on the ``device`` fixture (CUDA when present, else the CPU interpreter); the torch
+reference vs naive loop checks stay on the CPU. bf16 and the real-model geometries only run on a GPU.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from kvcompress_kernels import paged_prefill, paged_prefill_torch, paged_prefill_triton, use_backend
-from paged_case import make_case, naive_prefill
+from paged_case import DTYPES, MODEL_GEOMETRIES, make_case, naive_prefill
+from paged_case import OUT_TOL as TOL
 
-TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=1e-2, rtol=1e-2)}
-OBS_TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=5e-3, rtol=1e-2)}
+OBS_TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=5e-3, rtol=1e-2),
+           torch.bfloat16: dict(atol=1.5e-2, rtol=1e-2)}
 
 
-def _chunked_case(prefix_kept, prefix_seen, new_tokens, heads, head_dim, dtype, seed=0, num_blocks=None):
+def _chunked_case(prefix_kept, prefix_seen, new_tokens, heads, head_dim, dtype, seed=0, num_blocks=None,
+                  device="cpu"):
     """A chunked-prefill batch: per (seq, head), ``prefix_kept[b][h]`` survivors of ``prefix_seen[b]`` earlier
     tokens (random subset, shuffled slot order, as after compaction), then ``new_tokens[b]`` new tokens
-    already written at the tail. Returns (case, q, q_pos, cu_seqlens_q)."""
+    already written at the tail. Returns (case, q_pos ``[T]`` int32, cu_seqlens_q ``[B+1]`` int32), on ``device``."""
     gen = torch.Generator().manual_seed(seed + 100)
     lengths, positions = [], []
     for b, seen in enumerate(prefix_seen):
@@ -25,14 +31,16 @@ def _chunked_case(prefix_kept, prefix_seen, new_tokens, heads, head_dim, dtype, 
             row_len.append(prefix_kept[b][h] + new_tokens[b])
         lengths.append(row_len)
         positions.append(row_pos)
-    case = make_case(lengths, head_dim, dtype, positions=positions, seed=seed, num_blocks=num_blocks)
-    cu = torch.tensor([0, *torch.tensor(new_tokens).cumsum(0).tolist()], dtype=torch.int32)
+    case = make_case(lengths, head_dim, dtype, positions=positions, seed=seed, num_blocks=num_blocks, device=device)
+    cu = torch.tensor([0, *torch.tensor(new_tokens).cumsum(0).tolist()], dtype=torch.int32, device=device)
     q_pos = torch.cat([torch.arange(seen, seen + n) for seen, n in zip(prefix_seen, new_tokens, strict=True)])
-    return case, q_pos.to(torch.int32), cu
+    return case, q_pos.to(device, torch.int32), cu
 
 
-def _query(total, num_q_heads, head_dim, dtype, seed=1):
-    return torch.randn(total, num_q_heads, head_dim, generator=torch.Generator().manual_seed(seed)).to(dtype)
+def _query(total, num_q_heads, head_dim, dtype, seed=1, device="cpu"):
+    """Packed queries ``[T, H_q, D]`` (drawn on the CPU, so every device sees the same values)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(total, num_q_heads, head_dim, generator=gen).to(device, dtype)
 
 
 def _args(case, q, q_pos, cu, scale):
@@ -46,13 +54,14 @@ PREFIX_SEEN = [0, 45, 60]
 NEW_TOKENS = [33, 17, 1]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("group", [1, 3, 4, 8])
 @pytest.mark.parametrize("obs_window", [0, 8, 1000])
-def test_triton_matches_torch(dtype, head_dim, group, obs_window):
-    case, q_pos, cu = _chunked_case(PREFIX_KEPT, PREFIX_SEEN, NEW_TOKENS, 2, head_dim, dtype, seed=group)
-    q = _query(int(cu[-1]), 2 * group, head_dim, dtype)
+def test_triton_matches_torch(device, dtype, head_dim, group, obs_window):
+    case, q_pos, cu = _chunked_case(PREFIX_KEPT, PREFIX_SEEN, NEW_TOKENS, 2, head_dim, dtype, seed=group,
+                                    device=device)
+    q = _query(int(cu[-1]), 2 * group, head_dim, dtype, device=device)
     power = 1 + group % 2
     args = _args(case, q, q_pos, cu, head_dim**-0.5)
     out_tri, obs_tri = paged_prefill_triton(*args, obs_window=obs_window, obs_power=power)
@@ -81,25 +90,25 @@ def test_torch_matches_naive(dtype, group, obs_window, power):
         torch.testing.assert_close(obs.sum(-1), window[:, None].expand_as(obs.sum(-1)), atol=1e-3, rtol=1e-3)
 
 
-def test_chunked_prefill_equals_one_shot():
+def test_chunked_prefill_equals_one_shot(device):
     """Prefilling a prompt in two chunks (second reads the first through the cache) = one-shot prefill."""
     n, split = 50, 29
-    case, q_pos, cu = _chunked_case([[0, 0]], [0], [n], 2, 64, torch.float32, seed=3)
-    q = _query(n, 4, 64, torch.float32)
+    case, q_pos, cu = _chunked_case([[0, 0]], [0], [n], 2, 64, torch.float32, seed=3, device=device)
+    q = _query(n, 4, 64, torch.float32, device=device)
     full, _ = paged_prefill_triton(*_args(case, q, q_pos, cu, 0.125))
     lengths_all = case.lengths.clone()
     case.lengths.fill_(split)
-    first, _ = paged_prefill_triton(*_args(case, q[:split], q_pos[:split], torch.tensor([0, split], dtype=torch.int32),
-                                           0.125))
+    cu_first = torch.tensor([0, split], dtype=torch.int32, device=device)
+    first, _ = paged_prefill_triton(*_args(case, q[:split], q_pos[:split], cu_first, 0.125))
     case.lengths.copy_(lengths_all)
-    second, _ = paged_prefill_triton(*_args(case, q[split:], q_pos[split:],
-                                            torch.tensor([0, n - split], dtype=torch.int32), 0.125))
+    cu_second = torch.tensor([0, n - split], dtype=torch.int32, device=device)
+    second, _ = paged_prefill_triton(*_args(case, q[split:], q_pos[split:], cu_second, 0.125))
     torch.testing.assert_close(torch.cat([first, second]), full, atol=1e-5, rtol=1e-5)
 
 
-def test_dispatcher_and_validation():
-    case, q_pos, cu = _chunked_case([[3, 5]], [9], [20], 2, 64, torch.float32)
-    q = _query(20, 2, 64, torch.float32)
+def test_dispatcher_and_validation(device):
+    case, q_pos, cu = _chunked_case([[3, 5]], [9], [20], 2, 64, torch.float32, device=device)
+    q = _query(20, 2, 64, torch.float32, device=device)
     with use_backend("torch"):
         ref, _ = paged_prefill(*_args(case, q, q_pos, cu, 0.125))
     with use_backend("triton"):
@@ -111,12 +120,12 @@ def test_dispatcher_and_validation():
         paged_prefill_torch(*_args(case, q, q_pos, cu, 0.125), obs_window=2, obs_power=3)
 
 
-def test_int32_offset_overflow_pool():
+def test_int32_offset_overflow_pool(device):
     head_dim, block_size = 64, 16
     num_blocks = (1 << 31) // (block_size * head_dim) + 64
     case, q_pos, cu = _chunked_case([[10, 3], [0, 7]], [12, 9], [20, 6], 2, head_dim, torch.float16,
-                                    num_blocks=num_blocks, seed=4)
-    q = _query(int(cu[-1]), 4, head_dim, torch.float16)
+                                    num_blocks=num_blocks, seed=4, device=device)
+    q = _query(int(cu[-1]), 4, head_dim, torch.float16, device=device)
     args = _args(case, q, q_pos, cu, 0.125)
     out_tri, obs_tri = paged_prefill_triton(*args, obs_window=4, obs_power=2)
     out_ref, obs_ref = paged_prefill_torch(*args, obs_window=4, obs_power=2)
@@ -125,10 +134,10 @@ def test_int32_offset_overflow_pool():
 
 
 @pytest.mark.slow
-def test_long_prompt_many_tiles():
+def test_long_prompt_many_tiles(device):
     """Several query and key tiles per head, tile-skipping by position, obs over every query."""
-    case, q_pos, cu = _chunked_case([[100, 61]], [130], [300], 2, 64, torch.float32, seed=6)
-    q = _query(300, 6, 64, torch.float32)
+    case, q_pos, cu = _chunked_case([[100, 61]], [130], [300], 2, 64, torch.float32, seed=6, device=device)
+    q = _query(300, 6, 64, torch.float32, device=device)
     args = _args(case, q, q_pos, cu, 0.125)
     out_tri, obs_tri = paged_prefill_triton(*args, obs_window=300, obs_power=2)
     out_ref, obs_ref = paged_prefill_torch(*args, obs_window=300, obs_power=2)
@@ -137,22 +146,32 @@ def test_long_prompt_many_tiles():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 is only checked on a GPU (interpreter bf16 is wrong)")
-def test_bf16_on_gpu():
-    case, q_pos, cu = _chunked_case([[300, 7]], [400], [513], 2, 128, torch.bfloat16, seed=8)
-    case = type(case)(*(t.cuda() for t in vars(case).values()))
-    q = _query(513, 8, 128, torch.bfloat16).cuda()
-    args = _args(case, q, q_pos.cuda(), cu.cuda(), 128**-0.5)
-    out_tri, obs_tri = paged_prefill_triton(*args, obs_window=32, obs_power=2)
-    out_ref, obs_ref = paged_prefill_torch(*args, obs_window=32, obs_power=2)
-    torch.testing.assert_close(out_tri, out_ref, atol=1.5e-2, rtol=1e-2)
-    torch.testing.assert_close(obs_tri, obs_ref, atol=1.5e-2, rtol=1e-2)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("obs_window", "power"), [(0, 1), (32, 2), (100_000, 1)])
+@pytest.mark.parametrize("geometry", MODEL_GEOMETRIES, ids=lambda g: "x".join(map(str, g)))
+def test_model_geometries_on_gpu(device, geometry, obs_window, power, dtype):
+    """Real-model (H_q, H_kv, D) on CUDA: a fresh 700-token prompt (many query and key tiles) next to a chunk of
+    257 new tokens after a compacted 900-token prefix with per-head survivor counts from 0 to 900."""
+    num_q_heads, num_kv_heads, head_dim = geometry
+    gen = torch.Generator().manual_seed(num_q_heads * head_dim)
+    kept = torch.randint(0, 901, (num_kv_heads,), generator=gen)
+    kept[0] = 0
+    case, q_pos, cu = _chunked_case([[0] * num_kv_heads, kept.tolist()], [0, 900], [700, 257], num_kv_heads,
+                                    head_dim, dtype, seed=num_kv_heads, device=device)
+    q = _query(int(cu[-1]), num_q_heads, head_dim, dtype, seed=head_dim, device=device)
+    args = _args(case, q, q_pos, cu, head_dim**-0.5)
+    out_tri, obs_tri = paged_prefill_triton(*args, obs_window=obs_window, obs_power=power)
+    out_ref, obs_ref = paged_prefill_torch(*args, obs_window=obs_window, obs_power=power)
+    assert out_tri.is_cuda and out_tri.dtype == dtype
+    torch.testing.assert_close(out_tri, out_ref, **TOL[dtype])
+    if obs_window:
+        torch.testing.assert_close(obs_tri, obs_ref, **OBS_TOL[dtype])
 
 
-def test_small_head_dim():
+def test_small_head_dim(device):
     """head_dim 16 with GQA 3 (the project's tiny test Llama)."""
-    case, q_pos, cu = _chunked_case([[5, 9]], [12], [19], 2, 16, torch.float32, seed=13)
-    q = _query(19, 6, 16, torch.float32)
+    case, q_pos, cu = _chunked_case([[5, 9]], [12], [19], 2, 16, torch.float32, seed=13, device=device)
+    q = _query(19, 6, 16, torch.float32, device=device)
     args = _args(case, q, q_pos, cu, 0.25)
     out_tri, obs_tri = paged_prefill_triton(*args, obs_window=6, obs_power=1)
     out_ref, obs_ref = paged_prefill_torch(*args, obs_window=6, obs_power=1)
