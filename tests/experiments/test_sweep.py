@@ -70,14 +70,20 @@ def test_joblib_sweep_and_report(run_cli, tiny: list[str], tmp_path: Path) -> No
 
 def test_multirun_job_error_does_not_stop_the_sweep(run_cli, tiny: list[str], tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    proc = run_cli(
-        "-m", *tiny, "policy=lfu", "budget.ratio=2,100", "budget.protected_window=8", f"hydra.sweep.dir={sweep}"
-    )
-    assert proc.returncode == 0
+    args = ["-m", *tiny, "policy=lfu", "budget.ratio=2,100", "budget.protected_window=8", f"hydra.sweep.dir={sweep}"]
+    proc = run_cli(*args)
+    assert proc.returncode == 1, proc.stderr  # the sweep went on, then says it had a failure
     done, failed = (next(sweep.glob(f"{n}_*")) for n in (0, 1))
     assert read_summary(done)["complete"]
     assert "smaller than the protected tokens" in (failed / "error.txt").read_text()
     assert not (failed / "summary.json").exists()
+    assert f"sweep {sweep}: 1 ran, 0 skipped as complete, 1 failed" in proc.stdout
+    (reason,) = [line for line in proc.stdout.splitlines() if line.startswith(f"  failed {failed.name}: ")]
+    assert "smaller than the protected tokens" in reason
+
+    again = run_cli(*args)  # the finished job is skipped, the failing one fails again
+    assert again.returncode == 1
+    assert f"sweep {sweep}: 0 ran, 1 skipped as complete, 1 failed" in again.stdout
 
 
 def test_report_without_runs_fails_cleanly(tmp_path: Path) -> None:
