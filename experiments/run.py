@@ -72,6 +72,11 @@ def _run(cfg: DictConfig) -> str:
                 f"{fingerprint(cfg)}); use another directory or delete it"
             )
         log.info("already complete, skipping: %s", summary_line(done))
+        if cfg.logger.name == "wandb":  # a sweep first run without wandb can still be sent to it
+            from kvcompress.experiment.tracking import already_logged, read_records, wandb_run_id
+
+            if not already_logged(run_dir, wandb_run_id(run_dir, done), str(cfg.logger.mode)):
+                _log_wandb(cfg, run_dir, done, read_records(run_dir))
         return "skipped"
     try:
         policy = instantiate(cfg.policy)
@@ -86,12 +91,17 @@ def _run(cfg: DictConfig) -> str:
     summary, records = run_experiment(cfg, ctx, policy)
     log.info(summary_line(summary))
     if cfg.logger.name == "wandb":
-        from kvcompress.experiment.tracking import log_run
-
-        multirun = hc.mode == RunMode.MULTIRUN
-        group = Path(hc.sweep.dir).name if multirun else run_dir.name
-        log_run(cfg, run_dir, group, summary, records).finish()
+        _log_wandb(cfg, run_dir, summary, records)
     return "ran"
+
+
+def _log_wandb(cfg: DictConfig, run_dir: Path, summary: dict, records: list[dict]) -> None:
+    """Log a finished run to wandb, grouped by the sweep directory's name (a single run: its own directory's)."""
+    from kvcompress.experiment.tracking import log_run
+
+    hc = HydraConfig.get()
+    group = Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else run_dir.name
+    log_run(cfg, run_dir, group, summary, records).finish()
 
 
 def _fail(message: str, detail: str | None = None) -> None:

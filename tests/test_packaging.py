@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tomllib
 import venv
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 from setuptools import find_packages
 
 REPO = Path(__file__).resolve().parents[1]
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
 
 def test_every_package_directory_is_listed() -> None:
