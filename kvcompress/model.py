@@ -102,6 +102,16 @@ def resolve_dtype(dtype: torch.dtype | str, device: str | torch.device = "cpu") 
     return getattr(torch, name)
 
 
+def enable_tf32(device: torch.device, dtype: torch.dtype) -> bool:
+    """For fp32 on CUDA, let matmuls use TF32 (tensor cores on Ampere+); returns whether it did. CPU: untouched."""
+    if device.type != "cuda" or dtype != torch.float32:
+        return False
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return True
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.float32`` -> ``"float32"`` (the config spelling, also used in cache directory names)."""
     return str(dtype).removeprefix("torch.")
@@ -178,10 +188,7 @@ def load_model(
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    if device.type == "cuda" and dtype == torch.float32:
-        torch.set_float32_matmul_precision("high")  # TF32 matmuls: fp32 runs on Ampere+ at tensor-core speed
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    enable_tf32(device, dtype)
     t0 = time.perf_counter()
     path, cached = resolve_model_path(name_or_path, dtype)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()

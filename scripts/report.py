@@ -136,6 +136,13 @@ def baseline_command(df: pd.DataFrame, root: Path) -> str:
 
 
 def plot(df: pd.DataFrame, path: Path, root: Path | None = None) -> None:
+    """Write :func:`figure` to ``path``."""
+    fig = figure(df, root)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def figure(df: pd.DataFrame, root: Path | None = None) -> plt.Figure:
     """Score and % of full-cache score against effective (logical) compression, log2 x-axis, y from 0 to 100.
 
     A fixed 0-100 y-axis keeps a 50-point drop looking like one. Without a full-cache score the right panel
@@ -180,8 +187,7 @@ def plot(df: pd.DataFrame, path: Path, root: Path | None = None) -> None:
     tasks = ", ".join(sorted(df["task"].unique()))
     fig.suptitle(f"{tasks}: score vs KV-cache compression ({', '.join(sorted(df['model'].unique()))})")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def log_runs_wandb(
