@@ -168,7 +168,11 @@ def figure(df: pd.DataFrame, root: Path | None = None) -> plt.Figure:
     if compressed["pct_of_full"].isna().all():
         if full.empty:
             how = "no full-cache run in this sweep; add one with\n" + textwrap.fill(
-                baseline_command(df, root or Path(".")), 60, subsequent_indent="    "
+                baseline_command(df, root or Path(".")),
+                60,
+                subsequent_indent="    ",
+                break_on_hyphens=False,  # paths and options stay whole, so the command can be copied
+                break_long_words=False,
             )
         else:
             how = "the full-cache run scored 0: % of full is undefined"

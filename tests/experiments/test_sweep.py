@@ -36,6 +36,8 @@ def test_joblib_sweep_and_report(run_cli, tiny: list[str], tmp_path: Path) -> No
     assert proc.returncode == 0, proc.stderr
     summaries = sorted(sweep.glob("*/summary.json"))
     assert len(summaries) == 6
+    # the job statuses written in the joblib workers reach the closing summary
+    assert f"sweep {sweep}: 6 ran, 0 skipped as complete, 0 failed" in proc.stdout
     # readable, flat job directories: number + overrides (paths left out)
     assert len(list(sweep.glob("*_budget.protected_window=8,budget.ratio=4,model=hf,policy=lfu,*/summary.json"))) == 1
 
@@ -123,6 +125,7 @@ def test_submitit_local_launcher(run_cli, tiny: list[str], tmp_path: Path) -> No
     assert proc.returncode == 0, proc.stderr
     summary = read_summary(next(sweep.glob("0_*")))
     assert summary["complete"] and summary["n_samples"] == 1
+    assert f"sweep {sweep}: 1 ran, 0 skipped as complete, 0 failed" in proc.stdout
     assert list((sweep / ".submitit").glob("*/*_result.pkl"))  # the job really went through submitit
 
 
