@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import venv
 from pathlib import Path
 
@@ -31,7 +30,8 @@ def test_non_editable_install_loads_every_policy(tmp_path: Path) -> None:
     venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
     python = env_dir / "bin" / "python"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    install = [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps"]
+    # the venv's python runs the system pip (system site packages) and installs into the venv
+    install = [str(python), "-m", "pip", "install", "-q", "--no-deps"]
     install += ["--no-build-isolation", str(REPO)]  # a wheel build from a copy of the tree, as `pip install .` does
     proc = subprocess.run(install, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
