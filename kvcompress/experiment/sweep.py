@@ -25,7 +25,7 @@ import shlex
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,6 @@ class LaunchState:
     sweep_id: str | None = None
     pinned: bool = False  # hydra.sweep.dir was chosen here, from the overrides
     failed: int = 0
-    started: float = field(default_factory=time.time)
 
 
 STATE = LaunchState()
@@ -178,7 +177,7 @@ class SweepCallback(Callback):
                 config.hydra.overrides.hydra.append(f"hydra.sweep.dir='{directory}'")
         STATE.mode, STATE.directory = "multirun", Path(str(config.hydra.sweep.dir))
         STATE.sweep_id = os.environ[SWEEP_ID_ENV] = uuid.uuid4().hex[:12]
-        STATE.started, STATE.failed = time.time(), 0
+        STATE.failed = 0
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         lines, STATE.failed = sweep_summary(Path(str(config.hydra.sweep.dir)), STATE.sweep_id)

@@ -94,8 +94,7 @@ def read_offline_run(path: Path) -> dict[str, Any]:
                 job_type=run.job_type,
                 tags=list(run.tags),
             )
-            items, target = run.config.update, "config"
-            _apply(out, target, items)
+            _apply(out, "config", run.config.update)
             _apply(out, "summary", run.summary.update)
         elif kind == "config":
             _apply(out, "config", record.config.update)
