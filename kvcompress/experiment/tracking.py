@@ -153,7 +153,5 @@ def log_finished_run(
     return Path(run.dir).parent
 
 
-
-
 def _cell(value: Any) -> Any:
     return ", ".join(value) if isinstance(value, list) else value
