@@ -4,14 +4,23 @@ The run lives in ``<run dir>/wandb/``; ``wandb sync <run dir>/wandb/offline-run-
 metrics go into ``run.summary``; the per-sample records become a ``wandb.Table``; one logged step per run with
 ``compression/logical`` as its x-axis (``define_metric``) lets a project chart score against compression,
 grouped by the sweep (``group``) and coloured by policy.
+
+A run's wandb id is derived from its directory and config hash (:func:`wandb_run_id`), so logging the same
+finished run again (``logger=wandb`` on a re-run, or ``scripts/report.py --wandb``) updates one wandb run rather
+than adding a copy; :func:`log_finished_run` logs a run from its files alone (``.hydra/config.yaml``,
+``summary.json``, ``predictions.jsonl``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from kvcompress.experiment.records import PREDICTIONS, finished_summary
 
 SUMMARY_METRICS = {
     "score": "score",
@@ -48,10 +57,29 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def log_run(cfg: DictConfig, run_dir: Path, group: str, summary: dict[str, Any], records: list[dict[str, Any]]) -> Any:
+def wandb_run_id(run_dir: Path, summary: dict[str, Any]) -> str:
+    """A stable wandb id for the run in ``run_dir``: its config hash and a hash of the directory's absolute path."""
+    where = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:8]
+    return f"{summary.get('config_hash', 'nohash')}-{where}"
+
+
+def already_logged(run_dir: Path, run_id: str, mode: str) -> bool:
+    """Whether ``run_dir/wandb`` holds a run with this id in this mode (``offline-run-*`` or ``run-*``)."""
+    prefix = "offline-run" if mode == "offline" else "run"
+    return any((run_dir / "wandb").glob(f"{prefix}-*-{run_id}"))
+
+
+def log_run(
+    cfg: DictConfig,
+    run_dir: Path,
+    group: str,
+    summary: dict[str, Any],
+    records: list[dict[str, Any]],
+    run_id: str | None = None,
+) -> Any:
     """Create the wandb run and log summary, table and chart point; returns the run (the caller finishes it).
 
-    ``run.summary`` can only be read back before ``run.finish()``.
+    ``run_id`` defaults to :func:`wandb_run_id`. ``run.summary`` can only be read back before ``run.finish()``.
     """
     import wandb  # imported lazily: logger=none never pays its import time
 
@@ -72,6 +100,8 @@ def log_run(cfg: DictConfig, run_dir: Path, group: str, summary: dict[str, Any],
             *(logger_cfg.get("tags") or []),
         ],
         config={**config, "policy.name": summary["policy"]},
+        id=run_id or wandb_run_id(run_dir, summary),
+        resume="allow",
         reinit="finish_previous",
     )
     run.define_metric("compression/logical")
@@ -91,6 +121,36 @@ def log_run(cfg: DictConfig, run_dir: Path, group: str, summary: dict[str, Any],
     for task, entry in summary["per_task"].items():
         run.summary[f"per_task/{task}"] = entry["score"]
     return run
+
+
+def read_records(run_dir: Path) -> list[dict[str, Any]]:
+    """The per-sample records of ``run_dir/predictions.jsonl`` (the last one per sample id), in file order."""
+    path = run_dir / PREDICTIONS
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    by_id = {r["sample_id"]: r for r in (json.loads(line) for line in lines if line.strip())}
+    return list(by_id.values())
+
+
+def log_finished_run(
+    run_dir: Path, group: str, mode: str, project: str, entity: str | None = None, force: bool = False
+) -> Path | None:
+    """Log a finished run from its files to wandb (``mode`` offline/online); returns its local wandb directory.
+
+    Returns None, logging nothing, when the run is not complete or (unless ``force``) was already logged in this
+    mode. Config: the run's ``.hydra/config.yaml`` with ``logger`` set to wandb/``mode``/``project``.
+    """
+    summary = finished_summary(run_dir)
+    config_path = run_dir / ".hydra" / "config.yaml"
+    if summary is None or not config_path.is_file():
+        return None
+    run_id = wandb_run_id(run_dir, summary)
+    if not force and already_logged(run_dir, run_id, mode):
+        return None
+    cfg = OmegaConf.load(config_path)
+    cfg.logger = {"name": "wandb", "mode": mode, "project": project, "entity": entity, "group": None, "tags": []}
+    run = log_run(cfg, run_dir, group, summary, read_records(run_dir), run_id)
+    run.finish()
+    return Path(run.dir).parent
 
 
 def _cell(value: Any) -> Any:

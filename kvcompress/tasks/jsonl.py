@@ -1,5 +1,7 @@
-"""User-supplied jsonl task (design.md §6): one JSON object per line with ``context``, ``question``, ``answers``
-and optional ``task``, ``max_new_tokens``, ``metric``, ``id`` (and ``all_classes`` for ``classification``)."""
+"""User-supplied jsonl task (``task=jsonl``): one JSON object per line with ``context``, ``question``, ``answers``
+and optional ``task``, ``max_new_tokens``, ``metric``, ``id`` (and ``all_classes`` for ``classification``).
+
+The line schema, defaults and errors are documented in docs/EXPERIMENTS.md ("The jsonl task")."""
 
 from __future__ import annotations
 
@@ -73,13 +75,14 @@ class JsonlTask:
             raise TaskDataError(f"{path}: jsonl task file not found")
         out: list[Sample] = []
         seen: dict[str, int] = {}
-        with path.open(encoding="utf-8") as handle:
+        with path.open(encoding="utf-8-sig") as handle:  # -sig: a leading byte-order mark is not part of line 1
             for lineno, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue
                 where = f"{path}:{lineno}"
                 try:
-                    record = json.loads(line)
+                    # without its newline: an error at the end of the line is reported there, not at "line 2 col 1"
+                    record = json.loads(line.rstrip("\r\n"))
                 except json.JSONDecodeError as err:
                     raise TaskDataError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from err
                 fields = _parse_record(record, where)

@@ -187,7 +187,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 continue
             where = f"{path}:{lineno}"
             try:
-                record = json.loads(line)
+                record = json.loads(line.rstrip("\r\n"))  # without the newline: errors at the end point there
             except json.JSONDecodeError as err:
                 raise TaskDataError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from err
             if not isinstance(record, dict):

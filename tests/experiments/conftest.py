@@ -18,6 +18,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 RUN = REPO / "experiments" / "run.py"
 TINY_MAX_POSITIONS = 1024
+# the scripts run as subprocesses import kvcompress from this checkout, whatever checkout is installed editable
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
 
 
 @pytest.fixture(scope="session")

@@ -69,3 +69,24 @@ def test_unknown_group_option_lists_choices(run_cli, group: str) -> None:
     assert proc.returncode != 0
     assert "Traceback" not in proc.stdout + proc.stderr
     assert f"Could not find '{group}/nope'" in proc.stderr and "Available options" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["policy.windw=3"], "policy.windw: LFUPolicy (policy=lfu) has no field 'windw'; its fields: window, metric"),
+        (["model.dtype=fp8"], "model.dtype='fp8' is not supported; accepted: auto, float32, bfloat16, float16"),
+        pytest.param(
+            ["model.device=cuda"],
+            "model.device='cuda': ",
+            marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU-only error"),
+        ),
+    ],
+    ids=["policy-field-typo", "bad-dtype", "cuda-without-cuda"],
+)
+def test_bad_policy_field_or_model_setting(run_cli, tiny: list[str], tmp_path: Path, overrides, expected) -> None:
+    run_dir = tmp_path / "run"
+    proc = run_cli(*tiny, *overrides, f"hydra.run.dir={run_dir}")
+    _assert_clean_error(proc, expected, run_dir)
+    if "device" in expected:
+        assert "available: cpu" in proc.stderr

@@ -73,6 +73,18 @@ def test_invalid_json(tmp_path: Path) -> None:
         JsonlTask(path).samples()
 
 
+@pytest.mark.parametrize(
+    ("line", "column"),
+    [('{"context": "c", "question": ', 30), ('{"context": "c",, "question": "q"}', 17), ('\ufeff{"context" 1}', 12)],
+    ids=["cut-at-end", "double-comma", "bom-on-line-1"],
+)
+def test_invalid_json_column_is_where_the_line_breaks(tmp_path: Path, line: str, column: int) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(line + "\n", encoding="utf-8")
+    with pytest.raises(TaskDataError, match=rf"^{path}:1: invalid JSON \(.* at column {column}\)$"):
+        JsonlTask(path).samples()
+
+
 def test_duplicate_id(tmp_path: Path) -> None:
     path = tmp_path / "dup.jsonl"
     path.write_text("\n".join(json.dumps({**GOOD, "id": "x"}) for _ in range(2)), encoding="utf-8")
