@@ -21,6 +21,7 @@ path is split-K flash-decoding:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -120,25 +121,39 @@ def paged_decode_torch(
     score_power: int = 2,
     num_splits: int | None = None,
     max_len: int | None = None,
+    min_len: int | None = None,
 ) -> torch.Tensor:
     """PyTorch reference of :func:`paged_decode` (gathers each head's slots, softmax in fp32).
 
-    ``num_splits`` is accepted for signature parity and ignored (the reference does not split).
+    Without score accumulation the output comes from torch's fused attention (no probability tensor). With
+    ``min_len == max_len`` no head is padded, so nothing is masked or zeroed. ``num_splits`` is accepted for
+    signature parity and ignored (the reference does not split).
     """
     del num_splits
     block_size, _ = _check_args(q, k_cache, v_cache, block_tables, lengths, score_out, score_power)
     batch, num_q_heads, head_dim = q.shape
+    num_kv_heads = block_tables.shape[1]
     max_len = max_length(lengths) if max_len is None else max_len
     if max_len == 0:
         return torch.zeros_like(q)
+    padded = min_len is None or min_len != max_len
+    if score_out is None:
+        valid = torch.arange(max_len, device=lengths.device) < lengths.unsqueeze(-1).long()
+        keys = gather_blocks(k_cache, block_tables, valid, block_size, max_len, zero_invalid=padded).float()
+        values = gather_blocks(v_cache, block_tables, valid, block_size, max_len, zero_invalid=padded).float()
+        qg = q.float().view(batch, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
+        mask = valid[:, :, None, :] if padded else None
+        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=scale)
+        if padded:  # a length-0 head masks every key: its softmax is NaN, its output 0 by contract
+            out = out.masked_fill((lengths == 0)[:, :, None, None], 0.0)
+        return out.reshape(batch, num_q_heads, head_dim).to(q.dtype)
     probs, valid = decode_probs_torch(q, k_cache, block_tables, lengths, scale, max_len)
-    values = gather_blocks(v_cache, block_tables, valid, block_size, max_len).float()
+    values = gather_blocks(v_cache, block_tables, valid, block_size, max_len, zero_invalid=padded).float()
     out = torch.matmul(probs, values)  # [B, H_kv, G, D]
-    if score_out is not None:
-        contrib = probs.pow(score_power).sum(dim=2)  # [B, Hkv, M]: summed over the group's query heads
-        blocks, offsets, _ = gather_logical(block_tables, lengths, block_size, max_len)
-        slots = blocks * block_size + offsets  # padded slots point at block 0 and add an exact 0 (p is 0 there)
-        score_out.view(-1).index_add_(0, slots.reshape(-1), contrib.reshape(-1))
+    contrib = probs.pow(score_power).sum(dim=2)  # [B, Hkv, M]: summed over the group's query heads
+    blocks, offsets, _ = gather_logical(block_tables, lengths, block_size, max_len)
+    slots = blocks * block_size + offsets  # padded slots point at block 0 and add an exact 0 (p is 0 there)
+    score_out.view(-1).index_add_(0, slots.reshape(-1), contrib.reshape(-1))
     return out.reshape(batch, num_q_heads, head_dim).to(q.dtype)
 
 
@@ -311,8 +326,12 @@ def paged_decode_triton(
     score_power: int = 2,
     num_splits: int | None = None,
     max_len: int | None = None,
+    min_len: int | None = None,
 ) -> torch.Tensor:
-    """Triton implementation of :func:`paged_decode` (split-K flash-decoding + fused score accumulation)."""
+    """Triton implementation of :func:`paged_decode` (split-K flash-decoding + fused score accumulation).
+
+    ``min_len`` is accepted for signature parity and ignored (loads past a head's length are masked anyway)."""
+    del min_len
     block_size, group = _check_args(q, k_cache, v_cache, block_tables, lengths, score_out, score_power)
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = block_tables.shape[1]
@@ -386,6 +405,7 @@ def paged_decode(
     score_power: int = 2,
     num_splits: int | None = None,
     max_len: int | None = None,
+    min_len: int | None = None,
 ) -> torch.Tensor:
     """Decode attention of one new token per sequence over the paged, per-head KV cache.
 
@@ -402,13 +422,15 @@ def paged_decode(
         num_splits: split-K factor; None picks it from the max length and the SM count.
         max_len: ``lengths.max()`` when the caller knows it (the engine keeps lengths on the host); None reads it
             from ``lengths``, which costs a host sync.
+        min_len: ``lengths.min()`` when known: equal to ``max_len``, the torch reference skips all padding work.
 
     Returns:
         ``[B, H_q, D]`` in ``q.dtype``.
     """
     impl = paged_decode_triton if use_triton(q.device) else paged_decode_torch
     return impl(q, k_cache, v_cache, block_tables, lengths, scale,
-                score_out=score_out, score_power=score_power, num_splits=num_splits, max_len=max_len)
+                score_out=score_out, score_power=score_power, num_splits=num_splits, max_len=max_len,
+                min_len=min_len)
 
 
 def decode_kv_bytes(lengths: torch.Tensor, head_dim: int, dtype: torch.dtype) -> int:

@@ -64,6 +64,7 @@ def paged_attention_forward(
             score_out=cache.slot_score if step.decode_power else None,
             score_power=step.decode_power or 1,
             max_len=max_len,
+            min_len=plan.min_len[layer],
         )
         if step.decode_probs and step.observer is not None:
             probs = decode_probs_torch(q, cache.k_cache, tables, lengths, scale, max_len)[0]  # [B, H_kv, G, L]

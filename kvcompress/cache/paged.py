@@ -301,6 +301,7 @@ class PagedKVCache:
             block_tables=self.upload(self.block_tables[:, sid, :, :cols], torch.int32),
             lengths=self.upload(lengths, torch.int32),
             max_len=lengths.reshape(L, -1).max(1).tolist(),
+            min_len=lengths.reshape(L, -1).min(1).tolist(),
         )
 
     def write(self, layer: int, plan: StepPlan, keys: torch.Tensor, values: torch.Tensor) -> None:

@@ -30,9 +30,9 @@ class StepPlan:
     ``block_tables`` ``[L, B, H, cols]`` int32 and ``lengths`` ``[L, B, H]`` int32: the post-step tables the
     kernels read (``cols`` = most blocks any head of the batch holds). ``positions`` ``[T]`` int64 and
     ``cu_seqlens`` ``[B + 1]`` int32 split the packed tokens by sequence; ``slot_positions`` ``[T * H]`` int32 is
-    each written slot's position, in the order of ``slots[layer]``. ``counts``, ``starts`` (first new
-    position of each sequence) and ``max_len`` (longest head per layer) are host copies, so no kernel launch or
-    observation needs to read a size back from the device.
+    each written slot's position, in the order of ``slots[layer]``. ``counts``, ``starts`` (first new position
+    of each sequence), ``max_len`` and ``min_len`` (longest and shortest head per layer) are host copies, so no
+    kernel launch or observation needs to read a size back from the device.
     """
 
     seq_ids: list[int]
@@ -45,6 +45,7 @@ class StepPlan:
     block_tables: torch.Tensor
     lengths: torch.Tensor
     max_len: list[int]
+    min_len: list[int]
 
     @property
     def is_decode(self) -> bool:
