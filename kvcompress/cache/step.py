@@ -13,7 +13,7 @@ its paged cache to ``paged|sdpa``. The step carries
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -46,15 +46,13 @@ class StepPlan:
     lengths: torch.Tensor
     max_len: list[int]
     min_len: list[int]
+    is_decode: bool = field(init=False)  # one token per sequence
+    fresh: bool = field(init=False)  # every sequence starts at position 0: nothing was cached before this forward
 
-    @property
-    def is_decode(self) -> bool:
-        return all(c == 1 for c in self.counts)
-
-    @property
-    def fresh(self) -> bool:
-        """Every sequence starts at position 0: nothing was cached before this forward."""
-        return all(s == 0 for s in self.starts)
+    def __post_init__(self) -> None:
+        # decided once per forward, not in every layer's attention call
+        self.is_decode = all(c == 1 for c in self.counts)
+        self.fresh = all(s == 0 for s in self.starts)
 
 
 @dataclass
