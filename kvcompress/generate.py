@@ -2,9 +2,10 @@
 
 Two evaluation modes (docs/EXPERIMENTS.md, "Prompts and modes"):
 
-* ``query_aware``: the whole prompt (context + question) is prefilled, then compressed, then decoded.
-* ``query_agnostic``: the context is prefilled and compressed before the question is seen; the question is
-  then prefilled on top of the compressed cache, unobserved by the policy.
+* ``query_aware``: context + question are prefilled, then compressed; the template's tail (``suffix``: end of
+  turn, assistant header) is prefilled on the compressed cache, then the answer is decoded.
+* ``query_agnostic``: the context is prefilled and compressed before the question is seen; the question (and
+  the suffix) are then prefilled on top of the compressed cache, unobserved by the policy.
 """
 
 from __future__ import annotations
@@ -27,14 +28,18 @@ def as_request(
     mode: str,
     max_new_tokens: int,
     eos_token_ids: Sequence[int] = (),
+    suffix: Sequence[int] = (),
     **fields,
 ) -> Request:
-    """The request that evaluates ``context`` + ``question`` in ``mode`` (what is compressed, what is not)."""
+    """The request that evaluates ``context + question + suffix`` in ``mode``: what is compressed (context, plus
+    the question when query-aware) and what is prefilled after compression (the rest)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode == "query_agnostic" and question:
-        return Request(request_id, list(context), max_new_tokens, eos_token_ids, question_ids=list(question), **fields)
-    return Request(request_id, [*context, *question], max_new_tokens, eos_token_ids, **fields)
+    if mode == "query_agnostic":
+        compressed, after = list(context), [*question, *suffix]
+    else:
+        compressed, after = [*context, *question], list(suffix)
+    return Request(request_id, compressed, max_new_tokens, eos_token_ids, question_ids=after, **fields)
 
 
 def generate(

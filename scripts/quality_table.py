@@ -55,8 +55,9 @@ VARIANTS = {
 }
 
 
-def run_setup(model, tok, samples, policy_name, allocation, ratios, protected, mode, overrides=None,
-              max_seqs: int = 8) -> Iterator[tuple[str, list[dict]]]:
+def run_setup(
+    model, tok, samples, policy_name, allocation, ratios, protected, mode, overrides=None, max_seqs: int = 8
+) -> Iterator[tuple[str, list[dict]]]:
     """Every sample under every ratio through one engine; yields ``(sample_id, rows)`` as each sample completes.
 
     The requests of one sample share its prompt (query-aware) or context (query-agnostic): the engine prefills it
@@ -64,15 +65,29 @@ def run_setup(model, tok, samples, policy_name, allocation, ratios, protected, m
     policy = load_policy(policy_name, **(overrides or {}))
     prompts = {s.sample_id: build_prompt(tok, s) for s in samples}
     longest = max(len(p) + s.max_new_tokens for s, p in zip(samples, prompts.values(), strict=True))
-    engine = Engine(model, Compressor(policy, Budget(protected_window=protected, allocation=allocation)),
-                    max_seqs=max_seqs, max_tokens_per_head=longest)
+    engine = Engine(
+        model,
+        Compressor(policy, Budget(protected_window=protected, allocation=allocation)),
+        max_seqs=max_seqs,
+        max_tokens_per_head=longest,
+    )
     for sample in samples:
         prompt = prompts[sample.sample_id]
         for r in ratios:
             budget = Budget(ratio=r, protected_window=protected, allocation=allocation)
-            engine.add_request(as_request((sample.sample_id, r), prompt.context_ids, prompt.question_ids, mode,
-                                          sample.max_new_tokens, [tok.eos_token_id], budget=budget,
-                                          share_prefix=sample.sample_id))
+            engine.add_request(
+                as_request(
+                    (sample.sample_id, r),
+                    prompt.context_ids,
+                    prompt.question_ids,
+                    mode,
+                    sample.max_new_tokens,
+                    [tok.eos_token_id],
+                    suffix=prompt.suffix_ids,
+                    budget=budget,
+                    share_prefix=sample.sample_id,
+                )
+            )
     by_id = {s.sample_id: s for s in samples}
     with paged_attention(model):
         yield from _collect(engine, by_id, ratios, tok)
@@ -92,10 +107,16 @@ def _collect(engine: Engine, by_id: dict, ratios: list[float], tok) -> Iterator[
             for ratio in ratios:
                 o = finished[ratio]
                 pred = tok.decode(o.tokens, skip_special_tokens=True)
-                rows.append({"ratio": ratio, "prediction": pred,
-                             "score": score(sample.metric, pred, sample.answers, sample),
-                             "logical": o.memory.logical_compression, "physical": o.memory.physical_compression,
-                             "prompt_tokens": o.prompt_tokens})
+                rows.append(
+                    {
+                        "ratio": ratio,
+                        "prediction": pred,
+                        "score": score(sample.metric, pred, sample.answers, sample),
+                        "logical": o.memory.logical_compression,
+                        "physical": o.memory.physical_compression,
+                        "prompt_tokens": o.prompt_tokens,
+                    }
+                )
             yield sample_id, rows
 
 
@@ -138,8 +159,9 @@ def main() -> None:
                 if not pending:
                     continue
                 rs = [1.0] if label == "full" else ratios
-                for sample_id, rows in run_setup(lm.model, lm.tokenizer, pending, pol, alloc, rs, args.protected,
-                                                 mode, overrides, args.max_seqs):
+                for sample_id, rows in run_setup(
+                    lm.model, lm.tokenizer, pending, pol, alloc, rs, args.protected, mode, overrides, args.max_seqs
+                ):
                     for row in rows:
                         f.write(json.dumps({"setup": label, "mode": mode, "sample_id": sample_id, **row}) + "\n")
                     f.flush()
@@ -157,9 +179,11 @@ def write_table(rows_path: Path, table_path: Path, ratios: list[float]) -> None:
     for mode in sorted({r["mode"] for r in rows}):
         full = agg.get((mode, "full", 1.0), [])
         full_score = sum(r["score"] for r in full) / max(len(full), 1)
-        lines += [f"\n### {mode} (full cache: {full_score:.1f}, n={len(full)})\n",
-                  "| policy | " + " | ".join(f"{r:g}x score (% full) [logical/physical]" for r in ratios) + " |",
-                  "|---|" + "---|" * len(ratios)]
+        lines += [
+            f"\n### {mode} (full cache: {full_score:.1f}, n={len(full)})\n",
+            "| policy | " + " | ".join(f"{r:g}x score (% full) [logical/physical]" for r in ratios) + " |",
+            "|---|" + "---|" * len(ratios),
+        ]
         for setup in sorted({r["setup"] for r in rows if r["mode"] == mode} - {"full"}):
             cells = []
             for ratio in ratios:

@@ -1,14 +1,21 @@
 """Turning a :class:`~kvcompress.tasks.base.Sample` into the token ids the generator prefills.
 
 The model sees ``context + question`` as one user turn of the tokenizer's chat template (with the generation
-prompt). The rendered text is cut where the context ends and both halves are tokenized separately, so
-``context_ids + question_ids`` is the same token sequence in both evaluation modes: query-aware prefills it whole,
-query-agnostic prefills (and compresses) ``context_ids`` first.
+prompt). The rendered text is cut where the context ends and where the question ends, and the three parts are
+tokenized separately, so ``context_ids + question_ids + suffix_ids`` is the same token sequence in both evaluation
+modes. What is compressed differs (kvpress's protocol):
+
+* query-aware compresses ``context_ids + question_ids``; the template's end of turn and assistant header
+  (``suffix_ids``) are prefilled after compression. The policy's observation window therefore ends on the
+  question's last token, not on the header: TOVA, whose window is that one last query, kept 10% of the
+  full-cache score at 8x on niah_single when it observed the header's newline and 50% when it observes the
+  question (docs/RESULTS.md, "Why our TOVA fell behind kvpress's");
+* query-agnostic compresses ``context_ids`` only; ``question_ids + suffix_ids`` come after.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
@@ -25,17 +32,23 @@ class PromptTooLongError(ExperimentError):
 
 @dataclass
 class Prompt:
-    """Token ids of one sample: the compressible context part and the rest (question + assistant header)."""
+    """Token ids of one sample: the context, the question, and the template's tail after the question (end of the
+    user turn and the assistant header; empty without a chat template)."""
 
     context_ids: list[int]
     question_ids: list[int]
+    suffix_ids: list[int] = field(default_factory=list)
 
     @property
     def ids(self) -> list[int]:
-        return self.context_ids + self.question_ids
+        return self.context_ids + self.question_ids + self.suffix_ids
+
+    def compressed_len(self, mode: str) -> int:
+        """Tokens prefilled before compression in ``mode`` (the rest is prefilled after it)."""
+        return len(self.context_ids) + (len(self.question_ids) if mode == "query_aware" else 0)
 
     def __len__(self) -> int:
-        return len(self.context_ids) + len(self.question_ids)
+        return len(self.context_ids) + len(self.question_ids) + len(self.suffix_ids)
 
 
 def render_chat(tokenizer: PreTrainedTokenizerBase, content: str) -> str:
@@ -48,18 +61,18 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, content: str) -> str:
 
 
 def build_prompt(tokenizer: PreTrainedTokenizerBase, sample: Sample) -> Prompt:
-    """Split the rendered prompt of ``sample`` at the end of its context and tokenize both parts."""
+    """Split the rendered prompt of ``sample`` at the end of its context and of its question; tokenize the parts."""
     content = sample.context + sample.question
     text = render_chat(tokenizer, content)
     start = text.find(content)
     if start < 0:
         raise ExperimentError(f"sample {sample.sample_id}: the chat template altered the prompt text; cannot split it")
-    cut = start + len(sample.context)
+    cut, end = start + len(sample.context), start + len(content)
 
     def encode(part: str) -> list[int]:
         return list(tokenizer(part, add_special_tokens=False)["input_ids"]) if part else []
 
-    return Prompt(encode(text[:cut]), encode(text[cut:]))
+    return Prompt(encode(text[:cut]), encode(text[cut:end]), encode(text[end:]))
 
 
 def check_fits(prompt: Prompt, max_new_tokens: int, max_positions: int, sample_id: str) -> None:

@@ -155,8 +155,7 @@ def prepare(samples: list[Sample], cfg: DictConfig, loaded: LoadedModel, comp: C
         new_tokens = int(override) if override is not None else sample.max_new_tokens
         check_fits(prompt, new_tokens, max_positions, sample.sample_id)
         if comp.active:
-            compressed = len(prompt.context_ids) if cfg.task.mode == "query_agnostic" else len(prompt)
-            comp.budget.check(compressed, comp.policy.sinks)
+            comp.budget.check(prompt.compressed_len(cfg.task.mode), comp.policy.sinks)
         items.append(Item(sample, prompt, new_tokens))
     return items
 
@@ -200,6 +199,7 @@ def evaluate(
             mode,
             it.max_new_tokens,
             eos,
+            suffix=it.prompt.suffix_ids,
             share_prefix=it.sample.context_id if mode == "query_agnostic" else None,
         )
         for it in items

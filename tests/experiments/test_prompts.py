@@ -8,6 +8,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from kvcompress.experiment.prompts import Prompt, PromptTooLongError, build_prompt, check_fits, render_chat
+from kvcompress.generate import as_request
 from kvcompress.tasks.base import Sample
 
 
@@ -22,10 +23,30 @@ def test_split_at_end_of_context(tiny_model_dir: Path) -> None:
     rendered = render_chat(tokenizer, sample.prompt)
     context_text = tokenizer.decode(prompt.context_ids)
     question_text = tokenizer.decode(prompt.question_ids)
-    assert context_text + question_text == rendered
+    suffix_text = tokenizer.decode(prompt.suffix_ids)
+    assert context_text + question_text + suffix_text == rendered
     assert context_text.endswith(sample.context) and "<|im_start|>user\n" in context_text
-    assert question_text.startswith(sample.question) and question_text.endswith("<|im_start|>assistant\n")
-    assert prompt.ids == prompt.context_ids + prompt.question_ids and len(prompt) == len(prompt.ids)
+    assert question_text == sample.question
+    assert suffix_text.startswith("<|im_end|>") and suffix_text.endswith("<|im_start|>assistant\n")
+    assert prompt.ids == prompt.context_ids + prompt.question_ids + prompt.suffix_ids
+    assert len(prompt) == len(prompt.ids)
+
+
+def test_query_aware_compresses_through_the_question_only(tiny_model_dir: Path) -> None:
+    """The protocol that decides what a window scorer observes: query-aware compresses context + question and
+    prefills the template's tail (end of turn, assistant header) after compression, as kvpress does; the last
+    observed query is the question's last token, not the header's newline (docs/RESULTS.md, TOVA)."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompt = build_prompt(tokenizer, _sample("The pass key is 12345.\n\n", "What is the pass key?"))
+    aware = as_request(0, prompt.context_ids, prompt.question_ids, "query_aware", 8, suffix=prompt.suffix_ids)
+    agnostic = as_request(1, prompt.context_ids, prompt.question_ids, "query_agnostic", 8, suffix=prompt.suffix_ids)
+    assert list(aware.prompt_ids) == prompt.context_ids + prompt.question_ids
+    assert list(aware.question_ids) == prompt.suffix_ids
+    assert tokenizer.decode(aware.prompt_ids[-1:]) == "?"
+    assert list(agnostic.prompt_ids) == prompt.context_ids
+    assert list(agnostic.question_ids) == prompt.question_ids + prompt.suffix_ids
+    assert prompt.compressed_len("query_aware") == len(aware.prompt_ids)
+    assert prompt.compressed_len("query_agnostic") == len(agnostic.prompt_ids)
 
 
 def test_check_fits_names_the_sample() -> None:
