@@ -17,8 +17,19 @@ from kvcompress.engine import Engine, Request
 from kvcompress.generate import generate
 from kvcompress.model_runner import ModelRunner, make_cache
 
-POLICIES = ["full", "lfu", "h2o", "snapkv", "pyramidkv", "streaming", "tova", "knorm", "random", "keydiff",
-            "expected_attention"]
+POLICIES = [
+    "full",
+    "lfu",
+    "h2o",
+    "snapkv",
+    "pyramidkv",
+    "streaming",
+    "tova",
+    "knorm",
+    "random",
+    "keydiff",
+    "expected_attention",
+]
 PROMPT = 150
 
 
@@ -206,3 +217,36 @@ def test_every_policy_generates_in_both_modes(tiny_llama, mode) -> None:
         assert [len(o.tokens) for o in out] == [3, 3]
         want = 1.0 if name == "full" else 3.0
         assert out[0].memory.logical_compression >= want * (1 if mode == "query_aware" else 0.8)
+
+
+def _dense_last_query_attention(model, tokens: list[int]) -> list[torch.Tensor]:
+    """Per layer ``[T]``: the eager softmax attention of the last token, averaged over every query head."""
+    previous = model.config._attn_implementation
+    model.config._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            out = model(torch.tensor([tokens]), output_attentions=True, use_cache=False)
+    finally:
+        model.config._attn_implementation = previous
+    return [a[0, :, -1, :].mean(0) for a in out.attentions]
+
+
+def test_tova_scores_equal_the_dense_last_query_attention(tiny_llama) -> None:
+    """TOVA's slot scores are the last query's attention averaged over the layer's query heads, by position, after
+    the prompt and after each decode step (kvpress's TOVAPress). At 79bb037 the prefill observation read
+    ``cache.seen`` before the step had advanced it, so every position collapsed onto position 0 and every slot got
+    the same score; TOVA then kept the oldest tokens and scored 20% of full at 4x on niah_single."""
+    gen = prefilled(tiny_llama, "tova", Budget(ratio=3, protected_window=8))
+    tokens = prompt()
+    for step in range(3):
+        reference = _dense_last_query_attention(tiny_llama, tokens)
+        for layer, ref in enumerate(reference):
+            v = gen.cache.view(layer, [gen.seq], with_kv=False)
+            got = v.scores[0][v.valid[0]]
+            want = ref[v.positions[0][v.valid[0]]]
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=f"step {step} layer {layer}")
+            assert got.std() > 0  # the scores discriminate between tokens
+        if step < 2:
+            token = int(gen.logits.argmax())
+            tokens.append(token)
+            gen.logits = gen.runner.forward([gen.seq], [[token]], gen.compressor)[0]
