@@ -31,7 +31,7 @@ uncompressed cache reproduces it. The default pool (room for ``max_seqs`` uncomp
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 
@@ -339,8 +339,11 @@ class Engine:
             picked.append(s)
             tokens += b - a
         picked = self._fit(picked) if picked else []
-        for window in sorted({s.chunks[0][2] for s in picked}):
-            self._prefill_forward([s for s in picked if s.chunks[0][2] == window], window)
+        groups: dict[int, list[Sequence]] = defaultdict(list)  # grouped before any forward pops a chunk
+        for s in picked:
+            groups[s.chunks[0][2]].append(s)
+        for window in sorted(groups):
+            self._prefill_forward(groups[window], window)
 
     def _prefill_forward(self, group: list[Sequence], window: int) -> None:
         t0 = time.perf_counter()

@@ -42,9 +42,7 @@ def test_questions_on_one_context_share_its_prefill_and_compression(tiny_llama):
 
 def test_a_ratio_sweep_forks_one_prefill_per_budget(tiny_llama):
     ratios = [1.0, 2.0, 4.0]
-    requests = [
-        Request(r, CONTEXT, 8, budget=Budget(ratio=r, protected_window=8), share_prefix="ctx") for r in ratios
-    ]
+    requests = [Request(r, CONTEXT, 8, budget=Budget(ratio=r, protected_window=8), share_prefix="ctx") for r in ratios]
     engine = Engine(tiny_llama, _lfu(), max_seqs=4, max_tokens_per_head=256)
     outputs = engine.run(requests)
     assert engine.stats.shared_prefills == 1 and engine.stats.prefill_tokens == len(CONTEXT)
@@ -75,3 +73,19 @@ def test_one_slot_runs_sharers_one_after_another(tiny_llama):
     engine = Engine(tiny_llama, _lfu(), max_seqs=1, max_tokens_per_head=256)
     outputs = engine.run(requests)
     assert engine.stats.shared_prefills == 0 and [len(o.tokens) for o in outputs] == [4, 4, 4]
+
+
+def test_query_aware_ratio_sweeps_of_several_prompts_prefill_their_suffixes_alongside_new_prompts(tiny_llama):
+    """Query-aware sweeps (the quality table): each prompt's forks prefill the template tail (window 0) in the same
+    step as the next prompt's observed chunk (window 8); both groups come from one pick of the prefill step."""
+    suffix = [5, 6, 7]
+    requests = [
+        as_request((p, r), CONTEXT[p:], QUESTIONS[p], "query_aware", 6, suffix=suffix,
+                   budget=Budget(ratio=r, protected_window=8), share_prefix=p)
+        for p in range(2) for r in (2.0, 4.0)
+    ]  # fmt: skip
+    engine = Engine(tiny_llama, _lfu(), max_seqs=6, max_tokens_per_head=256)
+    outputs = engine.run(requests)
+    for req, out in zip(requests, outputs, strict=True):
+        plain = as_request(req.request_id, req.prompt_ids, [], "query_aware", 6, suffix=suffix, budget=req.budget)
+        assert out.tokens == Engine(tiny_llama, _lfu(), max_seqs=1, max_tokens_per_head=256).run([plain])[0].tokens
