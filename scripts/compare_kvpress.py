@@ -197,6 +197,7 @@ def run_ours(args: argparse.Namespace, subset: Path, mode: str, policy: str, rat
         "model=hf",
         f"model.path={args.model}",
         f"model.device={args.device}",
+        f"model.dtype={args.dtype}",
         f"hydra.run.dir={run_dir}",
         "baselines_dir=null",
         "progress=false",
@@ -241,6 +242,8 @@ def run_kvpress(args: argparse.Namespace, subset: Path, mode: str, policy: str, 
         repr(cr),
         "--device",
         args.device,
+        "--dtype",
+        args.dtype,
         "--threads",
         str(args.threads),
     ]
@@ -276,7 +279,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="output directory (rows.jsonl, table.md)")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="HF model directory for both sides")
     parser.add_argument("--kvpress-python", type=Path, default=DEFAULT_KVPRESS_PYTHON)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="both sides (e.g. cuda)")
+    parser.add_argument("--dtype", default="float32", help="both sides: float32 | bfloat16 | float16")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the kvpress worker")
     parser.add_argument(
         "--ours-override", action="append", default=[], help="extra Hydra override for our runs (repeatable)"
