@@ -1,0 +1,330 @@
+"""Compare kvcompress policies with NVIDIA kvpress presses of the same name on the same jsonl samples.
+
+For every mode x policy x ratio (plus each side's full-cache baseline) this runs
+
+- ours: ``experiments/run.py task=jsonl`` (kvcompress's normal evaluation path, one run directory per cell under
+  ``DIR/ours/``), with the policy's default parameters;
+- kvpress: scripts/kvpress_worker.py under the kvpress virtualenv's python (``--kvpress-python``), i.e.
+  kvpress's own ``kv-press-text-generation`` pipeline, greedy, with ``compression_ratio = 1 - 1/ratio``;
+
+scores both sides' predictions with the same ``kvcompress.tasks.metrics`` metric (each line's ``metric``), appends
+one row per side and cell to ``DIR/rows.jsonl`` as it finishes (a re-run skips the cells already there) and
+writes ``DIR/table.md``: per mode x policy x ratio, each side's score, its % of that side's own full cache and
+its kept fraction (share of the prompt's KV entries held when decoding starts: ours from the run's
+``tokens_kept / tokens_seen``; kvpress's from the prompt lengths, ``int(context * (1 - compression_ratio))``
+kept of the compressed context plus the uncompressed question part).
+
+Modes: ``query_agnostic`` is kvpress's default (context compressed, question prefilled afterwards);
+``query_aware`` folds the question into the context on the kvpress side (``context + question``, question "")
+and runs our ``task.mode=query_aware`` (our side then also compresses the chat template's assistant header,
+which kvpress leaves in its uncompressed question part: a few tokens).
+
+    python scripts/compare_kvpress.py --suite docs/results/suites/dev-1k.jsonl --policies tova,snapkv \\
+        --ratios 2,4,8 --modes query_aware,query_agnostic --samples 40 --out outputs/compare_kvpress
+
+See docs/COMPARE_KVPRESS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "scripts" / "kvpress_worker.py"
+DEFAULT_MODEL = Path.home() / ".cache" / "kvcompress" / "models" / "smollm2-float32"
+DEFAULT_KVPRESS_PYTHON = Path.home() / ".venvs" / "kvpress" / "bin" / "python"
+MODES = ("query_aware", "query_agnostic")
+
+# our policy name (conf/policy/<name>.yaml) -> kvpress 0.5.5 press class ("" = no press)
+PRESSES: dict[str, str] = {
+    "full": "",
+    "tova": "TOVAPress",
+    "snapkv": "SnapKVPress",
+    "keydiff": "KeyDiffPress",
+    "knorm": "KnormPress",
+    "streaming": "StreamingLLMPress",
+    "expected_attention": "ExpectedAttentionPress",
+    "h2o": "ObservedAttentionPress",  # the worker loads the model with eager attention for it
+}
+
+
+def press_for(policy: str) -> str:
+    """The kvpress class name of our ``policy`` ("" for ``full``); ValueError for an unmapped name."""
+    if policy not in PRESSES:
+        raise ValueError(f"no kvpress press for policy {policy!r}; accepted: {', '.join(PRESSES)}")
+    return PRESSES[policy]
+
+
+def compression_ratio(ratio: float) -> float:
+    """kvpress's ``compression_ratio`` (fraction removed) for our ``budget.ratio`` (seen / kept)."""
+    if ratio < 1:
+        raise ValueError(f"ratio must be >= 1, got {ratio}")
+    return 1.0 - 1.0 / ratio
+
+
+def cell_key(side: str, mode: str, policy: str, ratio: float) -> str:
+    return f"{side}|{mode}|{policy}|x{ratio:g}"
+
+
+def cells(policies: Sequence[str], ratios: Sequence[float], modes: Sequence[str]) -> list[tuple[str, str, float]]:
+    """(mode, policy, ratio) to evaluate: each mode's full baseline first, then every policy x ratio."""
+    out: list[tuple[str, str, float]] = []
+    for mode in modes:
+        out.append((mode, "full", 1.0))
+        out += [(mode, p, float(r)) for p in policies if p != "full" for r in ratios]
+    return out
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows already in ``rows.jsonl`` (a torn last line from a crash is ignored)."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def pending(todo: Iterable[tuple[str, str, str, float]], rows: Sequence[dict[str, Any]]) -> list[tuple]:
+    """The (side, mode, policy, ratio) cells of ``todo`` without a row yet."""
+    done = {r["key"] for r in rows}
+    return [c for c in todo if cell_key(*c) not in done]
+
+
+def select_samples(records: Sequence[dict[str, Any]], n: int | None) -> list[dict[str, Any]]:
+    """``n`` records spread evenly over the file (so every family is represented), or all of them."""
+    if n is None or n >= len(records):
+        return list(records)
+    return [records[i * len(records) // n] for i in range(n)]
+
+
+def kvpress_inputs(records: Sequence[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
+    """The worker's input lines for ``mode`` (query-aware: question folded into the context)."""
+    out = []
+    for r in records:
+        context, question = r["context"], r["question"]
+        if mode == "query_aware":
+            context, question = context + question, ""
+        out.append(
+            {
+                "id": r["id"],
+                "context": context,
+                "question": question,
+                "max_new_tokens": r.get("max_new_tokens", 64),
+            }
+        )
+    return out
+
+
+def make_row(
+    side: str, mode: str, policy: str, ratio: float, preds: Sequence[dict[str, Any]], kept: float, **extra: Any
+) -> dict[str, Any]:
+    """One ``rows.jsonl`` line: mean score over ``preds`` (each with ``score``) and the kept fraction."""
+    return {
+        "key": cell_key(side, mode, policy, ratio),
+        "side": side,
+        "mode": mode,
+        "policy": policy,
+        "ratio": ratio,
+        "score": sum(p["score"] for p in preds) / max(len(preds), 1),
+        "kept_fraction": kept,
+        "n_samples": len(preds),
+        "predictions": list(preds),
+        **extra,
+    }
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def render_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown: per mode x policy x ratio, score / % of own full / kept fraction for ours and kvpress."""
+    by_key = {r["key"]: r for r in rows}
+    lines = [
+        "| mode | policy | ratio | ours score | ours % of full | ours kept | kvpress score | kvpress % of full "
+        "| kvpress kept | n |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    seen: list[tuple[str, str, float]] = []
+    for r in rows:
+        cell = (r["mode"], r["policy"], r["ratio"])
+        if cell not in seen:
+            seen.append(cell)
+    seen.sort(key=lambda c: (c[0], c[1] != "full", c[1], c[2]))
+    for mode, policy, ratio in seen:
+        cols: list[str] = []
+        n = None
+        for side in ("ours", "kvpress"):
+            row = by_key.get(cell_key(side, mode, policy, ratio))
+            full = by_key.get(cell_key(side, mode, "full", 1.0))
+            score = row["score"] if row else None
+            pct = 100.0 * score / full["score"] if row and full and full["score"] else None
+            cols += [_fmt(score, ".1f"), _fmt(pct, ".0f"), _fmt(row["kept_fraction"] if row else None, ".3f")]
+            n = n or (row["n_samples"] if row else None)
+        lines.append(f"| {mode} | {policy} | {ratio:g} | " + " | ".join(cols) + f" | {_fmt(n, 'd')} |")
+    return "\n".join(lines) + "\n"
+
+
+def _score(record: dict[str, Any], prediction: str) -> float:
+    from kvcompress.tasks.metrics import score
+
+    return score(record.get("metric", "string_match_all"), prediction, record["answers"])
+
+
+def run_ours(args: argparse.Namespace, subset: Path, mode: str, policy: str, ratio: float) -> dict[str, Any]:
+    """One cell through experiments/run.py; predictions rescored here with the same metric as kvpress's."""
+    run_dir = args.out / "ours" / mode / f"{policy}-x{ratio:g}"
+    cmd = [
+        sys.executable,
+        str(ROOT / "experiments" / "run.py"),
+        "task=jsonl",
+        f"task.path={subset}",
+        f"task.mode={mode}",
+        f"policy={policy}",
+        f"budget.ratio={1 if policy == 'full' else ratio:g}",
+        "model=hf",
+        f"model.path={args.model}",
+        f"model.device={args.device}",
+        f"model.dtype={args.dtype}",
+        f"hydra.run.dir={run_dir}",
+        "baselines_dir=null",
+        "progress=false",
+        *args.ours_override,
+    ]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    records = {r["id"]: r for r in _load_jsonl(subset)}
+    preds = []
+    seen = kept = 0
+    for rec in _load_jsonl(run_dir / "predictions.jsonl"):
+        if "sample_id" not in rec:
+            continue
+        ref = records[rec["sample_id"]]
+        preds.append({"id": rec["sample_id"], "prediction": rec["prediction"], "score": _score(ref, rec["prediction"])})
+        seen += rec["tokens_seen"]
+        kept += rec["tokens_kept"]
+    return make_row("ours", mode, policy, ratio, preds, kept / max(seen, 1), wall_s=time.perf_counter() - t0)
+
+
+def run_kvpress(args: argparse.Namespace, subset: Path, mode: str, policy: str, ratio: float) -> dict[str, Any]:
+    """One cell through the kvpress worker; kept fraction from the prompt lengths it reports."""
+    records = _load_jsonl(subset)
+    work = args.out / "kvpress" / mode
+    work.mkdir(parents=True, exist_ok=True)
+    inp = work / "input.jsonl"
+    _write_jsonl(inp, kvpress_inputs(records, mode))
+    out = work / f"{policy}-x{ratio:g}.jsonl"
+    cr = 0.0 if policy == "full" else compression_ratio(ratio)
+    cmd = [
+        str(args.kvpress_python),
+        str(WORKER),
+        "--model",
+        str(args.model),
+        "--input",
+        str(inp),
+        "--out",
+        str(out),
+        "--press",
+        press_for(policy),
+        "--compression-ratio",
+        repr(cr),
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--threads",
+        str(args.threads),
+    ]
+    t0 = time.perf_counter()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the venv must not see kvcompress
+    subprocess.run(cmd, check=True, env=env)
+    by_id = {r["id"]: r for r in records}
+    preds = []
+    total = held = 0
+    for p in _load_jsonl(out):
+        preds.append({"id": p["id"], "prediction": p["prediction"], "score": _score(by_id[p["id"]], p["prediction"])})
+        total += p["context_tokens"] + p["question_tokens"]
+        held += int(p["context_tokens"] * (1 - cr)) + p["question_tokens"]
+    return make_row("kvpress", mode, policy, ratio, preds, held / max(total, 1), wall_s=time.perf_counter() - t0)
+
+
+def _load_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--suite", type=Path, required=True, help="jsonl samples (e.g. from scripts/make_suites.py)")
+    parser.add_argument("--policies", default="tova", help=f"comma-separated, from: {','.join(PRESSES)}")
+    parser.add_argument("--ratios", default="2,4,8", help="comma-separated budget ratios (seen / kept)")
+    parser.add_argument("--modes", default="query_aware", help="comma-separated: query_aware,query_agnostic")
+    parser.add_argument("--samples", type=int, default=None, help="use N samples spread over the suite (all)")
+    parser.add_argument("--out", type=Path, required=True, help="output directory (rows.jsonl, table.md)")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="HF model directory for both sides")
+    parser.add_argument("--kvpress-python", type=Path, default=DEFAULT_KVPRESS_PYTHON)
+    parser.add_argument("--device", default="cpu", help="both sides (e.g. cuda)")
+    parser.add_argument("--dtype", default="float32", help="both sides: float32 | bfloat16 | float16")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the kvpress worker")
+    parser.add_argument(
+        "--ours-override", action="append", default=[], help="extra Hydra override for our runs (repeatable)"
+    )
+    args = parser.parse_args(argv)
+    args.policies = [p for p in args.policies.split(",") if p]
+    args.ratios = [float(r) for r in args.ratios.split(",") if r]
+    args.modes = [m for m in args.modes.split(",") if m]
+    for p in args.policies:
+        press_for(p)
+    bad = [m for m in args.modes if m not in MODES]
+    if bad:
+        parser.error(f"unknown mode(s) {bad}; accepted: {', '.join(MODES)}")
+    args.out = args.out.resolve()
+    args.suite = args.suite.resolve()
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    subset = args.out / "samples.jsonl"
+    records = [{**r, "id": str(r.get("id", f"{args.suite.stem}:{i}"))} for i, r in enumerate(_load_jsonl(args.suite))]
+    chosen = select_samples(records, args.samples)  # every line carries its id: both sides name samples alike
+    if subset.is_file() and _load_jsonl(subset) != chosen:
+        sys.exit(f"error: {args.out} holds rows for other samples (samples.jsonl differs); use another --out")
+    _write_jsonl(subset, chosen)
+    rows_path = args.out / "rows.jsonl"
+    rows = read_rows(rows_path)
+    todo = [(side, *c) for c in cells(args.policies, args.ratios, args.modes) for side in ("ours", "kvpress")]
+    left = pending(todo, rows)
+    print(f"{len(todo) - len(left)} of {len(todo)} cells already in {rows_path}", flush=True)
+    for side, mode, policy, ratio in left:
+        runner = run_ours if side == "ours" else run_kvpress
+        row = runner(args, subset, mode, policy, ratio)
+        with rows_path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+        rows.append(row)
+        print(f"{side:8s} {mode} {policy} x{ratio:g}: score {row['score']:.1f} kept {row['kept_fraction']:.3f}")
+        (args.out / "table.md").write_text(render_table(rows), encoding="utf-8")
+    table = render_table(rows)
+    (args.out / "table.md").write_text(table, encoding="utf-8")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,264 @@
+"""Write the "dev" and "heldout" retrieval suites (RULER-style, jsonl for ``task=jsonl``).
+
+Each suite has 5 task families of 8 samples, scored with ``string_match_all``:
+
+- ``passkey``: one number in filler ("The pass key is 12345.");
+- ``multikey``: four keyed 7-digit numbers, one asked (niah_multikey style); 4 contexts x 2 questions, so
+  pairs of samples share a context (and a ``context_id`` in query-agnostic mode);
+- ``person``: a fact about a person among three distractor people ("Alice's favourite city is Lima."); 4
+  contexts x 2 questions as well;
+- ``word``: a keyed made-up word among three distractor words;
+- ``two_needles``: one key with two values, both asked (niah_multivalue style).
+
+The two suites share the families but not the wording: "heldout" has its own needle sentences, filler (prose
+instead of RULER's "The grass is green." noise), intro, question wording, name/city pools and seeds. Tune on
+"dev" only; "heldout" is for checking that a choice transfers.
+
+Prompts are sized in tokens of the SmolLM2 tokenizer (``context + question``, no chat template, as
+``kvcompress.tasks.synthetic.SyntheticTask`` does) and are deterministic per suite, token target and seed::
+
+    python scripts/make_suites.py                       # docs/results/suites/{dev,heldout}-1k.jsonl
+    python scripts/make_suites.py --tokens 4000         # {dev,heldout}-4k.jsonl
+    python scripts/make_suites.py --out /tmp/s --tokens 2000 --seed 3
+
+    python experiments/run.py task=jsonl task.path=docs/results/suites/dev-1k.jsonl policy=tova budget.ratio=4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvcompress.tasks.synthetic import insert_at_depths, noise, pseudo_word, random_keys, random_numbers, sweep_depth
+from kvcompress.tasks.tokens import Tokenizer, fit_to_tokens
+
+FAMILIES = ("passkey", "multikey", "person", "word", "two_needles")
+PER_FAMILY = 8
+QUESTIONS_PER_CONTEXT = {"multikey": 2, "person": 2}  # the others: one question per context
+MAX_NEW_TOKENS = {"passkey": 16, "multikey": 24, "person": 16, "word": 16, "two_needles": 40}
+SUITE_SEEDS = {"dev": 0, "heldout": 1000}  # added to --seed
+
+_HELDOUT_FILLER = (
+    "The morning train left the station a few minutes late, as it usually did on market days.",
+    "Along the river, the old mill had been turned into a small museum about local weaving.",
+    "Most visitors stopped at the bakery on the corner before walking up the hill to the church.",
+    "In the afternoon the wind picked up, and the fishing boats stayed close to the harbour wall.",
+    "A committee of volunteers met every Thursday to plan the summer festival and its parade.",
+    "The library kept its records in tall wooden cabinets that smelled faintly of cedar.",
+    "Children from the village school planted a row of apple trees behind the football pitch.",
+    "During the winter months the road over the pass was often closed for several days.",
+    "The town council argued for years about where to build the new footbridge.",
+    "Every spring the meadows turned yellow with buttercups and the bees came back to the hives.",
+    "The post office also sold stamps, newspapers, fishing licences and postcards of the lake.",
+    "Nobody remembered exactly when the clock on the square had stopped at a quarter past four.",
+)
+
+
+def heldout_filler(n: int) -> list[str]:
+    """``n`` sentences of village prose (the heldout haystack), cycling through a fixed list."""
+    return [_HELDOUT_FILLER[(i * 5) % len(_HELDOUT_FILLER)] for i in range(n)]
+
+
+@dataclass(frozen=True)
+class Style:
+    """The wording of one suite: filler, intro and, per family, needle and question templates."""
+
+    filler: Callable[[int], list[str]]
+    intro: str
+    passkey_needle: str  # {key}
+    passkey_question: str
+    multikey_needle: str  # {key} {value}
+    multikey_question: str  # {key}
+    person_needle: str  # {key} {value}
+    person_question: str  # {key}
+    word_needle: str  # {key} {value}
+    word_question: str  # {key}
+    two_needle: str  # {key} {value}
+    two_question: str  # {key}
+    names: tuple[str, ...]
+    cities: tuple[str, ...]
+
+
+DEV = Style(
+    filler=noise,
+    intro=(
+        "Some special information is hidden within the following text. Make sure to memorize it. "
+        "I will quiz you about it afterwards.\n\n"
+    ),
+    passkey_needle="The pass key is {key}. Remember it. {key} is the pass key.",
+    passkey_question="What is the pass key? The pass key is",
+    multikey_needle="One of the special magic numbers for {key} is: {value}.",
+    multikey_question=(
+        "What is the special magic number for {key} mentioned in the provided text? "
+        "The special magic number for {key} mentioned in the provided text is"
+    ),
+    person_needle="{key}'s favourite city is {value}.",
+    person_question="What is {key}'s favourite city? {key}'s favourite city is",
+    word_needle="The special magic word for {key} is: {value}.",
+    word_question=(
+        "What is the special magic word for {key} mentioned in the provided text? "
+        "The special magic word for {key} mentioned in the provided text is"
+    ),
+    two_needle="One of the special magic numbers for {key} is: {value}.",
+    two_question=(
+        "What are all the special magic numbers for {key} mentioned in the provided text? "
+        "The special magic numbers for {key} mentioned in the provided text are"
+    ),
+    names=("Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry", "Irene", "James", "Laura", "Oscar"),
+    cities=("Lima", "Oslo", "Cairo", "Dublin", "Nairobi", "Kyoto", "Lisbon", "Denver", "Hanoi", "Zurich", "Perth"),
+)
+
+HELDOUT = Style(
+    filler=heldout_filler,
+    intro="Read the notes below carefully; a few details in them will be asked about later.\n\n",
+    passkey_needle="Note for the night guard: the door code is {key}, and {key} opens the side door too.",
+    passkey_question="Which door code did the note for the night guard give? Answer:",
+    multikey_needle="The archive registered item {key} under the reference {value}.",
+    multikey_question="Under which reference did the archive register item {key}? Answer:",
+    person_needle="Everyone in the village knew that {key} had been born in {value}.",
+    person_question="In which city was {key} born? Answer:",
+    word_needle="The password chosen for the {key} account was the word {value}.",
+    word_question="Which word was chosen as the password for the {key} account? Answer:",
+    two_needle="A ticket for the {key} lottery was drawn with the number {value}.",
+    two_question="Which two numbers were drawn for the {key} lottery? Answer:",
+    names=("Marta", "Tomas", "Ingrid", "Pavel", "Yusuf", "Keiko", "Rafael", "Sofia", "Anders", "Nadia", "Luca"),
+    cities=("Porto", "Krakow", "Quito", "Tbilisi", "Bergen", "Mombasa", "Seville", "Tallinn", "Osaka", "Accra"),
+)
+
+STYLES = {"dev": DEV, "heldout": HELDOUT}
+
+
+@dataclass
+class Context:
+    """One generated haystack: its needles (``(depth, sentence)``) and the questions asked about it."""
+
+    needles: list[tuple[float, str]]
+    questions: list[tuple[str, list[str]]]  # (question, answers)
+
+
+def draft(style: Style, family: str, rng: random.Random, depth: float) -> Context:
+    """Needles and questions of one context of ``family``; the first asked needle sits at ``depth``."""
+    if family == "passkey":
+        key = random_numbers(rng, 1, 5)[0]
+        return Context([(depth, style.passkey_needle.format(key=key))], [(style.passkey_question, [key])])
+    if family == "two_needles":
+        key = random_keys(rng, 1)[0]
+        values = random_numbers(rng, 2, 7)
+        depths = sorted([depth, rng.random()])
+        needles = [(d, style.two_needle.format(key=key, value=v)) for d, v in zip(depths, values, strict=True)]
+        return Context(needles, [(style.two_question.format(key=key), values)])
+    if family == "person":
+        keys, values = rng.sample(style.names, 4), rng.sample(style.cities, 4)
+        needle, question = style.person_needle, style.person_question
+    elif family == "multikey":
+        keys, values = random_keys(rng, 4), random_numbers(rng, 4, 7)
+        needle, question = style.multikey_needle, style.multikey_question
+    elif family == "word":
+        keys, values = random_keys(rng, 4), []
+        while len(values) < 4:
+            word = pseudo_word(rng)
+            if word not in values:
+                values.append(word)
+        needle, question = style.word_needle, style.word_question
+    else:
+        raise ValueError(f"unknown family {family!r}; accepted: {', '.join(FAMILIES)}")
+    pairs = enumerate(zip(keys, values, strict=True))
+    needles = [(depth if i == 0 else rng.random(), needle.format(key=k, value=v)) for i, (k, v) in pairs]
+    asked = range(QUESTIONS_PER_CONTEXT.get(family, 1))
+    return Context(needles, [(question.format(key=keys[i]), [values[i]]) for i in asked])
+
+
+# The blank line between context and question is split "\n" | "\nQuestion": tokenized apart (as kvcompress's prompts
+# and kvpress's query-agnostic mode do) or whole (kvpress's query-aware mode: context + question), the tokens are the
+# same. A context ending in "\n\n" would not be: "\n\n" alone is one token, "\n\nWhat" is "\n", "\n", "What".
+BOUNDARY = "\n"
+
+
+def check_boundary(tokenizer: Tokenizer, context: str, question: str) -> None:
+    """Raise ValueError unless ``context + question`` tokenizes as ``context`` then ``question``."""
+
+    def ids(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    if ids(context + question) != ids(context) + ids(question):
+        raise ValueError(f"context/question boundary is not token-stable: {context[-20:]!r} | {question[:20]!r}")
+
+
+def family_records(
+    style: Style, suite: str, family: str, tokenizer: Tokenizer, tokens: int, seed: int
+) -> list[dict[str, object]]:
+    """The jsonl records of one family: ``PER_FAMILY`` samples, needle depth sweeping 0 to 1 over contexts."""
+    per_context = QUESTIONS_PER_CONTEXT.get(family, 1)
+    n_contexts = PER_FAMILY // per_context
+    out: list[dict[str, object]] = []
+    for c in range(n_contexts):
+        rng = random.Random(f"{suite}:{family}:{seed}:{c}")
+        ctx = draft(style, family, rng, sweep_depth(c, n_contexts))
+        longest = max((q for q, _ in ctx.questions), key=len)
+
+        def build(n: int, ctx: Context = ctx, longest: str = longest) -> tuple[str, str]:
+            return style.intro + insert_at_depths(style.filler(n), ctx.needles) + "\n", BOUNDARY + longest
+
+        context, _ = fit_to_tokens(build, tokenizer, tokens)  # sized with the longest question: one shared context
+        for q, (question, answers) in enumerate(ctx.questions):
+            question = BOUNDARY + question
+            check_boundary(tokenizer, context, question)
+            out.append(
+                {
+                    "id": f"{suite}-{tokens}-{family}-{c * per_context + q:02d}",
+                    "task": family,
+                    "context": context,
+                    "question": question,
+                    "answers": answers,
+                    "metric": "string_match_all",
+                    "max_new_tokens": MAX_NEW_TOKENS[family],
+                }
+            )
+    return out
+
+
+def suite_records(suite: str, tokenizer: Tokenizer, tokens: int, seed: int = 0) -> list[dict[str, object]]:
+    """Every record of ``suite`` ("dev" or "heldout"), family by family."""
+    style = STYLES[suite]
+    return [r for f in FAMILIES for r in family_records(style, suite, f, tokenizer, tokens, seed + SUITE_SEEDS[suite])]
+
+
+def suffix(tokens: int) -> str:
+    """File-name size tag: ``1k`` for 1000, ``4k`` for 4000, else the number."""
+    return f"{tokens // 1000}k" if tokens % 1000 == 0 else str(tokens)
+
+
+def write_jsonl(path: Path, records: Sequence[dict[str, object]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for r in records:
+            handle.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=1000, help="target tokens of context + question (1000)")
+    parser.add_argument("--out", type=Path, default=Path("docs/results/suites"), help="output directory")
+    parser.add_argument("--seed", type=int, default=0, help="base seed (heldout adds 1000)")
+    parser.add_argument("--suites", default="dev,heldout", help="comma-separated: dev,heldout")
+    parser.add_argument("--model", default="smollm2", help="tokenizer: 'smollm2' or a local HF directory")
+    args = parser.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    from kvcompress.model import resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.model)[0])
+    for suite in args.suites.split(","):
+        records = suite_records(suite, tokenizer, args.tokens, args.seed)
+        path = args.out / f"{suite}-{suffix(args.tokens)}.jsonl"
+        write_jsonl(path, records)
+        print(f"{path}: {len(records)} samples, {len({r['context'] for r in records})} contexts")
+
+
+if __name__ == "__main__":
+    main()

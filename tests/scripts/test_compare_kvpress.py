@@ -1,0 +1,148 @@
+"""scripts/compare_kvpress.py (pure parts: press names, ratios, resume, table; no kvpress needed) and
+scripts/make_suites.py (with a word-level stand-in tokenizer: sizes, families, shared contexts, determinism)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvcompress.tasks.jsonl import JsonlTask
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve string annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def compare():
+    return _load("compare_kvpress")
+
+
+@pytest.fixture(scope="module")
+def suites():
+    return _load("make_suites")
+
+
+class WordTokenizer:
+    """Words and single whitespace characters as tokens (stable ids from a growing vocabulary)."""
+
+    def __init__(self) -> None:
+        self.vocab: dict[str, int] = {}
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": [self.vocab.setdefault(t, len(self.vocab)) for t in re.findall(r"\S+|\s", text)]}
+
+
+def test_press_names(compare):
+    assert compare.press_for("tova") == "TOVAPress"
+    assert compare.press_for("h2o") == "ObservedAttentionPress"
+    assert compare.press_for("streaming") == "StreamingLLMPress"
+    assert compare.press_for("expected_attention") == "ExpectedAttentionPress"
+    assert compare.press_for("full") == ""
+    assert set(compare.PRESSES) == {
+        "full",
+        "tova",
+        "snapkv",
+        "keydiff",
+        "knorm",
+        "streaming",
+        "expected_attention",
+        "h2o",
+    }
+    with pytest.raises(ValueError, match="no kvpress press"):
+        compare.press_for("lfu")
+
+
+def test_press_classes_exist_when_kvpress_installed(compare):
+    kvpress = pytest.importorskip("kvpress")
+    for name in filter(None, compare.PRESSES.values()):
+        assert hasattr(kvpress, name), name
+
+
+def test_compression_ratio(compare):
+    assert compare.compression_ratio(1) == 0.0
+    assert compare.compression_ratio(4) == pytest.approx(0.75)
+    with pytest.raises(ValueError):
+        compare.compression_ratio(0.5)
+
+
+def test_cells_put_each_mode_baseline_first(compare):
+    cells = compare.cells(["tova", "full", "snapkv"], [2.0, 4.0], ["query_aware", "query_agnostic"])
+    assert cells[0] == ("query_aware", "full", 1.0)
+    assert cells[5] == ("query_agnostic", "full", 1.0)
+    assert len(cells) == 2 * (1 + 2 * 2)
+
+
+def test_resume_skips_rows_present(compare, tmp_path):
+    rows_path = tmp_path / "rows.jsonl"
+    done = compare.make_row("ours", "query_aware", "tova", 4.0, [{"score": 100.0}], 0.25)
+    rows_path.write_text(json.dumps(done) + "\n" + '{"key": "torn', encoding="utf-8")  # torn last line
+    rows = compare.read_rows(rows_path)
+    assert [r["key"] for r in rows] == [done["key"]]
+    todo = [("ours", "query_aware", "tova", 4.0), ("kvpress", "query_aware", "tova", 4.0)]
+    assert compare.pending(todo, rows) == [("kvpress", "query_aware", "tova", 4.0)]
+
+
+def test_table(compare):
+    preds = lambda *scores: [{"score": s} for s in scores]
+    rows = [
+        compare.make_row("ours", "query_aware", "tova", 4.0, preds(50.0, 0.0), 0.25),
+        compare.make_row("ours", "query_aware", "full", 1.0, preds(100.0, 0.0), 1.0),
+        compare.make_row("kvpress", "query_aware", "full", 1.0, preds(100.0, 100.0), 1.0),
+        compare.make_row("kvpress", "query_aware", "tova", 4.0, preds(100.0, 50.0), 0.254),
+    ]
+    lines = compare.render_table(rows).splitlines()
+    assert lines[0].startswith("| mode | policy | ratio | ours score")
+    assert lines[2] == "| query_aware | full | 1 | 50.0 | 100 | 1.000 | 100.0 | 100 | 1.000 | 2 |"
+    assert lines[3] == "| query_aware | tova | 4 | 25.0 | 50 | 0.250 | 75.0 | 75 | 0.254 | 2 |"
+    # a side not run yet shows dashes
+    partial = compare.render_table(rows[:1]).splitlines()[2]
+    assert partial == "| query_aware | tova | 4 | 25.0 | - | 0.250 | - | - | - | 2 |"
+
+
+def test_kvpress_inputs_fold_question_in_query_aware(compare):
+    recs = [{"id": "a", "context": "C\n", "question": "\nQ?", "answers": ["x"], "max_new_tokens": 8}]
+    aware = compare.kvpress_inputs(recs, "query_aware")[0]
+    agnostic = compare.kvpress_inputs(recs, "query_agnostic")[0]
+    assert (aware["context"], aware["question"]) == ("C\n\nQ?", "")
+    assert (agnostic["context"], agnostic["question"], agnostic["max_new_tokens"]) == ("C\n", "\nQ?", 8)
+
+
+def test_select_samples_spreads(compare):
+    recs = [{"id": i} for i in range(40)]
+    assert [r["id"] for r in compare.select_samples(recs, 5)] == [0, 8, 16, 24, 32]
+    assert compare.select_samples(recs, None) == recs
+
+
+def test_suites(suites, tmp_path):
+    tok = WordTokenizer()
+    dev = suites.suite_records("dev", tok, 300)
+    assert dev == suites.suite_records("dev", tok, 300)  # deterministic
+    held = suites.suite_records("heldout", tok, 300)
+    assert len(dev) == len(held) == 40
+    for records in (dev, held):
+        assert [r["task"] for r in records] == [f for f in suites.FAMILIES for _ in range(8)]
+        for r in records:
+            assert all(a in r["context"] for a in r["answers"])
+            assert len(tok("".join((r["context"], r["question"])))["input_ids"]) <= 300
+        # multikey and person ask two questions of each context
+        assert len({r["context"] for r in records}) == 32
+    assert not {r["context"] for r in dev} & {r["context"] for r in held}
+    assert not {r["question"] for r in dev} & {r["question"] for r in held}
+    path = tmp_path / "dev.jsonl"
+    suites.write_jsonl(path, dev)
+    samples = JsonlTask(path).samples()
+    assert len({s.context_id for s in samples}) == 32
+    assert samples[0].sample_id == "dev-300-passkey-00"
