@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from kvcompress.allocators import ALLOCATORS
 from kvcompress.budget import Budget
 from kvcompress.compressor import Compressor
 from kvcompress.experiment.policy_config import load_policy
@@ -100,3 +101,13 @@ def test_hybrids_generate(tiny_llama, mode) -> None:
         out = generate(tiny_llama, [(ctx, q), (ctx[:80], q)], comp, max_new_tokens=3, mode=mode)
         assert [len(o.tokens) for o in out] == [3, 3]
         assert out[0].memory.logical_compression >= 3.0 * (1 if mode == "query_aware" else 0.8)
+
+
+@pytest.mark.parametrize("allocation", list(ALLOCATORS))
+def test_every_allocation_honours_the_budget(tiny_llama, allocation) -> None:
+    kept = kept_after_compress(
+        tiny_llama, load_policy("hybrid"), Budget(ratio=4, protected_window=8, allocation=allocation)
+    )
+    counts = torch.tensor([[len(pos) for pos in heads] for heads in kept])
+    assert abs(counts.sum().item() - PROMPT / 4 * counts.numel()) <= max(counts.numel(), 16)
+    assert all(set(range(PROMPT - 8, PROMPT)) <= pos for heads in kept for pos in heads)
