@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 
 class BudgetError(ValueError):
@@ -17,7 +18,10 @@ class Budget:
     ``ratio`` keeps 1/ratio of the tokens seen (summed over every layer and kv head); ``max_cache_tokens`` instead
     fixes the average number of tokens per kv head (KV-Compress's ``max_cache_tokens``) and wins when set.
     The last ``protected_window`` tokens and the first ``n_sinks`` tokens of every head are never evicted and
-    count inside the budget. ``allocation`` names the allocator (see :mod:`kvcompress.allocators`).
+    count inside the budget. ``protected_fraction`` (None: off) caps the recent window at that share of the per-head
+    target, ``min(protected_window, floor(protected_fraction × per_head_target))``, so a high ratio on a short
+    input keeps most of its budget for scored tokens (see :meth:`protected`). ``allocation`` names the allocator
+    (see :mod:`kvcompress.allocators`) and ``allocator_args`` its parameters (its dataclass fields).
     ``compress_every`` > 0 re-compresses every N decode steps (continual compression); 0 compresses only after
     the prompt.
     """
@@ -27,7 +31,9 @@ class Budget:
     protected_window: int = 32
     n_sinks: int = 0
     allocation: str = "uniform"
+    allocator_args: dict[str, Any] | None = None  # None: the allocator's defaults; stored as a dict
     compress_every: int = 0
+    protected_fraction: float | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.ratio, (int, float)) and self.ratio >= 1):
@@ -36,6 +42,12 @@ class Budget:
             raise BudgetError(f"budget.max_cache_tokens must be >= 1 tokens per kv head, got {self.max_cache_tokens}")
         if self.protected_window < 0 or self.n_sinks < 0 or self.compress_every < 0:
             raise BudgetError("budget.protected_window, budget.n_sinks and budget.compress_every must be >= 0")
+        if self.protected_fraction is not None and not 0 <= self.protected_fraction <= 1:
+            raise BudgetError(
+                f"budget.protected_fraction must be null (off) or in [0, 1] (a share of the per-head budget), "
+                f"got {self.protected_fraction!r}"
+            )
+        self.allocator_args = dict(self.allocator_args or {})
 
     @property
     def compresses(self) -> bool:
@@ -47,14 +59,22 @@ class Budget:
             return float(self.max_cache_tokens)
         return seen / self.ratio
 
+    def protected(self, seen: int) -> int:
+        """Recent tokens never evicted for a sequence that has seen ``seen`` tokens: ``protected_window``, capped at
+        ``floor(protected_fraction × per_head_target(seen))`` when ``protected_fraction`` is set."""
+        if self.protected_fraction is None:
+            return self.protected_window
+        return min(self.protected_window, math.floor(self.protected_fraction * self.per_head_target(seen)))
+
     def check(self, seen: int, extra_protected: int = 0) -> None:
         """Raise :class:`BudgetError` when the budget is smaller than what is always kept."""
-        floor = self.protected_window + self.n_sinks + extra_protected
+        window = self.protected(seen)
+        floor = window + self.n_sinks + extra_protected
         target = self.per_head_target(seen)
         if seen > floor and math.floor(target) < floor:
             raise BudgetError(
                 f"the budget ({target:.1f} tokens per kv head for a {seen}-token sequence"
                 f"{f' at ratio {self.ratio:g}' if self.max_cache_tokens is None else ''}) is smaller than the "
-                f"protected tokens ({self.protected_window} recent + {self.n_sinks + extra_protected} sinks). "
+                f"protected tokens ({window} recent + {self.n_sinks + extra_protected} sinks). "
                 "Lower budget.protected_window / budget.n_sinks, use a smaller ratio, or use longer inputs."
             )

@@ -18,9 +18,7 @@ from kvcompress.allocators.base import keep_top
 from kvcompress.budget import Budget
 from kvcompress.cache.paged import PagedKVCache
 from kvcompress.cache.step import DecodeObservation, ForwardStep, PrefillObservation
-from kvcompress.policies.base import Policy
-
-_BIG = 1e30
+from kvcompress.policies.base import Policy, finite_ranks
 
 
 @dataclass
@@ -34,17 +32,17 @@ class Compressor:
     def __post_init__(self) -> None:
         self.check_budget(self.budget)
         if self.allocator is None:
-            self.allocator = build_allocator(self.budget.allocation)
+            self.allocator = build_allocator(self.budget.allocation, self.budget.allocator_args)
 
     def check_budget(self, budget: Budget) -> None:
         """Raise ``ValueError`` when ``budget``'s allocation is unknown or does not compose with the policy."""
-        allowed = type(self.policy).allocations
+        allowed = self.policy.allocations  # an instance may narrow its class's (a hybrid: its children's)
         if allowed is not None and budget.allocation not in allowed:
             raise ValueError(
                 f"policy {type(self.policy).__name__} does not compose with budget.allocation="
                 f"{budget.allocation!r}: it supports {', '.join(allowed)}"
             )
-        build_allocator(budget.allocation)
+        build_allocator(budget.allocation, budget.allocator_args)
 
     @property
     def active(self) -> bool:
@@ -96,6 +94,7 @@ class Compressor:
         for s in seen_h.tolist():
             budget.check(s, self.policy.sinks)
         seen = torch.as_tensor(seen_h, device=cache.device)
+        recent = seen - torch.tensor([budget.protected(s) for s in seen_h.tolist()], device=cache.device)  # [S]
         views = [cache.view(layer, seq_ids, with_kv=self.policy.needs_kv) for layer in range(cache.num_layers)]
         N = max(v.valid.shape[-1] for v in views)
         if N == 0:
@@ -103,8 +102,8 @@ class Compressor:
         n_sinks = budget.n_sinks + self.policy.sinks
         ranks = []
         for v in views:
-            r = self.policy.rank(v, seen).float().nan_to_num(nan=-_BIG, posinf=_BIG, neginf=-_BIG).clamp(-_BIG, _BIG)
-            protected = (v.positions >= (seen[:, None, None] - budget.protected_window)) | (v.positions < n_sinks)
+            r = finite_ranks(self.policy.rank(v, seen))
+            protected = (v.positions >= recent[:, None, None]) | (v.positions < n_sinks)
             r = torch.where(protected, torch.inf, r).masked_fill(~v.valid, -torch.inf)
             ranks.append(torch.nn.functional.pad(r, (0, N - r.shape[-1]), value=-torch.inf))
         ranks_t = torch.stack(ranks)  # [L, S, H, N]
@@ -114,7 +113,7 @@ class Compressor:
         target = torch.tensor(
             [budget.per_head_target(s) * per_seq for s in seen_h.tolist()], dtype=torch.float64, device=cache.device
         )
-        same = budget.allocation == self.budget.allocation
-        allocator = self.allocator if same else build_allocator(budget.allocation)
+        same = (budget.allocation, budget.allocator_args) == (self.budget.allocation, self.budget.allocator_args)
+        allocator = self.allocator if same else build_allocator(budget.allocation, budget.allocator_args)
         counts = allocator.allocate(ranks_t, lengths, floor, target, cache.block_size)
         return cache.evict(seq_ids, keep_top(ranks_t, counts))

@@ -6,6 +6,10 @@ decode together. Results append to ``<out>/rows.jsonl`` as they complete (re-run
 goes to ``<out>/table.md``.
 
     python scripts/quality_table.py --out results/quality --samples 3 --tokens 1000
+
+A setup may carry allocator arguments after a colon (``budget.allocator_args``), each ``key=value``:
+
+    --setups lfu+global,lfu+global:floor=0.2,normalize=sum,hybrid
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import yaml
 
+from kvcompress.allocators import build_allocator
 from kvcompress.budget import Budget
 from kvcompress.compressor import Compressor
 from kvcompress.engine import Engine
@@ -47,16 +53,55 @@ SETUPS = [
     ("knorm", "knorm", "uniform"),
     ("random", "random", "uniform"),
 ]
-# Variants of the KV-Compress pair, run only when named in --setups (label -> policy overrides).
+# Variants, run only when named in --setups (label -> policy config, allocation, policy overrides).
 VARIANTS = {
     "lfu-allq+global": ("lfu", "global", {"window": -1}),
     "lfu-L1avg+global": ("lfu", "global", {"metric": "L1-avg"}),
     "lfu-nopool+global": ("lfu", "global", {"pool_kernel": 1}),
+    "hybrid": ("hybrid", "uniform", {}),
 }
 
 
+def split_setups(text: str) -> list[str]:
+    """``--setups`` into setup names: a comma-separated ``key=value`` continues the previous setup's arguments
+    (``a,b:floor=0.2,normalize=sum`` -> ``["a", "b:floor=0.2,normalize=sum"]``); setup labels hold no ``=``."""
+    names: list[str] = []
+    for token in text.split(","):
+        if "=" in token and ":" not in token and names:
+            names[-1] += f",{token}"
+        else:
+            names.append(token)
+    return names
+
+
+def resolve_setup(name: str) -> tuple[str, str, str, dict, dict]:
+    """``label[:key=value,...]`` -> ``(name, policy config, allocation, policy overrides, allocator args)``;
+    raises ``ValueError`` naming the accepted labels or the malformed argument."""
+    label, _, arg_text = name.partition(":")
+    known = {s[0]: (s[1], s[2], {}) for s in SETUPS} | VARIANTS
+    if label not in known:
+        raise ValueError(f"unknown setup {label!r}; accepted: {', '.join(known)}")
+    allocator_args = {}
+    for pair in filter(None, arg_text.split(",")):
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise ValueError(f"setup {name!r}: allocator argument {pair!r} is not key=value")
+        allocator_args[key] = yaml.safe_load(value)
+    return (name, *known[label], allocator_args)
+
+
 def run_setup(
-    model, tok, samples, policy_name, allocation, ratios, protected, mode, overrides=None, max_seqs: int = 8
+    model,
+    tok,
+    samples,
+    policy_name,
+    allocation,
+    ratios,
+    protected,
+    mode,
+    overrides=None,
+    max_seqs: int = 8,
+    allocator_args: dict | None = None,
 ) -> Iterator[tuple[str, list[dict]]]:
     """Every sample under every ratio through one engine; yields ``(sample_id, rows)`` as each sample completes.
 
@@ -67,14 +112,14 @@ def run_setup(
     longest = max(len(p) + s.max_new_tokens for s, p in zip(samples, prompts.values(), strict=True))
     engine = Engine(
         model,
-        Compressor(policy, Budget(protected_window=protected, allocation=allocation)),
+        Compressor(policy, Budget(protected_window=protected, allocation=allocation, allocator_args=allocator_args)),
         max_seqs=max_seqs,
         max_tokens_per_head=longest,
     )
     for sample in samples:
         prompt = prompts[sample.sample_id]
         for r in ratios:
-            budget = Budget(ratio=r, protected_window=protected, allocation=allocation)
+            budget = Budget(ratio=r, protected_window=protected, allocation=allocation, allocator_args=allocator_args)
             engine.add_request(
                 as_request(
                     (sample.sample_id, r),
@@ -141,26 +186,37 @@ def main() -> None:
     done = set()
     if rows_path.exists():
         done = {(r["setup"], r["mode"], r["sample_id"]) for r in map(json.loads, rows_path.read_text().splitlines())}
+    try:  # bad setups fail before the model loads
+        wanted = [resolve_setup(name) for name in split_setups(args.setups)]
+        for _, _, alloc, _, allocator_args in wanted:
+            build_allocator(alloc, allocator_args)
+    except ValueError as err:
+        ap.error(str(err))
+    wanted.append(("full", "full", "uniform", {}, {}))
     lm = load_model("smollm2")
     samples = build_task(args.task, tokenizer=lm.tokenizer, n_samples=args.samples, target_tokens=args.tokens).samples()
     samples = samples[: args.first]
     ratios = [float(r) for r in args.ratios.split(",")]
-    names = args.setups.split(",")
-    unknown = [n for n in names if n not in {s[0] for s in SETUPS} | set(VARIANTS)]
-    if unknown:
-        ap.error(f"unknown setups {unknown}; accepted: {', '.join([s[0] for s in SETUPS] + list(VARIANTS))}")
-    wanted = [(*s, {}) for s in SETUPS if s[0] in names] + [(n, *VARIANTS[n]) for n in names if n in VARIANTS]
-    wanted.append(("full", "full", "uniform", {}))
     t0 = time.perf_counter()
     with rows_path.open("a") as f:
         for mode in args.modes.split(","):
-            for label, pol, alloc, overrides in wanted:
+            for label, pol, alloc, overrides, allocator_args in wanted:
                 pending = [s for s in samples if (label, mode, s.sample_id) not in done]
                 if not pending:
                     continue
                 rs = [1.0] if label == "full" else ratios
                 for sample_id, rows in run_setup(
-                    lm.model, lm.tokenizer, pending, pol, alloc, rs, args.protected, mode, overrides, args.max_seqs
+                    lm.model,
+                    lm.tokenizer,
+                    pending,
+                    pol,
+                    alloc,
+                    rs,
+                    args.protected,
+                    mode,
+                    overrides,
+                    args.max_seqs,
+                    allocator_args,
                 ):
                     for row in rows:
                         f.write(json.dumps({"setup": label, "mode": mode, "sample_id": sample_id, **row}) + "\n")

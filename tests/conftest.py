@@ -1,6 +1,9 @@
 """Shared test set-up. TRITON_INTERPRET must be set before any kernel module (triton) is imported."""
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import torch
 
@@ -63,3 +66,20 @@ def smollm2_tokenizer():
     except ModelNotFoundError as err:
         pytest.skip(str(err))
     return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+@pytest.fixture(scope="session")
+def script_module():
+    """``script_module("quality_table")``: ``scripts/quality_table.py`` imported as a module (scripts/ is no
+    package), registered in ``sys.modules`` so its dataclasses resolve their module by name."""
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        return module
+
+    return load

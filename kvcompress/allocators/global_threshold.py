@@ -8,6 +8,23 @@ import torch
 
 from kvcompress.allocators.base import Allocator
 
+NORMALIZE = ("none", "sum", "max")
+
+
+def normalize_heads(ranks: torch.Tensor, how: str) -> torch.Tensor:
+    """Divide each head's finite ranks (``[..., N]``; ``±inf`` protected / invalid slots untouched) by the head's
+    total (``"sum"``) or largest (``"max"``) absolute finite rank, so heads are compared by the share of their
+    own score mass a token holds rather than by raw scale. Absolute values keep the divisor positive, so a head's
+    own order never changes (attention scores are >= 0, where this is the plain sum / max); an all-zero head is
+    left as is."""
+    if how == "none":
+        return ranks
+    finite = torch.isfinite(ranks)
+    mass = ranks.abs().masked_fill(~finite, 0.0).double()
+    scale = mass.sum(-1, keepdim=True) if how == "sum" else mass.amax(-1, keepdim=True)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.where(finite, ranks.double() / scale, ranks.double())
+
 
 @dataclass
 class GlobalAllocator(Allocator):
@@ -18,15 +35,35 @@ class GlobalAllocator(Allocator):
     taking the globally cheapest units yields a prefix per head, so every kept count differs from the length by
     a multiple of ``block_size`` and each evicted unit frees exactly one block. The kept total may fall below the
     target by up to ``block_size - 1`` tokens (the last unit is whole).
+
+    The defaults are KV-Compress exactly. ``floor`` (alpha, Ada-KV's safeguard) makes every head keep at least
+    ``ceil(alpha × target / (L × H))`` tokens: a head only gives up blocks above that. ``normalize`` (see
+    :func:`normalize_heads`) rescales each head's scores before the global comparison.
     """
 
+    floor: float = 0.0
+    normalize: str = "none"
     name = "global"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.floor <= 1.0:
+            raise ValueError(
+                f"global allocator floor must be in [0, 1] (a share of the uniform share), got {self.floor}"
+            )
+        if self.normalize not in NORMALIZE:
+            raise ValueError(
+                f"global allocator normalize must be one of {', '.join(NORMALIZE)}; got {self.normalize!r}"
+            )
 
     def allocate(self, ranks, lengths, floor, target, block_size) -> torch.Tensor:
         L, S, H, N = ranks.shape
-        heads = ranks.permute(1, 0, 2, 3).reshape(S, L * H, N)
+        heads = normalize_heads(ranks, self.normalize).permute(1, 0, 2, 3).reshape(S, L * H, N)
         lens = lengths.permute(1, 0, 2).reshape(S, L * H).long()
-        evictable = (lens - floor.permute(1, 0, 2).reshape(S, L * H).long()).clamp_min(0)
+        keep_min = floor.permute(1, 0, 2).reshape(S, L * H).long()
+        if self.floor > 0:
+            share = torch.ceil(self.floor * target.double() / (L * H)).long()  # [S]
+            keep_min = torch.maximum(keep_min, share[:, None])
+        evictable = (lens - keep_min).clamp_min(0)
         units = evictable // block_size  # blocks each head may give up
         J = max(int(units.max()), 1)
         asc = heads.sort(-1).values  # -inf (invalid) first; shift past them to index the head's real tokens

@@ -81,6 +81,10 @@ def fingerprint(cfg: DictConfig) -> str:
     assert isinstance(data, dict)
     for key in ("logger", "baselines_dir", "progress", "threads", "engine"):
         data.pop(key, None)
+    budget = data.get("budget") or {}
+    for key in ("allocator_args", "protected_fraction"):  # added later: left unset, older runs keep their hash
+        if budget.get(key) in (None, {}):
+            budget.pop(key, None)
     return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -298,9 +302,11 @@ def summarize(
         "kv_bytes_allocated_peak": max(r["kv_bytes_end"] for r in records),
         "wall_s": wall_s,
         "allocation": str(cfg.budget.allocation),
+        "allocator_args": dict(OmegaConf.to_container(cfg.budget, resolve=True).get("allocator_args") or {}),
         "budget_ratio": float(cfg.budget.ratio),
         "max_cache_tokens": cfg.budget.max_cache_tokens,
         "protected_window": int(cfg.budget.protected_window),
+        "protected_fraction": cfg.budget.get("protected_fraction"),
         "seed": int(cfg.seed),
         "per_task": per_task,
         "kv_bytes_mean": total["kv_bytes"] / n,

@@ -56,6 +56,15 @@ class Policy:
         """Cache sequence ``seq_id`` was released (its id may be reused): drop any state kept for it."""
 
 
+_BIG = 1e30
+
+
+def finite_ranks(ranks: torch.Tensor) -> torch.Tensor:
+    """A policy's ranks as float32 in ``[-1e30, 1e30]`` (nan lowest), so ``±inf`` stays free for the compressor's
+    protected / invalid marks."""
+    return ranks.float().nan_to_num(nan=-_BIG, posinf=_BIG, neginf=-_BIG).clamp(-_BIG, _BIG)
+
+
 def group_sum(per_query_head: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """``[S, H_q, L]`` -> ``[S, H_kv, L]``: sum over the query heads of each GQA group."""
     S, Hq, L = per_query_head.shape

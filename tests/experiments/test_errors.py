@@ -25,6 +25,10 @@ def _assert_clean_error(proc, expected: str, run_dir: Path) -> None:
         (["task.mode=sideways"], "task.mode must be one of query_aware, query_agnostic"),
         (["policy=lfu", "policy.metric=L3"], "policy=lfu: lfu metric must be one of"),
         (["budget.allocation=nope"], "unknown budget.allocation 'nope'; accepted: uniform"),
+        (
+            ["budget.allocation=global", "budget.allocator_args={alpha:0.2}"],
+            "budget.allocator_args: allocation 'global' has no field 'alpha'; its fields: floor, normalize",
+        ),
     ],
     ids=[
         "ratio-below-1",
@@ -33,6 +37,7 @@ def _assert_clean_error(proc, expected: str, run_dir: Path) -> None:
         "bad-mode",
         "bad-policy-param",
         "bad-allocation",
+        "bad-allocator-arg",
     ],
 )
 def test_bad_budget_prompt_or_option(run_cli, tiny: list[str], tmp_path: Path, overrides, expected: str) -> None:

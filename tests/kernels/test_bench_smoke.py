@@ -3,7 +3,6 @@ kernel-target table judges measurements the way the issue states the targets."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -14,24 +13,28 @@ SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_kernels.py"
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_kernels", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
+def bench(script_module):
+    return script_module("bench_kernels")
 
 
 def test_bench_smoke(tmp_path):
     out = tmp_path / "bench.md"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--hbm-tbps", "4.3", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--hbm-tbps", "4.3", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     report = out.read_text()
-    for needle in ("| paged_decode + scores | 2 | 100 |", "| paged_prefill + obs(32) | 1 | 48 |", "% HBM",
-                   "HBM peak used for %: 4.3 TB/s", "### Kernel targets",
-                   "| decode bandwidth | B=32 ctx>=8192 | n/a | >= 85% HBM | n/a |"):  # smoke grid has no such point
+    for needle in (
+        "| paged_decode + scores | 2 | 100 |",
+        "| paged_prefill + obs(32) | 1 | 48 |",
+        "% HBM",
+        "HBM peak used for %: 4.3 TB/s",
+        "### Kernel targets",
+        "| decode bandwidth | B=32 ctx>=8192 | n/a | >= 85% HBM | n/a |",
+    ):  # smoke grid has no such point
         assert needle in report
 
 

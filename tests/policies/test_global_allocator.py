@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from kvcompress.allocators import build_allocator
 from kvcompress.allocators.global_threshold import GlobalAllocator
 
 
@@ -26,3 +28,47 @@ def test_global_allocator_evicts_the_cheapest_block_units() -> None:
     assert torch.equal(counts, lengths - evicted * bs)
     assert counts.sum() == L * H * N // 4
     assert counts.min() < counts.max(), "unequal heads should keep different numbers of tokens"
+
+
+def test_global_allocator_floor_keeps_a_share_of_the_uniform_budget() -> None:
+    L, H, N, bs = 1, 4, 64, 8
+    ranks = torch.ones(L, 1, H, N)
+    ranks[0, 0, 0] = 1e-3  # head 0 is worthless: KV-Compress gives it nothing
+    lengths = torch.full((L, 1, H), N)
+    target = torch.tensor([L * H * N / 4], dtype=torch.float64)  # uniform share: 16 tokens per head
+    zero = torch.zeros_like(lengths)
+    plain = GlobalAllocator().allocate(ranks, lengths, zero, target, bs)
+    assert plain[0, 0, 0] == 0
+    counts = GlobalAllocator(floor=0.5).allocate(ranks, lengths, zero, target, bs)
+    assert (counts >= 8).all()  # ceil(0.5 x 16)
+    assert counts[0, 0, 0] == 8
+    assert ((lengths - counts) % bs == 0).all(), "whole blocks only"
+    assert counts.sum() <= target.item()
+
+
+def test_global_allocator_normalize_compares_heads_by_their_own_mass() -> None:
+    """A flat low-scale head against a peaky high-scale head: raw scores evict the flat head first; normalised
+    (by sum or max) the peaky head's tail holds a small share of its attention and goes first."""
+    N, bs = 64, 8
+    ranks = torch.empty(1, 1, 2, N)
+    ranks[0, 0, 0] = 0.01  # flat
+    ranks[0, 0, 1] = 1.0
+    ranks[0, 0, 1, 0] = 100.0  # peaky
+    lengths = torch.full((1, 1, 2), N)
+    zero = torch.zeros_like(lengths)
+    target = torch.tensor([N], dtype=torch.float64)  # keep half overall
+    raw = GlobalAllocator().allocate(ranks, lengths, zero, target, bs)[0, 0]
+    assert raw[0] < raw[1]
+    for how in ("sum", "max"):
+        counts = GlobalAllocator(normalize=how).allocate(ranks, lengths, zero, target, bs)[0, 0]
+        assert counts[0] > counts[1], how
+        assert counts.sum() == N
+
+
+def test_allocator_args_errors() -> None:
+    with pytest.raises(ValueError, match="allocation 'global' has no field 'alpha'; its fields: floor, normalize"):
+        build_allocator("global", {"alpha": 0.2})
+    with pytest.raises(ValueError, match="normalize must be one of none, sum, max"):
+        build_allocator("global", {"normalize": "rank"})
+    with pytest.raises(ValueError, match="its fields: none"):
+        build_allocator("uniform", {"floor": 0.1})

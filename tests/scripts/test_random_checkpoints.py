@@ -3,7 +3,6 @@ have the geometry they claim, carry a working tokenizer, and are reproducible fr
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -21,12 +20,8 @@ TEXT = "The pass key is 71432. Remember it."
 
 
 @pytest.fixture(scope="module")
-def script():
-    spec = importlib.util.spec_from_file_location("build_random_checkpoints", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def script(script_module):
+    return script_module("build_random_checkpoints")
 
 
 def _weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -62,19 +57,37 @@ def test_tiny_loads_and_is_seeded(script, smollm2_tokenizer, tmp_path):
 @pytest.mark.slow
 def test_cli_smollm2_geometry_with_carried_tokenizer(smollm2_tokenizer, tmp_path):
     """The CLI path of a node: export the tokenizer, build from the carried copy, sharded; SmolLM2's own geometry."""
-    run = lambda *args: subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
-                                       timeout=600, check=True)
+    run = lambda *args: subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600, check=True
+    )
     run("--tokenizer-only", str(tmp_path / "tok"))
-    run("--out", str(tmp_path / "ck"), "--names", "smollm2", "--tokenizer", str(tmp_path / "tok"),
-        "--max-shard-mb", "100")
+    run(
+        "--out",
+        str(tmp_path / "ck"),
+        "--names",
+        "smollm2",
+        "--tokenizer",
+        str(tmp_path / "tok"),
+        "--max-shard-mb",
+        "100",
+    )
     ckpt = tmp_path / "ck" / "smollm2"
     index = json.loads((ckpt / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) == 3  # 270 MB of bf16 in 100 MiB shards
 
     loaded = load_model(str(ckpt), dtype=torch.bfloat16)
     cfg = loaded.model.config
-    geometry = (cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size,
-                cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size, cfg.tie_word_embeddings)
+    geometry = (
+        cfg.model_type,
+        cfg.num_hidden_layers,
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+        cfg.vocab_size,
+        cfg.tie_word_embeddings,
+    )
     assert geometry == ("llama", 30, 576, 1536, 9, 3, 64, 49152, True)
     assert sum(p.numel() for p in loaded.model.parameters()) == pytest.approx(134.5e6, rel=0.01)
     assert cfg.eos_token_id == smollm2_tokenizer.eos_token_id
@@ -84,8 +97,9 @@ def test_cli_smollm2_geometry_with_carried_tokenizer(smollm2_tokenizer, tmp_path
     assert torch.isfinite(loaded.model(ids).logits.float()).all()
 
 
-@pytest.mark.parametrize(("name", "heads", "params"), [("llama8b-w8", (32, 8, 128), 2.148e9),
-                                                        ("qwen-28-4-128", (28, 4, 128), 2.217e9)])
+@pytest.mark.parametrize(
+    ("name", "heads", "params"), [("llama8b-w8", (32, 8, 128), 2.148e9), ("qwen-28-4-128", (28, 4, 128), 2.217e9)]
+)
 def test_large_geometries_on_meta(script, smollm2_tokenizer, name, heads, params):
     """The big checkpoints are only built on GPU nodes; here their configs and tensor lists are checked on meta."""
     config = script.make_config(name, smollm2_tokenizer, torch.bfloat16)

@@ -1,0 +1,21 @@
+"""scripts/quality_table.py: ``--setups`` names, with allocator arguments after a colon."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def qt(script_module):
+    return script_module("quality_table")
+
+
+def test_setups_carry_allocator_args(qt) -> None:
+    names = qt.split_setups("snapkv,lfu+global:floor=0.2,normalize=sum,hybrid")
+    assert names == ["snapkv", "lfu+global:floor=0.2,normalize=sum", "hybrid"]
+    assert qt.resolve_setup(names[1]) == (names[1], "lfu", "global", {}, {"floor": 0.2, "normalize": "sum"})
+    assert qt.resolve_setup("hybrid") == ("hybrid", "hybrid", "uniform", {}, {})
+    with pytest.raises(ValueError, match="unknown setup 'nope'; accepted: lfu\\+global"):
+        qt.resolve_setup("nope:floor=1")
+    with pytest.raises(ValueError, match="is not key=value"):
+        qt.resolve_setup("lfu+global:floor")
