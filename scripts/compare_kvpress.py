@@ -37,6 +37,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from kvcompress.tasks.base import spread
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "scripts" / "kvpress_worker.py"
 DEFAULT_MODEL = Path.home() / ".cache" / "kvcompress" / "models" / "smollm2-float32"
@@ -102,12 +104,7 @@ def pending(todo: Iterable[tuple[str, str, str, float]], rows: Sequence[dict[str
     return [c for c in todo if cell_key(*c) not in done]
 
 
-def select_samples(records: Sequence[dict[str, Any]], n: int | None) -> list[dict[str, Any]]:
-    """``n`` records spread evenly over the file (so every family is represented), or all of them."""
-    if n is None or n >= len(records):
-        return list(records)
-    return [records[i * len(records) // n] for i in range(n)]
-
+select_samples = spread  # n records spread evenly over the file, or all of them
 
 def kvpress_inputs(records: Sequence[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
     """The worker's input lines for ``mode`` (query-aware: question folded into the context)."""

@@ -35,6 +35,7 @@ from kvcompress.generate import as_request
 from kvcompress.model import load_model
 from kvcompress.model_runner import paged_attention
 from kvcompress.sequence import RequestOutput
+from kvcompress.tasks.base import spread
 from kvcompress.tasks.metrics import score
 from kvcompress.tasks.registry import build_task
 
@@ -102,6 +103,7 @@ def run_setup(
     overrides=None,
     max_seqs: int = 8,
     allocator_args: dict | None = None,
+    protected_fraction: float | None = None,
 ) -> Iterator[tuple[str, list[dict]]]:
     """Every sample under every ratio through one engine; yields ``(sample_id, rows)`` as each sample completes.
 
@@ -112,14 +114,28 @@ def run_setup(
     longest = max(len(p) + s.max_new_tokens for s, p in zip(samples, prompts.values(), strict=True))
     engine = Engine(
         model,
-        Compressor(policy, Budget(protected_window=protected, allocation=allocation, allocator_args=allocator_args)),
+        Compressor(
+            policy,
+            Budget(
+                protected_window=protected,
+                protected_fraction=protected_fraction,
+                allocation=allocation,
+                allocator_args=allocator_args,
+            ),
+        ),
         max_seqs=max_seqs,
         max_tokens_per_head=longest,
     )
     for sample in samples:
         prompt = prompts[sample.sample_id]
         for r in ratios:
-            budget = Budget(ratio=r, protected_window=protected, allocation=allocation, allocator_args=allocator_args)
+            budget = Budget(
+                ratio=r,
+                protected_window=protected,
+                protected_fraction=protected_fraction,
+                allocation=allocation,
+                allocator_args=allocator_args,
+            )
             engine.add_request(
                 as_request(
                     (sample.sample_id, r),
@@ -169,11 +185,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="results/quality")
     ap.add_argument("--task", default="passkey")
+    ap.add_argument(
+        "--path", default=None, help="jsonl samples for --task jsonl (e.g. docs/results/suites/dev-1k.jsonl)"
+    )
     ap.add_argument("--samples", type=int, default=3)
     ap.add_argument("--first", type=int, default=None, help="run only the first N samples (ids stay stable)")
     ap.add_argument("--tokens", type=int, default=1000)
     ap.add_argument("--ratios", default="2,4,8,16")
     ap.add_argument("--protected", type=int, default=16)
+    ap.add_argument(
+        "--protected-fraction",
+        type=float,
+        default=None,
+        help="budget.protected_fraction: recent window = min(--protected, fraction x per-head budget)",
+    )
     ap.add_argument("--modes", default="query_aware,query_agnostic")
     ap.add_argument("--setups", default=",".join(s[0] for s in SETUPS))
     ap.add_argument("--max-seqs", type=int, default=8, help="sequences the engine runs at once (forks included)")
@@ -194,7 +219,13 @@ def main() -> None:
         ap.error(str(err))
     wanted.append(("full", "full", "uniform", {}, {}))
     lm = load_model("smollm2")
-    samples = build_task(args.task, tokenizer=lm.tokenizer, n_samples=args.samples, target_tokens=args.tokens).samples()
+    if args.task == "jsonl":
+        if not args.path:
+            ap.error("--task jsonl needs --path FILE.jsonl")
+        samples = spread(build_task("jsonl", path=args.path, tokenizer=lm.tokenizer).samples(), args.samples)
+    else:
+        task = build_task(args.task, tokenizer=lm.tokenizer, n_samples=args.samples, target_tokens=args.tokens)
+        samples = task.samples()
     samples = samples[: args.first]
     ratios = [float(r) for r in args.ratios.split(",")]
     t0 = time.perf_counter()
@@ -217,6 +248,7 @@ def main() -> None:
                     overrides,
                     args.max_seqs,
                     allocator_args,
+                    args.protected_fraction,
                 ):
                     for row in rows:
                         f.write(json.dumps({"setup": label, "mode": mode, "sample_id": sample_id, **row}) + "\n")

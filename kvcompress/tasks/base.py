@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
+
+T = TypeVar("T")
 
 
 class TaskDataError(ValueError):
@@ -33,6 +36,13 @@ class Sample:
     def prompt(self) -> str:
         """The full user prompt: ``context + question``."""
         return self.context + self.question
+
+
+def spread(items: Sequence[T], n: int | None) -> list[T]:
+    """``n`` items spread evenly over ``items`` (so every sub-task of a mixed suite is represented), or all."""
+    if n is None or n >= len(items):
+        return list(items)
+    return [items[i * len(items) // n] for i in range(n)]
 
 
 @runtime_checkable
