@@ -3,9 +3,9 @@
 A request is greedy decoding of up to ``max_new_tokens`` after a prompt. The prompt is what the policy observes
 and what is compressed; ``question_ids`` are prefilled *after* that compression, unobserved: the question and
 the chat template's tail in query-agnostic evaluation, only the template's tail (end of turn, assistant header)
-in query-aware evaluation (:func:`kvcompress.generate.as_request`). Requests with the same ``share_prefix`` key and the same prompt prefill it once: the engine keeps the
-prefilled prompt in a parent sequence and forks it per request (several questions on one context, or one context
-under several budgets).
+in query-aware evaluation (:func:`kvcompress.generate.as_request`). Requests with the same ``share_prefix`` key
+and the same prompt prefill it once: the engine keeps the prefilled prompt in a parent sequence and forks it per
+request (several questions on one context, or one context under several budgets).
 """
 
 from __future__ import annotations
