@@ -28,13 +28,14 @@ def dense_prefill(
     *,
     obs_window: int = 0,
     obs_power: int = 1,
+    obs_reduce: str = "sum",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal attention of packed fresh sequences over their own tokens.
 
     Args:
         q: ``[T_total, H_q, D]``; k, v: ``[T_total, H_kv, D]``: every sequence's tokens, packed in order (RoPE
             applied). ``counts``: tokens per sequence (host ints, summing to ``T_total``).
-        obs_window, obs_power: as for :func:`~kvcompress_kernels.paged_prefill` (``obs_window >= counts[b]``
+        obs_window, obs_power, obs_reduce: as for :func:`~kvcompress_kernels.paged_prefill` (``obs_window >= counts[b]``
             observes every query of sequence b).
 
     Returns:
@@ -61,6 +62,7 @@ def dense_prefill(
             logits = torch.matmul(qw, ks[0].float().transpose(-1, -2)[:, None]) * scale  # [H_kv, G, w, n]
             future = torch.arange(n, device=q.device)[None, :] > torch.arange(n - w, n, device=q.device)[:, None]
             probs = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1).pow(obs_power)
-            obs[b, :, :n] = probs.sum(dim=2).reshape(num_q_heads, n)
+            reduced = probs.amax(dim=2) if obs_reduce == "max" else probs.sum(dim=2)
+            obs[b, :, :n] = reduced.reshape(num_q_heads, n)
         start = end
     return out, obs

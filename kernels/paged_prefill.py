@@ -14,7 +14,10 @@ Triton path:
    With ``obs_window > 0`` it also stores each row's final log-sum-exp.
 2. ``_obs_kernel`` -- grid ``(num_seqs, num_kv_heads, key tiles)``. A program owns one key tile of one
    head (so no atomics), loads it once, and loops over the group's query heads and the window queries,
-   recomputing ``p = exp2(q.k * scale - lse)`` from the stored lse and summing ``p**obs_power``.
+   recomputing ``p = exp2(q.k * scale - lse)`` from the stored lse and reducing ``p**obs_power`` over the window
+   queries: summed (``obs_reduce="sum"``) or their maximum (``"max"``, KVzip's score).
+
+The kernels and the reference calls keep their hand layout (one line per argument group): ``# fmt: off`` below.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from .backend import use_triton
 
 __all__ = ["paged_prefill", "paged_prefill_torch", "paged_prefill_triton"]
 
+OBS_REDUCTIONS = ("sum", "max")  # how the window queries' p**power are combined per slot
 _REF_QUERY_CHUNK = 512  # the torch reference bounds its logits to [H_q, 512, len] per step
 
 
@@ -60,6 +64,7 @@ def _check_args(
     cu_seqlens_q: torch.Tensor,
     obs_window: int,
     obs_power: int,
+    obs_reduce: str,
 ) -> tuple[int, int]:
     """Validate shapes; return (block_size, group_size)."""
     block_size, head_dim = check_cache(k_cache, v_cache)
@@ -74,9 +79,12 @@ def _check_args(
         raise ValueError(f"q_pos must be int32 [{q.shape[0]}]")
     if obs_window < 0 or obs_power not in (1, 2):
         raise ValueError(f"need obs_window >= 0 and obs_power in (1, 2), got {obs_window}, {obs_power}")
+    if obs_reduce not in OBS_REDUCTIONS:
+        raise ValueError(f"obs_reduce must be one of {OBS_REDUCTIONS}, got {obs_reduce!r}")
     return block_size, group_size(q.shape[1], block_tables.shape[1])
 
 
+# fmt: off
 # ----------------------------------------------------------------------------------------------------------
 # PyTorch reference
 # ----------------------------------------------------------------------------------------------------------
@@ -95,13 +103,14 @@ def paged_prefill_torch(
     *,
     obs_window: int = 0,
     obs_power: int = 1,
+    obs_reduce: str = "sum",
     max_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """PyTorch reference of :func:`paged_prefill`: per sequence, gather the heads' slots (a block at a time) and
     run torch's fused attention with the causal-by-position mask over chunks of at most 512 queries (memory
     ``O(H_q * 512 * len)``); only the observation-window queries get explicit fp32 probabilities."""
     block_size, group = _check_args(q, k_cache, v_cache, slot_pos, block_tables, lengths, q_pos, cu_seqlens_q,
-                                    obs_window, obs_power)
+                                    obs_window, obs_power, obs_reduce)
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_seqs, num_kv_heads = lengths.shape
     out = torch.zeros_like(q)
@@ -139,8 +148,10 @@ def paged_prefill_torch(
                 w0 = max(window_start - c0, 0)
                 logits = torch.matmul(qc[:, :, w0:], keys.transpose(-1, -2)[:, None]) * scale  # [Hkv, G, w, M]
                 logits = logits.masked_fill(~visible[:, None, w0:], float("-inf"))
-                win = torch.softmax(logits, dim=-1).nan_to_num(0.0).pow(obs_power).sum(dim=2)  # [Hkv, G, M]
-                obs[b, :, :seq_len] += win.reshape(num_q_heads, seq_len)
+                probs = torch.softmax(logits, dim=-1).nan_to_num(0.0).pow(obs_power)  # [Hkv, G, w, M]
+                win = (probs.amax(dim=2) if obs_reduce == "max" else probs.sum(dim=2)).reshape(num_q_heads, seq_len)
+                row = obs[b, :, :seq_len]
+                row.copy_(torch.maximum(row, win) if obs_reduce == "max" else row + win)
     return out, obs
 
 
@@ -230,10 +241,12 @@ def _obs_kernel(
     qk_scale, obs_window, obs_len,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_btb, stride_bth, stride_lb,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_W: tl.constexpr, BLOCK_SIZE: tl.constexpr, POWER: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_SIZE: tl.constexpr, POWER: tl.constexpr, REDUCE_MAX: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """Observation scores of one key tile of one (seq, kv_head): for each query head g of the group,
-    ``obs[b, h*G+g, j] = sum over the last obs_window queries of p**POWER`` (``obs`` is [B, H_q, obs_len])."""
+    ``obs[b, h*G+g, j] = sum (REDUCE_MAX: max) over the last obs_window queries of p**POWER`` (``obs`` is
+    [B, H_q, obs_len]; p >= 0, so a max starting from 0 is exact)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     n0 = tl.program_id(2) * BLOCK_N
@@ -263,7 +276,11 @@ def _obs_kernel(
                 lse = tl.load(lse_ptr + t64 * num_q_heads + hq, mask=mask_t, other=float("-inf"))
                 qk = mm(q, kt, UPCAST) * qk_scale
                 visible = mask_t[:, None] & mask_n[None, :] & (kpos[None, :] <= qpos[:, None])
-                score += tl.sum(prob_power(qk, lse[:, None], visible, POWER), 0)
+                pp = prob_power(qk, lse[:, None], visible, POWER)
+                if REDUCE_MAX:
+                    score = tl.maximum(score, tl.max(pp, 0))
+                else:
+                    score += tl.sum(pp, 0)
             obs_row = obs_ptr + (b.to(tl.int64) * num_q_heads + hq) * obs_len
             tl.store(obs_row + offs_n, score, mask=mask_n)
 
@@ -287,11 +304,12 @@ def paged_prefill_triton(
     *,
     obs_window: int = 0,
     obs_power: int = 1,
+    obs_reduce: str = "sum",
     max_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Triton implementation of :func:`paged_prefill`."""
     block_size, group = _check_args(q, k_cache, v_cache, slot_pos, block_tables, lengths, q_pos, cu_seqlens_q,
-                                    obs_window, obs_power)
+                                    obs_window, obs_power, obs_reduce)
     total, num_q_heads, head_dim = q.shape
     num_seqs, num_kv_heads = lengths.shape
     block_tables = block_tables.contiguous()
@@ -329,7 +347,7 @@ def paged_prefill_triton(
             q_in.stride(0), q_in.stride(1), k_cache.stride(0), k_cache.stride(1),
             block_tables.stride(0), block_tables.stride(1), lengths.stride(0),
             G=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_W=MIN_DOT,
-            BLOCK_SIZE=block_size, POWER=obs_power, UPCAST=upcast, num_warps=4,
+            BLOCK_SIZE=block_size, POWER=obs_power, REDUCE_MAX=obs_reduce == "max", UPCAST=upcast, num_warps=4,
         )
     return out, obs
 
@@ -347,6 +365,7 @@ def paged_prefill(
     *,
     obs_window: int = 0,
     obs_power: int = 1,
+    obs_reduce: str = "sum",
     max_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal varlen prefill attention over the paged, per-head KV cache.
@@ -362,7 +381,8 @@ def paged_prefill(
         scale: softmax scale.
         obs_window: if > 0, also return the observation scores of the last ``obs_window`` queries of each
             sequence (``>= `` its query count means all of them, H2O-style).
-        obs_power: 1 or 2, the power applied to each probability before summing.
+        obs_power: 1 or 2, the power applied to each probability before reducing.
+        obs_reduce: ``"sum"`` over the window queries (H2O, SnapKV, LFU) or ``"max"`` (KVzip).
         max_len: ``lengths.max()`` when the caller knows it; None reads it from ``lengths`` (a host sync).
 
     Returns:
@@ -372,4 +392,4 @@ def paged_prefill(
     """
     impl = paged_prefill_triton if use_triton(q.device) else paged_prefill_torch
     return impl(q, k_cache, v_cache, slot_pos, block_tables, lengths, q_pos, cu_seqlens_q, scale,
-                obs_window=obs_window, obs_power=obs_power, max_len=max_len)
+                obs_window=obs_window, obs_power=obs_power, obs_reduce=obs_reduce, max_len=max_len)

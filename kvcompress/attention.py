@@ -72,7 +72,9 @@ def paged_attention_forward(
     else:
         window = step.obs_window if step.obs_window >= 0 else 1 << 30
         if plan.fresh:  # no cached prefix: fused dense attention over the new tokens themselves
-            out, obs = dense_prefill(q, k, v, plan.counts, scale, obs_window=window, obs_power=step.obs_power)
+            out, obs = dense_prefill(
+                q, k, v, plan.counts, scale, obs_window=window, obs_power=step.obs_power, obs_reduce=step.obs_reduce
+            )
         else:
             out, obs = paged_prefill(
                 q,
@@ -86,6 +88,7 @@ def paged_attention_forward(
                 scale,
                 obs_window=window,
                 obs_power=step.obs_power,
+                obs_reduce=step.obs_reduce,
                 max_len=max_len,
             )
         if step.obs_window and step.observer is not None:

@@ -9,7 +9,9 @@ admit more requests, and more requests decode together in one batched step. Each
    parent sequence that prefills it once; each request then forks it;
 2. runs **packed varlen prefill** forwards of up to ``max_prefill_tokens`` prompt tokens (each long prompt in
    chunks of ``prefill_chunk``; the final chunk of a prompt carries the policy's observation window), and
-   **compresses** a sequence as soon as its prompt is in, before its question (query-agnostic) is prefilled;
+   **compresses** a sequence as soon as its prompt is in, before its question (query-agnostic) is prefilled.
+   A policy that scores by reconstruction (KVzip, :meth:`~kvcompress.policies.base.Policy.reconstruction`) first
+   gets its tokens teacher-forced after the prompt, every query observed, and then truncated off the cache;
 3. runs **one batched decode** forward for every sequence past its prefill, and re-compresses a sequence every
    ``budget.compress_every`` of its decode steps (continual compression).
 
@@ -46,6 +48,15 @@ from kvcompress.model_runner import ModelRunner, make_cache, paged_attention
 from kvcompress.sequence import Request, RequestOutput, Sequence, plan_chunks
 
 
+def peak_tokens(request: Request, compressor: Compressor | None) -> int:
+    """The most tokens ``request``'s sequence holds per head, uncompressed: its prompt, question and new tokens,
+    or its prompt plus the policy's reconstruction of it (KVzip), which is released before the question."""
+    n = len(request.prompt_ids) + len(request.question_ids) + request.max_new_tokens
+    if compressor is None or not compressor.policy.evicts:
+        return n
+    return max(n, len(request.prompt_ids) + len(compressor.policy.reconstruction(request.prompt_ids)))
+
+
 @dataclass
 class EngineStats:
     """Counters over an engine's life (all steps)."""
@@ -67,6 +78,8 @@ class EngineStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     compress_s: float = 0.0
+    reconstruct_s: float = 0.0  # KVzip's reconstruction forwards (not in prefill_s or compress_s)
+    reconstruct_tokens: int = 0
 
 
 @dataclass
@@ -125,12 +138,14 @@ class Engine:
                 f"(got {len(request.prompt_ids)} prompt tokens, max_new_tokens={request.max_new_tokens})"
             )
         longest = self.cache.max_blocks_per_head * self.block_size
-        if n + request.max_new_tokens > longest:
+        peak = peak_tokens(request, self.compressor)
+        if peak > longest:
             raise ValueError(
-                f"request {rid!r}: {n} prompt + {request.max_new_tokens} new tokens exceed the engine's "
-                f"max_tokens_per_head={longest}; build the Engine with a larger max_tokens_per_head"
+                f"request {rid!r}: {n} prompt + {request.max_new_tokens} new tokens (or the prompt and the policy's "
+                f"reconstruction of it: {peak} tokens at the peak) exceed the engine's max_tokens_per_head={longest}; "
+                "build the Engine with a larger max_tokens_per_head"
             )
-        alone = self._blocks_for(n + request.max_new_tokens)
+        alone = self._blocks_for(peak)
         if alone > self.cache.num_blocks:
             raise ValueError(
                 f"request {rid!r}: {n} prompt + {request.max_new_tokens} new tokens need {alone} blocks "
@@ -171,6 +186,16 @@ class Engine:
 
     def _compresses(self, budget: Budget | None) -> bool:
         return self.compressor is not None and self.compressor.compresses(budget)
+
+    def _reconstruction(self, request: Request, observes: bool) -> list[int]:
+        """Tokens teacher-forced after an observed prompt and released before it is compressed (KVzip's
+        reconstruction of the context), else none."""
+        if not observes or self.compressor is None:
+            return []
+        return self.compressor.policy.reconstruction(request.prompt_ids)
+
+    def _parent_observes(self) -> bool:
+        return self.compressor is not None and self.compressor.policy.evicts
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -224,7 +249,8 @@ class Engine:
                 need = int(self.cache.num_blocks_held[:, parent.seq_id].sum())
                 need += self.cache.blocks_needed([parent.seq_id], [len(self._suffix(queued))])
             elif key is not None and self._sharers(key) > 1 and self.max_seqs - len(self.running) > 1:
-                need = self._blocks_for(len(queued.request.prompt_ids))
+                recon = self._reconstruction(queued.request, self._parent_observes())
+                need = self._blocks_for(len(queued.request.prompt_ids) + len(recon))
                 if not self._fits(need, promised):
                     break
                 self._start_parent(queued.request)
@@ -232,7 +258,9 @@ class Engine:
                 blocked = False
                 continue
             else:
-                need = self._blocks_for(len(queued.request.prompt_ids) + len(self._suffix(queued)))
+                recon = self._reconstruction(queued.request, self._compresses(self._budget(queued.request)))
+                after = max(len(self._suffix(queued)), len(recon))  # the reconstruction is released before the suffix
+                need = self._blocks_for(len(queued.request.prompt_ids) + after)
             if not self._fits(need, promised):
                 break
             self.waiting.popleft()
@@ -262,7 +290,8 @@ class Engine:
         return [*queued.request.question_ids, *queued.generated]
 
     def _prefill_blocks_left(self, s: Sequence) -> int:
-        return self.cache.blocks_needed([s.seq_id], [len(s.tokens) - s.prefilled])
+        end = max(len(s.tokens), (s.compress_at or 0) + len(s.reconstruct))
+        return self.cache.blocks_needed([s.seq_id], [end - s.prefilled])
 
     def _window(self, observes: bool) -> int:
         return self.compressor.window if observes and self.compressor is not None else 0
@@ -276,7 +305,7 @@ class Engine:
         chunks += plan_chunks(prompt, len(tokens), self.prefill_chunk, 0)
         seq = Sequence(
             r, self.cache.add_sequence(), budget, tokens, chunks, prompt if observes else None, self.step_no,
-            generated=queued.generated, preemptions=queued.preemptions,
+            generated=queued.generated, preemptions=queued.preemptions, reconstruct=self._reconstruction(r, observes),
         )  # fmt: skip
         self.running.append(seq)
 
@@ -284,9 +313,10 @@ class Engine:
         """A parent sequence that prefills a shared prompt once (observed whenever the policy evicts: its
         children's budgets decide later whether it is compressed once for all of them or each fork on its own)."""
         key, tokens = request.share_prefix, list(request.prompt_ids)
-        observes = self.compressor is not None and self.compressor.policy.evicts
+        observes = self._parent_observes()
         chunks = plan_chunks(0, len(tokens), self.prefill_chunk, self._window(observes))
         parent = Sequence(None, self.cache.add_sequence(), None, tokens, chunks, len(tokens), self.step_no)
+        parent.reconstruct = self._reconstruction(request, observes)
         parent.share_key, parent.share_count = key, self._sharers(key)
         self.parents[key] = parent
         self.running.append(parent)
@@ -308,6 +338,7 @@ class Engine:
         )  # fmt: skip
         seq.prefill_s = parent.prefill_s / parent.share_count
         seq.compress_s = parent.compress_s / parent.share_count
+        seq.reconstruct_s = parent.reconstruct_s / parent.share_count
         self.running.append(seq)
         self.stats.forks += 1
         if self._compresses(budget) and parent.compressed_for != budget:
@@ -371,8 +402,10 @@ class Engine:
                 group[i].memory = self.cache.memory([group[i].seq_id])
 
     def _compress_parent(self, parent: Sequence) -> None:
-        """Compress a shared prompt once when every request waiting on it is held to the same budget."""
+        """Compress a shared prompt once when every request waiting on it is held to the same budget (its
+        reconstruction, if the policy has one, runs either way: the forks inherit its scores)."""
         parent.compress_at = None
+        self._reconstruct([parent])
         budgets = [self._budget(q.request) for q in self.waiting if q.request.share_prefix == parent.share_key]
         if budgets and all(b == budgets[0] for b in budgets) and self._compresses(budgets[0]):
             parent.budget = budgets[0]
@@ -441,10 +474,13 @@ class Engine:
 
     # ------------------------------------------------------------------ compression and memory pressure
     def _compress(self, seqs: list[Sequence]) -> int:
-        """The one place compression runs: each sequence down to its own budget, timed once and shared out."""
+        """The one place compression runs: each sequence down to its own budget, timed once and shared out. A
+        sequence that still owes its policy a reconstruction (KVzip) gets it first, timed apart (``reconstruct_s``)."""
         seqs = [s for s in seqs if self._compresses(s.budget)]
         for s in seqs:
             s.compress_at = None
+        self._reconstruct(seqs)
+        seqs = [s for s in seqs if s in self.running]  # making room for a reconstruction may preempt
         if not seqs or self.compressor is None:
             return 0
         t0 = time.perf_counter()
@@ -464,6 +500,25 @@ class Engine:
         self.stats.compressions += 1
         self.stats.blocks_freed += freed
         return freed
+
+    def _reconstruct(self, seqs: list[Sequence]) -> None:
+        """Score by reconstruction each of ``seqs`` that owes it: teacher-force its ``reconstruct`` tokens after the
+        prompt in chunks of ``prefill_chunk`` (each attends to the prompt and the reconstruction before it), every
+        query observed, then truncate them off the cache, which is back to the prompt (``seen`` included). Costs
+        about one more prefill of the prompt; timed into ``reconstruct_s``."""
+        for s in [s for s in seqs if s.reconstruct]:
+            t0 = time.perf_counter()
+            tokens, s.reconstruct = s.reconstruct, []
+            need = self.cache.blocks_needed([s.seq_id], [len(tokens)])
+            if need > self.cache.num_free_blocks and not self._make_room(need, keep=s):
+                raise PoolExhaustedError(need, self.cache.num_free_blocks, self.cache.num_blocks)
+            for a in range(0, len(tokens), self.prefill_chunk):
+                self.runner.forward([s.seq_id], [tokens[a : a + self.prefill_chunk]], self.compressor, -1)
+            self.cache.truncate(s.seq_id, len(tokens))
+            dt = time.perf_counter() - t0
+            s.reconstruct_s += dt
+            self.stats.reconstruct_s += dt
+            self.stats.reconstruct_tokens += len(tokens)
 
     def _make_room(self, need: int, keep: Sequence | None) -> bool:
         """Free blocks until ``need`` are free: compress the decoding sequences, then preempt the newest ones.

@@ -44,7 +44,9 @@ class RequestOutput:
     ``memory`` is its cache accounting when decoding began (prompt compressed, question prefilled), ``memory_end``
     at the end. The ``*_s`` timings are this request's share of the batched work: a packed prefill forward is
     split by tokens, a decode step and a compression call evenly over their sequences, a shared prompt over the
-    requests that share it. ``last_logits`` ``[vocab]`` is kept only when the engine was asked to.
+    requests that share it. ``reconstruct_s`` is the policy's reconstruction of the prompt before compression
+    (KVzip: about one more prefill of it; 0 for other policies), counted in neither ``prefill_s`` nor
+    ``compress_s``. ``last_logits`` ``[vocab]`` is kept only when the engine was asked to.
     """
 
     request_id: int | str
@@ -59,6 +61,7 @@ class RequestOutput:
     prefill_s: float
     decode_s: float
     compress_s: float
+    reconstruct_s: float = 0.0
     last_logits: torch.Tensor | None = None
 
 
@@ -80,7 +83,9 @@ class Sequence:
 
     ``tokens`` = prompt, then the question and any tokens generated before a preemption. ``chunks`` are the
     prefill spans left; ``compress_at`` is the token count after which the sequence is compressed (None: it is not,
-    or already was). ``pending`` is the next token (argmax of the last logits), not yet emitted.
+    or already was). ``reconstruct`` are the tokens the policy wants teacher-forced after the prompt before it is
+    compressed (KVzip; emptied once done). ``pending`` is the next token (argmax of the last logits), not yet
+    emitted.
     """
 
     request: Request | None  # None for a parent that holds a shared prompt
@@ -99,6 +104,8 @@ class Sequence:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     compress_s: float = 0.0
+    reconstruct: list[int] = field(default_factory=list)
+    reconstruct_s: float = 0.0
     # a parent: the key it serves, how many requests shared it when it was made, the budget it was compressed to
     share_key: Hashable | None = None
     share_count: int = 1
@@ -132,5 +139,6 @@ class Sequence:
             prefill_s=self.prefill_s,
             decode_s=self.decode_s,
             compress_s=self.compress_s,
+            reconstruct_s=self.reconstruct_s,
             last_logits=self.last_logits,
         )

@@ -1,6 +1,6 @@
 """Generate an answer through the compressed paged cache of the embedded model and print the memory saved.
 
-    python scripts/demo.py [--policy lfu] [--allocation global] [--ratio 8] [--tokens 1000]
+python scripts/demo.py [--policy lfu] [--allocation global] [--ratio 8] [--tokens 1000]
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import time
 from kvcompress.budget import Budget
 from kvcompress.compressor import Compressor
 from kvcompress.experiment.policy_config import load_policy
-from kvcompress.experiment.prompts import build_prompt
+from kvcompress.experiment.prompts import bind_tokenizer, build_prompt
 from kvcompress.generate import generate
 from kvcompress.model import load_model
 from kvcompress.tasks.passkey import Passkey
@@ -31,6 +31,7 @@ def main() -> None:
     sample = Passkey(lm.tokenizer, n_samples=1, target_tokens=args.tokens, seed=1).samples()[0]
     ids = build_prompt(lm.tokenizer, sample).ids
     policy = load_policy(args.policy)
+    bind_tokenizer(policy, lm.tokenizer)  # KVzip's repeat prompt in the model's tokens
     comp = Compressor(policy, Budget(ratio=args.ratio, protected_window=16, allocation=args.allocation))
     t0 = time.perf_counter()
     res = generate(lm.model, [ids], comp, max_new_tokens=24, eos_token_ids=[lm.tokenizer.eos_token_id])[0]

@@ -389,6 +389,22 @@ class PagedKVCache:
                 self.upload(src, torch.long),
                 self.upload(dst, torch.long),
             )
+        return self._shrink(sid, new_len)
+
+    def truncate(self, seq_id: int, n: int) -> int:
+        """Drop the last ``n`` tokens written to ``seq_id`` from every head and rewind ``seen`` by ``n`` (a
+        forward appends each head's new tokens at its tail, so they are its last ``n`` logical slots). Releases
+        tokens teacher-forced only to be observed (KVzip's reconstruction); returns the number of blocks freed."""
+        self._check_live([seq_id])
+        sid = np.asarray([seq_id], dtype=np.int64)
+        if not 0 <= n <= int(self.lengths[:, sid].min()):
+            raise ValueError(f"cannot truncate {n} tokens from sequence {seq_id}: its shortest head holds fewer")
+        self.seen[seq_id] -= n
+        return self._shrink(sid, self.lengths[:, sid] - n)
+
+    def _shrink(self, sid: np.ndarray, new_len: np.ndarray) -> int:
+        """Set the lengths of sequences ``sid`` to ``new_len`` ``[L, S, H]`` (each head keeps its first slots) and
+        return the now-empty trailing blocks to the pool; returns how many."""
         held = self.num_blocks_held[:, sid]
         new_held = -(-new_len // self.block_size)
         mb = np.arange(self.max_blocks_per_head)

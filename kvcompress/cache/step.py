@@ -59,8 +59,9 @@ class StepPlan:
 class PrefillObservation:
     """Attention statistics of one layer after a prefill (chunk) of one sequence.
 
-    ``window_probs``: ``[1, H_q, L]`` = Σ over the last ``window`` queries of p(q, h, slot)**power, aligned with the
-    logical slots of the kv head that query head h reads (zero past a head's length); None if no window was asked.
+    ``window_probs``: ``[1, H_q, L]`` = Σ (or max, with ``obs_reduce="max"``) over the last ``window`` queries of
+    p(q, h, slot)**power, aligned with the logical slots of the kv head that query head h reads (zero past a head's
+    length); None if no window was asked.
     ``queries``: the window queries, ``[1, H_q, w, D]`` (post-RoPE).
     """
 
@@ -95,7 +96,8 @@ class ForwardStep:
     """One forward over the cache: its plan, plus what the attention records and for whom.
 
     ``obs_window``: last-w prompt queries whose attention is recorded (-1: every query; 0: none), raised to
-    ``obs_power``. ``decode_power`` 1 or 2: each decode step adds Σ_group p**power to the slot scores, fused into
+    ``obs_power`` and reduced over those queries by ``obs_reduce`` (``"sum"``, or ``"max"`` for KVzip).
+    ``decode_power`` 1 or 2: each decode step adds Σ_group p**power to the slot scores, fused into
     the attention kernel (0: off). ``decode_probs``: hand raw decode probabilities to the observer.
     """
 
@@ -104,5 +106,6 @@ class ForwardStep:
     observer: Observer | None = None
     obs_window: int = 0
     obs_power: int = 1
+    obs_reduce: str = "sum"
     decode_power: int = 0
     decode_probs: bool = False

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
+from kvcompress.policies.base import Policy
+from kvcompress.policies.kvzip import KVzipPolicy
 from kvcompress.tasks.base import Sample
 
 
@@ -62,17 +64,39 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, content: str) -> str:
 
 def build_prompt(tokenizer: PreTrainedTokenizerBase, sample: Sample) -> Prompt:
     """Split the rendered prompt of ``sample`` at the end of its context and of its question; tokenize the parts."""
-    content = sample.context + sample.question
+    return split_chat(tokenizer, sample.context, sample.question, f"sample {sample.sample_id}")
+
+
+def split_chat(tokenizer: PreTrainedTokenizerBase, context: str, question: str, what: str) -> Prompt:
+    """One user turn ``context + question``, rendered, cut where the context and the question end, the three
+    parts tokenized separately."""
+    content = context + question
     text = render_chat(tokenizer, content)
     start = text.find(content)
     if start < 0:
-        raise ExperimentError(f"sample {sample.sample_id}: the chat template altered the prompt text; cannot split it")
-    cut, end = start + len(sample.context), start + len(content)
+        raise ExperimentError(f"{what}: the chat template altered the prompt text; cannot split it")
+    cut, end = start + len(context), start + len(content)
 
     def encode(part: str) -> list[int]:
         return list(tokenizer(part, add_special_tokens=False)["input_ids"]) if part else []
 
     return Prompt(encode(text[:cut]), encode(text[cut:end]), encode(text[end:]))
+
+
+def repeat_prompt_ids(tokenizer: PreTrainedTokenizerBase, instruction: str) -> list[int]:
+    """KVzip's repeat prompt: what follows a context when ``instruction`` ends its user turn, i.e.
+    ``"\\n\\n" + instruction``, the end of the turn and the assistant header of the chat template (just the
+    instruction and a newline without a template); the context is then teacher-forced as the assistant's answer."""
+    end = "" if getattr(tokenizer, "chat_template", None) is not None else "\n"
+    repeat = split_chat(tokenizer, "<context>", f"\n\n{instruction}{end}", "the KVzip repeat prompt")
+    return repeat.question_ids + repeat.suffix_ids
+
+
+def bind_tokenizer(policy: Policy, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give a policy that needs fixed text in the model's tokens its ids (KVzip's repeat prompt, unless set
+    already); other policies need nothing."""
+    if isinstance(policy, KVzipPolicy) and policy.repeat_ids is None:
+        policy.repeat_ids = repeat_prompt_ids(tokenizer, policy.instruction)
 
 
 def check_fits(prompt: Prompt, max_new_tokens: int, max_positions: int, sample_id: str) -> None:

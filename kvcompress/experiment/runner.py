@@ -34,8 +34,8 @@ from tqdm import tqdm
 from kvcompress.budget import Budget
 from kvcompress.cache.paged import MemoryStats
 from kvcompress.compressor import Compressor
-from kvcompress.engine import Engine
-from kvcompress.experiment.prompts import ExperimentError, Prompt, build_prompt, check_fits
+from kvcompress.engine import Engine, peak_tokens
+from kvcompress.experiment.prompts import ExperimentError, Prompt, bind_tokenizer, build_prompt, check_fits
 from kvcompress.experiment.records import SUMMARY, BaselineStore, PredictionsLog, write_json_atomic
 from kvcompress.generate import MODES, as_request
 from kvcompress.model import LoadedModel, load_model
@@ -208,8 +208,9 @@ def evaluate(
         )
         for it in items
     ]
-    longest = max(len(it.prompt) + it.max_new_tokens for it in items)
-    engine = Engine(loaded.model, comp if comp.active else None, max_tokens_per_head=longest, **engine_cfg)
+    active = comp if comp.active else None
+    longest = max(peak_tokens(r, active) for r in requests)
+    engine = Engine(loaded.model, active, max_tokens_per_head=longest, **engine_cfg)
     for request in requests:
         engine.add_request(request)
     by_id = {it.sample.sample_id: it for it in items}
@@ -239,7 +240,8 @@ def record(loaded: LoadedModel, it: Item, out: RequestOutput) -> dict[str, Any]:
         "prefill_s": out.prefill_s,
         "decode_s": out.decode_s,
         "compress_s": out.compress_s,
-        "time_s": out.prefill_s + out.decode_s + out.compress_s,
+        "reconstruct_s": out.reconstruct_s,
+        "time_s": out.prefill_s + out.decode_s + out.compress_s + out.reconstruct_s,
     }
 
 
@@ -278,6 +280,7 @@ def summarize(
             "prompt_tokens",
             "prefill_s",
             "decode_s",
+            "reconstruct_s",
             "time_s",
         )
     }
@@ -314,6 +317,7 @@ def summarize(
         "tokens_per_s": total["new_tokens"] / max(total["decode_s"], 1e-9),
         "prefill_tokens_per_s": total["prompt_tokens"] / max(total["prefill_s"], 1e-9),
         "samples_s": total["time_s"],
+        "reconstruct_s": total["reconstruct_s"],
         "model_path": str(loaded.path),
         "policy_params": OmegaConf.to_container(cfg.policy, resolve=True),
         "config_hash": fingerprint(cfg),
@@ -338,6 +342,7 @@ def run_experiment(cfg: DictConfig, ctx: RunContext, policy: Policy) -> tuple[di
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     loaded = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.device)
+    bind_tokenizer(policy, loaded.tokenizer)
     items = prepare(load_samples(cfg, loaded.tokenizer), cfg, loaded, comp)
     ids = [it.sample.sample_id for it in items]
     if len(set(ids)) != len(ids):

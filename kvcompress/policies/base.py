@@ -3,7 +3,10 @@
 A policy is a dataclass with one job. It may
 
 * ask for the attention of the last ``window`` prompt queries (``-1``: every prompt query) against all keys,
-  raised to ``window_power``, and turn it into slot scores in :meth:`Policy.observe_prefill`;
+  raised to ``window_power`` and summed over those queries (``window_reduce="max"``: their maximum), and turn it
+  into slot scores in :meth:`Policy.observe_prefill`;
+* have the engine teacher-force extra tokens after the prompt (:meth:`Policy.reconstruction`, KVzip's context
+  reconstruction): observed with every query, then released from the cache before compression;
 * ask the decode attention to add ``Σ_group p**decode_power`` into the slot scores every step (fused into the
   attention kernel), or receive raw decode probabilities (``wants_decode_probs``);
 * compute ranking scores at compression time from keys/values/positions in :meth:`Policy.rank`;
@@ -15,6 +18,7 @@ each head's top-ranked slots. Higher rank = more important.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -31,6 +35,7 @@ class Policy:
 
     window: ClassVar[int] = 0
     window_power: ClassVar[int] = 1
+    window_reduce: ClassVar[str] = "sum"  # "sum" | "max": how the observed queries' p**power combine per slot
     decode_power: ClassVar[int] = 0
     wants_decode_probs: ClassVar[bool] = False
     needs_kv: ClassVar[bool] = False
@@ -41,6 +46,11 @@ class Policy:
 
     def observe_prefill(self, cache: PagedKVCache, obs: PrefillObservation) -> None:
         """Update slot scores from the prefill observation window of one layer of one sequence."""
+
+    def reconstruction(self, prompt: Sequence[int]) -> list[int]:
+        """Tokens the engine prefills after ``prompt`` (observed with every query) and then releases, before the
+        prompt is compressed; empty (the default): none. See :class:`~kvcompress.policies.kvzip.KVzipPolicy`."""
+        return []
 
     def observe_decode(self, cache: PagedKVCache, obs: DecodeObservation) -> None:
         """Update slot scores from one decode step's raw probabilities (only if ``wants_decode_probs``)."""
@@ -67,8 +77,18 @@ def finite_ranks(ranks: torch.Tensor) -> torch.Tensor:
 
 def group_sum(per_query_head: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """``[S, H_q, L]`` -> ``[S, H_kv, L]``: sum over the query heads of each GQA group."""
+    return _by_group(per_query_head, num_kv_heads).sum(2)
+
+
+def group_max(per_query_head: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """``[S, H_q, L]`` -> ``[S, H_kv, L]``: maximum over the query heads of each GQA group."""
+    return _by_group(per_query_head, num_kv_heads).amax(2)
+
+
+def _by_group(per_query_head: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """``[S, H_q, L]`` -> ``[S, H_kv, G, L]`` (a view)."""
     S, Hq, L = per_query_head.shape
-    return per_query_head.view(S, num_kv_heads, Hq // num_kv_heads, L).sum(2)
+    return per_query_head.view(S, num_kv_heads, Hq // num_kv_heads, L)
 
 
 def pool_by_position(

@@ -162,3 +162,21 @@ def test_random_append_evict_matches_dense_reference(ops) -> None:
     used = int(cache.num_blocks_held.sum())
     assert used == cache.num_used_blocks
     assert (cache.num_blocks_held == (cache.lengths + BS - 1) // BS).all()
+
+
+def test_truncate_drops_the_last_tokens_and_their_blocks() -> None:
+    """KVzip's reconstruction is truncated off: lengths, seen and blocks are back to the prompt, contents intact,
+    even after a compaction reordered the prompt's slots."""
+    cache = make()
+    cache.add_sequence()
+    append(cache, 0, 9)
+    evict_layer(cache, 0, 0, torch.tensor([[[True, False] * 4 + [True]] * H]))  # 5 of 9 kept in layer 0
+    before = (cache.lengths.copy(), int(cache.num_blocks_held.sum()), [positions(cache, 1, 0, h) for h in range(H)])
+    append(cache, 0, 7, start=9)
+    assert cache.truncate(0, 7) > 0
+    assert (cache.lengths == before[0]).all() and int(cache.seen[0]) == 9
+    assert int(cache.num_blocks_held.sum()) == before[1] == cache.num_used_blocks
+    assert [positions(cache, 1, 0, h) for h in range(H)] == before[2]
+    append(cache, 0, 2, start=9)  # the next token continues at the prompt's end
+    with pytest.raises(ValueError, match="cannot truncate"):
+        cache.truncate(0, 8)

@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from kvcompress.experiment.prompts import Prompt, PromptTooLongError, build_prompt, check_fits, render_chat
+from kvcompress.experiment.prompts import (
+    Prompt,
+    PromptTooLongError,
+    build_prompt,
+    check_fits,
+    render_chat,
+    repeat_prompt_ids,
+)
 from kvcompress.generate import as_request
 from kvcompress.tasks.base import Sample
 
@@ -54,3 +61,12 @@ def test_check_fits_names_the_sample() -> None:
     check_fits(prompt, 28, 128, "ok")
     with pytest.raises(PromptTooLongError, match="sample long: prompt of 100 tokens \\+ 29 new tokens exceeds"):
         check_fits(prompt, 29, 128, "long")
+
+
+def test_kvzip_repeat_prompt_closes_the_turn_with_or_without_a_template(tiny_model_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    text = tokenizer.decode(repeat_prompt_ids(tokenizer, "Repeat the previous context exactly."))
+    assert text.startswith("\n\nRepeat the previous context exactly.") and text.endswith("<|im_start|>assistant\n")
+    tokenizer.chat_template = None
+    text = tokenizer.decode(repeat_prompt_ids(tokenizer, "Repeat it."))
+    assert text == "\n\nRepeat it.\n"

@@ -1,0 +1,119 @@
+"""KVzip on the engine: reconstruction scores equal a dense eager reference, the reconstruction tokens leave the
+cache, both evaluation modes and shared prefixes run end to end, and the extra prefill is timed."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from kvcompress.budget import Budget
+from kvcompress.compressor import Compressor
+from kvcompress.engine import Engine, Request
+from kvcompress.generate import as_request
+from kvcompress.policies.kvzip import KVzipPolicy
+
+REPEAT = [5, 9, 17, 33, 2]  # stands in for the tokenized "Repeat the previous context exactly." prompt
+CONTEXT = [random.Random(0).randrange(3, 128) for _ in range(45)]
+QUESTIONS = [[random.Random(q).randrange(3, 128) for _ in range(6)] for q in range(1, 3)]
+
+
+def _kvzip(ratio: float = 2, allocation: str = "uniform") -> Compressor:
+    return Compressor(KVzipPolicy(repeat_ids=REPEAT), Budget(ratio=ratio, protected_window=4, allocation=allocation))
+
+
+def _dense_scores(model, context: list[int]) -> torch.Tensor:
+    """``[L, H_kv, n]``: max over the reconstruction queries and the GQA group's query heads of the eager softmax
+    attention of ``context + REPEAT + context`` to each context token."""
+    n, cfg = len(context), model.config
+    ids = torch.tensor([[*context, *REPEAT, *context]])
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            attentions = model(ids, output_attentions=True).attentions  # L x [1, H_q, T, T]
+    finally:
+        model.set_attn_implementation(previous)
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    per_head = torch.stack([a[0, :, n:, :n].amax(1) for a in attentions])  # [L, H_q, n]
+    return per_head.view(len(attentions), cfg.num_key_value_heads, group, n).amax(2)
+
+
+def _capture_before_compression(engine: Engine) -> list[dict]:
+    """Record slot scores (by position) and cache sizes each time the compressor is asked to compress."""
+    seen: list[dict] = []
+    compress = engine.compressor.compress
+
+    def capture(cache, seq_ids, budget=None):
+        (sid,) = seq_ids
+        scores = []
+        for layer in range(cache.num_layers):
+            v = cache.view(layer, [sid], with_kv=False)
+            order = v.positions[0].argsort(-1)
+            scores.append(v.scores[0].gather(-1, order))
+        seen.append(
+            {
+                "scores": torch.stack(scores),
+                "lengths": cache.lengths[:, sid].copy(),
+                "seen": int(cache.seen[sid]),
+                "blocks": int(cache.num_blocks_held[:, sid].sum()),
+            }
+        )
+        return compress(cache, seq_ids, budget)
+
+    engine.compressor.compress = capture
+    return seen
+
+
+@pytest.mark.parametrize("chunk", [16, 2048], ids=["chunked", "one-chunk"])
+def test_scores_equal_dense_reference_and_reconstruction_is_released(tiny_llama, chunk):
+    engine = Engine(tiny_llama, _kvzip(), max_seqs=2, max_tokens_per_head=256, prefill_chunk=chunk)
+    seen = _capture_before_compression(engine)
+    (out,) = engine.run([Request(0, CONTEXT, 4)])
+    (got,) = seen
+    torch.testing.assert_close(got["scores"], _dense_scores(tiny_llama, CONTEXT), atol=1e-5, rtol=1e-4)
+    n = len(CONTEXT)
+    assert (got["lengths"] == n).all() and got["seen"] == n  # the reconstruction tokens are gone
+    assert got["blocks"] == engine._blocks_for(n)
+    assert engine.stats.reconstruct_tokens == len(REPEAT) + n
+    assert out.reconstruct_s > 0 and engine.stats.prefill_tokens == n  # timed apart from the prefill
+    assert 1.8 < out.memory.logical_compression < 2.3
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks
+
+
+@pytest.mark.parametrize("mode", ["query_agnostic", "query_aware"])
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_both_modes_end_to_end(tiny_llama, mode, allocation):
+    """Batched = one at a time; query-agnostic reconstructs only the context, the question comes after it."""
+    requests = [as_request(i, CONTEXT, q, mode, 6) for i, q in enumerate(QUESTIONS)]
+    engine = Engine(tiny_llama, _kvzip(3, allocation), max_seqs=4, max_tokens_per_head=256, prefill_chunk=32)
+    outputs = engine.run(requests)
+    prompt = len(CONTEXT) + (0 if mode == "query_agnostic" else len(QUESTIONS[0]))
+    assert engine.stats.reconstruct_tokens == len(requests) * (len(REPEAT) + prompt)
+    for req, out in zip(requests, outputs, strict=True):
+        alone = Engine(tiny_llama, _kvzip(3, allocation), max_seqs=1, max_tokens_per_head=256, prefill_chunk=32)
+        assert out.tokens == alone.run([req])[0].tokens and len(out.tokens) == 6
+        assert out.reconstruct_s > 0 and out.memory.logical_compression > 2.2
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks
+
+
+def test_shared_prefix_reconstructs_once(tiny_llama):
+    requests = [as_request(i, CONTEXT, q, "query_agnostic", 6, share_prefix="ctx") for i, q in enumerate(QUESTIONS)]
+    engine = Engine(tiny_llama, _kvzip(), max_seqs=4, max_tokens_per_head=256)
+    outputs = engine.run(requests)
+    assert engine.stats.shared_prefills == 1 and engine.stats.forks == 2
+    assert engine.stats.reconstruct_tokens == len(REPEAT) + len(CONTEXT)  # once, for every question
+    for req, out in zip(requests, outputs, strict=True):
+        plain = as_request(req.request_id, CONTEXT, req.question_ids, "query_agnostic", 6)
+        assert out.tokens == Engine(tiny_llama, _kvzip(), max_tokens_per_head=256).run([plain])[0].tokens
+        assert out.reconstruct_s > 0
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks and not engine.parents
+
+
+def test_needs_repeat_ids_and_room_for_the_reconstruction(tiny_llama):
+    comp = Compressor(KVzipPolicy(), Budget(ratio=2))
+    with pytest.raises(ValueError, match="repeat_ids is not set"):
+        Engine(tiny_llama, comp, max_tokens_per_head=256).add_request(Request(0, CONTEXT, 4))
+    with pytest.raises(ValueError, match="reconstruction"):  # 45 + 5 + 45 tokens at the peak
+        Engine(tiny_llama, _kvzip(), max_tokens_per_head=64).add_request(Request(0, CONTEXT, 4))
