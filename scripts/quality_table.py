@@ -28,9 +28,9 @@ import yaml
 from kvcompress.allocators import build_allocator
 from kvcompress.budget import Budget
 from kvcompress.compressor import Compressor
-from kvcompress.engine import Engine
+from kvcompress.engine import Engine, peak_tokens
 from kvcompress.experiment.policy_config import load_policy
-from kvcompress.experiment.prompts import build_prompt
+from kvcompress.experiment.prompts import bind_tokenizer, build_prompt
 from kvcompress.generate import as_request
 from kvcompress.model import load_model
 from kvcompress.model_runner import paged_attention
@@ -60,6 +60,8 @@ VARIANTS = {
     "lfu-L1avg+global": ("lfu", "global", {"metric": "L1-avg"}),
     "lfu-nopool+global": ("lfu", "global", {"pool_kernel": 1}),
     "hybrid": ("hybrid", "uniform", {}),
+    "kvzip": ("kvzip", "uniform", {}),
+    "kvzip+global": ("kvzip", "global", {}),
 }
 
 
@@ -110,45 +112,38 @@ def run_setup(
     The requests of one sample share its prompt (query-aware) or context (query-agnostic): the engine prefills it
     once, forks it per ratio and compresses each fork to its own budget."""
     policy = load_policy(policy_name, **(overrides or {}))
+    bind_tokenizer(policy, tok)
     prompts = {s.sample_id: build_prompt(tok, s) for s in samples}
-    longest = max(len(p) + s.max_new_tokens for s, p in zip(samples, prompts.values(), strict=True))
-    engine = Engine(
-        model,
-        Compressor(
-            policy,
-            Budget(
-                protected_window=protected,
-                protected_fraction=protected_fraction,
-                allocation=allocation,
-                allocator_args=allocator_args,
-            ),
-        ),
-        max_seqs=max_seqs,
-        max_tokens_per_head=longest,
-    )
-    for sample in samples:
-        prompt = prompts[sample.sample_id]
-        for r in ratios:
-            budget = Budget(
-                ratio=r,
-                protected_window=protected,
-                protected_fraction=protected_fraction,
-                allocation=allocation,
-                allocator_args=allocator_args,
-            )
-            engine.add_request(
-                as_request(
-                    (sample.sample_id, r),
-                    prompt.context_ids,
-                    prompt.question_ids,
-                    mode,
-                    sample.max_new_tokens,
-                    [tok.eos_token_id],
-                    suffix=prompt.suffix_ids,
-                    budget=budget,
-                    share_prefix=sample.sample_id,
-                )
-            )
+
+    def budget(ratio: float = 1.0) -> Budget:
+        return Budget(
+            ratio=ratio,
+            protected_window=protected,
+            protected_fraction=protected_fraction,
+            allocation=allocation,
+            allocator_args=allocator_args,
+        )
+
+    compressor = Compressor(policy, budget())
+    requests = [
+        as_request(
+            (sample.sample_id, r),
+            prompts[sample.sample_id].context_ids,
+            prompts[sample.sample_id].question_ids,
+            mode,
+            sample.max_new_tokens,
+            [tok.eos_token_id],
+            suffix=prompts[sample.sample_id].suffix_ids,
+            budget=budget(r),
+            share_prefix=sample.sample_id,
+        )
+        for sample in samples
+        for r in ratios
+    ]
+    longest = max(peak_tokens(r, compressor) for r in requests)  # KVzip's reconstruction included
+    engine = Engine(model, compressor, max_seqs=max_seqs, max_tokens_per_head=longest)
+    for request in requests:
+        engine.add_request(request)
     by_id = {s.sample_id: s for s in samples}
     with paged_attention(model):
         yield from _collect(engine, by_id, ratios, tok)
