@@ -1,0 +1,37 @@
+"""The recommended presets set the policy and budget that docs/RESULTS.md recommends for each mode, and nothing
+else: no task, no sweep, no Hydra settings. A ratio on the command line still wins."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from kvcompress.experiment.policy_config import register_policy_configs
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+PRESETS = ["recommended_query_aware", "recommended_query_agnostic"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_sets_only_policy_and_budget(preset: str) -> None:
+    text = (CONF / "experiment" / f"{preset}.yaml").read_text()
+    body = yaml.safe_load(text)
+    assert text.startswith("# @package _global_")
+    assert set(body) <= {"defaults", "budget", "policy"}, "a preset sets the policy and budget only"
+    assert all("policy" in str(d) for d in body.get("defaults", [])), "its defaults choose the policy only"
+    assert "ratio" not in body.get("budget", {}), "the ratio is the user's (budget.ratio=8)"
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_composes_and_the_ratio_is_the_users(preset: str) -> None:
+    register_policy_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"experiment={preset}", "budget.ratio=8"])
+        plain = compose(config_name="config")
+    assert cfg.budget.ratio == 8
+    assert cfg.task == plain.task and cfg.engine == plain.engine  # the task and the run stay the user's
+    instantiate(cfg.policy)  # the recommended policy builds
