@@ -117,6 +117,18 @@ def gather_blocks(
     return full[:, :, :max_len]
 
 
+def strided_slots(pool: torch.Tensor, layout: tuple[int, int, int], num_seqs: int, num_kv_heads: int, length: int):
+    """Torch helper: the logical slots ``[num_seqs, num_kv_heads, length, head_dim]`` of a pool
+    ``[num_blocks, block_size, head_dim]`` as a strided view, no copy, when every head holds ``length`` slots in
+    one contiguous run starting at flat slot ``first + b * seq_stride + h * head_stride`` (``layout``)."""
+    first, seq_stride, head_stride = layout
+    d = pool.shape[-1]
+    flat = pool.view(-1, d)
+    return flat.as_strided(
+        (num_seqs, num_kv_heads, length, d), (seq_stride * d, head_stride * d, d, 1), flat.storage_offset() + first * d
+    )
+
+
 def num_programs_target(device: torch.device) -> int:
     """How many programs a launch should provide to fill the device (2 waves of SMs on CUDA)."""
     if device.type == "cuda":

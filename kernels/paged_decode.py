@@ -42,6 +42,7 @@ from ._common import (
     pick_num_splits,
     prob_power,
     slot_coords,
+    strided_slots,
     upcast_tiles,
 )
 from .backend import use_triton
@@ -88,20 +89,21 @@ def decode_probs_torch(
     lengths: torch.Tensor,
     scale: float,
     max_len: int | None = None,
+    layout: tuple[int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax probabilities of one decode query per sequence over each head's logical slots, in fp32.
 
     ``q``: ``[B, H_q, D]``. Returns ``probs`` ``[B, H_kv, G, M]`` (G query heads per kv head, M = longest head;
     zero past a head's length, all zero for a length-0 head) and ``valid`` ``[B, H_kv, M]`` (slot < length).
     Shared by the reference decode and by scorers that need raw probabilities (TOVA). ``max_len`` saves a host
-    sync when the caller already knows ``lengths.max()``.
+    sync when the caller already knows ``lengths.max()``; ``layout`` (see :func:`paged_decode`) reads the keys as a
+    view of the pool instead of gathering them.
     """
-    block_size = k_cache.shape[1]
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = block_tables.shape[1]
     max_len = max_length(lengths) if max_len is None else max_len
     valid = torch.arange(max_len, device=lengths.device) < lengths.unsqueeze(-1).long()
-    keys = gather_blocks(k_cache, block_tables, valid, block_size, max_len, zero_invalid=False).float()
+    keys = _slots(k_cache, block_tables, valid, max_len, False, layout).float()
     qg = q.float().view(batch, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
     logits = torch.matmul(qg, keys.transpose(-1, -2)) * scale  # [B, H_kv, G, M]
     logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
@@ -122,6 +124,7 @@ def paged_decode_torch(
     num_splits: int | None = None,
     max_len: int | None = None,
     min_len: int | None = None,
+    layout: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """PyTorch reference of :func:`paged_decode` (gathers each head's slots, softmax in fp32).
 
@@ -137,24 +140,40 @@ def paged_decode_torch(
     if max_len == 0:
         return torch.zeros_like(q)
     padded = min_len is None or min_len != max_len
+    layout = None if padded else layout
     if score_out is None:
-        valid = torch.arange(max_len, device=lengths.device) < lengths.unsqueeze(-1).long()
-        keys = gather_blocks(k_cache, block_tables, valid, block_size, max_len, zero_invalid=padded).float()
-        values = gather_blocks(v_cache, block_tables, valid, block_size, max_len, zero_invalid=padded).float()
+        valid = None if layout is not None else torch.arange(max_len, device=lengths.device) < lengths[..., None].long()
+        keys = _slots(k_cache, block_tables, valid, max_len, padded, layout).float()
+        values = _slots(v_cache, block_tables, valid, max_len, padded, layout).float()
         qg = q.float().view(batch, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
         mask = valid[:, :, None, :] if padded else None
         out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=scale)
         if padded:  # a length-0 head masks every key: its softmax is NaN, its output 0 by contract
             out = out.masked_fill((lengths == 0)[:, :, None, None], 0.0)
         return out.reshape(batch, num_q_heads, head_dim).to(q.dtype)
-    probs, valid = decode_probs_torch(q, k_cache, block_tables, lengths, scale, max_len)
-    values = gather_blocks(v_cache, block_tables, valid, block_size, max_len, zero_invalid=padded).float()
+    probs, valid = decode_probs_torch(q, k_cache, block_tables, lengths, scale, max_len, layout)
+    values = _slots(v_cache, block_tables, valid, max_len, padded, layout).float()
     out = torch.matmul(probs, values)  # [B, H_kv, G, D]
     contrib = probs.pow(score_power).sum(dim=2)  # [B, Hkv, M]: summed over the group's query heads
     blocks, offsets, _ = gather_logical(block_tables, lengths, block_size, max_len)
     slots = blocks * block_size + offsets  # padded slots point at block 0 and add an exact 0 (p is 0 there)
     score_out.view(-1).index_add_(0, slots.reshape(-1), contrib.reshape(-1))
     return out.reshape(batch, num_q_heads, head_dim).to(q.dtype)
+
+
+def _slots(
+    pool: torch.Tensor,
+    block_tables: torch.Tensor,
+    valid: torch.Tensor | None,
+    max_len: int,
+    zero_invalid: bool,
+    layout: tuple[int, int, int] | None,
+) -> torch.Tensor:
+    """Each head's logical slots ``[B, H_kv, max_len, D]``: a view of the pool when ``layout`` says they are
+    contiguous runs (never padded then; ``valid`` may be None), else a gathered copy."""
+    if layout is not None:
+        return strided_slots(pool, layout, block_tables.shape[0], block_tables.shape[1], max_len)
+    return gather_blocks(pool, block_tables, valid, pool.shape[1], max_len, zero_invalid=zero_invalid)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -327,11 +346,13 @@ def paged_decode_triton(
     num_splits: int | None = None,
     max_len: int | None = None,
     min_len: int | None = None,
+    layout: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """Triton implementation of :func:`paged_decode` (split-K flash-decoding + fused score accumulation).
 
-    ``min_len`` is accepted for signature parity and ignored (loads past a head's length are masked anyway)."""
-    del min_len
+    ``min_len`` and ``layout`` are accepted for signature parity and ignored (loads past a head's length are
+    masked anyway, and the kernel reads blocks in place whatever their order)."""
+    del min_len, layout
     block_size, group = _check_args(q, k_cache, v_cache, block_tables, lengths, score_out, score_power)
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = block_tables.shape[1]
@@ -406,6 +427,7 @@ def paged_decode(
     num_splits: int | None = None,
     max_len: int | None = None,
     min_len: int | None = None,
+    layout: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """Decode attention of one new token per sequence over the paged, per-head KV cache.
 
@@ -423,6 +445,9 @@ def paged_decode(
         max_len: ``lengths.max()`` when the caller knows it (the engine keeps lengths on the host); None reads it
             from ``lengths``, which costs a host sync.
         min_len: ``lengths.min()`` when known: equal to ``max_len``, the torch reference skips all padding work.
+        layout: ``(first, seq_stride, head_stride)`` when the caller knows that head (b, h) holds its slots in one
+            contiguous run from flat slot ``first + b * seq_stride + h * head_stride`` (the cache's
+            ``StepPlan.layout``): the torch reference then reads them as a view of the pool, with no gather.
 
     Returns:
         ``[B, H_q, D]`` in ``q.dtype``.
@@ -430,7 +455,7 @@ def paged_decode(
     impl = paged_decode_triton if use_triton(q.device) else paged_decode_torch
     return impl(q, k_cache, v_cache, block_tables, lengths, scale,
                 score_out=score_out, score_power=score_power, num_splits=num_splits, max_len=max_len,
-                min_len=min_len)
+                min_len=min_len, layout=layout)
 
 
 def decode_kv_bytes(lengths: torch.Tensor, head_dim: int, dtype: torch.dtype) -> int:

@@ -65,9 +65,11 @@ def paged_attention_forward(
             score_power=step.decode_power or 1,
             max_len=max_len,
             min_len=plan.min_len[layer],
+            layout=plan.layout[layer],
         )
         if step.decode_probs and step.observer is not None:
-            probs = decode_probs_torch(q, cache.k_cache, tables, lengths, scale, max_len)[0]  # [B, H_kv, G, L]
+            layout = plan.layout[layer] if plan.min_len[layer] == max_len else None
+            probs = decode_probs_torch(q, cache.k_cache, tables, lengths, scale, max_len, layout)[0]  # [B, H_kv, G, L]
             step.observer.observe_decode(cache, DecodeObservation(layer, plan.seq_ids, probs.reshape(B, Hq, -1)))
     else:
         window = step.obs_window if step.obs_window >= 0 else 1 << 30

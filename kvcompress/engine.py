@@ -303,8 +303,9 @@ class Engine:
         prompt, tokens = len(r.prompt_ids), [*r.prompt_ids, *self._suffix(queued)]
         chunks = plan_chunks(0, prompt, self.prefill_chunk, self._window(observes))
         chunks += plan_chunks(prompt, len(tokens), self.prefill_chunk, 0)
+        seq_id = self.cache.add_sequence(peak_tokens(r, self.compressor))
         seq = Sequence(
-            r, self.cache.add_sequence(), budget, tokens, chunks, prompt if observes else None, self.step_no,
+            r, seq_id, budget, tokens, chunks, prompt if observes else None, self.step_no,
             generated=queued.generated, preemptions=queued.preemptions, reconstruct=self._reconstruction(r, observes),
         )  # fmt: skip
         self.running.append(seq)
@@ -315,8 +316,11 @@ class Engine:
         key, tokens = request.share_prefix, list(request.prompt_ids)
         observes = self._parent_observes()
         chunks = plan_chunks(0, len(tokens), self.prefill_chunk, self._window(observes))
-        parent = Sequence(None, self.cache.add_sequence(), None, tokens, chunks, len(tokens), self.step_no)
-        parent.reconstruct = self._reconstruction(request, observes)
+        recon = self._reconstruction(request, observes)
+        parent = Sequence(
+            None, self.cache.add_sequence(len(tokens) + len(recon)), None, tokens, chunks, len(tokens), self.step_no
+        )
+        parent.reconstruct = recon
         parent.share_key, parent.share_count = key, self._sharers(key)
         self.parents[key] = parent
         self.running.append(parent)
@@ -326,7 +330,7 @@ class Engine:
         """A request of a shared prompt: fork the parent, compress the fork unless the parent already was to this
         request's budget, then prefill the suffix (or decode straight away)."""
         r = queued.request
-        child_id = self.cache.fork(parent.seq_id)
+        child_id = self.cache.fork(parent.seq_id, peak_tokens(r, self.compressor))
         if self.compressor is not None:
             self.compressor.fork(parent.seq_id, child_id)
         budget = self._budget(r)

@@ -134,8 +134,10 @@ class PagedKVCache:
         self.lengths = np.zeros(table_shape, dtype=np.int64)
         self.num_blocks_held = np.zeros(table_shape, dtype=np.int64)
         self.seen = np.zeros(max_seqs, dtype=np.int64)
-        self._free = np.arange(num_blocks - 1, -1, -1, dtype=np.int64)  # a stack; top = _free[_num_free - 1]
+        self._free = np.ones(num_blocks, dtype=bool)
+        self._kept_for = np.full(num_blocks, -1, dtype=np.int64)  # free block reserved for this head id, -1: none
         self._num_free = num_blocks
+        self.expected = np.zeros(max_seqs, dtype=np.int64)  # tokens per head each sequence is expected to reach
         self._live: set[int] = set()
         self.peak_blocks = 0
 
@@ -169,11 +171,14 @@ class PagedKVCache:
         return host
 
     # ------------------------------------------------------------------ sequences
-    def add_sequence(self) -> int:
-        """Claim a free sequence slot and return its id."""
+    def add_sequence(self, expected_tokens: int = 0) -> int:
+        """Claim a free sequence slot and return its id. ``expected_tokens`` (tokens per head the sequence is
+        expected to reach, uncompressed) sizes the room its heads' first blocks leave free behind them, so that
+        they grow in place (see :meth:`plan_step`)."""
         for s in range(self.max_seqs):
             if s not in self._live:
                 self._live.add(s)
+                self.expected[s] = expected_tokens
                 return s
         raise RuntimeError(f"all {self.max_seqs} sequence slots of the cache are in use; release one first")
 
@@ -189,13 +194,15 @@ class PagedKVCache:
         """Free every block of a sequence and make its slot reusable."""
         self._check_live([seq_id])
         self._push_free(self.block_tables[:, seq_id][self._held_mask(seq_id)])
+        heads = self._head_id(np.arange(self.num_layers)[:, None], seq_id, np.arange(self.num_kv_heads)[None, :])
+        self._kept_for[np.isin(self._kept_for, heads)] = -1
         self.block_tables[:, seq_id] = -1
         self.lengths[:, seq_id] = 0
         self.num_blocks_held[:, seq_id] = 0
         self.seen[seq_id] = 0
         self._live.discard(seq_id)
 
-    def fork(self, seq_id: int) -> int:
+    def fork(self, seq_id: int, expected_tokens: int = 0) -> int:
         """Copy every head of ``seq_id`` (contents, positions, scores) into fresh blocks of a new sequence.
 
         Lets several questions, or several budgets, share one prefilled context without recomputing it.
@@ -207,7 +214,7 @@ class PagedKVCache:
             raise PoolExhaustedError(total, self._num_free, self.num_blocks)
         if not self.num_free_seqs:
             raise RuntimeError(f"all {self.max_seqs} sequence slots of the cache are in use; release one first")
-        new = self.add_sequence()
+        new = self.add_sequence(expected_tokens)
         src = self.block_tables[:, seq_id][used]
         dst = self._pop_free(total)
         src_d, dst_d = self.upload(src, torch.long), self.upload(dst, torch.long)
@@ -225,16 +232,67 @@ class PagedKVCache:
             raise KeyError(f"sequence ids {dead} are not live in this cache (live: {sorted(self._live)})")
 
     # ------------------------------------------------------------------ pool
+    # The pool is a free bitmap. A free block may be *kept for* one head (``_kept_for``): the room left behind a
+    # head's run so that it grows in place. Kept blocks stay free (they count in ``num_free_blocks`` and go to
+    # anyone once the unkept ones run out); they only come last. Contiguous heads let the torch reference read a
+    # step's keys as a strided view of the pool instead of gathering them (``StepPlan.layout``).
+    def _head_id(self, layer, seq, head):  # noqa: ANN001, ANN202 (numpy ints or arrays, broadcast)
+        return (layer * self.max_seqs + seq) * self.num_kv_heads + head
+
     def _pop_free(self, n: int) -> np.ndarray:
-        ids = self._free[self._num_free - n : self._num_free][::-1].copy()
-        self._num_free -= n
-        self.peak_blocks = max(self.peak_blocks, self.num_used_blocks)
+        """``n`` free blocks, lowest ids first, blocks kept for no head before kept ones."""
+        ids = np.flatnonzero(self._free & (self._kept_for < 0))[:n]
+        if ids.size < n:
+            ids = np.concatenate([ids, np.flatnonzero(self._free & (self._kept_for >= 0))[: n - ids.size]])
+        self._take(ids)
         return ids
 
-    def _push_free(self, ids: np.ndarray) -> None:
-        n = ids.size
-        self._free[self._num_free : self._num_free + n] = ids.reshape(-1)
-        self._num_free += n
+    def _take(self, ids: np.ndarray) -> None:
+        self._free[ids] = False
+        self._kept_for[ids] = -1
+        self._num_free -= ids.size
+        self.peak_blocks = max(self.peak_blocks, self.num_used_blocks)
+
+    def _push_free(self, ids: np.ndarray, kept_for: np.ndarray | int = -1) -> None:
+        ids = ids.reshape(-1)
+        self._free[ids] = True
+        self._kept_for[ids] = kept_for
+        self._num_free += ids.size
+
+    def _allocate(self, sid: np.ndarray, need: np.ndarray, held: np.ndarray) -> None:
+        """Append ``need[l, b, h]`` blocks to each head of sequences ``sid`` (``held``: blocks they hold now).
+
+        A head grows in place when the blocks right after its last one are free and not kept for another head.
+        The others get fresh runs of the lowest free blocks, each followed by the room its sequence is expected to
+        grow into (kept for it), as long as the unkept free blocks cover every run and its room; else plain lowest
+        free blocks.
+        """
+        li, bi, hi = np.nonzero(need)
+        n, h_held, seq = need[li, bi, hi], held[li, bi, hi], sid[bi]
+        me = self._head_id(li, seq, hi)
+        owner = np.repeat(np.arange(n.size), n)  # the head each new block goes to
+        offset = np.arange(owner.size) - (np.cumsum(n) - n)[owner]
+        last = self.block_tables[li, seq, hi, np.maximum(h_held - 1, 0)].astype(np.int64)
+        cand = np.minimum(last[owner] + 1 + offset, self.num_blocks - 1)
+        kept = self._kept_for[cand]
+        fits = (last[owner] + 1 + offset < self.num_blocks) & self._free[cand] & ((kept < 0) | (kept == me[owner]))
+        in_place = (h_held > 0) & (np.bincount(owner, weights=~fits, minlength=n.size) == 0)
+        blocks = np.where(in_place[owner], cand, -1)
+        self._take(blocks[in_place[owner]])
+        fresh = ~in_place[owner]
+        if fresh.any():
+            room = np.maximum(-(-self.expected[seq] // self.block_size) - h_held - n, 0) * ~in_place
+            unkept = np.flatnonzero(self._free & (self._kept_for < 0))
+            if unkept.size >= (n * ~in_place).sum() + room.sum():
+                span = n * ~in_place + room
+                run = np.cumsum(span) - span  # each fresh head's run starts here in ``unkept``
+                blocks[fresh] = unkept[(run[owner] + offset)[fresh]]
+                self._take(blocks[fresh])
+                k = np.repeat(np.arange(n.size), room)
+                self._kept_for[unkept[run[k] + n[k] + np.arange(k.size) - (np.cumsum(room) - room)[k]]] = me[k]
+            else:
+                blocks[fresh] = self._pop_free(int(fresh.sum()))
+        self.block_tables[li[owner], seq[owner], hi[owner], h_held[owner] + offset] = blocks
 
     # ------------------------------------------------------------------ writes
     def _need(self, sid: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -269,11 +327,7 @@ class PagedKVCache:
             raise PoolExhaustedError(total, self._num_free, self.num_blocks)
         L, B, H = need.shape
         if total:
-            flat = need.reshape(-1)
-            head = np.repeat(np.arange(flat.size), flat)
-            offset = np.arange(total) - (np.cumsum(flat) - flat)[head]
-            li, bi, hi = np.unravel_index(head, need.shape)
-            self.block_tables[li, sid[bi], hi, held.reshape(-1)[head] + offset] = self._pop_free(total)
+            self._allocate(sid, need, held)
             self.num_blocks_held[:, sid] = held + need
 
         cu = np.concatenate([[0], np.cumsum(counts)])
@@ -289,6 +343,10 @@ class PagedKVCache:
         self.seen[sid] += counts
         lengths = self.lengths[:, sid]
         cols = max(int(self.num_blocks_held[:, sid].max()), 1)
+        tables = self.block_tables[:, sid, :, :cols]
+        max_len, min_len = lengths.reshape(L, -1).max(1), lengths.reshape(L, -1).min(1)
+        decode_on_cpu = self.device.type == "cpu" and bool((counts == 1).all())
+        layout = self._layout(tables, max_len == min_len) if decode_on_cpu else [None] * L
         pos_d = self.upload(positions, torch.long)
         return StepPlan(
             seq_ids=list(seq_ids),
@@ -298,11 +356,31 @@ class PagedKVCache:
             positions=pos_d,
             slot_positions=self.upload(np.repeat(positions, H), torch.int32),
             slots=self.upload(slots, torch.long),
-            block_tables=self.upload(self.block_tables[:, sid, :, :cols], torch.int32),
+            block_tables=self.upload(tables, torch.int32),
             lengths=self.upload(lengths, torch.int32),
-            max_len=lengths.reshape(L, -1).max(1).tolist(),
-            min_len=lengths.reshape(L, -1).min(1).tolist(),
+            max_len=max_len.tolist(),
+            min_len=min_len.tolist(),
+            layout=layout,
         )
+
+    def _layout(self, tables: np.ndarray, uniform: np.ndarray) -> list[tuple[int, int, int] | None]:
+        """Per layer, ``(first, seq_stride, head_stride)`` in slots when each head's blocks in ``tables``
+        (``[L, B, H, cols]``, post-step) are consecutive and the heads' first blocks form that grid, for layers
+        whose heads all hold the same length (``uniform`` ``[L]``); else None (see :class:`StepPlan`)."""
+        L, B, H, cols = tables.shape
+        first = tables[..., 0].astype(np.int64)
+        base = first[:, :1, :1]
+        seq_stride = first[:, 1:2, :1] - base if B > 1 else np.zeros_like(base)
+        head_stride = first[:, :1, 1:2] - base if H > 1 else np.zeros_like(base)
+        grid = base + np.arange(B)[:, None] * seq_stride + np.arange(H) * head_stride
+        ok = uniform & (first == grid).all((1, 2)) & (seq_stride >= 0).ravel() & (head_stride >= 0).ravel()
+        if ok.any():  # each head's blocks are one run (entries past a head's blocks are -1)
+            ok &= ((tables == first[..., None] + np.arange(cols)) | (tables < 0)).all((1, 2, 3))
+        bs = self.block_size
+        return [
+            (int(base[i, 0, 0]) * bs, int(seq_stride[i, 0, 0]) * bs, int(head_stride[i, 0, 0]) * bs) if ok[i] else None
+            for i in range(L)
+        ]
 
     def write(self, layer: int, plan: StepPlan, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write one layer's packed new tokens (``keys``/``values`` ``[T_total, H, D]``, post-RoPE) into the slots
@@ -410,7 +488,8 @@ class PagedKVCache:
         mb = np.arange(self.max_blocks_per_head)
         freed = (mb >= new_held[..., None]) & (mb < held[..., None])  # [L, S, H, MB]
         tables = self.block_tables[:, sid]
-        self._push_free(tables[freed])
+        li, si, hi, _ = np.nonzero(freed)
+        self._push_free(tables[freed], kept_for=self._head_id(li, sid[si], hi))  # room to grow back into
         tables[freed] = -1
         self.block_tables[:, sid] = tables
         self.num_blocks_held[:, sid] = new_held

@@ -33,6 +33,11 @@ class StepPlan:
     each written slot's position, in the order of ``slots[layer]``. ``counts``, ``starts`` (first new position
     of each sequence), ``max_len`` and ``min_len`` (longest and shortest head per layer) are host copies, so no
     kernel launch or observation needs to read a size back from the device.
+
+    ``layout[layer]`` (decode steps on CPU) is ``(first, seq_stride, head_stride)`` when every head of the layer
+    holds the same number of tokens in one contiguous run of slots starting at ``first + b * seq_stride +
+    h * head_stride``: the torch reference then reads keys and values as a strided view of the pool instead of
+    gathering them. None otherwise.
     """
 
     seq_ids: list[int]
@@ -46,6 +51,7 @@ class StepPlan:
     lengths: torch.Tensor
     max_len: list[int]
     min_len: list[int]
+    layout: list[tuple[int, int, int] | None]
     is_decode: bool = field(init=False)  # one token per sequence
     fresh: bool = field(init=False)  # every sequence starts at position 0: nothing was cached before this forward
 

@@ -180,3 +180,45 @@ def test_truncate_drops_the_last_tokens_and_their_blocks() -> None:
     append(cache, 0, 2, start=9)  # the next token continues at the prompt's end
     with pytest.raises(ValueError, match="cannot truncate"):
         cache.truncate(0, 8)
+
+
+def test_heads_grow_in_place_into_the_room_their_sequence_expects() -> None:
+    """A sequence added with ``expected_tokens`` gets each head's blocks in one run with room behind it, so decode
+    steps past block boundaries keep every head contiguous (a strided ``layout`` for every layer), even while
+    another sequence takes blocks in between; without room the heads interleave and no layout is found."""
+    cache = make(num_blocks=128, max_seqs=3)
+    a = cache.add_sequence(expected_tokens=5 * BS)
+    append(cache, a, BS + 2)  # 2 blocks per head, room for 3 more
+    b = cache.add_sequence()  # no room of its own: it must not take a's
+    append(cache, b, 2 * BS)
+    for t in range(BS + 2, 5 * BS):
+        plan = cache.plan_step([a], [1])
+        for layer in range(L):
+            cache.write(layer, plan, torch.zeros(1, H, D), torch.zeros(1, H, D))
+        assert all(lay is not None for lay in plan.layout), f"step at length {t} lost contiguity"
+        first, _, head_stride = plan.layout[0]
+        for h in range(H):
+            row = cache.block_tables[0, a, h, : cache.num_blocks_held[0, a, h]]
+            assert row.tolist() == list(range(row[0], row[0] + row.size))
+            assert row[0] * BS == first + h * head_stride
+    assert positions(cache, 1, a, 2) == list(range(5 * BS))
+    append(cache, a, BS, start=5 * BS)  # past the room: blocks come from elsewhere, the cache stays right
+    assert positions(cache, 0, a, 0) == list(range(6 * BS))
+    # b was added without room: its heads' runs are back to back, so its second block is not its first + 1
+    tight = cache.add_sequence()
+    append(cache, tight, 1)
+    append(cache, tight, BS, start=1)
+    assert cache.plan_step([tight], [1]).layout == [None] * L
+
+
+def test_room_kept_for_a_head_is_still_free_and_goes_to_others_last() -> None:
+    cache = make(num_blocks=2 * L * H)
+    a = cache.add_sequence(expected_tokens=2 * BS)
+    append(cache, a, 1)  # 1 block per head, 1 kept behind each
+    assert cache.num_free_blocks == L * H
+    b = cache.add_sequence()
+    append(cache, b, BS)  # takes every free block, kept ones included
+    assert cache.num_free_blocks == 0
+    cache.release(b)
+    cache.release(a)
+    assert cache.num_free_blocks == 2 * L * H and (cache._kept_for < 0).all()

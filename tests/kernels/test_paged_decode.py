@@ -180,3 +180,31 @@ def test_small_head_dim(device, splits):
     out_tri, out_ref, add_tri, add_ref = _run_both(case, q, 0.25, 2, splits)
     torch.testing.assert_close(out_tri, out_ref, **TOL[torch.float32])
     torch.testing.assert_close(add_tri, add_ref, **SCORE_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("power", [0, 1, 2])
+def test_strided_layout_reads_the_same_slots_as_the_gather(power):
+    """With every head in one contiguous run on a (seq, head) grid, the torch reference reads the pool as a view
+    (``layout``) and must give the gathered path's output and scores exactly."""
+    B, Hkv, G, D, BS, n = 2, 3, 3, 64, 16, 37
+    blocks = -(-n // BS)
+    first = [[1 + b * 11 + h * 3 for h in range(Hkv)] for b in range(B)]  # runs of 3 blocks, seq stride 11
+    tables = torch.tensor([[[f + j for j in range(blocks)] for f in row] for row in first], dtype=torch.int32)
+    gen = torch.Generator().manual_seed(5)
+    k_cache, v_cache = torch.randn(30, BS, D, generator=gen), torch.randn(30, BS, D, generator=gen)
+    lengths = torch.full((B, Hkv), n, dtype=torch.int32)
+    q = _query(B, Hkv * G, D, torch.float32)
+    layout = (first[0][0] * BS, 11 * BS, 3 * BS)
+    outs = []
+    for lay in (None, layout):
+        score = torch.zeros(30, BS) if power else None
+        out = paged_decode_torch(q, k_cache, v_cache, tables, lengths, 0.125, score_out=score,
+                                 score_power=power or 2, max_len=n, min_len=n, layout=lay)
+        outs.append((out, score))
+    torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-6, rtol=1e-5)
+    if power:
+        torch.testing.assert_close(outs[1][1], outs[0][1], atol=1e-7, rtol=1e-6)
+    # a wrong layout reads other slots: the check above can fail
+    wrong = paged_decode_torch(q, k_cache, v_cache, tables, lengths, 0.125, max_len=n, min_len=n,
+                               layout=(layout[0] + BS, layout[1], layout[2]))
+    assert not torch.allclose(wrong, outs[0][0])
