@@ -34,6 +34,7 @@ from kvcompress.experiment.prompts import bind_tokenizer, build_prompt
 from kvcompress.generate import as_request
 from kvcompress.model import load_model
 from kvcompress.model_runner import paged_attention
+from kvcompress.policies.head_bias import HeadBias
 from kvcompress.sequence import RequestOutput
 from kvcompress.tasks.base import spread
 from kvcompress.tasks.metrics import score
@@ -62,6 +63,7 @@ VARIANTS = {
     "hybrid": ("hybrid", "uniform", {}),
     "kvzip": ("kvzip", "uniform", {}),
     "kvzip+global": ("kvzip", "global", {}),
+    "lfu-bias+global": ("lfu", "global", {"head_bias": None}),  # the file comes from --head-bias
 }
 
 
@@ -198,6 +200,7 @@ def main() -> None:
     ap.add_argument("--setups", default=",".join(s[0] for s in SETUPS))
     ap.add_argument("--max-seqs", type=int, default=8, help="sequences the engine runs at once (forks included)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for the 135M model)")
+    ap.add_argument("--head-bias", help="head-bias .npz for lfu-bias+global (scripts/calibrate_head_bias.py)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -208,9 +211,15 @@ def main() -> None:
         done = {(r["setup"], r["mode"], r["sample_id"]) for r in map(json.loads, rows_path.read_text().splitlines())}
     try:  # bad setups fail before the model loads
         wanted = [resolve_setup(name) for name in split_setups(args.setups)]
-        for _, _, alloc, _, allocator_args in wanted:
+        for label, _, alloc, overrides, allocator_args in wanted:
             build_allocator(alloc, allocator_args)
-    except ValueError as err:
+            if "head_bias" in overrides and not args.head_bias:
+                raise ValueError(f"setup {label!r} needs --head-bias FILE.npz (scripts/calibrate_head_bias.py)")
+        if args.head_bias:
+            HeadBias.load(args.head_bias)
+            with_bias = {"head_bias": args.head_bias}
+            wanted = [(*w[:3], {**w[3], **with_bias} if "head_bias" in w[3] else w[3], w[4]) for w in wanted]
+    except (ValueError, FileNotFoundError) as err:
         ap.error(str(err))
     wanted.append(("full", "full", "uniform", {}, {}))
     lm = load_model("smollm2")

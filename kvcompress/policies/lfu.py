@@ -14,6 +14,7 @@ import torch
 from kvcompress.cache.paged import HeadView, PagedKVCache
 from kvcompress.cache.step import PrefillObservation
 from kvcompress.policies.base import Policy, window_scores
+from kvcompress.policies.head_bias import HeadBias
 
 METRICS = ("L2-sum", "L1-sum", "L2-avg", "L1-avg")
 
@@ -22,13 +23,16 @@ METRICS = ("L2-sum", "L1-sum", "L2-avg", "L1-avg")
 class LFUPolicy(Policy):
     """``window``: last-w prompt queries observed (-1: all prompt queries, the "full" variant); ``pool_kernel``:
     max-pool size along keys (<=1 disables); ``decode_accumulate``: keep adding decode attention; ``decay``:
-    multiply existing scores by this factor at each prefill observation / compression (1 = none)."""
+    multiply existing scores by this factor at each prefill observation / compression (1 = none); ``head_bias``:
+    a KV-Compress head-bias file (``.npz``, :mod:`kvcompress.policies.head_bias`) added to each head's metric."""
 
     metric: str = "L2-sum"
     window: int = 32
     pool_kernel: int = 7
     decode_accumulate: bool = True
     decay: float = 1.0
+    head_bias: str | None = None
+    _bias: HeadBias | None = field(default=None, init=False, repr=False, compare=False)
     _window_start: dict[int, int] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -40,6 +44,8 @@ class LFUPolicy(Policy):
         # instance attributes shadow the ClassVar defaults of Policy
         self.window_power = power
         self.decode_power = power if self.decode_accumulate else 0
+        if self.head_bias:
+            self._bias = HeadBias.load(self.head_bias)
 
     def observe_prefill(self, cache: PagedKVCache, obs: PrefillObservation) -> None:
         view, add = window_scores(cache, obs, self.pool_kernel, "max")
@@ -54,6 +60,14 @@ class LFUPolicy(Policy):
         self._window_start.pop(seq_id, None)
 
     def rank(self, view: HeadView, seen: torch.Tensor) -> torch.Tensor:
+        scores = self.metric_of(view, seen)
+        if self._bias is None:
+            return scores
+        self._bias.check_heads(scores.shape[1])
+        return scores + self._bias.for_layer(view.layer, seen)[..., None]
+
+    def metric_of(self, view: HeadView, seen: torch.Tensor) -> torch.Tensor:
+        """The KV-Compress metric ``[S, H, L]`` of ``view``'s slots, before any head bias."""
         if self.metric.endswith("sum"):
             return view.scores
         # queries that could have seen key j: window queries from window_start on, then every decode query
