@@ -29,8 +29,8 @@ CONF = Path(__file__).resolve().parents[2] / "conf"
 def test_schema_mirrors_the_dataclass() -> None:
     schema = OmegaConf.structured(policy_schema(LFUPolicy))
     assert schema._target_ == "kvcompress.policies.lfu.LFUPolicy"
-    assert set(schema) - {"_target_"} == {"metric", "window", "pool_kernel", "decode_accumulate", "decay"}
-    assert "_window_start" not in schema  # init=False / private fields are not config
+    assert set(schema) - {"_target_"} == {"metric", "window", "pool_kernel", "decode_accumulate", "decay", "head_bias"}
+    assert "_window_start" not in schema and "_bias" not in schema  # init=False / private fields are not config
     for name, cls in policy_classes().items():  # every policy module gets one, defaults as in the class
         fields = policy_fields(cls)
         built = OmegaConf.structured(policy_schema(cls))
