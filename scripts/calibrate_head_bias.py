@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--metric", default="L2-sum", choices=METRICS)
     ap.add_argument("--window", type=int, default=32)
     ap.add_argument("--pool-kernel", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for the 135M model)")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     try:
         edges = np.array([int(b) for b in args.bins.split(",")])
         bias_bins = HeadBias(np.zeros((1, 1, edges.size)), edges)  # validates the edges
