@@ -68,7 +68,7 @@ def paged_attention_forward(
             layout=plan.layout[layer],
         )
         if step.decode_probs and step.observer is not None:
-            layout = plan.layout[layer] if plan.min_len[layer] == max_len else None
+            layout = plan.layout[layer]  # set only when every head holds max_len tokens: no padding to mask
             probs = decode_probs_torch(q, cache.k_cache, tables, lengths, scale, max_len, layout)[0]  # [B, H_kv, G, L]
             step.observer.observe_decode(cache, DecodeObservation(layer, plan.seq_ids, probs.reshape(B, Hq, -1)))
     else:

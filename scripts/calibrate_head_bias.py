@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(prompt_ids) <= args.protected * args.ratio:
             continue  # too short to leave an unprotected quantile worth measuring
         per_head, pooled = head_quantiles(runner, policy, prompt_ids, args.ratio, args.protected)
-        b = int(bias_bins.bins_of(np.array([len(prompt_ids)]))[0])
+        b = int(bias_bins.bins_of(torch.tensor([len(prompt_ids)]))[0])
         total[:, :, b] += pooled - per_head
         count[b] += 1
     if not count.any():

@@ -44,6 +44,12 @@ from kvcompress.cache.step import StepPlan
 _NUMPY_DTYPES = {torch.long: np.int64, torch.int32: np.int32}
 
 
+def _runs(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For ``counts[i]`` items of each group i laid end to end: each item's group and its rank inside the group."""
+    group = np.repeat(np.arange(counts.size), counts)
+    return group, np.arange(group.size) - (np.cumsum(counts) - counts)[group]
+
+
 class PoolExhaustedError(RuntimeError):
     """Raised by :meth:`PagedKVCache.plan_step` when the pool lacks the blocks a step needs. Nothing was changed."""
 
@@ -270,26 +276,27 @@ class PagedKVCache:
         li, bi, hi = np.nonzero(need)
         n, h_held, seq = need[li, bi, hi], held[li, bi, hi], sid[bi]
         me = self._head_id(li, seq, hi)
-        owner = np.repeat(np.arange(n.size), n)  # the head each new block goes to
-        offset = np.arange(owner.size) - (np.cumsum(n) - n)[owner]
+        owner, offset = _runs(n)  # the head each new block goes to, and its rank among that head's new blocks
         last = self.block_tables[li, seq, hi, np.maximum(h_held - 1, 0)].astype(np.int64)
-        cand = np.minimum(last[owner] + 1 + offset, self.num_blocks - 1)
+        want = last[owner] + 1 + offset
+        cand = np.minimum(want, self.num_blocks - 1)
         kept = self._kept_for[cand]
-        fits = (last[owner] + 1 + offset < self.num_blocks) & self._free[cand] & ((kept < 0) | (kept == me[owner]))
+        fits = (want < self.num_blocks) & self._free[cand] & ((kept < 0) | (kept == me[owner]))
         in_place = (h_held > 0) & (np.bincount(owner, weights=~fits, minlength=n.size) == 0)
         blocks = np.where(in_place[owner], cand, -1)
         self._take(blocks[in_place[owner]])
         fresh = ~in_place[owner]
         if fresh.any():
+            fresh_n = n * ~in_place
             room = np.maximum(-(-self.expected[seq] // self.block_size) - h_held - n, 0) * ~in_place
             unkept = np.flatnonzero(self._free & (self._kept_for < 0))
-            if unkept.size >= (n * ~in_place).sum() + room.sum():
-                span = n * ~in_place + room
+            if unkept.size >= fresh_n.sum() + room.sum():
+                span = fresh_n + room
                 run = np.cumsum(span) - span  # each fresh head's run starts here in ``unkept``
                 blocks[fresh] = unkept[(run[owner] + offset)[fresh]]
                 self._take(blocks[fresh])
-                k = np.repeat(np.arange(n.size), room)
-                self._kept_for[unkept[run[k] + n[k] + np.arange(k.size) - (np.cumsum(room) - room)[k]]] = me[k]
+                k, k_rank = _runs(room)
+                self._kept_for[unkept[run[k] + n[k] + k_rank]] = me[k]
             else:
                 blocks[fresh] = self._pop_free(int(fresh.sum()))
         self.block_tables[li[owner], seq[owner], hi[owner], h_held[owner] + offset] = blocks
@@ -331,8 +338,7 @@ class PagedKVCache:
             self.num_blocks_held[:, sid] = held + need
 
         cu = np.concatenate([[0], np.cumsum(counts)])
-        tok_seq = np.repeat(np.arange(B), counts)  # [T]
-        rank = np.arange(int(cu[-1])) - cu[:-1][tok_seq]
+        tok_seq, rank = _runs(counts)  # [T]: each new token's sequence and its rank among that sequence's
         index = self.lengths[:, sid][:, tok_seq] + rank[None, :, None]  # [L, T, H] logical slot of each new token
         layers, heads = np.arange(L)[:, None, None], np.arange(H)[None, None, :]
         block = self.block_tables[layers, sid[tok_seq][None, :, None], heads, index // self.block_size]

@@ -64,31 +64,24 @@ class HeadBias:
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(path, **{BIAS_KEY: self.bias, BINS_KEY: self.pos_bins})
 
-    def bins_of(self, lengths: np.ndarray) -> np.ndarray:
-        """The bin of each sequence length."""
-        return np.searchsorted(self.pos_bins, np.asarray(lengths), side="right") - 1
+    def bins_of(self, lengths: torch.Tensor) -> torch.Tensor:
+        """The bin of each sequence length, on ``lengths``' device (nothing is read back to the host)."""
+        edges = self._tensors(lengths.device)[1]
+        return torch.searchsorted(edges, lengths.to(edges.dtype).contiguous(), right=True) - 1
 
-    def for_layer(self, layer: int, seen: torch.Tensor) -> torch.Tensor:
-        """``[S, H]``: each sequence's bias for every kv head of ``layer`` (``seen`` ``[S]``: its length), looked
-        up on ``seen``'s device (nothing is read back to the host)."""
+    def for_layer(self, layer: int, seen: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+        """``[S, H]``: each sequence's bias for every kv head of ``layer`` (``seen`` ``[S]``: its length); raises
+        when the file was made for another geometry."""
         layers, heads = self.bias.shape[:2]
-        if layer >= layers:
+        if layer >= layers or heads != num_kv_heads:
             raise ValueError(
-                f"head bias has {layers} layers but the model has a layer {layer}; calibrate one for this model "
-                "(scripts/calibrate_head_bias.py)"
+                f"head bias is for {layers} layers x {heads} kv heads, but the model has a layer {layer} with "
+                f"{num_kv_heads} kv heads; calibrate one for this model (scripts/calibrate_head_bias.py)"
             )
-        if seen.device not in self._on:
-            self._on[seen.device] = (
-                torch.from_numpy(self.bias).to(seen.device),
-                torch.from_numpy(self.pos_bins).to(seen.device),
-            )
-        bias, edges = self._on[seen.device]
-        bins = torch.searchsorted(edges, seen.to(edges.dtype).contiguous(), right=True) - 1
-        return bias[layer][:, bins].T  # [S, H]; the caller's scores are [S, H, L], so a head-count mismatch raises
+        return self._tensors(seen.device)[0][layer][:, self.bins_of(seen)].T
 
-    def check_heads(self, num_kv_heads: int) -> None:
-        if self.bias.shape[1] != num_kv_heads:
-            raise ValueError(
-                f"head bias has {self.bias.shape[1]} kv heads per layer but the model has {num_kv_heads}; calibrate "
-                "one for this model (scripts/calibrate_head_bias.py)"
-            )
+    def _tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``bias`` and ``pos_bins`` on ``device``, copied there once."""
+        if device not in self._on:
+            self._on[device] = (torch.from_numpy(self.bias).to(device), torch.from_numpy(self.pos_bins).to(device))
+        return self._on[device]

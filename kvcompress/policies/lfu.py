@@ -63,8 +63,7 @@ class LFUPolicy(Policy):
         scores = self.metric_of(view, seen)
         if self._bias is None:
             return scores
-        self._bias.check_heads(scores.shape[1])
-        return scores + self._bias.for_layer(view.layer, seen)[..., None]
+        return scores + self._bias.for_layer(view.layer, seen, scores.shape[1])[..., None]
 
     def metric_of(self, view: HeadView, seen: torch.Tensor) -> torch.Tensor:
         """The KV-Compress metric ``[S, H, L]`` of ``view``'s slots, before any head bias."""

@@ -35,9 +35,9 @@ def test_file_round_trip_and_bins(tmp_path) -> None:
     bias.save(tmp_path / "b.npz")
     back = HeadBias.load(tmp_path / "b.npz")
     assert np.array_equal(back.bias, bias.bias) and back.pos_bins.tolist() == [0, 100, 1000]
-    assert bias.bins_of(np.array([0, 99, 100, 999, 5000])).tolist() == [0, 0, 1, 1, 2]
+    assert bias.bins_of(torch.tensor([0, 99, 100, 999, 5000])).tolist() == [0, 0, 1, 1, 2]
     seen = torch.tensor([50, 2000])
-    assert bias.for_layer(1, seen).tolist() == [[6.0, 9.0], [8.0, 11.0]]  # [S, H]: bins 0 and 2 of layer 1
+    assert bias.for_layer(1, seen, 2).tolist() == [[6.0, 9.0], [8.0, 11.0]]  # [S, H]: bins 0 and 2 of layer 1
 
 
 def test_bad_files_say_what_is_wrong(tmp_path) -> None:
