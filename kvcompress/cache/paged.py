@@ -338,7 +338,7 @@ class PagedKVCache:
             self.num_blocks_held[:, sid] = held + need
 
         cu = np.concatenate([[0], np.cumsum(counts)])
-        tok_seq, rank = _runs(counts)  # [T]: each new token's sequence and its rank among that sequence's
+        tok_seq, rank = _runs(counts)  # [T]: each new token's sequence, and its rank among that sequence's tokens
         index = self.lengths[:, sid][:, tok_seq] + rank[None, :, None]  # [L, T, H] logical slot of each new token
         layers, heads = np.arange(L)[:, None, None], np.arange(H)[None, None, :]
         block = self.block_tables[layers, sid[tok_seq][None, :, None], heads, index // self.block_size]
