@@ -28,6 +28,7 @@ See docs/COMPARE_KVPRESS.md.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import subprocess
@@ -55,7 +56,9 @@ PRESSES: dict[str, str] = {
     "streaming": "StreamingLLMPress",
     "expected_attention": "ExpectedAttentionPress",
     "h2o": "ObservedAttentionPress",  # the worker loads the model with eager attention for it
+    "kvzip": "KVzipPress",  # kvpress's default ranks all layers and heads together: compare with allocation=global
 }
+SIDES = ("ours", "kvpress")
 
 
 def press_for(policy: str) -> str:
@@ -98,6 +101,13 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def append_row(path: Path, row: dict[str, Any]) -> None:
+    """Append one row under an exclusive lock, so that one run per side (``--sides``) can share ``path``."""
+    with path.open("a", encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.write(json.dumps(row) + "\n")
+
+
 def pending(todo: Iterable[tuple[str, str, str, float]], rows: Sequence[dict[str, Any]]) -> list[tuple]:
     """The (side, mode, policy, ratio) cells of ``todo`` without a row yet."""
     done = {r["key"] for r in rows}
@@ -105,6 +115,7 @@ def pending(todo: Iterable[tuple[str, str, str, float]], rows: Sequence[dict[str
 
 
 select_samples = spread  # n records spread evenly over the file, or all of them
+
 
 def kvpress_inputs(records: Sequence[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
     """The worker's input lines for ``mode`` (query-aware: question folded into the context)."""
@@ -272,6 +283,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--policies", default="tova", help=f"comma-separated, from: {','.join(PRESSES)}")
     parser.add_argument("--ratios", default="2,4,8", help="comma-separated budget ratios (seen / kept)")
     parser.add_argument("--modes", default="query_aware", help="comma-separated: query_aware,query_agnostic")
+    parser.add_argument(
+        "--sides", default="ours,kvpress", help="comma-separated sides to run (one process per side uses two cores)"
+    )
     parser.add_argument("--samples", type=int, default=None, help="use N samples spread over the suite (all)")
     parser.add_argument("--out", type=Path, required=True, help="output directory (rows.jsonl, table.md)")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="HF model directory for both sides")
@@ -286,6 +300,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.policies = [p for p in args.policies.split(",") if p]
     args.ratios = [float(r) for r in args.ratios.split(",") if r]
     args.modes = [m for m in args.modes.split(",") if m]
+    args.sides = [s for s in args.sides.split(",") if s]
+    if not args.sides or any(s not in SIDES for s in args.sides):
+        parser.error(f"--sides {','.join(args.sides)!r}: accepted: a comma-separated subset of {','.join(SIDES)}")
     for p in args.policies:
         press_for(p)
     bad = [m for m in args.modes if m not in MODES]
@@ -304,21 +321,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     chosen = select_samples(records, args.samples)  # every line carries its id: both sides name samples alike
     if subset.is_file() and _load_jsonl(subset) != chosen:
         sys.exit(f"error: {args.out} holds rows for other samples (samples.jsonl differs); use another --out")
-    _write_jsonl(subset, chosen)
+    if not subset.is_file():
+        _write_jsonl(subset, chosen)
     rows_path = args.out / "rows.jsonl"
     rows = read_rows(rows_path)
-    todo = [(side, *c) for c in cells(args.policies, args.ratios, args.modes) for side in ("ours", "kvpress")]
+    todo = [(side, *c) for c in cells(args.policies, args.ratios, args.modes) for side in args.sides]
     left = pending(todo, rows)
     print(f"{len(todo) - len(left)} of {len(todo)} cells already in {rows_path}", flush=True)
     for side, mode, policy, ratio in left:
         runner = run_ours if side == "ours" else run_kvpress
         row = runner(args, subset, mode, policy, ratio)
-        with rows_path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row) + "\n")
-        rows.append(row)
+        append_row(rows_path, row)
         print(f"{side:8s} {mode} {policy} x{ratio:g}: score {row['score']:.1f} kept {row['kept_fraction']:.3f}")
-        (args.out / "table.md").write_text(render_table(rows), encoding="utf-8")
-    table = render_table(rows)
+        (args.out / "table.md").write_text(render_table(read_rows(rows_path)), encoding="utf-8")
+    table = render_table(read_rows(rows_path))
     (args.out / "table.md").write_text(table, encoding="utf-8")
     print(table)
 

@@ -60,6 +60,7 @@ def test_press_names(compare):
         "streaming",
         "expected_attention",
         "h2o",
+        "kvzip",
     }
     with pytest.raises(ValueError, match="no kvpress press"):
         compare.press_for("lfu")
@@ -110,6 +111,39 @@ def test_table(compare):
     # a side not run yet shows dashes
     partial = compare.render_table(rows[:1]).splitlines()[2]
     assert partial == "| query_aware | tova | 4 | 25.0 | - | 0.250 | - | - | - | 2 |"
+
+
+def test_sides_run_apart_into_one_table(compare, tmp_path, monkeypatch):
+    """One process per side (``--sides``) shares rows.jsonl: each runs only its side's cells, and the table written
+    last holds both sides."""
+    suite = tmp_path / "suite.jsonl"
+    suite.write_text(
+        "".join(
+            json.dumps({"id": f"s{i}", "context": "C", "question": "Q", "answers": ["x"]}) + "\n" for i in range(3)
+        ),
+        encoding="utf-8",
+    )
+    ran: list[tuple[str, str, float]] = []
+
+    def fake(side):
+        def run(args, subset, mode, policy, ratio):
+            ran.append((side, policy, ratio))
+            return compare.make_row(side, mode, policy, ratio, [{"score": 100.0 / ratio}], 1 / ratio)
+
+        return run
+
+    monkeypatch.setattr(compare, "run_ours", fake("ours"))
+    monkeypatch.setattr(compare, "run_kvpress", fake("kvpress"))
+    base = ["--suite", str(suite), "--policies", "kvzip", "--ratios", "4", "--out", str(tmp_path / "out")]
+    compare.main([*base, "--sides", "ours"])
+    assert ran == [("ours", "full", 1.0), ("ours", "kvzip", 4.0)]
+    compare.main([*base, "--sides", "kvpress"])
+    compare.main(base)  # both sides done: nothing runs again
+    assert ran[2:] == [("kvpress", "full", 1.0), ("kvpress", "kvzip", 4.0)]
+    table = (tmp_path / "out" / "table.md").read_text(encoding="utf-8").splitlines()
+    assert table[3] == "| query_aware | kvzip | 4 | 25.0 | 25 | 0.250 | 25.0 | 25 | 0.250 | 1 |"
+    with pytest.raises(SystemExit):
+        compare.parse_args([*base, "--sides", "ours,vllm"])
 
 
 def test_kvpress_inputs_fold_question_in_query_aware(compare):
