@@ -108,7 +108,9 @@ def paged_prefill_torch(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """PyTorch reference of :func:`paged_prefill`: per sequence, gather the heads' slots (a block at a time) and
     run torch's fused attention with the causal-by-position mask over chunks of at most 512 queries (memory
-    ``O(H_q * 512 * len)``); only the observation-window queries get explicit fp32 probabilities."""
+    ``O(H_q * 512 * len)``); only the observation-window queries get explicit fp32 probabilities, and those
+    probabilities give the window's output too (an observed reconstruction, KVzip's, is one matmul more than a
+    prefill instead of a second attention)."""
     block_size, group = _check_args(q, k_cache, v_cache, slot_pos, block_tables, lengths, q_pos, cu_seqlens_q,
                                     obs_window, obs_power, obs_reduce)
     num_q_heads, head_dim = q.shape[1], q.shape[2]
@@ -141,17 +143,24 @@ def paged_prefill_torch(
             c1 = min(c0 + _REF_QUERY_CHUNK, t1)
             qc = q[c0:c1].float().view(c1 - c0, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)  # [Hkv,G,t,D]
             visible = valid[:, None, :] & (kpos[:, None, :] <= q_pos[c0:c1, None].to(kpos.device))  # [Hkv, t, M]
+            # rows c0 + w0 .. c1 are observed: their probabilities are computed anyway and give their output too
+            w0 = min(max(window_start - c0, 0), c1 - c0) if obs is not None else c1 - c0
+            if not fresh and w0 > 0:
+                mask = visible[:, None, :w0]
+                oc = F.scaled_dot_product_attention(qc[:, :, :w0], k_g, v_g, attn_mask=mask, scale=scale)
+                out[c0 : c0 + w0] = oc.permute(2, 0, 1, 3).reshape(w0, num_q_heads, head_dim).to(q.dtype)
+            if w0 == c1 - c0:
+                continue
+            logits = torch.matmul(qc[:, :, w0:] * scale, keys.transpose(-1, -2)[:, None])  # [Hkv, G, w, M]
+            probs = torch.softmax(logits.masked_fill_(~visible[:, None, w0:], float("-inf")), dim=-1).nan_to_num_(0.0)
             if not fresh:
-                oc = F.scaled_dot_product_attention(qc, k_g, v_g, attn_mask=visible[:, None], scale=scale)
-                out[c0:c1] = oc.permute(2, 0, 1, 3).reshape(c1 - c0, num_q_heads, head_dim).to(q.dtype)
-            if obs is not None and c1 > window_start:
-                w0 = max(window_start - c0, 0)
-                logits = torch.matmul(qc[:, :, w0:], keys.transpose(-1, -2)[:, None]) * scale  # [Hkv, G, w, M]
-                logits = logits.masked_fill(~visible[:, None, w0:], float("-inf"))
-                probs = torch.softmax(logits, dim=-1).nan_to_num(0.0).pow(obs_power)  # [Hkv, G, w, M]
-                win = (probs.amax(dim=2) if obs_reduce == "max" else probs.sum(dim=2)).reshape(num_q_heads, seq_len)
-                row = obs[b, :, :seq_len]
-                row.copy_(torch.maximum(row, win) if obs_reduce == "max" else row + win)
+                oc = torch.matmul(probs, values[:, None])  # [Hkv, G, w, D]
+                out[c0 + w0 : c1] = oc.permute(2, 0, 1, 3).reshape(c1 - c0 - w0, num_q_heads, head_dim).to(q.dtype)
+            if obs_power != 1:
+                probs = probs.pow_(obs_power)
+            win = (probs.amax(dim=2) if obs_reduce == "max" else probs.sum(dim=2)).reshape(num_q_heads, seq_len)
+            row = obs[b, :, :seq_len]
+            row.copy_(torch.maximum(row, win) if obs_reduce == "max" else row + win)
     return out, obs
 
 

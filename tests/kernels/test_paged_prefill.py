@@ -6,12 +6,15 @@ reference vs naive loop checks stay on the CPU. bf16 and the real-model geometri
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from kvcompress_kernels import paged_prefill, paged_prefill_torch, paged_prefill_triton, use_backend
 from paged_case import DTYPES, MODEL_GEOMETRIES, make_case, naive_prefill
 from paged_case import OUT_TOL as TOL
 
+REFERENCE = sys.modules["kvcompress_kernels.paged_prefill"]  # the package exports a function of the module's name
 OBS_TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=5e-3, rtol=1e-2),
            torch.bfloat16: dict(atol=1.5e-2, rtol=1e-2)}
 
@@ -78,7 +81,11 @@ def test_triton_matches_torch(device, dtype, head_dim, group, obs_window):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("group", [1, 3, 4])
 @pytest.mark.parametrize(("obs_window", "power"), [(5, 1), (5, 2), (10_000, 1)])
-def test_torch_matches_naive(dtype, group, obs_window, power):
+@pytest.mark.parametrize("query_chunk", [512, 4])
+def test_torch_matches_naive(dtype, group, obs_window, power, query_chunk, monkeypatch):
+    """``query_chunk`` 4 makes the reference's query chunks cut through the observation window (chunks before it,
+    one across it, chunks inside it)."""
+    monkeypatch.setattr(REFERENCE, "_REF_QUERY_CHUNK", query_chunk)
     case, q_pos, cu = _chunked_case(PREFIX_KEPT, PREFIX_SEEN, NEW_TOKENS, 2, 64, dtype, seed=9)
     q = _query(int(cu[-1]), 2 * group, 64, dtype)
     out, obs = paged_prefill_torch(*_args(case, q, q_pos, cu, 0.125), obs_window=obs_window, obs_power=power)
