@@ -319,24 +319,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     subset = args.out / "samples.jsonl"
     records = [{**r, "id": str(r.get("id", f"{args.suite.stem}:{i}"))} for i, r in enumerate(_load_jsonl(args.suite))]
     chosen = select_samples(records, args.samples)  # every line carries its id: both sides name samples alike
-    if subset.is_file() and _load_jsonl(subset) != chosen:
-        sys.exit(f"error: {args.out} holds rows for other samples (samples.jsonl differs); use another --out")
     if not subset.is_file():
         _write_jsonl(subset, chosen)
+    elif _load_jsonl(subset) != chosen:
+        sys.exit(f"error: {args.out} holds rows for other samples (samples.jsonl differs); use another --out")
     rows_path = args.out / "rows.jsonl"
-    rows = read_rows(rows_path)
     todo = [(side, *c) for c in cells(args.policies, args.ratios, args.modes) for side in args.sides]
-    left = pending(todo, rows)
+    left = pending(todo, read_rows(rows_path))
     print(f"{len(todo) - len(left)} of {len(todo)} cells already in {rows_path}", flush=True)
     for side, mode, policy, ratio in left:
         runner = run_ours if side == "ours" else run_kvpress
         row = runner(args, subset, mode, policy, ratio)
         append_row(rows_path, row)
         print(f"{side:8s} {mode} {policy} x{ratio:g}: score {row['score']:.1f} kept {row['kept_fraction']:.3f}")
-        (args.out / "table.md").write_text(render_table(read_rows(rows_path)), encoding="utf-8")
-    table = render_table(read_rows(rows_path))
-    (args.out / "table.md").write_text(table, encoding="utf-8")
-    print(table)
+        write_table(args.out)
+    print(write_table(args.out))
+
+
+def write_table(out: Path) -> str:
+    """Rebuild ``out/table.md`` from every row in ``out/rows.jsonl`` (another side's process may have added some);
+    returns the table."""
+    table = render_table(read_rows(out / "rows.jsonl"))
+    (out / "table.md").write_text(table, encoding="utf-8")
+    return table
 
 
 if __name__ == "__main__":
