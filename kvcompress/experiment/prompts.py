@@ -77,10 +77,11 @@ def split_chat(tokenizer: PreTrainedTokenizerBase, context: str, question: str, 
         raise ExperimentError(f"{what}: the chat template altered the prompt text; cannot split it")
     cut, end = start + len(context), start + len(content)
 
-    def encode(part: str) -> list[int]:
-        return list(tokenizer(part, add_special_tokens=False)["input_ids"]) if part else []
+    return Prompt(*(_encode(tokenizer, part) for part in (text[:cut], text[cut:end], text[end:])))
 
-    return Prompt(encode(text[:cut]), encode(text[cut:end]), encode(text[end:]))
+
+def _encode(tokenizer: PreTrainedTokenizerBase, part: str) -> list[int]:
+    return list(tokenizer(part, add_special_tokens=False)["input_ids"]) if part else []
 
 
 def repeat_prompt_ids(tokenizer: PreTrainedTokenizerBase, instruction: str) -> list[int]:
@@ -92,11 +93,20 @@ def repeat_prompt_ids(tokenizer: PreTrainedTokenizerBase, instruction: str) -> l
     return repeat.question_ids + repeat.suffix_ids
 
 
+def template_prefix_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The chat template's tokens before a user turn's content (system prompt, user header); [] without one."""
+    text = render_chat(tokenizer, "<context>")
+    return _encode(tokenizer, text[: text.find("<context>")])
+
+
 def bind_tokenizer(policy: Policy, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Give a policy that needs fixed text in the model's tokens its ids (KVzip's repeat prompt, unless set
-    already); other policies need nothing."""
-    if isinstance(policy, KVzipPolicy) and policy.repeat_ids is None:
-        policy.repeat_ids = repeat_prompt_ids(tokenizer, policy.instruction)
+    """Give a policy that needs fixed text in the model's tokens its ids (KVzip's repeat prompt and the template's
+    prefix, unless set already); other policies need nothing."""
+    if isinstance(policy, KVzipPolicy):
+        if policy.repeat_ids is None:
+            policy.repeat_ids = repeat_prompt_ids(tokenizer, policy.instruction)
+        if policy.prefix_ids is None:
+            policy.prefix_ids = template_prefix_ids(tokenizer)
 
 
 def check_fits(prompt: Prompt, max_new_tokens: int, max_positions: int, sample_id: str) -> None:

@@ -14,7 +14,11 @@ about one extra prefill of the context, reported as ``reconstruct_s`` in each re
 
 The repeat prompt must be tokenized by the model's tokenizer, which the policy does not own: the caller sets
 ``repeat_ids`` (the experiment runner and ``scripts/demo.py`` call
-:func:`~kvcompress.experiment.prompts.bind_tokenizer`, which renders it with ``repeat_prompt_ids``).
+:func:`~kvcompress.experiment.prompts.bind_tokenizer`, which renders it with ``repeat_prompt_ids``), and
+``prefix_ids``, the chat template's tokens before the user's content (its system prompt and user header). With
+``skip_prefix`` a prompt that starts with them is reconstructed without them, as the paper and kvpress do: the
+model is asked to repeat the context, not the template. The prefix's KVs are still scored by the attention the
+reconstruction gives them.
 """
 
 from __future__ import annotations
@@ -34,19 +38,27 @@ DEFAULT_INSTRUCTION = "Repeat the previous context exactly."
 class KVzipPolicy(Policy):
     """``instruction``: the repeat request, rendered after the context (as the end of its user turn, then the
     assistant header, when the tokenizer has a chat template); ``repeat_ids``: its token ids, set by the caller
-    that owns the tokenizer (None until then: reconstruction raises)."""
+    that owns the tokenizer (None until then: reconstruction raises); ``prefix_ids``: the chat template's tokens
+    before the user's content, also set by that caller (None or empty: no template); ``skip_prefix``: leave them
+    out of the reconstruction."""
 
     instruction: str = DEFAULT_INSTRUCTION
     repeat_ids: list[int] | None = None
+    prefix_ids: list[int] | None = None
+    skip_prefix: bool = False
     window_reduce: ClassVar[str] = "max"
 
     def reconstruction(self, prompt: Sequence[int]) -> list[int]:
-        """``[*repeat_ids, *prompt]``: the repeat prompt, then the context teacher-forced as its answer."""
+        """``[*repeat_ids, *prompt]``: the repeat prompt, then the context teacher-forced as its answer (without
+        the template's ``prefix_ids`` when ``skip_prefix`` and the prompt starts with them)."""
         if self.repeat_ids is None:
             raise ValueError(
                 "KVzipPolicy.repeat_ids is not set: tokenize the repeat prompt with the model's tokenizer, e.g. "
                 "policy.repeat_ids = kvcompress.experiment.prompts.repeat_prompt_ids(tokenizer, policy.instruction)"
             )
+        prefix = self.prefix_ids or []
+        if self.skip_prefix and prefix and list(prompt[: len(prefix)]) == prefix:
+            prompt = prompt[len(prefix) :]
         return [*self.repeat_ids, *prompt]
 
     def observe_prefill(self, cache: PagedKVCache, obs: PrefillObservation) -> None:

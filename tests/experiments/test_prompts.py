@@ -14,8 +14,10 @@ from kvcompress.experiment.prompts import (
     check_fits,
     render_chat,
     repeat_prompt_ids,
+    template_prefix_ids,
 )
 from kvcompress.generate import as_request
+from kvcompress.policies.kvzip import KVzipPolicy
 from kvcompress.tasks.base import Sample
 
 
@@ -70,3 +72,22 @@ def test_kvzip_repeat_prompt_closes_the_turn_with_or_without_a_template(tiny_mod
     tokenizer.chat_template = None
     text = tokenizer.decode(repeat_prompt_ids(tokenizer, "Repeat it."))
     assert text == "\n\nRepeat it.\n"
+
+
+def test_kvzip_skip_prefix_reconstructs_the_context_without_the_template(tiny_model_dir: Path) -> None:
+    """``skip_prefix`` drops the chat template's system prompt and user header from the reconstruction only when
+    the prompt starts with them; without a template there is no prefix."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prefix = template_prefix_ids(tokenizer)
+    assert tokenizer.decode(prefix).endswith("<|im_start|>user\n")
+    prompt = build_prompt(tokenizer, _sample("The pass key is 12345.\n\n", "What is the pass key?"))
+    assert prompt.context_ids[: len(prefix)] == prefix
+    kept = KVzipPolicy(repeat_ids=[7], prefix_ids=prefix)
+    skipped = KVzipPolicy(repeat_ids=[7], prefix_ids=prefix, skip_prefix=True)
+    assert kept.reconstruction(prompt.context_ids) == [7, *prompt.context_ids]
+    assert skipped.reconstruction(prompt.context_ids) == [7, *prompt.context_ids[len(prefix) :]]
+    assert tokenizer.decode(skipped.reconstruction(prompt.context_ids)[1:]) == "The pass key is 12345.\n\n"
+    other = [p + 1 for p in prompt.context_ids]  # a prompt without the template's prefix is reconstructed whole
+    assert skipped.reconstruction(other) == [7, *other]
+    tokenizer.chat_template = None
+    assert template_prefix_ids(tokenizer) == []
