@@ -71,13 +71,18 @@ def split_chat(tokenizer: PreTrainedTokenizerBase, context: str, question: str, 
     """One user turn ``context + question``, rendered, cut where the context and the question end, the three
     parts tokenized separately."""
     content = context + question
+    text, start = _render_located(tokenizer, content, what)
+    cut, end = start + len(context), start + len(content)
+    return Prompt(*(_encode(tokenizer, part) for part in (text[:cut], text[cut:end], text[end:])))
+
+
+def _render_located(tokenizer: PreTrainedTokenizerBase, content: str, what: str) -> tuple[str, int]:
+    """The chat-templated text of one user turn ``content``, and where ``content`` starts in it."""
     text = render_chat(tokenizer, content)
     start = text.find(content)
     if start < 0:
         raise ExperimentError(f"{what}: the chat template altered the prompt text; cannot split it")
-    cut, end = start + len(context), start + len(content)
-
-    return Prompt(*(_encode(tokenizer, part) for part in (text[:cut], text[cut:end], text[end:])))
+    return text, start
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, part: str) -> list[int]:
@@ -95,8 +100,8 @@ def repeat_prompt_ids(tokenizer: PreTrainedTokenizerBase, instruction: str) -> l
 
 def template_prefix_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The chat template's tokens before a user turn's content (system prompt, user header); [] without one."""
-    text = render_chat(tokenizer, "<context>")
-    return _encode(tokenizer, text[: text.find("<context>")])
+    text, start = _render_located(tokenizer, "<context>", "the chat template's prefix")
+    return _encode(tokenizer, text[:start])
 
 
 def bind_tokenizer(policy: Policy, tokenizer: PreTrainedTokenizerBase) -> None:
