@@ -6,7 +6,9 @@ admit more requests, and more requests decode together in one batched step. Each
 1. **admits** waiting requests (in arrival order) while a sequence slot is free and the pool has the blocks the
    whole prompt needs *uncompressed* (prefill holds every prompt token until the compressor runs), plus a
    watermark of headroom for the running sequences' growth. Requests sharing a prompt (``share_prefix``) get one
-   parent sequence that prefills it once; each request then forks it;
+   parent sequence that prefills it once; each request then forks it. A new parent is admitted only when the
+   slots its forks need are free beyond those owed to earlier parents' waiting forks, so prefilled prompts are
+   forked and decoded before more prompts are prefilled;
 2. runs **packed varlen prefill** forwards of up to ``max_prefill_tokens`` prompt tokens (each long prompt in
    chunks of ``prefill_chunk``; the final chunk of a prompt carries the policy's observation window), and
    **compresses** a sequence as soon as its prompt is in, before its question (query-agnostic) is prefilled.
@@ -207,10 +209,11 @@ class Engine:
         saves walking the model's modules twice per step."""
         done_before = len(self.finished)
         blocked = self._admit()
+        ready = {p.seq_id for p in self.parents.values() if not p.prefilling}  # their forks were tried just now
         with paged_attention(self.model):
             self._prefill_step()
             self._decode_step()
-        self._release_idle_parents(blocked)
+        self._release_idle_parents(blocked, ready)
         self.stats.steps += 1
         self.stats.peak_blocks = self.cache.peak_blocks  # the cache keeps the running maximum
         self.step_no += 1
@@ -233,6 +236,7 @@ class Engine:
         """Admit what fits; returns whether an arrived request was left waiting for lack of room or slots."""
         blocked = False
         promised = sum(self._prefill_blocks_left(s) for s in self.running if s.prefilling)
+        owed = sum(self._sharers(k) for k in self.parents)  # slots the admitted parents' waiting children will take
         skipped: list[_Queued] = []  # children waiting for their parent's prefill keep their place
         while self.waiting and self.waiting[0].request.arrival_step <= self.step_no:
             queued = self.waiting[0]
@@ -248,13 +252,18 @@ class Engine:
             if parent is not None:
                 need = int(self.cache.num_blocks_held[:, parent.seq_id].sum())
                 need += self.cache.blocks_needed([parent.seq_id], [len(self._suffix(queued))])
-            elif key is not None and self._sharers(key) > 1 and self.max_seqs - len(self.running) > 1:
+            elif key is not None and self.max_seqs > 1 and (sharers := self._sharers(key)) > 1:
+                # a new parent waits until the slots it and (up to the engine's width) its forks take are free
+                # beyond those owed to earlier parents' children, so parents never crowd out the forks they exist for
+                if self.max_seqs - len(self.running) - owed < 1 + min(sharers, self.max_seqs - 1):
+                    break
                 recon = self._reconstruction(queued.request, self._parent_observes())
                 need = self._blocks_for(len(queued.request.prompt_ids) + len(recon))
                 if not self._fits(need, promised):
                     break
                 self._start_parent(queued.request)
                 promised += need
+                owed += sharers
                 blocked = False
                 continue
             else:
@@ -267,6 +276,7 @@ class Engine:
             self.stats.recomputed_tokens += len(queued.generated)
             if parent is not None:
                 self._fork_child(parent, queued)
+                owed -= 1
             else:
                 self._start(queued)
                 promised += need
@@ -351,10 +361,12 @@ class Engine:
             seq.pending, seq.last_logits = parent.pending, parent.last_logits
             seq.memory = self.cache.memory([child_id])
 
-    def _release_idle_parents(self, blocked: bool) -> None:
-        """Release ready parents no waiting request needs. When admission was ``blocked`` and only ready parents
-        hold the pool, nothing would ever free it: release them too, so the head request runs on its own."""
-        stuck = blocked and all(s.request is None and not s.prefilling for s in self.running)
+    def _release_idle_parents(self, blocked: bool, ready: set[int]) -> None:
+        """Release ready parents no waiting request needs. When admission was ``blocked`` and only parents that
+        were ``ready`` (prefilled) before it hold the pool, their forks did not fit and nothing would ever free
+        it: release them too, so the head request runs on its own. A parent whose prefill ended this step has
+        not had its forks tried yet, so it never counts as stuck."""
+        stuck = blocked and all(s.request is None and s.seq_id in ready for s in self.running)
         for parent in [p for p in self.parents.values() if not p.prefilling]:
             if stuck or not self._sharers(parent.share_key):
                 self._drop(parent)

@@ -89,3 +89,19 @@ def test_query_aware_ratio_sweeps_of_several_prompts_prefill_their_suffixes_alon
     for req, out in zip(requests, outputs, strict=True):
         plain = as_request(req.request_id, req.prompt_ids, [], "query_aware", 6, suffix=suffix, budget=req.budget)
         assert out.tokens == Engine(tiny_llama, _lfu(), max_seqs=1, max_tokens_per_head=256).run([plain])[0].tokens
+
+
+def test_a_sweep_over_more_prompts_than_slots_prefills_each_prompt_once(tiny_llama):
+    """Parents wait for the slots their forks need: five prompts of three ratios each on a four-slot engine (whose
+    pool holds four uncompressed sequences) prefill each prompt once and never re-prefill a released parent."""
+    requests = [
+        Request((p, r), CONTEXT[p:], 4, budget=Budget(ratio=r, protected_window=8), share_prefix=p)
+        for p in range(5) for r in (2.0, 3.0, 4.0)
+    ]  # fmt: skip
+    engine = Engine(tiny_llama, _lfu(), max_seqs=4, max_tokens_per_head=256)
+    outputs = engine.run(requests)
+    assert engine.stats.shared_prefills == 5 and engine.stats.forks == 15 and engine.stats.preemptions == 0
+    assert engine.stats.prefill_tokens == sum(len(CONTEXT[p:]) for p in range(5))
+    for req, out in zip(requests, outputs, strict=True):
+        alone = Request(req.request_id, req.prompt_ids, 4, budget=req.budget)
+        assert out.tokens == _alone(tiny_llama, alone, _lfu(req.budget.ratio)), f"{req.request_id} diverged"
