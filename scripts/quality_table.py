@@ -24,12 +24,13 @@ from pathlib import Path
 
 import torch
 import yaml
+from omegaconf import OmegaConf
 
-from kvcompress.allocators import build_allocator
+from kvcompress.allocators import ALLOCATORS, build_allocator
 from kvcompress.budget import Budget
 from kvcompress.compressor import Compressor
 from kvcompress.engine import Engine, peak_tokens
-from kvcompress.experiment.policy_config import load_policy
+from kvcompress.experiment.policy_config import config_dir, load_policy, policy_names
 from kvcompress.experiment.prompts import bind_tokenizer, build_prompt
 from kvcompress.generate import as_request
 from kvcompress.model import load_model
@@ -59,6 +60,7 @@ SETUPS = [
 VARIANTS = {
     "lfu-allq+global": ("lfu", "global", {"window": -1}),
     "lfu-L1avg+global": ("lfu", "global", {"metric": "L1-avg"}),
+    "lfu-L2avg+global": ("lfu", "global", {"metric": "L2-avg"}),
     "lfu-nopool+global": ("lfu", "global", {"pool_kernel": 1}),
     "hybrid": ("hybrid", "uniform", {}),
     "kvzip": ("kvzip", "uniform", {}),
@@ -79,20 +81,48 @@ def split_setups(text: str) -> list[str]:
     return names
 
 
+def budget_allocation(name: str) -> tuple[str, dict]:
+    """``(allocation, allocator args)`` of an allocator name (``global``) or of a named budget config
+    (``conf/budget/<name>.yaml``, e.g. ``global_floor``); raises ``ValueError`` naming both kinds."""
+    if name in ALLOCATORS:
+        return name, {}
+    path = config_dir("budget") / f"{name}.yaml"
+    if name == "default" or not path.is_file():
+        named = sorted(p.stem for p in config_dir("budget").glob("*.yaml") if p.stem != "default")
+        raise ValueError(
+            f"unknown allocation {name!r}; accepted: an allocator ({', '.join(ALLOCATORS)}) "
+            f"or a budget config ({', '.join(named)})"
+        )
+    budget = OmegaConf.to_container(OmegaConf.load(path))
+    return budget.get("allocation", "uniform"), budget.get("allocator_args") or {}
+
+
 def resolve_setup(name: str) -> tuple[str, str, str, dict, dict]:
-    """``label[:key=value,...]`` -> ``(name, policy config, allocation, policy overrides, allocator args)``;
-    raises ``ValueError`` naming the accepted labels or the malformed argument."""
+    """``label[:key=value,...]`` -> ``(name, policy config, allocation, policy overrides, allocator args)``.
+
+    A label is one of :data:`SETUPS` / :data:`VARIANTS`, or ``<policy>+<allocation>`` with any ``policy=`` name
+    (``conf/policy``) and an allocator or named budget config (``lfu_avg+global``, ``lfu+global_floor``);
+    arguments after the colon override the budget config's. Raises ``ValueError`` naming what is accepted."""
     label, _, arg_text = name.partition(":")
     known = {s[0]: (s[1], s[2], {}) for s in SETUPS} | VARIANTS
-    if label not in known:
-        raise ValueError(f"unknown setup {label!r}; accepted: {', '.join(known)}")
-    allocator_args = {}
+    allocator_args: dict = {}
+    if label in known:
+        policy, allocation, overrides = known[label]
+    else:
+        policy, plus, allocation = label.partition("+")
+        if not plus or policy not in policy_names():
+            raise ValueError(
+                f"unknown setup {label!r}; accepted: {', '.join(known)}, or <policy>+<allocation> with a policy "
+                f"of {', '.join(policy_names())}"
+            )
+        allocation, allocator_args = budget_allocation(allocation)
+        overrides = {}
     for pair in filter(None, arg_text.split(",")):
         key, eq, value = pair.partition("=")
         if not eq or not key:
             raise ValueError(f"setup {name!r}: allocator argument {pair!r} is not key=value")
         allocator_args[key] = yaml.safe_load(value)
-    return (name, *known[label], allocator_args)
+    return name, policy, allocation, overrides, allocator_args
 
 
 def run_setup(

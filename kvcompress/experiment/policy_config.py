@@ -36,21 +36,26 @@ import kvcompress.policies
 from kvcompress.policies.base import Policy
 
 SCHEMA_GROUP = "schema/policy"
-# where the policy yamls are: inside the installed package (wheel / non-editable install), else the checkout's
-POLICY_DIRS = (
-    Path(kvcompress.__file__).resolve().parent / "_conf" / "policy",
-    Path(__file__).resolve().parents[2] / "conf" / "policy",
+# where the Hydra configs are: inside the installed package (wheel / non-editable install), else the checkout's
+CONF_DIRS = (
+    Path(kvcompress.__file__).resolve().parent / "_conf",
+    Path(__file__).resolve().parents[2] / "conf",
 )
 # types OmegaConf can check; any other annotation becomes Any
 _SIMPLE_TYPES = (int, float, bool, str)
 
 
+def config_dir(group: str) -> Path:
+    """The directory of a config group's yamls (``conf/<group>``; first of :data:`CONF_DIRS` that has it)."""
+    for path in CONF_DIRS:
+        if (path / group).is_dir():
+            return path / group
+    return CONF_DIRS[-1] / group
+
+
 def policy_dir() -> Path:
-    """The directory holding the policy yamls (first of :data:`POLICY_DIRS` that exists)."""
-    for path in POLICY_DIRS:
-        if path.is_dir():
-            return path
-    return POLICY_DIRS[-1]
+    """The directory holding the policy yamls."""
+    return config_dir("policy")
 
 
 def policy_classes() -> dict[str, type[Policy]]:

@@ -19,3 +19,15 @@ def test_setups_carry_allocator_args(qt) -> None:
         qt.resolve_setup("nope:floor=1")
     with pytest.raises(ValueError, match="is not key=value"):
         qt.resolve_setup("lfu+global:floor")
+
+
+def test_setups_name_a_policy_config_and_a_budget_config(qt) -> None:
+    """``<policy>+<allocation>`` takes any conf/policy name and an allocator or a named conf/budget config, whose
+    allocator args the colon's override."""
+    assert qt.resolve_setup("lfu_avg+global") == ("lfu_avg+global", "lfu_avg", "global", {}, {})
+    floor = qt.resolve_setup("lfu+global_floor_normalized:floor=0.2")
+    assert floor == ("lfu+global_floor_normalized:floor=0.2", "lfu", "global", {}, {"floor": 0.2, "normalize": "sum"})
+    with pytest.raises(ValueError, match="unknown allocation 'globl'; accepted: an allocator .*global_floor"):
+        qt.resolve_setup("lfu+globl")
+    with pytest.raises(ValueError, match="unknown setup 'lfux\\+global'; .* <policy>\\+<allocation>"):
+        qt.resolve_setup("lfux+global")
