@@ -7,9 +7,11 @@ goes to ``<out>/table.md``.
 
     python scripts/quality_table.py --out results/quality --samples 3 --tokens 1000
 
-A setup may carry allocator arguments after a colon (``budget.allocator_args``), each ``key=value``:
+A setup is a label of :data:`SETUPS` / :data:`VARIANTS`, or ``<policy>+<allocation>`` with any ``conf/policy``
+name and an allocator or a named ``conf/budget`` config. It may carry allocator arguments after a colon
+(``budget.allocator_args``), each ``key=value``:
 
-    --setups lfu+global,lfu+global:floor=0.2,normalize=sum,hybrid
+    --setups lfu+global,lfu+global_floor_normalized,lfu_avg+global,lfu+global:floor=0.2,normalize=sum,hybrid
 """
 
 from __future__ import annotations
@@ -60,7 +62,6 @@ SETUPS = [
 VARIANTS = {
     "lfu-allq+global": ("lfu", "global", {"window": -1}),
     "lfu-L1avg+global": ("lfu", "global", {"metric": "L1-avg"}),
-    "lfu-L2avg+global": ("lfu", "global", {"metric": "L2-avg"}),
     "lfu-nopool+global": ("lfu", "global", {"pool_kernel": 1}),
     "hybrid": ("hybrid", "uniform", {}),
     "kvzip": ("kvzip", "uniform", {}),

@@ -1,5 +1,6 @@
-"""The recommended presets set the policy and budget that docs/RESULTS.md recommends for each mode, and nothing
-else: no task, no sweep, no Hydra settings. A ratio on the command line still wins."""
+"""The presets (the recommended ones, and KV-Compress for reproduction) set a policy and budget and nothing else: no
+task, no sweep, no Hydra settings. A ratio on the command line still wins. The named budget configs of
+KV-Compress's improvements compose on top of the defaults and build their allocator."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from kvcompress.allocators import build_allocator
+from kvcompress.allocators.global_threshold import GlobalAllocator
 from kvcompress.experiment.policy_config import register_policy_configs
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
-PRESETS = ["recommended_query_aware", "recommended_query_agnostic"]
+PRESETS = ["recommended_query_aware", "recommended_query_agnostic", "kv_compress"]
+BUDGETS = ["global_floor", "global_normalized", "global_floor_normalized"]
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -35,3 +39,17 @@ def test_preset_composes_and_the_ratio_is_the_users(preset: str) -> None:
     assert cfg.budget.ratio == 8
     assert cfg.task == plain.task and cfg.engine == plain.engine  # the task and the run stay the user's
     instantiate(cfg.policy)  # the recommended policy builds
+
+
+@pytest.mark.parametrize("name", BUDGETS)
+def test_named_budget_configs_change_only_the_allocation(name: str) -> None:
+    register_policy_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"budget={name}", "budget.ratio=8", "policy=lfu_avg"])
+        plain = compose(config_name="config")
+    assert cfg.budget.ratio == 8 and cfg.budget.allocation == "global"
+    others = {k: v for k, v in cfg.budget.items() if k not in ("ratio", "allocation", "allocator_args")}
+    assert others == {k: v for k, v in plain.budget.items() if k in others}, "the rest of the budget is the default's"
+    allocator = build_allocator(cfg.budget.allocation, cfg.budget.allocator_args)
+    assert isinstance(allocator, GlobalAllocator) and allocator != GlobalAllocator()
+    assert instantiate(cfg.policy).metric == "L2-avg"
