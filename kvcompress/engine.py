@@ -209,11 +209,13 @@ class Engine:
         saves walking the model's modules twice per step."""
         done_before = len(self.finished)
         blocked = self._admit()
-        ready = {p.seq_id for p in self.parents.values() if not p.prefilling}  # their forks were tried just now
+        # admission failed while only prefilled parents hold the pool: their forks do not fit, and nothing would
+        # ever free it (judged now: slots that decoding frees later in the step are not a reason to release)
+        stuck = blocked and all(s.request is None and not s.prefilling for s in self.running)
         with paged_attention(self.model):
             self._prefill_step()
             self._decode_step()
-        self._release_idle_parents(blocked, ready)
+        self._release_idle_parents(stuck)
         self.stats.steps += 1
         self.stats.peak_blocks = self.cache.peak_blocks  # the cache keeps the running maximum
         self.step_no += 1
@@ -361,12 +363,9 @@ class Engine:
             seq.pending, seq.last_logits = parent.pending, parent.last_logits
             seq.memory = self.cache.memory([child_id])
 
-    def _release_idle_parents(self, blocked: bool, ready: set[int]) -> None:
-        """Release ready parents no waiting request needs. When admission was ``blocked`` and only parents that
-        were ``ready`` (prefilled) before it hold the pool, their forks did not fit and nothing would ever free
-        it: release them too, so the head request runs on its own. A parent whose prefill ended this step has
-        not had its forks tried yet, so it never counts as stuck."""
-        stuck = blocked and all(s.request is None and s.seq_id in ready for s in self.running)
+    def _release_idle_parents(self, stuck: bool) -> None:
+        """Release prefilled parents no waiting request needs, and every prefilled parent when admission was
+        ``stuck`` (only they held the pool and the head request did not fit), so the head request runs on its own."""
         for parent in [p for p in self.parents.values() if not p.prefilling]:
             if stuck or not self._sharers(parent.share_key):
                 self._drop(parent)

@@ -91,17 +91,20 @@ def test_query_aware_ratio_sweeps_of_several_prompts_prefill_their_suffixes_alon
         assert out.tokens == Engine(tiny_llama, _lfu(), max_seqs=1, max_tokens_per_head=256).run([plain])[0].tokens
 
 
-def test_a_sweep_over_more_prompts_than_slots_prefills_each_prompt_once(tiny_llama):
-    """Parents wait for the slots their forks need: five prompts of three ratios each on a four-slot engine (whose
-    pool holds four uncompressed sequences) prefill each prompt once and never re-prefill a released parent."""
+@pytest.mark.parametrize(("max_seqs", "prompts", "forks"), [(4, 5, 3), (2, 3, 3), (4, 3, 9)])
+def test_a_sweep_over_more_prompts_than_slots_prefills_each_prompt_once(tiny_llama, max_seqs, prompts, forks):
+    """Parents wait for the slots their forks need, and a parent is released early only when its forks cannot
+    fit: more prompts than slots, or more forks than slots, still prefill each prompt once (the pool holds
+    ``max_seqs`` uncompressed sequences), and each output equals the request run alone."""
     requests = [
-        Request((p, r), CONTEXT[p:], 4, budget=Budget(ratio=r, protected_window=8), share_prefix=p)
-        for p in range(5) for r in (2.0, 3.0, 4.0)
+        Request((p, f), CONTEXT[p:], 4, budget=Budget(ratio=2 + f / 4, protected_window=8), share_prefix=p)
+        for p in range(prompts) for f in range(forks)
     ]  # fmt: skip
-    engine = Engine(tiny_llama, _lfu(), max_seqs=4, max_tokens_per_head=256)
+    engine = Engine(tiny_llama, _lfu(), max_seqs=max_seqs, max_tokens_per_head=256)
     outputs = engine.run(requests)
-    assert engine.stats.shared_prefills == 5 and engine.stats.forks == 15 and engine.stats.preemptions == 0
-    assert engine.stats.prefill_tokens == sum(len(CONTEXT[p:]) for p in range(5))
+    assert engine.stats.shared_prefills == prompts and engine.stats.forks == prompts * forks
+    assert engine.stats.preemptions == 0
+    assert engine.stats.prefill_tokens == sum(len(CONTEXT[p:]) for p in range(prompts))
     for req, out in zip(requests, outputs, strict=True):
         alone = Request(req.request_id, req.prompt_ids, 4, budget=req.budget)
         assert out.tokens == _alone(tiny_llama, alone, _lfu(req.budget.ratio)), f"{req.request_id} diverged"
