@@ -65,7 +65,6 @@ VARIANTS = {
     "lfu-nopool+global": ("lfu", "global", {"pool_kernel": 1}),
     "hybrid": ("hybrid", "uniform", {}),
     "kvzip": ("kvzip", "uniform", {}),
-    "kvzip+global": ("kvzip", "global", {}),
     "lfu-bias+global": ("lfu", "global", {"head_bias": None}),  # the file comes from --head-bias
 }
 
