@@ -157,13 +157,32 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def paired(ours: dict[str, Any] | None, theirs: dict[str, Any] | None) -> tuple[int, int, float] | None:
+    """``(ahead, behind, p)``: the samples (matched by id) on which our score is above / below kvpress's, and the
+    two-sided exact sign test's p-value of that split (ties left out; 1.0 when every sample ties). None when a
+    side is missing or its predictions carry no ids. A cell a few samples apart at n = 20 is usually p > 0.3."""
+    if not ours or not theirs:
+        return None
+    mine = {p["id"]: p["score"] for p in ours["predictions"] if "id" in p}
+    other = {p["id"]: p["score"] for p in theirs["predictions"] if "id" in p}
+    common = mine.keys() & other.keys()
+    if not common:
+        return None
+    from scipy.stats import binomtest
+
+    ahead = sum(mine[i] > other[i] for i in common)
+    behind = sum(mine[i] < other[i] for i in common)
+    return ahead, behind, binomtest(ahead, ahead + behind).pvalue if ahead + behind else 1.0
+
+
 def render_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Markdown: per mode x policy x ratio, score / % of own full / kept fraction for ours and kvpress."""
+    """Markdown: per mode x policy x ratio, score / % of own full / kept fraction for ours and kvpress, then the
+    paired per-sample comparison (:func:`paired`)."""
     by_key = {r["key"]: r for r in rows}
     lines = [
         "| mode | policy | ratio | ours score | ours % of full | ours kept | kvpress score | kvpress % of full "
-        "| kvpress kept | n |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| kvpress kept | n | samples ours ahead / behind | sign test p |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     seen: list[tuple[str, str, float]] = []
     for r in rows:
@@ -181,7 +200,9 @@ def render_table(rows: Sequence[dict[str, Any]]) -> str:
             pct = 100.0 * score / full["score"] if row and full and full["score"] else None
             cols += [_fmt(score, ".1f"), _fmt(pct, ".0f"), _fmt(row["kept_fraction"] if row else None, ".3f")]
             n = n or (row["n_samples"] if row else None)
-        lines.append(f"| {mode} | {policy} | {ratio:g} | " + " | ".join(cols) + f" | {_fmt(n, 'd')} |")
+        pair = paired(*(by_key.get(cell_key(side, mode, policy, ratio)) for side in ("ours", "kvpress")))
+        cols += [_fmt(n, "d"), f"{pair[0]} / {pair[1]}" if pair else "-", _fmt(pair[2] if pair else None, ".2f")]
+        lines.append(f"| {mode} | {policy} | {ratio:g} | " + " | ".join(cols) + " |")
     return "\n".join(lines) + "\n"
 
 

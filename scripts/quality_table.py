@@ -8,10 +8,11 @@ goes to ``<out>/table.md``.
     python scripts/quality_table.py --out results/quality --samples 3 --tokens 1000
 
 A setup is a label of :data:`SETUPS` / :data:`VARIANTS`, or ``<policy>+<allocation>`` with any ``conf/policy``
-name and an allocator or a named ``conf/budget`` config. It may carry allocator arguments after a colon
-(``budget.allocator_args``), each ``key=value``:
+name and an allocator or a named ``conf/budget`` config. It may carry arguments after a colon, each ``key=value``
+for the allocator (``budget.allocator_args``) or ``policy.key=value`` for the policy's fields:
 
     --setups lfu+global,lfu+global_floor_normalized,lfu_avg+global,lfu+global:floor=0.2,normalize=sum,hybrid
+    --setups kvzip+global:policy.prefix_keep=4
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ def resolve_setup(name: str) -> tuple[str, str, str, dict, dict]:
 
     A label is one of :data:`SETUPS` / :data:`VARIANTS`, or ``<policy>+<allocation>`` with any ``policy=`` name
     (``conf/policy``) and an allocator or named budget config (``lfu_avg+global``, ``lfu+global_floor``);
-    arguments after the colon override the budget config's. Raises ``ValueError`` naming what is accepted."""
+    ``key=value`` arguments after the colon override the budget config's, ``policy.key=value`` ones set the
+    policy's fields (over a variant's). Raises ``ValueError`` naming what is accepted."""
     label, _, arg_text = name.partition(":")
     known = {s[0]: (s[1], s[2], {}) for s in SETUPS} | VARIANTS
     allocator_args: dict = {}
@@ -117,11 +119,15 @@ def resolve_setup(name: str) -> tuple[str, str, str, dict, dict]:
             )
         allocation, allocator_args = budget_allocation(allocation)
         overrides = {}
+    overrides = dict(overrides)
     for pair in filter(None, arg_text.split(",")):
         key, eq, value = pair.partition("=")
-        if not eq or not key:
-            raise ValueError(f"setup {name!r}: allocator argument {pair!r} is not key=value")
-        allocator_args[key] = yaml.safe_load(value)
+        if not eq or not key or key == "policy.":
+            raise ValueError(f"setup {name!r}: argument {pair!r} is not key=value or policy.key=value")
+        if key.startswith("policy."):
+            overrides[key.removeprefix("policy.")] = yaml.safe_load(value)
+        else:
+            allocator_args[key] = yaml.safe_load(value)
     return name, policy, allocation, overrides, allocator_args
 
 
@@ -241,8 +247,9 @@ def main() -> None:
         done = {(r["setup"], r["mode"], r["sample_id"]) for r in map(json.loads, rows_path.read_text().splitlines())}
     try:  # bad setups fail before the model loads
         wanted = [resolve_setup(name) for name in split_setups(args.setups)]
-        for label, _, alloc, overrides, allocator_args in wanted:
+        for label, pol, alloc, overrides, allocator_args in wanted:
             build_allocator(alloc, allocator_args)
+            load_policy(pol, **overrides)
             if "head_bias" in overrides and not args.head_bias:
                 raise ValueError(f"setup {label!r} needs --head-bias FILE.npz (scripts/calibrate_head_bias.py)")
         if args.head_bias:

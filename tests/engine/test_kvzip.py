@@ -117,3 +117,34 @@ def test_needs_repeat_ids_and_room_for_the_reconstruction(tiny_llama):
         Engine(tiny_llama, comp, max_tokens_per_head=256).add_request(Request(0, CONTEXT, 4))
     with pytest.raises(ValueError, match="reconstruction"):  # 45 + 5 + 45 tokens at the peak
         Engine(tiny_llama, _kvzip(), max_tokens_per_head=64).add_request(Request(0, CONTEXT, 4))
+
+
+
+def _kept_positions(model, policy: KVzipPolicy, allocation: str) -> list[set[int]]:
+    """Run CONTEXT through ``policy`` at 2x; the positions each (layer, kv head) holds right after compression."""
+    comp = Compressor(policy, Budget(ratio=2, protected_window=4, allocation=allocation))
+    kept: list[set[int]] = []
+    compress = comp.compress
+
+    def capture(cache, seq_ids, budget=None):
+        result = compress(cache, seq_ids, budget)
+        for layer in range(cache.num_layers):
+            v = cache.view(layer, seq_ids, with_kv=False)
+            kept.extend(set(p[ok].tolist()) for p, ok in zip(v.positions[0], v.valid[0], strict=True))
+        return result
+
+    comp.compress = capture
+    Engine(model, comp, max_seqs=1, max_tokens_per_head=256).run([Request(0, CONTEXT, 4)])
+    return kept
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_prefix_keep_keeps_the_prefix_sinks_and_evicts_the_rest_of_it_first(tiny_llama, allocation):
+    """``prefix_keep=2`` with an 8-token template prefix: every head keeps positions 0 and 1 and none of 2..7,
+    some of which KVzip's own scores keep."""
+    prefix, rest = set(range(8)), set(range(2, 8))
+    sinks_only = KVzipPolicy(repeat_ids=REPEAT, prefix_ids=CONTEXT[:8], prefix_keep=2)
+    kept = _kept_positions(tiny_llama, sinks_only, allocation)
+    assert kept and all({0, 1} <= held and not held & rest for held in kept)
+    scored = _kept_positions(tiny_llama, KVzipPolicy(repeat_ids=REPEAT, prefix_ids=CONTEXT[:8]), allocation)
+    assert any(held & rest for held in scored) and any(not prefix <= held for held in scored)

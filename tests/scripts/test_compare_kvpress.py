@@ -106,11 +106,24 @@ def test_table(compare):
     ]
     lines = compare.render_table(rows).splitlines()
     assert lines[0].startswith("| mode | policy | ratio | ours score")
-    assert lines[2] == "| query_aware | full | 1 | 50.0 | 100 | 1.000 | 100.0 | 100 | 1.000 | 2 |"
-    assert lines[3] == "| query_aware | tova | 4 | 25.0 | 50 | 0.250 | 75.0 | 75 | 0.254 | 2 |"
+    assert lines[2] == "| query_aware | full | 1 | 50.0 | 100 | 1.000 | 100.0 | 100 | 1.000 | 2 | - | - |"
+    assert lines[3] == "| query_aware | tova | 4 | 25.0 | 50 | 0.250 | 75.0 | 75 | 0.254 | 2 | - | - |"
     # a side not run yet shows dashes
     partial = compare.render_table(rows[:1]).splitlines()[2]
-    assert partial == "| query_aware | tova | 4 | 25.0 | - | 0.250 | - | - | - | 2 |"
+    assert partial == "| query_aware | tova | 4 | 25.0 | - | 0.250 | - | - | - | 2 | - | - |"
+
+
+def test_paired_counts_samples_by_id_and_gives_the_sign_test(compare):
+    """Samples match by id, whatever their order; ties are left out of the sign test."""
+    preds = lambda scores: [{"id": f"s{i}", "score": s} for i, s in enumerate(scores)]
+    ours = compare.make_row("ours", "query_aware", "kvzip", 8.0, preds([100.0] * 8 + [0.0, 50.0]), 0.13)
+    theirs = compare.make_row("kvpress", "query_aware", "kvzip", 8.0, preds([0.0] * 8 + [0.0, 100.0])[::-1], 0.13)
+    ahead, behind, p = compare.paired(ours, theirs)
+    assert (ahead, behind) == (8, 1) and p == pytest.approx(20 / 512)  # 2 * P(X <= 1), X ~ Bin(9, 1/2)
+    assert compare.paired(ours, ours)[:2] == (0, 0) and compare.paired(ours, ours)[2] == 1.0
+    assert compare.paired(ours, None) is None
+    row = compare.render_table([ours, theirs]).splitlines()[2]
+    assert row.endswith("| 10 | 8 / 1 | 0.04 |")
 
 
 def test_sides_run_apart_into_one_table(compare, tmp_path, monkeypatch):
@@ -128,7 +141,7 @@ def test_sides_run_apart_into_one_table(compare, tmp_path, monkeypatch):
     def fake(side):
         def run(args, subset, mode, policy, ratio):
             ran.append((side, policy, ratio))
-            return compare.make_row(side, mode, policy, ratio, [{"score": 100.0 / ratio}], 1 / ratio)
+            return compare.make_row(side, mode, policy, ratio, [{"id": "s0", "score": 100.0 / ratio}], 1 / ratio)
 
         return run
 
@@ -141,7 +154,7 @@ def test_sides_run_apart_into_one_table(compare, tmp_path, monkeypatch):
     compare.main(base)  # both sides done: nothing runs again
     assert ran[2:] == [("kvpress", "full", 1.0), ("kvpress", "kvzip", 4.0)]
     table = (tmp_path / "out" / "table.md").read_text(encoding="utf-8").splitlines()
-    assert table[3] == "| query_aware | kvzip | 4 | 25.0 | 25 | 0.250 | 25.0 | 25 | 0.250 | 1 |"
+    assert table[3] == "| query_aware | kvzip | 4 | 25.0 | 25 | 0.250 | 25.0 | 25 | 0.250 | 1 | 0 / 0 | 1.00 |"
     with pytest.raises(SystemExit):
         compare.parse_args([*base, "--sides", "ours,vllm"])
 

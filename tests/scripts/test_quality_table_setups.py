@@ -31,3 +31,30 @@ def test_setups_name_a_policy_config_and_a_budget_config(qt) -> None:
         qt.resolve_setup("lfu+globl")
     with pytest.raises(ValueError, match="unknown setup 'lfux\\+global'; .* <policy>\\+<allocation>"):
         qt.resolve_setup("lfux+global")
+
+
+def test_setups_carry_policy_fields(qt) -> None:
+    """``policy.key=value`` after the colon sets the policy's fields, beside allocator arguments."""
+    names = qt.split_setups("kvzip+global:policy.prefix_keep=4,floor=0.5,kvzip")
+    assert names == ["kvzip+global:policy.prefix_keep=4,floor=0.5", "kvzip"]
+    assert qt.resolve_setup(names[0]) == (names[0], "kvzip", "global", {"prefix_keep": 4}, {"floor": 0.5})
+    assert qt.resolve_setup("kvzip:policy.skip_prefix=true")[3] == {"skip_prefix": True}
+    with pytest.raises(ValueError, match="is not key=value or policy.key=value"):
+        qt.resolve_setup("kvzip+global:policy.=4")
+
+
+def test_an_unknown_policy_field_fails_before_the_model_loads(tmp_path) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "quality_table.py"
+    run = subprocess.run(
+        [sys.executable, str(script), "--out", str(tmp_path), "--setups", "kvzip+global:policy.prefix_kep=4"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "KVzipPolicy (policy=kvzip) has no field 'prefix_kep'; its fields: " in run.stderr
+    assert not (tmp_path / "rows.jsonl").exists()
