@@ -119,7 +119,6 @@ def test_needs_repeat_ids_and_room_for_the_reconstruction(tiny_llama):
         Engine(tiny_llama, _kvzip(), max_tokens_per_head=64).add_request(Request(0, CONTEXT, 4))
 
 
-
 def _kept_positions(model, policy: KVzipPolicy, allocation: str) -> list[set[int]]:
     """Run CONTEXT through ``policy`` at 2x; the positions each (layer, kv head) holds right after compression."""
     comp = Compressor(policy, Budget(ratio=2, protected_window=4, allocation=allocation))
