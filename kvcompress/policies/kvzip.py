@@ -35,7 +35,7 @@ import torch
 
 from kvcompress.cache.paged import HeadView, PagedKVCache
 from kvcompress.cache.step import PrefillObservation
-from kvcompress.policies.base import _BIG, Policy, group_max
+from kvcompress.policies.base import Policy, group_max
 
 DEFAULT_INSTRUCTION = "Repeat the previous context exactly."
 
@@ -55,6 +55,14 @@ class KVzipPolicy(Policy):
     skip_prefix: bool = False
     prefix_keep: int | None = None
     window_reduce: ClassVar[str] = "max"
+
+    def __post_init__(self) -> None:
+        k = self.prefix_keep
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+            raise ValueError(
+                f"kvzip policy.prefix_keep must be null or a token count >= 0 (kvpress keeps 4), "
+                f"got {self.prefix_keep!r}"
+            )
 
     def reconstruction(self, prompt: Sequence[int]) -> list[int]:
         """``[*repeat_ids, *prompt]``: the repeat prompt, then the context teacher-forced as its answer (without
@@ -84,4 +92,4 @@ class KVzipPolicy(Policy):
             return view.scores
         in_prefix = view.positions < len(self.prefix_ids)
         sink = view.positions < self.prefix_keep
-        return torch.where(in_prefix, torch.where(sink, _BIG, 0.0), view.scores)
+        return torch.where(in_prefix, torch.where(sink, torch.inf, 0.0), view.scores)  # the compressor clamps inf

@@ -147,3 +147,9 @@ def test_prefix_keep_keeps_the_prefix_sinks_and_evicts_the_rest_of_it_first(tiny
     assert kept and all({0, 1} <= held and not held & rest for held in kept)
     scored = _kept_positions(tiny_llama, KVzipPolicy(repeat_ids=REPEAT, prefix_ids=CONTEXT[:8]), allocation)
     assert any(held & rest for held in scored) and any(not prefix <= held for held in scored)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "four", True])
+def test_prefix_keep_must_be_a_token_count(bad):
+    with pytest.raises(ValueError, match=f"prefix_keep must be null or a token count >= 0 .*got {bad!r}"):
+        KVzipPolicy(prefix_keep=bad)
