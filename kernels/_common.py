@@ -38,8 +38,10 @@ def upcast_tiles(dtype: torch.dtype) -> bool:
 def check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int]:
     """Validate the pool tensors ``[num_blocks, block_size, head_dim]``; return (block_size, head_dim)."""
     if k_cache.dim() != 3 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache/v_cache must both be [num_blocks, block_size, head_dim], got "
-                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+        raise ValueError(
+            f"k_cache/v_cache must both be [num_blocks, block_size, head_dim], got "
+            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
     if k_cache.dtype != v_cache.dtype:
         raise ValueError(f"k_cache and v_cache dtypes differ: {k_cache.dtype} vs {v_cache.dtype}")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
@@ -50,11 +52,14 @@ def check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int]
 def check_tables(block_tables: torch.Tensor, lengths: torch.Tensor, num_kv_heads: int | None = None) -> None:
     """Validate ``block_tables`` ``[num_seqs, H_kv, max_blocks]`` and ``lengths`` ``[num_seqs, H_kv]`` (int32)."""
     if block_tables.dim() != 3 or block_tables.dtype != torch.int32:
-        raise ValueError(f"block_tables must be int32 [num_seqs, num_kv_heads, max_blocks], got "
-                         f"{block_tables.dtype} {tuple(block_tables.shape)}")
+        raise ValueError(
+            f"block_tables must be int32 [num_seqs, num_kv_heads, max_blocks], got "
+            f"{block_tables.dtype} {tuple(block_tables.shape)}"
+        )
     if lengths.shape != block_tables.shape[:2] or lengths.dtype != torch.int32:
-        raise ValueError(f"lengths must be int32 {tuple(block_tables.shape[:2])}, got {lengths.dtype} "
-                         f"{tuple(lengths.shape)}")
+        raise ValueError(
+            f"lengths must be int32 {tuple(block_tables.shape[:2])}, got {lengths.dtype} {tuple(lengths.shape)}"
+        )
     if num_kv_heads is not None and block_tables.shape[1] != num_kv_heads:
         raise ValueError(f"block_tables has {block_tables.shape[1]} kv heads, expected {num_kv_heads}")
 

@@ -33,8 +33,14 @@ def _check_meta(k_cache: torch.Tensor, slot_pos: torch.Tensor, slot_score: torch
 
 
 def _check_write(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_pos: torch.Tensor, slot_score: torch.Tensor,
-    slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_pos: torch.Tensor,
+    slot_score: torch.Tensor,
+    slots: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pos: torch.Tensor,
 ) -> tuple[int, int]:
     check_cache(k_cache, v_cache)
     block_size, head_dim = _check_meta(k_cache, slot_pos, slot_score)
@@ -49,8 +55,12 @@ def _check_write(
 
 
 def _check_compact(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_pos: torch.Tensor, slot_score: torch.Tensor,
-    src_slots: torch.Tensor, dst_slots: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_pos: torch.Tensor,
+    slot_score: torch.Tensor,
+    src_slots: torch.Tensor,
+    dst_slots: torch.Tensor,
 ) -> tuple[int, int]:
     check_cache(k_cache, v_cache)
     block_size, head_dim = _check_meta(k_cache, slot_pos, slot_score)
@@ -67,8 +77,14 @@ def _check_compact(
 
 
 def write_kv_torch(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_pos: torch.Tensor, slot_score: torch.Tensor,
-    slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_pos: torch.Tensor,
+    slot_score: torch.Tensor,
+    slots: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pos: torch.Tensor,
 ) -> None:
     """PyTorch reference of :func:`write_kv` (indexed assignment on flat views)."""
     _, head_dim = _check_write(k_cache, v_cache, slot_pos, slot_score, slots, k, v, pos)
@@ -80,8 +96,12 @@ def write_kv_torch(
 
 
 def compact_torch(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_pos: torch.Tensor, slot_score: torch.Tensor,
-    src_slots: torch.Tensor, dst_slots: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_pos: torch.Tensor,
+    slot_score: torch.Tensor,
+    src_slots: torch.Tensor,
+    dst_slots: torch.Tensor,
 ) -> None:
     """PyTorch reference of :func:`compact` (gather from src, then scatter to dst)."""
     block_size, _ = _check_compact(k_cache, v_cache, slot_pos, slot_score, src_slots, dst_slots)
@@ -99,20 +119,38 @@ def compact_torch(
 
 
 @triton.jit
-def _move_rows(dst_ptr, dst_b, dst_o, dst_sb, dst_ss, src_ptr, src_b, src_o, src_sb, src_ss,
-               offs_d, mask_t, mask_d):
+def _move_rows(dst_ptr, dst_b, dst_o, dst_sb, dst_ss, src_ptr, src_b, src_o, src_sb, src_ss, offs_d, mask_t, mask_d):
     """Copy ``[BLOCK_T, BLOCK_D]`` rows between (block, offset)-addressed tensors, casting to dst dtype."""
     mask = mask_t[:, None] & mask_d[None, :]
     rows = tl.load(src_ptr + src_b[:, None] * src_sb + src_o[:, None] * src_ss + offs_d[None, :], mask=mask)
-    tl.store(dst_ptr + dst_b[:, None] * dst_sb + dst_o[:, None] * dst_ss + offs_d[None, :],
-             rows.to(dst_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        dst_ptr + dst_b[:, None] * dst_sb + dst_o[:, None] * dst_ss + offs_d[None, :],
+        rows.to(dst_ptr.dtype.element_ty),
+        mask=mask,
+    )
 
 
 @triton.jit
 def _write_kv_kernel(
-    k_cache_ptr, v_cache_ptr, pos_cache_ptr, score_ptr, slots_ptr, k_ptr, v_ptr, pos_ptr, n,
-    stride_kcb, stride_kcs, stride_vcb, stride_vcs, stride_k, stride_v,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    k_cache_ptr,
+    v_cache_ptr,
+    pos_cache_ptr,
+    score_ptr,
+    slots_ptr,
+    k_ptr,
+    v_ptr,
+    pos_ptr,
+    n,
+    stride_kcb,
+    stride_kcs,
+    stride_vcb,
+    stride_vcs,
+    stride_k,
+    stride_v,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
 ):
     """Rows ``[pid*BLOCK_T, +BLOCK_T)`` of ``k``/``v``/``pos`` go to flat slots ``slots[...]``; score = 0."""
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -132,9 +170,21 @@ def _write_kv_kernel(
 
 @triton.jit
 def _compact_kernel(
-    k_cache_ptr, v_cache_ptr, pos_cache_ptr, score_ptr, src_ptr, dst_ptr, n,
-    stride_kcb, stride_kcs, stride_vcb, stride_vcs,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    k_cache_ptr,
+    v_cache_ptr,
+    pos_cache_ptr,
+    score_ptr,
+    src_ptr,
+    dst_ptr,
+    n,
+    stride_kcb,
+    stride_kcs,
+    stride_vcb,
+    stride_vcs,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
 ):
     """Move rows ``src_slots[i] -> dst_slots[i]`` for ``i`` in this program's range (K, V, pos, score)."""
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -147,17 +197,25 @@ def _compact_kernel(
     so = src % BLOCK_SIZE
     db = dst // BLOCK_SIZE
     do = dst % BLOCK_SIZE
-    _move_rows(k_cache_ptr, db, do, stride_kcb, stride_kcs, k_cache_ptr, sb, so, stride_kcb, stride_kcs,
-               offs_d, mask_t, mask_d)
-    _move_rows(v_cache_ptr, db, do, stride_vcb, stride_vcs, v_cache_ptr, sb, so, stride_vcb, stride_vcs,
-               offs_d, mask_t, mask_d)
+    _move_rows(
+        k_cache_ptr, db, do, stride_kcb, stride_kcs, k_cache_ptr, sb, so, stride_kcb, stride_kcs, offs_d, mask_t, mask_d
+    )
+    _move_rows(
+        v_cache_ptr, db, do, stride_vcb, stride_vcs, v_cache_ptr, sb, so, stride_vcb, stride_vcs, offs_d, mask_t, mask_d
+    )
     tl.store(pos_cache_ptr + dst, tl.load(pos_cache_ptr + src, mask=mask_t), mask=mask_t)
     tl.store(score_ptr + dst, tl.load(score_ptr + src, mask=mask_t), mask=mask_t)
 
 
 def write_kv_triton(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_pos: torch.Tensor, slot_score: torch.Tensor,
-    slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_pos: torch.Tensor,
+    slot_score: torch.Tensor,
+    slots: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pos: torch.Tensor,
 ) -> None:
     """Triton implementation of :func:`write_kv`."""
     block_size, head_dim = _check_write(k_cache, v_cache, slot_pos, slot_score, slots, k, v, pos)
@@ -167,15 +225,35 @@ def write_kv_triton(
     k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
     _write_kv_kernel[(triton.cdiv(n, _BLOCK_T),)](
-        k_cache, v_cache, slot_pos, slot_score, slots.contiguous(), k, v, pos.contiguous(), n,
-        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), k.stride(0), v.stride(0),
-        HEAD_DIM=head_dim, BLOCK_D=next_pow2(head_dim), BLOCK_T=_BLOCK_T, BLOCK_SIZE=block_size,
+        k_cache,
+        v_cache,
+        slot_pos,
+        slot_score,
+        slots.contiguous(),
+        k,
+        v,
+        pos.contiguous(),
+        n,
+        k_cache.stride(0),
+        k_cache.stride(1),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        k.stride(0),
+        v.stride(0),
+        HEAD_DIM=head_dim,
+        BLOCK_D=next_pow2(head_dim),
+        BLOCK_T=_BLOCK_T,
+        BLOCK_SIZE=block_size,
     )
 
 
 def compact_triton(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_pos: torch.Tensor, slot_score: torch.Tensor,
-    src_slots: torch.Tensor, dst_slots: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_pos: torch.Tensor,
+    slot_score: torch.Tensor,
+    src_slots: torch.Tensor,
+    dst_slots: torch.Tensor,
 ) -> None:
     """Triton implementation of :func:`compact`."""
     block_size, head_dim = _check_compact(k_cache, v_cache, slot_pos, slot_score, src_slots, dst_slots)
@@ -183,15 +261,33 @@ def compact_triton(
     if n == 0:
         return
     _compact_kernel[(triton.cdiv(n, _BLOCK_T),)](
-        k_cache, v_cache, slot_pos, slot_score, src_slots.contiguous(), dst_slots.contiguous(), n,
-        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        HEAD_DIM=head_dim, BLOCK_D=next_pow2(head_dim), BLOCK_T=_BLOCK_T, BLOCK_SIZE=block_size,
+        k_cache,
+        v_cache,
+        slot_pos,
+        slot_score,
+        src_slots.contiguous(),
+        dst_slots.contiguous(),
+        n,
+        k_cache.stride(0),
+        k_cache.stride(1),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        HEAD_DIM=head_dim,
+        BLOCK_D=next_pow2(head_dim),
+        BLOCK_T=_BLOCK_T,
+        BLOCK_SIZE=block_size,
     )
 
 
 def write_kv(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_pos: torch.Tensor, slot_score: torch.Tensor,
-    slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_pos: torch.Tensor,
+    slot_score: torch.Tensor,
+    slots: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pos: torch.Tensor,
 ) -> None:
     """Scatter ``N`` new tokens (of any layers/heads: the slot ids say where) into the pool, in place.
 
@@ -207,8 +303,12 @@ def write_kv(
 
 
 def compact(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_pos: torch.Tensor, slot_score: torch.Tensor,
-    src_slots: torch.Tensor, dst_slots: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_pos: torch.Tensor,
+    slot_score: torch.Tensor,
+    src_slots: torch.Tensor,
+    dst_slots: torch.Tensor,
 ) -> None:
     """Copy K, V, position and score of flat slots ``src_slots[i]`` to ``dst_slots[i]``, in place.
 

@@ -183,8 +183,18 @@ def _slots(
 
 @triton.jit
 def _accumulate_scores(
-    logit_ptr, lse, row_mask, start, end, bt_row_ptr, score_ptr, stride_lh,
-    BLOCK_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr, POWER: tl.constexpr,
+    logit_ptr,
+    lse,
+    row_mask,
+    start,
+    end,
+    bt_row_ptr,
+    score_ptr,
+    stride_lh,
+    BLOCK_SIZE: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    POWER: tl.constexpr,
 ):
     """Add ``sum_g exp2(logit[g, j] - lse[g])**POWER`` to ``score[slot(j)]`` for slots ``start <= j < end``.
 
@@ -205,14 +215,40 @@ def _accumulate_scores(
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, out_ptr,
-    part_acc_ptr, part_ml_ptr, logit_ptr, score_ptr,
-    qk_scale, chunk, scratch_len,
-    stride_qb, stride_qh, stride_ob, stride_oh, stride_kb, stride_ks, stride_vb, stride_vs,
-    stride_btb, stride_bth, stride_lb,
-    G: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    ACCUM: tl.constexpr, POWER: tl.constexpr, UPCAST: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    bt_ptr,
+    len_ptr,
+    out_ptr,
+    part_acc_ptr,
+    part_ml_ptr,
+    logit_ptr,
+    score_ptr,
+    qk_scale,
+    chunk,
+    scratch_len,
+    stride_qb,
+    stride_qh,
+    stride_ob,
+    stride_oh,
+    stride_kb,
+    stride_ks,
+    stride_vb,
+    stride_vs,
+    stride_btb,
+    stride_bth,
+    stride_lb,
+    G: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    ACCUM: tl.constexpr,
+    POWER: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """One (seq, kv_head, split): online softmax over slots [split*chunk, min((split+1)*chunk, len)).
 
@@ -233,8 +269,11 @@ def _decode_split_kernel(
     hq = h * G + rows
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
-    q = tl.load(q_ptr + b * stride_qb + hq[:, None] * stride_qh + offs_d[None, :],
-                mask=row_mask[:, None] & mask_d[None, :], other=0.0)
+    q = tl.load(
+        q_ptr + b * stride_qb + hq[:, None] * stride_qh + offs_d[None, :],
+        mask=row_mask[:, None] & mask_d[None, :],
+        other=0.0,
+    )
     if UPCAST:
         q = q.to(tl.float32)
     bt_row_ptr = bt_ptr + b * stride_btb + h * stride_bth
@@ -253,31 +292,55 @@ def _decode_split_kernel(
         qk = mm(q, tl.trans(k), UPCAST) * qk_scale
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
         if ACCUM:
-            tl.store(logit_base + rows[:, None] * scratch_len + offs_n[None, :], qk,
-                     mask=row_mask[:, None] & mask_n[None, :])
+            tl.store(
+                logit_base + rows[:, None] * scratch_len + offs_n[None, :], qk, mask=row_mask[:, None] & mask_n[None, :]
+            )
         m_i, l_i, acc = online_softmax_step(qk, m_i, l_i, acc, v, UPCAST)
 
     if NUM_SPLITS == 1:
         out, lse = finish_rows(m_i, l_i, acc)
-        tl.store(out_ptr + b * stride_ob + hq[:, None] * stride_oh + offs_d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & mask_d[None, :])
+        tl.store(
+            out_ptr + b * stride_ob + hq[:, None] * stride_oh + offs_d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=row_mask[:, None] & mask_d[None, :],
+        )
         if ACCUM:
             tl.debug_barrier()  # logits stored above by other threads of this program must be visible
-            _accumulate_scores(logit_base, lse, row_mask, 0, length, bt_row_ptr, score_ptr, scratch_len,
-                               BLOCK_SIZE, GROUP_PAD, BLOCK_N, POWER)
+            _accumulate_scores(
+                logit_base,
+                lse,
+                row_mask,
+                0,
+                length,
+                bt_row_ptr,
+                score_ptr,
+                scratch_len,
+                BLOCK_SIZE,
+                GROUP_PAD,
+                BLOCK_N,
+                POWER,
+            )
     else:
         part = (b * num_kv_heads * G + hq) * NUM_SPLITS + split  # [B, H_q, S] flattened
-        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc,
-                 mask=row_mask[:, None] & mask_d[None, :])
+        tl.store(
+            part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_mask[:, None] & mask_d[None, :]
+        )
         tl.store(part_ml_ptr + part * 2, m_i, mask=row_mask)
         tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_mask)
 
 
 @triton.jit
 def _decode_merge_kernel(
-    part_acc_ptr, part_ml_ptr, out_ptr, lse_ptr,
-    stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    part_acc_ptr,
+    part_ml_ptr,
+    out_ptr,
+    lse_ptr,
+    stride_ob,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
     ACCUM: tl.constexpr,
 ):
     """Merge split partials of one (seq, q_head) by log-sum-exp; write out (and the final lse if ACCUM)."""
@@ -291,8 +354,9 @@ def _decode_merge_kernel(
     part = (b * num_q_heads + hq) * NUM_SPLITS + offs_s
     m = tl.load(part_ml_ptr + part * 2, mask=mask_s, other=float("-inf"))
     l_s = tl.load(part_ml_ptr + part * 2 + 1, mask=mask_s, other=0.0)
-    acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :],
-                  mask=mask_s[:, None] & mask_d[None, :], other=0.0)
+    acc = tl.load(
+        part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :], other=0.0
+    )
     m_max = tl.max(m, 0)
     m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
     w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - m_safe))
@@ -308,9 +372,20 @@ def _decode_merge_kernel(
 
 @triton.jit
 def _decode_scores_kernel(
-    logit_ptr, lse_ptr, bt_ptr, len_ptr, score_ptr,
-    chunk, scratch_len, stride_btb, stride_bth, stride_lb,
-    G: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    logit_ptr,
+    lse_ptr,
+    bt_ptr,
+    len_ptr,
+    score_ptr,
+    chunk,
+    scratch_len,
+    stride_btb,
+    stride_bth,
+    stride_lb,
+    G: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
     POWER: tl.constexpr,
 ):
     """Score finalize for split-K: program (seq, kv_head, split) owns the same slot range as in pass 1."""
@@ -325,8 +400,20 @@ def _decode_scores_kernel(
     row_mask = rows < G
     lse = tl.load(lse_ptr + b * num_kv_heads * G + h * G + rows, mask=row_mask, other=float("-inf"))
     logit_base = logit_ptr + (b.to(tl.int64) * num_kv_heads * G + h * G) * scratch_len
-    _accumulate_scores(logit_base, lse, row_mask, start, end, bt_ptr + b * stride_btb + h * stride_bth,
-                       score_ptr, scratch_len, BLOCK_SIZE, GROUP_PAD, BLOCK_N, POWER)
+    _accumulate_scores(
+        logit_base,
+        lse,
+        row_mask,
+        start,
+        end,
+        bt_ptr + b * stride_btb + h * stride_bth,
+        score_ptr,
+        scratch_len,
+        BLOCK_SIZE,
+        GROUP_PAD,
+        BLOCK_N,
+        POWER,
+    )
 
 
 def _decode_block_n(head_dim: int) -> int:
@@ -387,28 +474,75 @@ def paged_decode_triton(
     block_d = max(MIN_DOT, next_pow2(head_dim))
     upcast = upcast_tiles(k_cache.dtype)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        q_in, k_cache, v_cache, block_tables, lengths, out,
-        part_acc, part_ml, logits, score,
-        scale * LOG2E, chunk, scratch_len,
-        q_in.stride(0), q_in.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        block_tables.stride(0), block_tables.stride(1), lengths.stride(0),
-        G=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
-        BLOCK_SIZE=block_size, NUM_SPLITS=num_splits, ACCUM=accum, POWER=score_power, UPCAST=upcast,
+        q_in,
+        k_cache,
+        v_cache,
+        block_tables,
+        lengths,
+        out,
+        part_acc,
+        part_ml,
+        logits,
+        score,
+        scale * LOG2E,
+        chunk,
+        scratch_len,
+        q_in.stride(0),
+        q_in.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        block_tables.stride(0),
+        block_tables.stride(1),
+        lengths.stride(0),
+        G=group,
+        GROUP_PAD=group_pad,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_N=block_n,
+        BLOCK_SIZE=block_size,
+        NUM_SPLITS=num_splits,
+        ACCUM=accum,
+        POWER=score_power,
+        UPCAST=upcast,
         num_warps=4,
     )
     if num_splits > 1:
         lse = torch.empty((batch, num_q_heads), device=q.device, dtype=torch.float32) if accum else logits
         _decode_merge_kernel[(batch, num_q_heads)](
-            part_acc, part_ml, out, lse, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
-            SPLITS_PAD=max(2, next_pow2(num_splits)), ACCUM=accum, num_warps=4,
+            part_acc,
+            part_ml,
+            out,
+            lse,
+            out.stride(0),
+            out.stride(1),
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            NUM_SPLITS=num_splits,
+            SPLITS_PAD=max(2, next_pow2(num_splits)),
+            ACCUM=accum,
+            num_warps=4,
         )
         if accum:
             _decode_scores_kernel[(batch, num_kv_heads, num_splits)](
-                logits, lse, block_tables, lengths, score,
-                chunk, scratch_len, block_tables.stride(0), block_tables.stride(1), lengths.stride(0),
-                G=group, GROUP_PAD=group_pad, BLOCK_N=block_n, BLOCK_SIZE=block_size, POWER=score_power,
+                logits,
+                lse,
+                block_tables,
+                lengths,
+                score,
+                chunk,
+                scratch_len,
+                block_tables.stride(0),
+                block_tables.stride(1),
+                lengths.stride(0),
+                G=group,
+                GROUP_PAD=group_pad,
+                BLOCK_N=block_n,
+                BLOCK_SIZE=block_size,
+                POWER=score_power,
                 num_warps=4,
             )
     return out
@@ -453,12 +587,22 @@ def paged_decode(
         ``[B, H_q, D]`` in ``q.dtype``.
     """
     impl = paged_decode_triton if use_triton(q.device) else paged_decode_torch
-    return impl(q, k_cache, v_cache, block_tables, lengths, scale,
-                score_out=score_out, score_power=score_power, num_splits=num_splits, max_len=max_len,
-                min_len=min_len, layout=layout)
+    return impl(
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        lengths,
+        scale,
+        score_out=score_out,
+        score_power=score_power,
+        num_splits=num_splits,
+        max_len=max_len,
+        min_len=min_len,
+        layout=layout,
+    )
 
 
 def decode_kv_bytes(lengths: torch.Tensor, head_dim: int, dtype: torch.dtype) -> int:
     """Bytes of K and V a decode step must read (the memory-bound lower bound used by the benchmark)."""
     return int(lengths.sum().item()) * 2 * head_dim * torch.empty((), dtype=dtype).element_size()
-

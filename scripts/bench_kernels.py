@@ -69,8 +69,9 @@ def _import_kernels():
         import importlib.util
 
         pkg = Path(__file__).resolve().parents[1] / "kernels"
-        spec = importlib.util.spec_from_file_location("kvcompress_kernels", pkg / "__init__.py",
-                                                      submodule_search_locations=[str(pkg)])
+        spec = importlib.util.spec_from_file_location(
+            "kvcompress_kernels", pkg / "__init__.py", submodule_search_locations=[str(pkg)]
+        )
         assert spec is not None and spec.loader is not None
         kvcompress_kernels = importlib.util.module_from_spec(spec)
         sys.modules["kvcompress_kernels"] = kvcompress_kernels
@@ -135,17 +136,21 @@ def _optional_decode_baselines(q, dense_k, dense_v, scale):
     try:
         import flashinfer
 
-        kv = [(dense_k[b].transpose(0, 1).contiguous(), dense_v[b].transpose(0, 1).contiguous())
-              for b in range(q.shape[0])]  # NHD per sequence
-        out["flashinfer (per-seq)"] = lambda: [flashinfer.single_decode_with_kv_cache(q[b], k, v, sm_scale=scale)
-                                               for b, (k, v) in enumerate(kv)]
+        kv = [
+            (dense_k[b].transpose(0, 1).contiguous(), dense_v[b].transpose(0, 1).contiguous())
+            for b in range(q.shape[0])
+        ]  # NHD per sequence
+        out["flashinfer (per-seq)"] = lambda: [
+            flashinfer.single_decode_with_kv_cache(q[b], k, v, sm_scale=scale) for b, (k, v) in enumerate(kv)
+        ]
     except Exception:  # noqa: BLE001
         pass
     return out
 
 
-def _decode_case(kk, shape: Shape, batch: int, ctx: int, device, reps: int, gen, hbm: float | None,
-                 record: list[Measurement]) -> list[str]:
+def _decode_case(
+    kk, shape: Shape, batch: int, ctx: int, device, reps: int, gen, hbm: float | None, record: list[Measurement]
+) -> list[str]:
     """Table rows of one (batch, context) decode point; appends its measurements to ``record``."""
     scale = shape.head_dim**-0.5
     k_cache, v_cache, bt, lengths, dk, dv = make_paged(batch, ctx, shape, device, gen)
@@ -156,8 +161,9 @@ def _decode_case(kk, shape: Shape, batch: int, ctx: int, device, reps: int, gen,
     fns = {
         "paged_decode": lambda: kk.paged_decode(q, k_cache, v_cache, bt, lengths, scale),
         "paged_decode + scores": lambda: kk.paged_decode(q, k_cache, v_cache, bt, lengths, scale, score_out=score),
-        "SDPA (dense)": lambda: torch.nn.functional.scaled_dot_product_attention(qd, dk, dv, scale=scale,
-                                                                                 enable_gqa=True),
+        "SDPA (dense)": lambda: torch.nn.functional.scaled_dot_product_attention(
+            qd, dk, dv, scale=scale, enable_gqa=True
+        ),
         **_optional_decode_baselines(q, dk, dv, scale),
     }
     lines, plain = [], None
@@ -176,15 +182,27 @@ def _decode_case(kk, shape: Shape, batch: int, ctx: int, device, reps: int, gen,
     return lines
 
 
-def bench_decode(kk, shape: Shape, batches: list[int], contexts: list[int], device, reps: int,
-                 hbm: float | None, record: list[Measurement]) -> list[str]:
+def bench_decode(
+    kk,
+    shape: Shape,
+    batches: list[int],
+    contexts: list[int],
+    device,
+    reps: int,
+    hbm: float | None,
+    record: list[Measurement],
+) -> list[str]:
     """Markdown table: paged_decode with/without score accumulation vs dense baselines."""
     gen = torch.Generator().manual_seed(0)
-    lines = ["### paged_decode vs dense SDPA", "",
-             f"H_q={shape.heads_q} H_kv={shape.heads_kv} D={shape.head_dim} block={shape.block_size} "
-             f"{str(shape.dtype).removeprefix('torch.')}", "",
-             "| impl | batch | context/head | ms | GB/s | % HBM | score overhead |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "### paged_decode vs dense SDPA",
+        "",
+        f"H_q={shape.heads_q} H_kv={shape.heads_kv} D={shape.head_dim} block={shape.block_size} "
+        f"{str(shape.dtype).removeprefix('torch.')}",
+        "",
+        "| impl | batch | context/head | ms | GB/s | % HBM | score overhead |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for batch in batches:
         for ctx in contexts:
             lines += _decode_case(kk, shape, batch, ctx, device, reps, gen, hbm, record)
@@ -193,13 +211,14 @@ def bench_decode(kk, shape: Shape, batches: list[int], contexts: list[int], devi
     return lines
 
 
-def _prefill_case(kk, shape: Shape, tokens: int, device, reps: int, gen, hbm: float | None,
-                  record: list[Measurement]) -> list[str]:
+def _prefill_case(
+    kk, shape: Shape, tokens: int, device, reps: int, gen, hbm: float | None, record: list[Measurement]
+) -> list[str]:
     """Table rows of one prompt length: a single sequence of ``tokens`` new tokens, no cached prefix."""
     scale = shape.head_dim**-0.5
     group = shape.heads_q // shape.heads_kv
     k_cache, v_cache, bt, lengths, dk, dv = make_paged(1, tokens, shape, device, gen)
-    slots = (bt.long()[0, :, :, None] * shape.block_size + torch.arange(shape.block_size, device=device))
+    slots = bt.long()[0, :, :, None] * shape.block_size + torch.arange(shape.block_size, device=device)
     slots = slots.reshape(shape.heads_kv, -1)[:, :tokens]
     slot_pos = torch.zeros(k_cache.shape[:2], dtype=torch.int32, device=device)
     slot_pos.view(-1)[slots.reshape(-1)] = torch.arange(tokens, dtype=torch.int32, device=device).repeat(shape.heads_kv)
@@ -219,9 +238,11 @@ def _prefill_case(kk, shape: Shape, tokens: int, device, reps: int, gen, hbm: fl
         with sdpa_kernel(backend):
             return torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=scale)
 
-    fns = {"paged_prefill": lambda: kk.paged_prefill(*args),
-           "paged_prefill + obs(32)": lambda: kk.paged_prefill(*args, obs_window=32, obs_power=2),
-           f"SDPA {backend.name.lower()}": run_sdpa}
+    fns = {
+        "paged_prefill": lambda: kk.paged_prefill(*args),
+        "paged_prefill + obs(32)": lambda: kk.paged_prefill(*args, obs_window=32, obs_power=2),
+        f"SDPA {backend.name.lower()}": run_sdpa,
+    }
     try:
         from flash_attn import flash_attn_func
 
@@ -243,12 +264,17 @@ def _prefill_case(kk, shape: Shape, tokens: int, device, reps: int, gen, hbm: fl
     return lines
 
 
-def bench_prefill(kk, shape: Shape, seq_lens: list[int], device, reps: int, hbm: float | None,
-                  record: list[Measurement]) -> list[str]:
+def bench_prefill(
+    kk, shape: Shape, seq_lens: list[int], device, reps: int, hbm: float | None, record: list[Measurement]
+) -> list[str]:
     """Markdown table: paged_prefill (with/without obs window) vs SDPA's flash backend and flash-attn."""
     gen = torch.Generator().manual_seed(1)
-    lines = ["### paged_prefill vs SDPA flash backend", "",
-             "| impl | batch | tokens | ms | GB/s | % HBM | TFLOP/s |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "### paged_prefill vs SDPA flash backend",
+        "",
+        "| impl | batch | tokens | ms | GB/s | % HBM | TFLOP/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for tokens in seq_lens:
         lines += _prefill_case(kk, shape, tokens, device, reps, gen, hbm, record)
     return lines
@@ -279,14 +305,32 @@ def target_rows(record: list[Measurement], hbm: float | None) -> list[str]:
         points = [(b, c) for b, c in decode if b == batch and (c == min_ctx if batch == 8 else c >= min_ctx)]
         for b, c in points:
             frac = at["decode", "paged_decode", b, c].gbs() * 1e9 / hbm if hbm else None
-            add("decode bandwidth", f"B={b} ctx={c}", None if frac is None else 100 * frac, "{:.0f}% HBM",
-                f">= {goal:.0%} HBM", None if frac is None else frac >= goal)
+            add(
+                "decode bandwidth",
+                f"B={b} ctx={c}",
+                None if frac is None else 100 * frac,
+                "{:.0f}% HBM",
+                f">= {goal:.0%} HBM",
+                None if frac is None else frac >= goal,
+            )
         if not points:
-            add("decode bandwidth", f"B={batch} ctx{'=' if batch == 8 else '>='}{min_ctx}", None, "",
-                f">= {goal:.0%} HBM", None)
+            add(
+                "decode bandwidth",
+                f"B={batch} ctx{'=' if batch == 8 else '>='}{min_ctx}",
+                None,
+                "",
+                f">= {goal:.0%} HBM",
+                None,
+            )
     sdpa = "SDPA flash_attention"
-    prefill = sorted(m.ctx for m in record if m.kind == "prefill" and m.impl == "paged_prefill"
-                     and 4096 <= m.ctx <= 8192 and ("prefill", sdpa, 1, m.ctx) in at)
+    prefill = sorted(
+        m.ctx
+        for m in record
+        if m.kind == "prefill"
+        and m.impl == "paged_prefill"
+        and 4096 <= m.ctx <= 8192
+        and ("prefill", sdpa, 1, m.ctx) in at
+    )
     for t in prefill:
         ratio = at["prefill", "paged_prefill", 1, t].tflops() / at["prefill", sdpa, 1, t].tflops()
         add("prefill vs SDPA flash", f"T={t}", ratio, "{:.2f}x TFLOP/s", ">= 0.80x", ratio >= 0.8)
@@ -302,20 +346,31 @@ def _ints(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=_ints, default=[1, 8, 32], help="comma-separated decode batch sizes")
-    parser.add_argument("--context", type=_ints, default=[1024, 4096, 8192, 16384, 32768],
-                        help="comma-separated decode context lengths per kv head")
+    parser.add_argument(
+        "--context",
+        type=_ints,
+        default=[1024, 4096, 8192, 16384, 32768],
+        help="comma-separated decode context lengths per kv head",
+    )
     parser.add_argument("--prefill", type=_ints, default=[1024, 4096, 8192], help="prefill prompt lengths")
     parser.add_argument("--heads-q", type=int, default=32)
     parser.add_argument("--heads-kv", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
-    parser.add_argument("--hbm-tbps", type=float, help="HBM peak in TB/s for the %% HBM columns (default: by GPU "
-                        f"name: {', '.join(f'{k} {v / 1e12:.1f}' for k, v in HBM_BYTES_PER_S.items())})")
+    parser.add_argument(
+        "--hbm-tbps",
+        type=float,
+        help="HBM peak in TB/s for the %% HBM columns (default: by GPU "
+        f"name: {', '.join(f'{k} {v / 1e12:.1f}' for k, v in HBM_BYTES_PER_S.items())})",
+    )
     parser.add_argument("--reps", type=int, default=3, help="CPU smoke repetitions (CUDA uses do_bench)")
     parser.add_argument("--out", type=Path, help="also write the Markdown report to this file")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny shapes on CPU under the Triton interpreter: checks that the script runs")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny shapes on CPU under the Triton interpreter: checks that the script runs",
+    )
     args = parser.parse_args(argv)
 
     if args.smoke:
@@ -324,8 +379,11 @@ def main(argv: list[str] | None = None) -> int:
         args.heads_q, args.heads_kv, args.head_dim, args.dtype, args.reps = 4, 2, 64, "fp32", 1
         device = torch.device("cpu")
     elif not torch.cuda.is_available():
-        print("bench_kernels: no CUDA device. GPU timings need a GPU; run with --smoke for a CPU check that the "
-              "script works (Triton interpreter, meaningless times).", file=sys.stderr)
+        print(
+            "bench_kernels: no CUDA device. GPU timings need a GPU; run with --smoke for a CPU check that the "
+            "script works (Triton interpreter, meaningless times).",
+            file=sys.stderr,
+        )
         return 2
     else:
         device = torch.device("cuda")
@@ -336,8 +394,12 @@ def main(argv: list[str] | None = None) -> int:
     shape = Shape(args.heads_q, args.heads_kv, args.head_dim, args.block_size, dtype)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter, smoke)"
     hbm = args.hbm_tbps * 1e12 if args.hbm_tbps else hbm_bandwidth(device)
-    lines = [f"## kvcompress kernel benchmark: {name}", "",
-             f"HBM peak used for %: {hbm / 1e12:.1f} TB/s" if hbm else "HBM peak: unknown device (n/a)", ""]
+    lines = [
+        f"## kvcompress kernel benchmark: {name}",
+        "",
+        f"HBM peak used for %: {hbm / 1e12:.1f} TB/s" if hbm else "HBM peak: unknown device (n/a)",
+        "",
+    ]
     record: list[Measurement] = []
     lines += bench_decode(kk, shape, args.batch, args.context, device, args.reps, hbm, record) + [""]
     lines += bench_prefill(kk, shape, args.prefill, device, args.reps, hbm, record) + [""]

@@ -41,21 +41,61 @@ from transformers import (
 VOCAB = 49152  # the SmolLM2 tokenizer's vocabulary: every geometry uses it so its tokens are valid ids
 GEOMETRIES: dict[str, dict] = {
     # SmolLM2-135M's own config (the embedded model): 30 layers, 9 q / 3 kv heads, head_dim 64, tied embeddings.
-    "smollm2": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=100000.0,
-                    max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True),
+    "smollm2": dict(
+        model_type="llama",
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        rope_theta=100000.0,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+    ),
     # Llama-3.1-8B width (32 q / 8 kv heads, head_dim 128) with 8 of its 32 layers.
-    "llama8b-w8": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=8,
-                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
-                       max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "llama8b-w8": dict(
+        model_type="llama",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=8,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        rope_theta=500000.0,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    ),
     # Qwen2-7B-style attention (28 q / 4 kv heads, head_dim 128, qkv bias) with 8 layers.
-    "qwen-28-4-128": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=8,
-                          num_attention_heads=28, num_key_value_heads=4, head_dim=128, rope_theta=1000000.0,
-                          max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False),
+    "qwen-28-4-128": dict(
+        model_type="qwen2",
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=8,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        head_dim=128,
+        rope_theta=1000000.0,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    ),
     # For tests: a few MB, same vocabulary.
-    "tiny": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=10000.0,
-                 max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=True),
+    "tiny": dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rope_theta=10000.0,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+    ),
 }
 DEFAULT_NAMES = ["smollm2", "llama8b-w8", "qwen-28-4-128"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -80,8 +120,12 @@ def make_config(name: str, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtyp
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens, more than the geometries' vocab {VOCAB}")
     rope = {"rope_type": "default", "rope_theta": geo.pop("rope_theta")}
     config = AutoConfig.for_model(
-        geo.pop("model_type"), vocab_size=VOCAB, rope_parameters=rope, initializer_range=INIT_STD,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        geo.pop("model_type"),
+        vocab_size=VOCAB,
+        rope_parameters=rope,
+        initializer_range=INIT_STD,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         **geo,
     )
@@ -127,8 +171,9 @@ def shards(shapes: dict[str, torch.Size], dtype: torch.dtype, max_bytes: int) ->
         yield group
 
 
-def build(name: str, out: Path, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype, seed: int,
-          max_shard_bytes: int) -> Path:
+def build(
+    name: str, out: Path, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype, seed: int, max_shard_bytes: int
+) -> Path:
     """Write checkpoint ``name`` into ``out/name``; returns that directory."""
     target = out / name
     target.mkdir(parents=True, exist_ok=True)
@@ -138,8 +183,9 @@ def build(name: str, out: Path, tokenizer: PreTrainedTokenizerBase, dtype: torch
     weight_map: dict[str, str] = {}
     for i, group in enumerate(groups):
         file = "model.safetensors" if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        save_file({n: random_tensor(n, shapes[n], dtype, seed) for n in group}, target / file,
-                  metadata={"format": "pt"})
+        save_file(
+            {n: random_tensor(n, shapes[n], dtype, seed) for n in group}, target / file, metadata={"format": "pt"}
+        )
         weight_map.update(dict.fromkeys(group, file))
         print(f"  {name}: wrote {file} ({len(group)} tensors)", flush=True)
     if len(groups) > 1:
@@ -147,8 +193,9 @@ def build(name: str, out: Path, tokenizer: PreTrainedTokenizerBase, dtype: torch
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (target / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     config.save_pretrained(target)
-    GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
-                     pad_token_id=config.pad_token_id).save_pretrained(target)
+    GenerationConfig(
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+    ).save_pretrained(target)
     tokenizer.save_pretrained(target)
     params = sum(s.numel() for s in shapes.values())
     print(f"{name}: {params / 1e9:.3f} G params, {str(dtype).removeprefix('torch.')} -> {target}", flush=True)
@@ -158,15 +205,27 @@ def build(name: str, out: Path, tokenizer: PreTrainedTokenizerBase, dtype: torch
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="parent directory: each checkpoint goes to OUT/<name>")
-    parser.add_argument("--names", nargs="+", default=DEFAULT_NAMES, choices=sorted(GEOMETRIES),
-                        help=f"geometries to build (default: {' '.join(DEFAULT_NAMES)})")
+    parser.add_argument(
+        "--names",
+        nargs="+",
+        default=DEFAULT_NAMES,
+        choices=sorted(GEOMETRIES),
+        help=f"geometries to build (default: {' '.join(DEFAULT_NAMES)})",
+    )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of the saved weights")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-shard-mb", type=int, default=2048, help="safetensors shard size limit (MiB)")
-    parser.add_argument("--tokenizer", type=Path, help="a tokenizer directory (e.g. from --tokenizer-only) to use "
-                        "instead of the embedded model's")
-    parser.add_argument("--tokenizer-only", type=Path, metavar="DIR",
-                        help="only export the embedded SmolLM2 tokenizer to DIR (a few MB, to carry to a node)")
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        help="a tokenizer directory (e.g. from --tokenizer-only) to use instead of the embedded model's",
+    )
+    parser.add_argument(
+        "--tokenizer-only",
+        type=Path,
+        metavar="DIR",
+        help="only export the embedded SmolLM2 tokenizer to DIR (a few MB, to carry to a node)",
+    )
     args = parser.parse_args(argv)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else embedded_tokenizer()
     if args.tokenizer_only:

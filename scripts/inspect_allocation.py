@@ -69,5 +69,6 @@ def main() -> None:
         out = generate(lm.model, [ids], comp, sample.max_new_tokens, [tok.eos_token_id])[0]
         print("answer:", repr(tok.decode(out.tokens, skip_special_tokens=True)))
 
+
 if __name__ == "__main__":
     main()

@@ -23,10 +23,22 @@ def _shared_contexts(path: Path) -> Path:
     lines = []
     for i, (facts, who, where) in enumerate(FACTS):
         context = FILLER * 10 + facts + FILLER * 10
-        lines.append({"context": context, "question": f"What does the {who} key open?" if i == 0 else
-                      f"Where does {who} live?", "answers": [where], "id": f"c{i}-a"})
-        lines.append({"context": context, "question": "Repeat the second sentence of the facts.",
-                      "answers": [facts.split(". ")[1]], "id": f"c{i}-b"})
+        lines.append(
+            {
+                "context": context,
+                "question": f"What does the {who} key open?" if i == 0 else f"Where does {who} live?",
+                "answers": [where],
+                "id": f"c{i}-a",
+            }
+        )
+        lines.append(
+            {
+                "context": context,
+                "question": "Repeat the second sentence of the facts.",
+                "answers": [facts.split(". ")[1]],
+                "id": f"c{i}-b",
+            }
+        )
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
 
@@ -39,8 +51,14 @@ def _kept(run_dir: Path) -> dict[str, tuple[str, int]]:
     "setup",
     [
         ["policy=full", "task=niah_single", "task.n_samples=4", "task.target_tokens=400"],
-        ["policy=lfu", "budget.ratio=4", "budget.allocation=global", "task=niah_single", "task.n_samples=4",
-         "task.target_tokens=400"],
+        [
+            "policy=lfu",
+            "budget.ratio=4",
+            "budget.allocation=global",
+            "task=niah_single",
+            "task.n_samples=4",
+            "task.target_tokens=400",
+        ],
         ["policy=snapkv", "budget.ratio=4", "task=jsonl", "task.mode=query_agnostic"],
     ],
     ids=["full", "lfu-global-4x", "snapkv-4x-agnostic-shared"],

@@ -19,8 +19,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
-           torch.int64: "i64"}
+_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32", torch.int64: "i64"}
 
 
 class _Capture:
@@ -32,6 +31,7 @@ class _Capture:
     def __getitem__(self, grid):
         def launch(*args, num_warps: int = 4, **kwargs):
             self.sink.append((self.fn, args, kwargs, num_warps))
+
         return launch
 
 
@@ -51,8 +51,11 @@ def _compile(fn, args, kwargs, num_warps: int):
             signature[name] = "i32" if abs(value) < 2**31 else "i64"
         else:
             signature[name] = "fp32"
-    triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                   options={"num_warps": num_warps})
+    triton.compile(
+        ASTSource(fn, signature, constexprs=constexprs),
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": num_warps},
+    )
 
 
 def main() -> int:
@@ -71,12 +74,22 @@ def main() -> int:
         q = torch.zeros(2, 8, d, dtype=dtype)
         for splits in (1, 4):
             decode.paged_decode_triton(q, kc, vc, bt, lengths, 0.1, score_out=score, num_splits=splits)
-        prefill.paged_prefill_triton(torch.zeros(20, 6, d, dtype=dtype), kc, vc, pos, bt, lengths,
-                                     torch.zeros(20, dtype=torch.int32), torch.tensor([0, 7, 20], dtype=torch.int32),
-                                     0.1, obs_window=4)
+        prefill.paged_prefill_triton(
+            torch.zeros(20, 6, d, dtype=dtype),
+            kc,
+            vc,
+            pos,
+            bt,
+            lengths,
+            torch.zeros(20, dtype=torch.int32),
+            torch.tensor([0, 7, 20], dtype=torch.int32),
+            0.1,
+            obs_window=4,
+        )
         slots = torch.arange(3)
-        cache_ops.write_kv_triton(kc, vc, pos, score, slots, torch.zeros(3, d), torch.zeros(3, d),
-                                  torch.zeros(3, dtype=torch.int32))
+        cache_ops.write_kv_triton(
+            kc, vc, pos, score, slots, torch.zeros(3, d), torch.zeros(3, d), torch.zeros(3, dtype=torch.int32)
+        )
         cache_ops.compact_triton(kc, vc, pos, score, slots, slots + 3)
     failures = []
     for fn, args, kwargs, num_warps in launches:

@@ -21,8 +21,11 @@ ON_GPU = torch.cuda.is_available()
 # Dtypes of the Triton-vs-torch comparisons: bf16 only on a GPU (the CPU interpreter computes bf16 wrongly).
 DTYPES = [torch.float32, torch.float16, *([torch.bfloat16] if ON_GPU else [])]
 # Output tolerances; bf16 as vLLM's kernel tests (8 mantissa bits: ~4e-3 relative rounding per element).
-OUT_TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=1e-2, rtol=1e-2),
-           torch.bfloat16: dict(atol=1.5e-2, rtol=1e-2)}
+OUT_TOL = {
+    torch.float32: dict(atol=1e-4, rtol=1e-4),
+    torch.float16: dict(atol=1e-2, rtol=1e-2),
+    torch.bfloat16: dict(atol=1.5e-2, rtol=1e-2),
+}
 # (H_q, H_kv, D) of real models, checked on CUDA only (too slow for the interpreter): SmolLM2-135M,
 # Llama-3.1-8B, Qwen2-7B, Llama-2-7B (MHA), and a head_dim-256 GQA-8 case (Gemma-style).
 MODEL_GEOMETRIES = [(9, 3, 64), (32, 8, 128), (28, 4, 128), (32, 32, 128), (16, 2, 256)]
@@ -55,8 +58,11 @@ class PagedCase:
         """(K [len, D] fp32, V [len, D] fp32, pos [len] int64) of head (b, h)."""
         s = self.slots(b, h)
         d = self.k_cache.shape[-1]
-        return (self.k_cache.view(-1, d)[s].float(), self.v_cache.view(-1, d)[s].float(),
-                self.slot_pos.view(-1)[s].long())
+        return (
+            self.k_cache.view(-1, d)[s].float(),
+            self.v_cache.view(-1, d)[s].float(),
+            self.slot_pos.view(-1)[s].long(),
+        )
 
 
 def make_case(
@@ -108,19 +114,20 @@ def make_case(
             n = lengths[b][h]
             for i in range(need[b][h]):
                 block_tables[b, h, i] = next(it)
-            slots = torch.tensor([int(block_tables[b, h, j // block_size]) * block_size + j % block_size
-                                  for j in range(n)], dtype=torch.int64)
+            slots = torch.tensor(
+                [int(block_tables[b, h, j // block_size]) * block_size + j % block_size for j in range(n)],
+                dtype=torch.int64,
+            )
             k_cache.view(-1, head_dim)[slots] = torch.randn(n, head_dim, generator=gen).to(dtype)
             v_cache.view(-1, head_dim)[slots] = torch.randn(n, head_dim, generator=gen).to(dtype)
             pos = torch.arange(n) if positions is None else positions[b][h]
             slot_pos.view(-1)[slots] = pos.to(torch.int32)
-    return PagedCase(k_cache, v_cache, slot_pos, slot_score, block_tables,
-                     torch.tensor(lengths, dtype=torch.int32)).to(device)
+    return PagedCase(k_cache, v_cache, slot_pos, slot_score, block_tables, torch.tensor(lengths, dtype=torch.int32)).to(
+        device
+    )
 
 
-def naive_decode(
-    q: torch.Tensor, case: PagedCase, scale: float, power: int
-) -> tuple[torch.Tensor, dict[int, float]]:
+def naive_decode(q: torch.Tensor, case: PagedCase, scale: float, power: int) -> tuple[torch.Tensor, dict[int, float]]:
     """Dense per-(seq, query head) decode: SDPA output and ``{flat slot: sum_group p**power}``."""
     batch, num_q_heads, _ = q.shape
     group = num_q_heads // case.lengths.shape[1]
@@ -133,8 +140,9 @@ def naive_decode(
                 continue
             k, v, _ = case.dense(b, h)
             qi = q[b, hq].float()
-            out[b, hq] = F.scaled_dot_product_attention(qi[None, None, None], k[None, None], v[None, None],
-                                                        scale=scale)[0, 0, 0]
+            out[b, hq] = F.scaled_dot_product_attention(
+                qi[None, None, None], k[None, None], v[None, None], scale=scale
+            )[0, 0, 0]
             p = torch.softmax(k @ qi * scale, dim=0)
             for s, pj in zip(case.slots(b, h).tolist(), p.pow(power).tolist(), strict=True):
                 scores[s] = scores.get(s, 0.0) + pj
@@ -142,8 +150,13 @@ def naive_decode(
 
 
 def naive_prefill(
-    q: torch.Tensor, case: PagedCase, q_pos: torch.Tensor, cu: torch.Tensor, scale: float,
-    obs_window: int, obs_power: int,
+    q: torch.Tensor,
+    case: PagedCase,
+    q_pos: torch.Tensor,
+    cu: torch.Tensor,
+    scale: float,
+    obs_window: int,
+    obs_power: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense per-(seq, query head) causal prefill with a position mask; returns (out fp32, obs fp32)."""
     num_q_heads = q.shape[1]
@@ -162,8 +175,9 @@ def naive_prefill(
             k, v, kpos = case.dense(b, h)
             qb = q[t0:t1, hq].float()
             mask = kpos[None, :] <= q_pos[t0:t1, None].long()  # [T_b, len]
-            out[t0:t1, hq] = F.scaled_dot_product_attention(qb[None], k[None], v[None], attn_mask=mask[None],
-                                                            scale=scale)[0]
+            out[t0:t1, hq] = F.scaled_dot_product_attention(
+                qb[None], k[None], v[None], attn_mask=mask[None], scale=scale
+            )[0]
             logits = (qb @ k.T * scale).masked_fill(~mask, float("-inf"))
             p = torch.softmax(logits, dim=-1)
             first = max(0, (t1 - t0) - obs_window)

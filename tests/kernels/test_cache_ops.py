@@ -27,10 +27,12 @@ def _pool(num_blocks=12, block_size=16, head_dim=64, dtype=torch.float32, seed=0
     """(k_cache, v_cache ``[num_blocks, block_size, head_dim]``, slot_pos, slot_score ``[num_blocks, block_size]``),
     random, on the CPU."""
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(num_blocks, block_size, head_dim, generator=gen).to(dtype),
-            torch.randn(num_blocks, block_size, head_dim, generator=gen).to(dtype),
-            torch.randint(0, 1000, (num_blocks, block_size), generator=gen, dtype=torch.int32),
-            torch.rand(num_blocks, block_size, generator=gen))
+    return (
+        torch.randn(num_blocks, block_size, head_dim, generator=gen).to(dtype),
+        torch.randn(num_blocks, block_size, head_dim, generator=gen).to(dtype),
+        torch.randint(0, 1000, (num_blocks, block_size), generator=gen, dtype=torch.int32),
+        torch.rand(num_blocks, block_size, generator=gen),
+    )
 
 
 def _clone(pool, device="cpu"):
@@ -111,7 +113,7 @@ def test_evict_compact_then_decode(device, backend):
     with use_backend(backend):
         compact(case.k_cache, case.v_cache, case.slot_pos, case.slot_score, slots[movers], slots[holes])
     case.lengths.fill_(n_keep)
-    case.block_tables[0, 0, (n_keep + bs - 1) // bs:] = -1  # free the now-empty tail blocks
+    case.block_tables[0, 0, (n_keep + bs - 1) // bs :] = -1  # free the now-empty tail blocks
     out = paged_decode_triton(q, case.k_cache, case.v_cache, case.block_tables, case.lengths, 0.125)
     torch.testing.assert_close(out[0], ref, atol=1e-5, rtol=1e-5)
     new_slots = case.slots(0, 0).to(device)

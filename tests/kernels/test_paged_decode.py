@@ -14,15 +14,19 @@ from kvcompress_kernels import paged_decode, paged_decode_torch, paged_decode_tr
 from paged_case import DTYPES, MODEL_GEOMETRIES, make_case, naive_decode
 from paged_case import OUT_TOL as TOL
 
-SCORE_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.float16: dict(atol=2e-3, rtol=1e-2),
-             torch.bfloat16: dict(atol=1e-2, rtol=1e-2)}
+SCORE_TOL = {
+    torch.float32: dict(atol=1e-5, rtol=1e-4),
+    torch.float16: dict(atol=2e-3, rtol=1e-2),
+    torch.bfloat16: dict(atol=1e-2, rtol=1e-2),
+}
 
 # per-head lengths around block boundaries, including empty and single-token heads; 150 spans 3 key tiles
 LENGTHS = [[15, 0, 16], [1, 17, 150]]
 
 
-def _query(batch: int, num_q_heads: int, head_dim: int, dtype: torch.dtype, seed: int = 1,
-           device: torch.device | str = "cpu") -> torch.Tensor:
+def _query(
+    batch: int, num_q_heads: int, head_dim: int, dtype: torch.dtype, seed: int = 1, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """Decode queries ``[B, H_q, D]`` (drawn on the CPU, so every device sees the same values)."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(batch, num_q_heads, head_dim, generator=gen).to(device, dtype)
@@ -50,7 +54,7 @@ def test_triton_matches_torch(device, dtype, head_dim, group, splits):
     assert out_tri.dtype == dtype and out_tri.shape == q.shape
     torch.testing.assert_close(out_tri, out_ref, **TOL[dtype])
     torch.testing.assert_close(add_tri, add_ref, **SCORE_TOL[dtype])
-    assert torch.all(out_tri[0, group:2 * group] == 0), "a length-0 head must output zeros"
+    assert torch.all(out_tri[0, group : 2 * group] == 0), "a length-0 head must output zeros"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -61,8 +65,9 @@ def test_torch_matches_naive(dtype, group, power):
     case = make_case(LENGTHS, head_dim, dtype, seed=7)
     q = _query(2, 3 * group, head_dim, dtype)
     score = torch.zeros_like(case.slot_score)
-    out = paged_decode_torch(q, case.k_cache, case.v_cache, case.block_tables, case.lengths, 0.125,
-                             score_out=score, score_power=power)
+    out = paged_decode_torch(
+        q, case.k_cache, case.v_cache, case.block_tables, case.lengths, 0.125, score_out=score, score_power=power
+    )
     ref_out, ref_scores = naive_decode(q, case, 0.125, power)
     torch.testing.assert_close(out.float(), ref_out, **TOL[dtype])
     expected = torch.zeros_like(score)
@@ -119,8 +124,14 @@ def test_rejects_bad_inputs():
     case = make_case([[20]], 64, torch.float32)
     q = _query(1, 3, 64, torch.float32)
     with pytest.raises(ValueError, match="multiple"):
-        paged_decode_torch(q[:, :3], case.k_cache, case.v_cache, case.block_tables.expand(1, 2, -1).contiguous(),
-                           case.lengths.expand(1, 2).contiguous(), 0.1)
+        paged_decode_torch(
+            q[:, :3],
+            case.k_cache,
+            case.v_cache,
+            case.block_tables.expand(1, 2, -1).contiguous(),
+            case.lengths.expand(1, 2).contiguous(),
+            0.1,
+        )
     with pytest.raises(ValueError, match="score_power"):
         paged_decode_torch(q, case.k_cache, case.v_cache, case.block_tables, case.lengths, 0.1, score_power=3)
 
@@ -198,13 +209,25 @@ def test_strided_layout_reads_the_same_slots_as_the_gather(power):
     outs = []
     for lay in (None, layout):
         score = torch.zeros(30, BS) if power else None
-        out = paged_decode_torch(q, k_cache, v_cache, tables, lengths, 0.125, score_out=score,
-                                 score_power=power or 2, max_len=n, min_len=n, layout=lay)
+        out = paged_decode_torch(
+            q,
+            k_cache,
+            v_cache,
+            tables,
+            lengths,
+            0.125,
+            score_out=score,
+            score_power=power or 2,
+            max_len=n,
+            min_len=n,
+            layout=lay,
+        )
         outs.append((out, score))
     torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-6, rtol=1e-5)
     if power:
         torch.testing.assert_close(outs[1][1], outs[0][1], atol=1e-7, rtol=1e-6)
     # a wrong layout reads other slots: the check above can fail
-    wrong = paged_decode_torch(q, k_cache, v_cache, tables, lengths, 0.125, max_len=n, min_len=n,
-                               layout=(layout[0] + BS, layout[1], layout[2]))
+    wrong = paged_decode_torch(
+        q, k_cache, v_cache, tables, lengths, 0.125, max_len=n, min_len=n, layout=(layout[0] + BS, layout[1], layout[2])
+    )
     assert not torch.allclose(wrong, outs[0][0])

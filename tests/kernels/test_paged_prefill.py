@@ -15,12 +15,14 @@ from paged_case import DTYPES, MODEL_GEOMETRIES, make_case, naive_prefill
 from paged_case import OUT_TOL as TOL
 
 REFERENCE = sys.modules["kvcompress_kernels.paged_prefill"]  # the package exports a function of the module's name
-OBS_TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=5e-3, rtol=1e-2),
-           torch.bfloat16: dict(atol=1.5e-2, rtol=1e-2)}
+OBS_TOL = {
+    torch.float32: dict(atol=1e-4, rtol=1e-4),
+    torch.float16: dict(atol=5e-3, rtol=1e-2),
+    torch.bfloat16: dict(atol=1.5e-2, rtol=1e-2),
+}
 
 
-def _chunked_case(prefix_kept, prefix_seen, new_tokens, heads, head_dim, dtype, seed=0, num_blocks=None,
-                  device="cpu"):
+def _chunked_case(prefix_kept, prefix_seen, new_tokens, heads, head_dim, dtype, seed=0, num_blocks=None, device="cpu"):
     """A chunked-prefill batch: per (seq, head), ``prefix_kept[b][h]`` survivors of ``prefix_seen[b]`` earlier
     tokens (random subset, shuffled slot order, as after compaction), then ``new_tokens[b]`` new tokens
     already written at the tail. Returns (case, q_pos ``[T]`` int32, cu_seqlens_q ``[B+1]`` int32), on ``device``."""
@@ -62,8 +64,7 @@ NEW_TOKENS = [33, 17, 1]
 @pytest.mark.parametrize("group", [1, 3, 4, 8])
 @pytest.mark.parametrize("obs_window", [0, 8, 1000])
 def test_triton_matches_torch(device, dtype, head_dim, group, obs_window):
-    case, q_pos, cu = _chunked_case(PREFIX_KEPT, PREFIX_SEEN, NEW_TOKENS, 2, head_dim, dtype, seed=group,
-                                    device=device)
+    case, q_pos, cu = _chunked_case(PREFIX_KEPT, PREFIX_SEEN, NEW_TOKENS, 2, head_dim, dtype, seed=group, device=device)
     q = _query(int(cu[-1]), 2 * group, head_dim, dtype, device=device)
     power = 1 + group % 2
     args = _args(case, q, q_pos, cu, head_dim**-0.5)
@@ -130,8 +131,9 @@ def test_dispatcher_and_validation(device):
 def test_int32_offset_overflow_pool(device):
     head_dim, block_size = 64, 16
     num_blocks = (1 << 31) // (block_size * head_dim) + 64
-    case, q_pos, cu = _chunked_case([[10, 3], [0, 7]], [12, 9], [20, 6], 2, head_dim, torch.float16,
-                                    num_blocks=num_blocks, seed=4, device=device)
+    case, q_pos, cu = _chunked_case(
+        [[10, 3], [0, 7]], [12, 9], [20, 6], 2, head_dim, torch.float16, num_blocks=num_blocks, seed=4, device=device
+    )
     q = _query(int(cu[-1]), 4, head_dim, torch.float16, device=device)
     args = _args(case, q, q_pos, cu, 0.125)
     out_tri, obs_tri = paged_prefill_triton(*args, obs_window=4, obs_power=2)
@@ -163,8 +165,16 @@ def test_model_geometries_on_gpu(device, geometry, obs_window, power, dtype):
     gen = torch.Generator().manual_seed(num_q_heads * head_dim)
     kept = torch.randint(0, 901, (num_kv_heads,), generator=gen)
     kept[0] = 0
-    case, q_pos, cu = _chunked_case([[0] * num_kv_heads, kept.tolist()], [0, 900], [700, 257], num_kv_heads,
-                                    head_dim, dtype, seed=num_kv_heads, device=device)
+    case, q_pos, cu = _chunked_case(
+        [[0] * num_kv_heads, kept.tolist()],
+        [0, 900],
+        [700, 257],
+        num_kv_heads,
+        head_dim,
+        dtype,
+        seed=num_kv_heads,
+        device=device,
+    )
     q = _query(int(cu[-1]), num_q_heads, head_dim, dtype, seed=head_dim, device=device)
     args = _args(case, q, q_pos, cu, head_dim**-0.5)
     out_tri, obs_tri = paged_prefill_triton(*args, obs_window=obs_window, obs_power=power)

@@ -43,7 +43,11 @@ def test_batch_of_different_lengths_matches_hf_dense(smollm2) -> None:
     tok.padding_side = "left"
     batch = tok.pad({"input_ids": prompts}, return_tensors="pt")
     ref = model.generate(
-        **batch, max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True,
+        **batch,
+        max_new_tokens=8,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
         pad_token_id=tok.pad_token_id,
     )
     got = generate(model, prompts, max_new_tokens=8)

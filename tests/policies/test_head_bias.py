@@ -108,8 +108,23 @@ def test_calibration_script_writes_a_bias_the_policy_loads(smollm2, script_modul
         for i in range(2):
             f.write(json.dumps({"context": filler, "question": f" What colour is box {i}?", "answers": ["red"]}) + "\n")
     out = tmp_path / "bias.npz"
-    assert calibrate.main(["--path", str(tmp_path / "cal.jsonl"), "--out", str(out), "--ratio", "4",
-                           "--protected", "8", "--bins", "0,4096"]) == 0
+    assert (
+        calibrate.main(
+            [
+                "--path",
+                str(tmp_path / "cal.jsonl"),
+                "--out",
+                str(out),
+                "--ratio",
+                "4",
+                "--protected",
+                "8",
+                "--bins",
+                "0,4096",
+            ]
+        )
+        == 0
+    )
     bias = HeadBias.load(out)
     assert bias.bias.shape == (30, 3, 2) and np.array_equal(bias.bias[..., 0], bias.bias[..., 1])  # empty bin copied
     assert np.abs(bias.bias).max() > 0
