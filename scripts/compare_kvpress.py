@@ -193,14 +193,14 @@ def render_table(rows: Sequence[dict[str, Any]]) -> str:
     for mode, policy, ratio in seen:
         cols: list[str] = []
         n = None
-        for side in ("ours", "kvpress"):
-            row = by_key.get(cell_key(side, mode, policy, ratio))
+        sides = {side: by_key.get(cell_key(side, mode, policy, ratio)) for side in ("ours", "kvpress")}
+        for side, row in sides.items():
             full = by_key.get(cell_key(side, mode, "full", 1.0))
             score = row["score"] if row else None
             pct = 100.0 * score / full["score"] if row and full and full["score"] else None
             cols += [_fmt(score, ".1f"), _fmt(pct, ".0f"), _fmt(row["kept_fraction"] if row else None, ".3f")]
             n = n or (row["n_samples"] if row else None)
-        pair = paired(*(by_key.get(cell_key(side, mode, policy, ratio)) for side in ("ours", "kvpress")))
+        pair = paired(sides["ours"], sides["kvpress"])
         cols += [_fmt(n, "d"), f"{pair[0]} / {pair[1]}" if pair else "-", _fmt(pair[2] if pair else None, ".2f")]
         lines.append(f"| {mode} | {policy} | {ratio:g} | " + " | ".join(cols) + " |")
     return "\n".join(lines) + "\n"

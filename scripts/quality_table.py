@@ -108,8 +108,10 @@ def resolve_setup(name: str) -> tuple[str, str, str, dict, dict]:
     label, _, arg_text = name.partition(":")
     known = {s[0]: (s[1], s[2], {}) for s in SETUPS} | VARIANTS
     allocator_args: dict = {}
+    overrides: dict = {}
     if label in known:
-        policy, allocation, overrides = known[label]
+        policy, allocation, variant_overrides = known[label]
+        overrides.update(variant_overrides)  # a copy: the colon's policy fields must not change VARIANTS
     else:
         policy, plus, allocation = label.partition("+")
         if not plus or policy not in policy_names():
@@ -118,8 +120,6 @@ def resolve_setup(name: str) -> tuple[str, str, str, dict, dict]:
                 f"of {', '.join(policy_names())}"
             )
         allocation, allocator_args = budget_allocation(allocation)
-        overrides = {}
-    overrides = dict(overrides)
     for pair in filter(None, arg_text.split(",")):
         key, eq, value = pair.partition("=")
         if not eq or not key or key == "policy.":

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 
@@ -39,15 +43,12 @@ def test_setups_carry_policy_fields(qt) -> None:
     assert names == ["kvzip+global:policy.prefix_keep=4,floor=0.5", "kvzip"]
     assert qt.resolve_setup(names[0]) == (names[0], "kvzip", "global", {"prefix_keep": 4}, {"floor": 0.5})
     assert qt.resolve_setup("kvzip:policy.skip_prefix=true")[3] == {"skip_prefix": True}
+    assert qt.VARIANTS["kvzip"][2] == {}, "a setup's policy fields do not leak into the variant"
     with pytest.raises(ValueError, match="is not key=value or policy.key=value"):
         qt.resolve_setup("kvzip+global:policy.=4")
 
 
-def test_an_unknown_policy_field_fails_before_the_model_loads(tmp_path) -> None:
-    import subprocess
-    import sys
-    from pathlib import Path
-
+def test_an_unknown_policy_field_fails_before_the_model_loads(tmp_path: Path) -> None:
     script = Path(__file__).resolve().parents[2] / "scripts" / "quality_table.py"
     run = subprocess.run(
         [sys.executable, str(script), "--out", str(tmp_path), "--setups", "kvzip+global:policy.prefix_kep=4"],
