@@ -203,6 +203,16 @@ def online_softmax_step(qk, m_i, l_i, acc, v, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def online_lse_step(qk, m_i, l_i):
+    """The softmax normaliser of :func:`online_softmax_step` alone (no values): a running ``(max, sum)`` of a
+    ``[M, N]`` tile of log2-domain logits (masked = -inf); ``m_i + log2(l_i)`` is the rows' log-sum-exp so far."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(qk - m_safe[:, None]), 1)
+    return m_new, l_i
+
+
+@triton.jit
 def finish_rows(m_i, l_i, acc):
     """Normalise the accumulator; rows that saw no key give zeros and lse ``-inf`` (log2 domain)."""
     has = l_i > 0.0

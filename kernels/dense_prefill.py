@@ -29,14 +29,15 @@ def dense_prefill(
     obs_window: int = 0,
     obs_power: int = 1,
     obs_reduce: str = "sum",
+    obs_exclude: tuple[int, int] = (0, 0),
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal attention of packed fresh sequences over their own tokens.
 
     Args:
         q: ``[T_total, H_q, D]``; k, v: ``[T_total, H_kv, D]``: every sequence's tokens, packed in order (RoPE
             applied). ``counts``: tokens per sequence (host ints, summing to ``T_total``).
-        obs_window, obs_power, obs_reduce: as for :func:`~kvcompress_kernels.paged_prefill` (``obs_window >= counts[b]``
-            observes every query of sequence b).
+        obs_window, obs_power, obs_reduce, obs_exclude: as for :func:`~kvcompress_kernels.paged_prefill`
+            (``obs_window >= counts[b]`` observes every query of sequence b).
 
     Returns:
         ``(out, obs)``: ``out`` ``[T_total, H_q, D]`` in ``q.dtype``; ``obs`` ``[B, H_q, max(counts)]`` float32
@@ -60,8 +61,10 @@ def dense_prefill(
             w = min(obs_window, n)
             qw = qs[0, :, n - w :].float().view(num_kv_heads, group, w, head_dim)
             logits = torch.matmul(qw, ks[0].float().transpose(-1, -2)[:, None]) * scale  # [H_kv, G, w, n]
-            future = torch.arange(n, device=q.device)[None, :] > torch.arange(n - w, n, device=q.device)[:, None]
-            probs = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1).pow(obs_power)
+            keys = torch.arange(n, device=q.device)
+            future = keys[None, :] > torch.arange(n - w, n, device=q.device)[:, None]  # [w, n]
+            future |= (keys >= obs_exclude[0]) & (keys < obs_exclude[1])  # out of the observation, as in paged_prefill
+            probs = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1).nan_to_num_(0.0).pow(obs_power)
             reduced = probs.amax(dim=2) if obs_reduce == "max" else probs.sum(dim=2)
             obs[b, :, :n] = reduced.reshape(num_q_heads, n)
         start = end

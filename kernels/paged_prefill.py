@@ -17,6 +17,12 @@ Triton path:
    recomputing ``p = exp2(q.k * scale - lse)`` from the stored lse and reducing ``p**obs_power`` over the window
    queries: summed (``obs_reduce="sum"``) or their maximum (``"max"``, KVzip's score).
 
+``obs_exclude = (lo, hi)`` leaves the keys at positions ``[lo, hi)`` out of the observation only: each observed
+query's probabilities are renormalised over the other keys it sees, and those slots score 0. That is how kvpress's
+KVzip scores the context, with the chat template's prefix after its attention sinks out of each reconstruction
+query's softmax. The attention output still sees every key. The Triton path keeps a second running log-sum-exp
+over the kept keys in ``_prefill_kernel`` and stores it instead of the full one.
+
 The kernels and the reference calls keep their hand layout (one line per argument group): ``# fmt: off`` below.
 """
 
@@ -40,6 +46,7 @@ from ._common import (
     max_length,
     mm,
     next_pow2,
+    online_lse_step,
     online_softmax_step,
     prob_power,
     slot_coords,
@@ -65,6 +72,7 @@ def _check_args(
     obs_window: int,
     obs_power: int,
     obs_reduce: str,
+    obs_exclude: tuple[int, int],
 ) -> tuple[int, int]:
     """Validate shapes; return (block_size, group_size)."""
     block_size, head_dim = check_cache(k_cache, v_cache)
@@ -81,6 +89,8 @@ def _check_args(
         raise ValueError(f"need obs_window >= 0 and obs_power in (1, 2), got {obs_window}, {obs_power}")
     if obs_reduce not in OBS_REDUCTIONS:
         raise ValueError(f"obs_reduce must be one of {OBS_REDUCTIONS}, got {obs_reduce!r}")
+    if len(obs_exclude) != 2 or not 0 <= obs_exclude[0] <= obs_exclude[1]:
+        raise ValueError(f"obs_exclude must be a position range (lo, hi) with 0 <= lo <= hi, got {obs_exclude!r}")
     return block_size, group_size(q.shape[1], block_tables.shape[1])
 
 
@@ -104,6 +114,7 @@ def paged_prefill_torch(
     obs_window: int = 0,
     obs_power: int = 1,
     obs_reduce: str = "sum",
+    obs_exclude: tuple[int, int] = (0, 0),
     max_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """PyTorch reference of :func:`paged_prefill`: per sequence, gather the heads' slots (a block at a time) and
@@ -112,7 +123,7 @@ def paged_prefill_torch(
     probabilities give the window's output too (an observed reconstruction, KVzip's, is one matmul more than a
     prefill instead of a second attention)."""
     block_size, group = _check_args(q, k_cache, v_cache, slot_pos, block_tables, lengths, q_pos, cu_seqlens_q,
-                                    obs_window, obs_power, obs_reduce)
+                                    obs_window, obs_power, obs_reduce, obs_exclude)
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_seqs, num_kv_heads = lengths.shape
     out = torch.zeros_like(q)
@@ -129,6 +140,7 @@ def paged_prefill_torch(
         keys = gather_blocks(k_cache, block_tables[b : b + 1], valid[None], block_size, seq_len)[0].float()
         values = gather_blocks(v_cache, block_tables[b : b + 1], valid[None], block_size, seq_len)[0].float()
         kpos = slot_pos[blocks, offsets]  # [Hkv, M]
+        excluded = (kpos >= obs_exclude[0]) & (kpos < obs_exclude[1])  # [Hkv, M], out of the observation only
         k_g = keys[:, None].expand(-1, group, -1, -1)  # [Hkv, G, M, D]: a view, one copy per kv head
         v_g = values[:, None].expand(-1, group, -1, -1)
         window_start = max(t0, t1 - obs_window)
@@ -156,6 +168,8 @@ def paged_prefill_torch(
             if not fresh:
                 oc = torch.matmul(probs, values[:, None])  # [Hkv, G, w, D]
                 out[c0 + w0 : c1] = oc.permute(2, 0, 1, 3).reshape(c1 - c0 - w0, num_q_heads, head_dim).to(q.dtype)
+            if obs_exclude[1] > obs_exclude[0]:  # renormalise each observed query over the keys it keeps
+                probs = torch.softmax(logits.masked_fill_(excluded[:, None, None], float("-inf")), -1).nan_to_num_(0)
             if obs_power != 1:
                 probs = probs.pow_(obs_power)
             win = (probs.amax(dim=2) if obs_reduce == "max" else probs.sum(dim=2)).reshape(num_q_heads, seq_len)
@@ -188,15 +202,16 @@ def _find_seq(cu_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 @triton.jit
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, bt_ptr, len_ptr, qpos_ptr, cu_ptr, out_ptr, lse_ptr,
-    qk_scale, num_seqs,
+    qk_scale, num_seqs, ex_lo, ex_hi,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_vb, stride_vs,
     stride_btb, stride_bth, stride_lb,
     G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    STORE_LSE: tl.constexpr, UPCAST: tl.constexpr,
+    STORE_LSE: tl.constexpr, EXCLUDE: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """One (query tile, kv_head). Row r of the tile is query token ``r // G`` of the tile, head ``r % G``
-    of the group. Writes ``out`` [T, H_q, D] and, if STORE_LSE, ``lse`` [T, H_q] (log2 domain)."""
+    of the group. Writes ``out`` [T, H_q, D] and, if STORE_LSE, ``lse`` [T, H_q] (log2 domain): with EXCLUDE,
+    the log-sum-exp over the keys outside positions ``[ex_lo, ex_hi)``, which is what the observation divides by."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
     num_q_heads = tl.num_programs(1) * G
@@ -224,6 +239,8 @@ def _prefill_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        m_o = tl.full([BLOCK_M], float("-inf"), tl.float32)  # EXCLUDE: the running lse over the kept keys
+        l_o = tl.zeros([BLOCK_M], tl.float32)
         for n0 in range(0, length, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < length
@@ -236,8 +253,13 @@ def _prefill_kernel(
                 visible = mask_n[None, :] & (kpos[None, :] <= qpos[:, None])
                 qk = tl.where(visible, qk, float("-inf"))
                 m_i, l_i, acc = online_softmax_step(qk, m_i, l_i, acc, v, UPCAST)
+                if EXCLUDE:
+                    kept = (kpos < ex_lo) | (kpos >= ex_hi)
+                    m_o, l_o = online_lse_step(tl.where(kept[None, :], qk, float("-inf")), m_o, l_o)
 
         out, lse = finish_rows(m_i, l_i, acc)
+        if EXCLUDE:
+            lse = tl.where(l_o > 0.0, m_o + tl.log2(tl.where(l_o > 0.0, l_o, 1.0)), float("-inf"))
         tl.store(out_ptr + t[:, None] * stride_ot + hq[:, None] * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=qmask)
         if STORE_LSE:
@@ -247,7 +269,7 @@ def _prefill_kernel(
 @triton.jit
 def _obs_kernel(
     q_ptr, k_ptr, pos_ptr, bt_ptr, len_ptr, qpos_ptr, cu_ptr, lse_ptr, obs_ptr,
-    qk_scale, obs_window, obs_len,
+    qk_scale, obs_window, obs_len, ex_lo, ex_hi,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_btb, stride_bth, stride_lb,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_W: tl.constexpr, BLOCK_SIZE: tl.constexpr, POWER: tl.constexpr, REDUCE_MAX: tl.constexpr,
@@ -255,7 +277,8 @@ def _obs_kernel(
 ):
     """Observation scores of one key tile of one (seq, kv_head): for each query head g of the group,
     ``obs[b, h*G+g, j] = sum (REDUCE_MAX: max) over the last obs_window queries of p**POWER`` (``obs`` is
-    [B, H_q, obs_len]; p >= 0, so a max starting from 0 is exact)."""
+    [B, H_q, obs_len]; p >= 0, so a max starting from 0 is exact). Slots at positions ``[ex_lo, ex_hi)`` score 0;
+    ``lse`` was taken over the other keys, so ``p`` is renormalised over them."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     n0 = tl.program_id(2) * BLOCK_N
@@ -270,6 +293,7 @@ def _obs_kernel(
         mask_d = offs_d < HEAD_DIM
         blk, off = slot_coords(bt_ptr + b * stride_btb + h * stride_bth, offs_n, mask_n, BLOCK_SIZE)
         kpos = tl.load(pos_ptr + blk * BLOCK_SIZE + off, mask=mask_n, other=2147483647)
+        kept = mask_n & ((kpos < ex_lo) | (kpos >= ex_hi))
         k = load_tile(k_ptr, blk, off, offs_d, mask_n, mask_d, stride_kb, stride_ks, UPCAST)
         kt = tl.trans(k)
         for g in range(G):
@@ -284,7 +308,7 @@ def _obs_kernel(
                 qpos = tl.load(qpos_ptr + t64, mask=mask_t, other=-1)
                 lse = tl.load(lse_ptr + t64 * num_q_heads + hq, mask=mask_t, other=float("-inf"))
                 qk = mm(q, kt, UPCAST) * qk_scale
-                visible = mask_t[:, None] & mask_n[None, :] & (kpos[None, :] <= qpos[:, None])
+                visible = mask_t[:, None] & kept[None, :] & (kpos[None, :] <= qpos[:, None])
                 pp = prob_power(qk, lse[:, None], visible, POWER)
                 if REDUCE_MAX:
                     score = tl.maximum(score, tl.max(pp, 0))
@@ -314,11 +338,12 @@ def paged_prefill_triton(
     obs_window: int = 0,
     obs_power: int = 1,
     obs_reduce: str = "sum",
+    obs_exclude: tuple[int, int] = (0, 0),
     max_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Triton implementation of :func:`paged_prefill`."""
     block_size, group = _check_args(q, k_cache, v_cache, slot_pos, block_tables, lengths, q_pos, cu_seqlens_q,
-                                    obs_window, obs_power, obs_reduce)
+                                    obs_window, obs_power, obs_reduce, obs_exclude)
     total, num_q_heads, head_dim = q.shape
     num_seqs, num_kv_heads = lengths.shape
     block_tables = block_tables.contiguous()
@@ -342,17 +367,18 @@ def paged_prefill_triton(
     num_tiles = total // block_q + num_seqs
     _prefill_kernel[(num_tiles, num_kv_heads)](
         q_in, k_cache, v_cache, slot_pos, block_tables, lengths, q_pos, cu_seqlens_q, out, lse,
-        scale * LOG2E, num_seqs,
+        scale * LOG2E, num_seqs, obs_exclude[0], obs_exclude[1],
         q_in.stride(0), q_in.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         block_tables.stride(0), block_tables.stride(1), lengths.stride(0),
         G=group, BLOCK_M=block_m, BLOCK_Q=block_q, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
-        BLOCK_SIZE=block_size, STORE_LSE=obs is not None, UPCAST=upcast, num_warps=4,
+        BLOCK_SIZE=block_size, STORE_LSE=obs is not None, EXCLUDE=obs is not None and obs_exclude[1] > obs_exclude[0],
+        UPCAST=upcast, num_warps=4,
     )
     if obs is not None and max_len > 0:
         _obs_kernel[(num_seqs, num_kv_heads, triton.cdiv(max_len, block_n))](
             q_in, k_cache, slot_pos, block_tables, lengths, q_pos, cu_seqlens_q, lse, obs,
-            scale * LOG2E, min(obs_window, total), max_len,
+            scale * LOG2E, min(obs_window, total), max_len, obs_exclude[0], obs_exclude[1],
             q_in.stride(0), q_in.stride(1), k_cache.stride(0), k_cache.stride(1),
             block_tables.stride(0), block_tables.stride(1), lengths.stride(0),
             G=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_W=MIN_DOT,
@@ -375,6 +401,7 @@ def paged_prefill(
     obs_window: int = 0,
     obs_power: int = 1,
     obs_reduce: str = "sum",
+    obs_exclude: tuple[int, int] = (0, 0),
     max_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal varlen prefill attention over the paged, per-head KV cache.
@@ -392,6 +419,8 @@ def paged_prefill(
             sequence (``>= `` its query count means all of them, H2O-style).
         obs_power: 1 or 2, the power applied to each probability before reducing.
         obs_reduce: ``"sum"`` over the window queries (H2O, SnapKV, LFU) or ``"max"`` (KVzip).
+        obs_exclude: ``(lo, hi)``: keys at positions ``[lo, hi)`` are left out of the observation (scored 0, and
+            each observed query renormalised over its other keys); the output still attends to them.
         max_len: ``lengths.max()`` when the caller knows it; None reads it from ``lengths`` (a host sync).
 
     Returns:
@@ -401,4 +430,5 @@ def paged_prefill(
     """
     impl = paged_prefill_triton if use_triton(q.device) else paged_prefill_torch
     return impl(q, k_cache, v_cache, slot_pos, block_tables, lengths, q_pos, cu_seqlens_q, scale,
-                obs_window=obs_window, obs_power=obs_power, obs_reduce=obs_reduce, max_len=max_len)
+                obs_window=obs_window, obs_power=obs_power, obs_reduce=obs_reduce, obs_exclude=obs_exclude,
+                max_len=max_len)

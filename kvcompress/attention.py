@@ -75,7 +75,15 @@ def paged_attention_forward(
         window = step.obs_window if step.obs_window >= 0 else 1 << 30
         if plan.fresh:  # no cached prefix: fused dense attention over the new tokens themselves
             out, obs = dense_prefill(
-                q, k, v, plan.counts, scale, obs_window=window, obs_power=step.obs_power, obs_reduce=step.obs_reduce
+                q,
+                k,
+                v,
+                plan.counts,
+                scale,
+                obs_window=window,
+                obs_power=step.obs_power,
+                obs_reduce=step.obs_reduce,
+                obs_exclude=step.obs_exclude,
             )
         else:
             out, obs = paged_prefill(
@@ -91,6 +99,7 @@ def paged_attention_forward(
                 obs_window=window,
                 obs_power=step.obs_power,
                 obs_reduce=step.obs_reduce,
+                obs_exclude=step.obs_exclude,
                 max_len=max_len,
             )
         if step.obs_window and step.observer is not None:

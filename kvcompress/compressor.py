@@ -64,7 +64,7 @@ class Compressor:
         step.observer = self
         if observe_window:
             step.obs_window, step.obs_power = observe_window, self.policy.window_power
-            step.obs_reduce = self.policy.window_reduce
+            step.obs_reduce, step.obs_exclude = self.policy.window_reduce, self.policy.window_exclude
         if step.plan.is_decode:
             step.decode_power = self.policy.decode_power
             step.decode_probs = self.policy.wants_decode_probs

@@ -102,7 +102,8 @@ class ForwardStep:
     """One forward over the cache: its plan, plus what the attention records and for whom.
 
     ``obs_window``: last-w prompt queries whose attention is recorded (-1: every query; 0: none), raised to
-    ``obs_power`` and reduced over those queries by ``obs_reduce`` (``"sum"``, or ``"max"`` for KVzip).
+    ``obs_power`` and reduced over those queries by ``obs_reduce`` (``"sum"``, or ``"max"`` for KVzip); keys at
+    positions ``[lo, hi)`` of ``obs_exclude`` are left out of it (each query renormalised over the rest).
     ``decode_power`` 1 or 2: each decode step adds Σ_group p**power to the slot scores, fused into
     the attention kernel (0: off). ``decode_probs``: hand raw decode probabilities to the observer.
     """
@@ -113,5 +114,6 @@ class ForwardStep:
     obs_window: int = 0
     obs_power: int = 1
     obs_reduce: str = "sum"
+    obs_exclude: tuple[int, int] = (0, 0)
     decode_power: int = 0
     decode_probs: bool = False

@@ -44,6 +44,12 @@ class Policy:
     # allocations this policy composes with; None = every allocation
     allocations: ClassVar[tuple[str, ...] | None] = None
 
+    @property
+    def window_exclude(self) -> tuple[int, int]:
+        """Key positions ``[lo, hi)`` the observation leaves out: they score 0 and each observed query's
+        probabilities are renormalised over its other keys (the attention itself still sees them); (0, 0): none."""
+        return (0, 0)
+
     def observe_prefill(self, cache: PagedKVCache, obs: PrefillObservation) -> None:
         """Update slot scores from the prefill observation window of one layer of one sequence."""
 

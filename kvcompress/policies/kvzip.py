@@ -21,8 +21,14 @@ model is asked to repeat the context, not the template. The prefix's KVs are sti
 reconstruction gives them, unless ``prefix_keep`` is set: then the prefix's first ``prefix_keep`` tokens (its
 attention sinks) outrank everything and the rest of it scores 0, so it is evicted first, as kvpress's
 ``KVzipPress`` does with ``n_sink=4``. That frees the prefix's share of the budget for the context, which matters
-at high ratios (a 24-token prefix is over a third of a head's 62 tokens at 16x on 1000 tokens). It assumes every
-prompt starts with ``prefix_ids``, as those rendered by the experiment runner do.
+at high ratios (a 24-token prefix is over a third of a head's 62 tokens at 16x on 1000 tokens). ``prefix_renorm``
+adds kvpress's other half of that rule: the rest of the prefix is also left out of each reconstruction query's
+softmax, so a context KV's score is its attention renormalised over the sinks, the context and the reconstruction,
+
+``score(k) = max_{q, h} p(q, h, k) / (1 - Σ_{j in prefix, j >= prefix_keep} p(q, h, j))``.
+
+A query that spends most of its attention on the template then counts as much as one that does not. Both assume
+every prompt starts with ``prefix_ids``, as those rendered by the experiment runner do.
 """
 
 from __future__ import annotations
@@ -47,13 +53,15 @@ class KVzipPolicy(Policy):
     that owns the tokenizer (None until then: reconstruction raises); ``prefix_ids``: the chat template's tokens
     before the user's content, also set by that caller (None or empty: no template); ``skip_prefix``: leave them
     out of the reconstruction; ``prefix_keep``: None (the default) ranks the prefix by its scores like the
-    context; k >= 0 keeps its first k tokens above everything and ranks the rest of it last (score 0)."""
+    context; k >= 0 keeps its first k tokens above everything and ranks the rest of it last (score 0);
+    ``prefix_renorm`` (needs ``prefix_keep``): also leave that rest out of the reconstruction queries' softmax."""
 
     instruction: str = DEFAULT_INSTRUCTION
     repeat_ids: list[int] | None = None
     prefix_ids: list[int] | None = None
     skip_prefix: bool = False
     prefix_keep: int | None = None
+    prefix_renorm: bool = False
     window_reduce: ClassVar[str] = "max"
 
     def __post_init__(self) -> None:
@@ -63,6 +71,17 @@ class KVzipPolicy(Policy):
                 f"kvzip policy.prefix_keep must be null or a token count >= 0 (kvpress keeps 4), "
                 f"got {self.prefix_keep!r}"
             )
+        if self.prefix_renorm and k is None:
+            raise ValueError(
+                "kvzip policy.prefix_renorm=true needs policy.prefix_keep (the sinks kept in the softmax), e.g. 4"
+            )
+
+    @property
+    def window_exclude(self) -> tuple[int, int]:
+        """With ``prefix_renorm``: the template prefix after its sinks, ``[prefix_keep, len(prefix_ids))``."""
+        if not self.prefix_renorm or not self.prefix_ids:
+            return (0, 0)
+        return (min(self.prefix_keep, len(self.prefix_ids)), len(self.prefix_ids))
 
     def reconstruction(self, prompt: Sequence[int]) -> list[int]:
         """``[*repeat_ids, *prompt]``: the repeat prompt, then the context teacher-forced as its answer (without

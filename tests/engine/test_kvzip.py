@@ -23,9 +23,10 @@ def _kvzip(ratio: float = 2, allocation: str = "uniform") -> Compressor:
     return Compressor(KVzipPolicy(repeat_ids=REPEAT), Budget(ratio=ratio, protected_window=4, allocation=allocation))
 
 
-def _dense_scores(model, context: list[int]) -> torch.Tensor:
+def _dense_scores(model, context: list[int], exclude: tuple[int, int] = (0, 0)) -> torch.Tensor:
     """``[L, H_kv, n]``: max over the reconstruction queries and the GQA group's query heads of the eager softmax
-    attention of ``context + REPEAT + context`` to each context token."""
+    attention of ``context + REPEAT + context`` to each context token. With ``exclude = (lo, hi)`` each query's
+    attention is renormalised over the keys outside positions ``[lo, hi)``, which score 0 (kvpress's KVzip)."""
     n, cfg = len(context), model.config
     ids = torch.tensor([[*context, *REPEAT, *context]])
     previous = model.config._attn_implementation
@@ -36,7 +37,12 @@ def _dense_scores(model, context: list[int]) -> torch.Tensor:
     finally:
         model.set_attn_implementation(previous)
     group = cfg.num_attention_heads // cfg.num_key_value_heads
-    per_head = torch.stack([a[0, :, n:, :n].amax(1) for a in attentions])  # [L, H_q, n]
+    lo, hi = exclude
+    rows = [a[0, :, n:] for a in attentions]  # L x [H_q, T - n, T]: the reconstruction queries
+    rows = [r / (1 - r[..., lo:hi].sum(-1, keepdim=True)) for r in rows]
+    for r in rows:
+        r[..., lo:hi] = 0
+    per_head = torch.stack([r[..., :n].amax(1) for r in rows])  # [L, H_q, n]
     return per_head.view(len(attentions), cfg.num_key_value_heads, group, n).amax(2)
 
 
@@ -80,6 +86,29 @@ def test_scores_equal_dense_reference_and_reconstruction_is_released(tiny_llama,
     assert out.reconstruct_s > 0 and engine.stats.prefill_tokens == n  # timed apart from the prefill
     assert 1.8 < out.memory.logical_compression < 2.3
     assert engine.cache.num_free_blocks == engine.cache.num_blocks
+
+
+@pytest.mark.parametrize("chunk", [16, 2048], ids=["chunked", "one-chunk"])
+def test_prefix_renorm_scores_equal_the_renormalised_dense_reference(tiny_llama, chunk):
+    """``prefix_renorm`` with an 8-token prefix and 2 sinks: positions 2..7 leave every reconstruction query's
+    softmax (score 0), the others score their attention renormalised without them, above the plain scores."""
+    policy = KVzipPolicy(repeat_ids=REPEAT, prefix_ids=CONTEXT[:8], prefix_keep=2, prefix_renorm=True)
+    assert policy.window_exclude == (2, 8)
+    comp = Compressor(policy, Budget(ratio=2, protected_window=4))
+    engine = Engine(tiny_llama, comp, max_seqs=1, max_tokens_per_head=256, prefill_chunk=chunk)
+    seen = _capture_before_compression(engine)
+    engine.run([Request(0, CONTEXT, 4)])
+    got = seen[0]["scores"]
+    torch.testing.assert_close(got, _dense_scores(tiny_llama, CONTEXT, (2, 8)), atol=1e-5, rtol=1e-4)
+    plain = _dense_scores(tiny_llama, CONTEXT)
+    assert (got[..., 2:8] == 0).all() and (plain[..., 2:8] > 0).all()
+    assert (got[..., 8:] >= plain[..., 8:] - 1e-6).all() and (got[..., 8:] > plain[..., 8:] + 1e-4).any()
+
+
+def test_prefix_renorm_needs_prefix_keep():
+    with pytest.raises(ValueError, match="prefix_renorm=true needs policy.prefix_keep"):
+        KVzipPolicy(prefix_renorm=True)
+    assert KVzipPolicy(prefix_keep=4, prefix_renorm=True).window_exclude == (0, 0)  # no template prefix: nothing
 
 
 @pytest.mark.parametrize("mode", ["query_agnostic", "query_aware"])

@@ -23,8 +23,9 @@ def _case(device: torch.device, group: int):
     return case, (q, case.k_cache, case.v_cache, case.slot_pos, case.block_tables, case.lengths, q_pos, cu, 0.125)
 
 
-def _naive_max(case, args, obs_window: int) -> torch.Tensor:
-    """Per (sequence, query head): softmax over the head's visible slots, max over the last window queries."""
+def _naive_max(case, args, obs_window: int, exclude: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """Per (sequence, query head): softmax over the head's visible slots (those at positions in ``exclude`` left
+    out, scoring 0), max over the last window queries."""
     q, q_pos, cu = args[0].cpu(), args[6].cpu(), args[7].cpu()
     batch, heads = case.lengths.shape
     group = q.shape[1] // heads
@@ -33,8 +34,11 @@ def _naive_max(case, args, obs_window: int) -> torch.Tensor:
         t0, t1 = int(cu[b]), int(cu[b + 1])
         for hq in range(q.shape[1]):
             k, _, kpos = case.dense(b, hq // group)
-            logits = (q[t0:t1, hq] @ k.cpu().T * 0.125).masked_fill(kpos.cpu()[None] > q_pos[t0:t1, None], -torch.inf)
-            obs[b, hq, : k.shape[0]] = torch.softmax(logits, -1)[max(0, t1 - t0 - obs_window) :].amax(0)
+            kpos = kpos.cpu()
+            hidden = (kpos[None] > q_pos[t0:t1, None]) | ((kpos >= exclude[0]) & (kpos < exclude[1]))[None]
+            logits = (q[t0:t1, hq] @ k.cpu().T * 0.125).masked_fill(hidden, -torch.inf)
+            probs = torch.softmax(logits, -1).nan_to_num(0.0)  # a query that sees only excluded keys observes none
+            obs[b, hq, : k.shape[0]] = probs[max(0, t1 - t0 - obs_window) :].amax(0)
     return obs
 
 
@@ -50,6 +54,24 @@ def test_max_reduction(device, group, obs_window):
     # one window query: max and sum agree
     torch.testing.assert_close(paged_prefill_torch(*args, obs_window=1, obs_reduce="max")[1],
                                paged_prefill_torch(*args, obs_window=1)[1])  # fmt: skip
+
+
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("exclude", [(0, 5), (3, 20), (40, 1000)])
+def test_excluded_positions_leave_the_observation_only(device, group, exclude):
+    """Keys at positions ``[lo, hi)`` score 0 and every observed query is renormalised over the rest (ranges: the
+    first keys, a band through the compacted prefix, everything from position 40); the output is unchanged."""
+    case, args = _case(device, group)
+    out_tri, tri = paged_prefill_triton(*args, obs_window=1000, obs_reduce="max", obs_exclude=exclude)
+    out_ref, ref = paged_prefill_torch(*args, obs_window=1000, obs_reduce="max", obs_exclude=exclude)
+    torch.testing.assert_close(tri, ref, **TOL)
+    torch.testing.assert_close(ref.cpu(), _naive_max(case, args, 1000, exclude), **TOL)
+    torch.testing.assert_close(out_tri, out_ref, **TOL)
+    torch.testing.assert_close(out_ref, paged_prefill_torch(*args)[0], **TOL)
+    plain = paged_prefill_torch(*args, obs_window=1000, obs_reduce="max")[1]
+    assert not torch.allclose(ref, plain, **TOL)
+    with pytest.raises(ValueError, match="obs_exclude"):
+        paged_prefill_torch(*args, obs_window=4, obs_exclude=(5, 2))
 
 
 def test_unknown_reduction_is_rejected(device):
