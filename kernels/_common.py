@@ -213,12 +213,17 @@ def online_lse_step(qk, m_i, l_i):
 
 
 @triton.jit
+def row_lse(m_i, l_i):
+    """The rows' log-sum-exp (log2 domain) from a running ``(max, sum)``; ``-inf`` for rows that saw no key."""
+    has = l_i > 0.0
+    return tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+
+
+@triton.jit
 def finish_rows(m_i, l_i, acc):
     """Normalise the accumulator; rows that saw no key give zeros and lse ``-inf`` (log2 domain)."""
-    has = l_i > 0.0
-    out = acc / tl.where(has, l_i, 1.0)[:, None]
-    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-    return out, lse
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    return out, row_lse(m_i, l_i)
 
 
 @triton.jit

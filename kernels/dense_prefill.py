@@ -62,9 +62,9 @@ def dense_prefill(
             qw = qs[0, :, n - w :].float().view(num_kv_heads, group, w, head_dim)
             logits = torch.matmul(qw, ks[0].float().transpose(-1, -2)[:, None]) * scale  # [H_kv, G, w, n]
             keys = torch.arange(n, device=q.device)
-            future = keys[None, :] > torch.arange(n - w, n, device=q.device)[:, None]  # [w, n]
-            future |= (keys >= obs_exclude[0]) & (keys < obs_exclude[1])  # out of the observation, as in paged_prefill
-            probs = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1).nan_to_num_(0.0).pow(obs_power)
+            hidden = keys[None, :] > torch.arange(n - w, n, device=q.device)[:, None]  # [w, n]: the future
+            hidden |= (keys >= obs_exclude[0]) & (keys < obs_exclude[1])  # out of the observation, as in paged_prefill
+            probs = torch.softmax(logits.masked_fill(hidden, float("-inf")), dim=-1).nan_to_num_(0.0).pow(obs_power)
             reduced = probs.amax(dim=2) if obs_reduce == "max" else probs.sum(dim=2)
             obs[b, :, :n] = reduced.reshape(num_q_heads, n)
         start = end

@@ -41,6 +41,7 @@ from ._common import (
     online_softmax_step,
     pick_num_splits,
     prob_power,
+    row_lse,
     slot_coords,
     strided_slots,
     upcast_tiles,
@@ -366,7 +367,7 @@ def _decode_merge_kernel(
     out = acc_tot / tl.where(has, l_tot, 1.0)
     tl.store(out_ptr + b * stride_ob + hq * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
     if ACCUM:
-        lse = tl.where(has, m_safe + tl.log2(tl.where(has, l_tot, 1.0)), float("-inf"))
+        lse = row_lse(m_safe, l_tot)
         tl.store(lse_ptr + b * num_q_heads + hq, lse)
 
 

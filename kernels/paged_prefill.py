@@ -49,6 +49,7 @@ from ._common import (
     online_lse_step,
     online_softmax_step,
     prob_power,
+    row_lse,
     slot_coords,
     upcast_tiles,
 )
@@ -259,7 +260,7 @@ def _prefill_kernel(
 
         out, lse = finish_rows(m_i, l_i, acc)
         if EXCLUDE:
-            lse = tl.where(l_o > 0.0, m_o + tl.log2(tl.where(l_o > 0.0, l_o, 1.0)), float("-inf"))
+            lse = row_lse(m_o, l_o)
         tl.store(out_ptr + t[:, None] * stride_ot + hq[:, None] * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=qmask)
         if STORE_LSE:

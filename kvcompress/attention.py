@@ -73,18 +73,11 @@ def paged_attention_forward(
             step.observer.observe_decode(cache, DecodeObservation(layer, plan.seq_ids, probs.reshape(B, Hq, -1)))
     else:
         window = step.obs_window if step.obs_window >= 0 else 1 << 30
+        observe = dict(
+            obs_window=window, obs_power=step.obs_power, obs_reduce=step.obs_reduce, obs_exclude=step.obs_exclude
+        )
         if plan.fresh:  # no cached prefix: fused dense attention over the new tokens themselves
-            out, obs = dense_prefill(
-                q,
-                k,
-                v,
-                plan.counts,
-                scale,
-                obs_window=window,
-                obs_power=step.obs_power,
-                obs_reduce=step.obs_reduce,
-                obs_exclude=step.obs_exclude,
-            )
+            out, obs = dense_prefill(q, k, v, plan.counts, scale, **observe)
         else:
             out, obs = paged_prefill(
                 q,
@@ -96,10 +89,7 @@ def paged_attention_forward(
                 plan.positions.to(torch.int32),
                 plan.cu_seqlens,
                 scale,
-                obs_window=window,
-                obs_power=step.obs_power,
-                obs_reduce=step.obs_reduce,
-                obs_exclude=step.obs_exclude,
+                **observe,
                 max_len=max_len,
             )
         if step.obs_window and step.observer is not None:
