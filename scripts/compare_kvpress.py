@@ -38,6 +38,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from kvcompress.experiment.paired import sign_test
 from kvcompress.tasks.base import spread
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,14 +166,7 @@ def paired(ours: dict[str, Any] | None, theirs: dict[str, Any] | None) -> tuple[
         return None
     mine = {p["id"]: p["score"] for p in ours["predictions"] if "id" in p}
     other = {p["id"]: p["score"] for p in theirs["predictions"] if "id" in p}
-    common = mine.keys() & other.keys()
-    if not common:
-        return None
-    from scipy.stats import binomtest
-
-    ahead = sum(mine[i] > other[i] for i in common)
-    behind = sum(mine[i] < other[i] for i in common)
-    return ahead, behind, binomtest(ahead, ahead + behind).pvalue if ahead + behind else 1.0
+    return sign_test(mine, other) if mine.keys() & other.keys() else None
 
 
 def render_table(rows: Sequence[dict[str, Any]]) -> str:

@@ -29,6 +29,12 @@ softmax, so a context KV's score is its attention renormalised over the sinks, t
 
 A query that spends most of its attention on the template then counts as much as one that does not. Both assume
 every prompt starts with ``prefix_ids``, as those rendered by the experiment runner do.
+
+``window`` > 0 lets the prompt's own last ``window`` queries vote too: their maximum attention is folded into the
+same maximum as the reconstruction's, ``score(k) = max(max_{q in window} p(q, h, k), max_{q in reconstruction}
+p(q, h, k))``. Query-aware (the question at the end of the prompt) that adds what the question looks at, SnapKV's
+signal, to what reconstruction needs, and both are probabilities, so the score stays comparable across heads for
+the global allocator. Query-agnostic the window is the end of the context, which carries no question.
 """
 
 from __future__ import annotations
@@ -54,7 +60,8 @@ class KVzipPolicy(Policy):
     before the user's content, also set by that caller (None or empty: no template); ``skip_prefix``: leave them
     out of the reconstruction; ``prefix_keep``: None (the default) ranks the prefix by its scores like the
     context; k >= 0 keeps its first k tokens above everything and ranks the rest of it last (score 0);
-    ``prefix_renorm`` (needs ``prefix_keep``): also leave that rest out of the reconstruction queries' softmax."""
+    ``prefix_renorm`` (needs ``prefix_keep``): also leave that rest out of the reconstruction queries' softmax;
+    ``window``: the last prompt queries whose attention also votes (0, the default: only the reconstruction's)."""
 
     instruction: str = DEFAULT_INSTRUCTION
     repeat_ids: list[int] | None = None
@@ -62,6 +69,7 @@ class KVzipPolicy(Policy):
     skip_prefix: bool = False
     prefix_keep: int | None = None
     prefix_renorm: bool = False
+    window: int = 0
     window_reduce: ClassVar[str] = "max"
 
     def __post_init__(self) -> None:
@@ -70,6 +78,11 @@ class KVzipPolicy(Policy):
             raise ValueError(
                 f"kvzip policy.prefix_keep must be null or a token count >= 0 (kvpress keeps 4), "
                 f"got {self.prefix_keep!r}"
+            )
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
+            raise ValueError(
+                f"kvzip policy.window must be a count of prompt queries >= 0 (0: only the reconstruction votes), "
+                f"got {self.window!r}"
             )
         if self.prefix_renorm and k is None:
             raise ValueError(
@@ -97,10 +110,10 @@ class KVzipPolicy(Policy):
         return [*self.repeat_ids, *prompt]
 
     def observe_prefill(self, cache: PagedKVCache, obs: PrefillObservation) -> None:
-        """Fold one reconstruction chunk in: slot score = max(score so far, max over the group's query heads of
-        the chunk's max attention). Context slots start at 0 (the context prefill is not observed)."""
+        """Fold one observed chunk in (the prompt's last ``window`` queries, or a reconstruction chunk): slot score =
+        max(score so far, max over the group's query heads of the chunk's max attention). Slots start at 0."""
         view = cache.view(obs.layer, [obs.seq_id], with_kv=False)
-        assert obs.window_probs is not None, "KVzip observes every reconstruction query"
+        assert obs.window_probs is not None, "KVzip observes its window and every reconstruction query"
         probs = obs.window_probs[..., : view.valid.shape[-1]].float()  # [1, H_q, L], max over the chunk's queries
         cache.set_scores(view, view.scores.maximum(group_max(probs, view.valid.shape[1])))
 

@@ -23,10 +23,12 @@ def _kvzip(ratio: float = 2, allocation: str = "uniform") -> Compressor:
     return Compressor(KVzipPolicy(repeat_ids=REPEAT), Budget(ratio=ratio, protected_window=4, allocation=allocation))
 
 
-def _dense_scores(model, context: list[int], exclude: tuple[int, int] = (0, 0)) -> torch.Tensor:
+def _dense_scores(model, context: list[int], exclude: tuple[int, int] = (0, 0), window: int = 0) -> torch.Tensor:
     """``[L, H_kv, n]``: max over the reconstruction queries and the GQA group's query heads of the eager softmax
     attention of ``context + REPEAT + context`` to each context token. With ``exclude = (lo, hi)`` each query's
-    attention is renormalised over the keys outside positions ``[lo, hi)``, which score 0 (kvpress's KVzip)."""
+    attention is renormalised over the keys outside positions ``[lo, hi)``, which score 0 (kvpress's KVzip).
+    ``window``: the context's own last ``window`` queries are in the maximum too (they come right before the
+    reconstruction's, so the rows are one slice)."""
     n, cfg = len(context), model.config
     ids = torch.tensor([[*context, *REPEAT, *context]])
     previous = model.config._attn_implementation
@@ -38,7 +40,7 @@ def _dense_scores(model, context: list[int], exclude: tuple[int, int] = (0, 0)) 
         model.set_attn_implementation(previous)
     group = cfg.num_attention_heads // cfg.num_key_value_heads
     lo, hi = exclude
-    rows = [a[0, :, n:] for a in attentions]  # L x [H_q, T - n, T]: the reconstruction queries
+    rows = [a[0, :, n - window :] for a in attentions]  # L x [H_q, T - n + window, T]: window + reconstruction
     rows = [r / (1 - r[..., lo:hi].sum(-1, keepdim=True)) for r in rows]
     for r in rows:
         r[..., lo:hi] = 0
@@ -103,6 +105,25 @@ def test_prefix_renorm_scores_equal_the_renormalised_dense_reference(tiny_llama,
     plain = _dense_scores(tiny_llama, CONTEXT)
     assert (got[..., 2:8] == 0).all() and (plain[..., 2:8] > 0).all()
     assert (got[..., 8:] >= plain[..., 8:] - 1e-6).all() and (got[..., 8:] > plain[..., 8:] + 1e-4).any()
+
+
+@pytest.mark.parametrize("chunk", [16, 2048], ids=["chunked", "one-chunk"])
+def test_window_folds_the_prompts_last_queries_into_the_maximum(tiny_llama, chunk):
+    """``window=6``: the context's last 6 queries vote beside the reconstruction's, in the same maximum, and raise
+    some scores above the reconstruction's alone."""
+    comp = Compressor(KVzipPolicy(repeat_ids=REPEAT, window=6), Budget(ratio=2, protected_window=4))
+    engine = Engine(tiny_llama, comp, max_seqs=1, max_tokens_per_head=256, prefill_chunk=chunk)
+    seen = _capture_before_compression(engine)
+    engine.run([Request(0, CONTEXT, 4)])
+    got, plain = seen[0]["scores"], _dense_scores(tiny_llama, CONTEXT)
+    torch.testing.assert_close(got, _dense_scores(tiny_llama, CONTEXT, window=6), atol=1e-5, rtol=1e-4)
+    assert (got >= plain - 1e-6).all() and (got > plain + 1e-4).any()
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True])
+def test_window_must_be_a_query_count(bad):
+    with pytest.raises(ValueError, match=f"window must be a count of prompt queries >= 0.*got {bad!r}"):
+        KVzipPolicy(window=bad)
 
 
 def test_prefix_renorm_needs_prefix_keep():

@@ -1,0 +1,107 @@
+"""Paired, sample-by-sample comparison of two result sets: how many samples one setup wins and loses against
+another, and whether that split could be chance (two-sided exact sign test, ties left out).
+
+At n = 20 a cell two samples apart is usually p > 0.5, so a mean difference alone says little; this is the test
+behind every "ahead / behind, p" figure in docs/RESULTS.md. It reads both result formats:
+
+* ``scripts/quality_table.py`` rows (one per sample: ``setup``, ``mode``, ``ratio``, ``sample_id``, ``score``),
+  selected by their setup label;
+* ``scripts/compare_kvpress.py`` rows (one per cell: ``side``, ``mode``, ``policy``, ``ratio``, ``predictions``
+  with ``id`` and ``score``), selected by ``side/policy``, e.g. ``kvpress/kvzip``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+# (mode, ratio) -> sample id -> score in [0, 100]
+Cells = dict[tuple[str, float], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One (mode, ratio) cell: the ``n`` samples both sides scored, each side's mean score over them, the samples
+    ``a`` scores above / below ``b`` and the sign test's two-sided p-value (1.0 when every sample ties)."""
+
+    mode: str
+    ratio: float
+    n: int
+    mean_a: float
+    mean_b: float
+    ahead: int
+    behind: int
+    p: float
+
+
+def sign_test(a: Mapping[str, float], b: Mapping[str, float]) -> tuple[int, int, float]:
+    """``(ahead, behind, p)`` over the sample ids both hold: ``a`` above / below ``b``, and the exact binomial
+    two-sided p-value of that split under no difference."""
+    from scipy.stats import binomtest
+
+    common = a.keys() & b.keys()
+    ahead = sum(a[i] > b[i] for i in common)
+    behind = sum(a[i] < b[i] for i in common)
+    return ahead, behind, binomtest(ahead, ahead + behind).pvalue if ahead + behind else 1.0
+
+
+def load_cells(path: Path, label: str) -> Cells:
+    """The per-sample scores of ``label`` in ``path`` (a ``rows.jsonl`` or the directory holding one): a setup
+    label of quality_table rows, or ``side/policy`` of compare_kvpress rows. Raises ``ValueError`` naming the
+    labels the file does hold when ``label`` is not among them."""
+    path = path / "rows.jsonl" if path.is_dir() else path
+    if not path.is_file():
+        raise ValueError(f"no results at {path}: give a rows.jsonl or the directory holding one")
+    cells: Cells = {}
+    labels: set[str] = set()
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if "setup" in row:
+            own = row["setup"]
+            scores = {row["sample_id"]: float(row["score"])}
+        elif "side" in row and "predictions" in row:
+            own = f"{row['side']}/{row['policy']}"
+            scores = {p["id"]: float(p["score"]) for p in row["predictions"] if "id" in p}
+        else:
+            raise ValueError(f"{path}:{n}: not a quality_table or compare_kvpress row (keys: {sorted(row)})")
+        labels.add(own)
+        if own == label:
+            cells.setdefault((row["mode"], float(row["ratio"])), {}).update(scores)
+    if not cells:
+        raise ValueError(f"{path} has no rows for {label!r}; it holds: {', '.join(sorted(labels)) or 'nothing'}")
+    return cells
+
+
+def pair_cells(a: Cells, b: Cells) -> list[Pair]:
+    """One :class:`Pair` per (mode, ratio) both hold, in (mode, ratio) order, over the samples both scored."""
+    pairs = []
+    for key in sorted(a.keys() & b.keys()):
+        common = a[key].keys() & b[key].keys()
+        if not common:
+            continue
+        ahead, behind, p = sign_test(a[key], b[key])
+        mean_a, mean_b = (sum(cell[i] for i in common) / len(common) for cell in (a[key], b[key]))
+        pairs.append(Pair(key[0], key[1], len(common), mean_a, mean_b, ahead, behind, p))
+    return pairs
+
+
+def render(pairs: list[Pair], name_a: str, name_b: str) -> str:
+    """Markdown table of ``pairs``, one row per cell, then the totals over every cell."""
+    lines = [
+        f"| mode | ratio | n | {name_a} | {name_b} | ahead / behind | p |",
+        "|---|---:|---:|---:|---:|---|---:|",
+    ]
+    for c in pairs:
+        lines.append(
+            f"| {c.mode} | {c.ratio:g} | {c.n} | {c.mean_a:.1f} | {c.mean_b:.1f} | {c.ahead} / {c.behind} | {c.p:.2f} |"
+        )
+    ahead, behind = sum(c.ahead for c in pairs), sum(c.behind for c in pairs)
+    summed = sum((c.mean_a - c.mean_b) * c.n / 100 for c in pairs)
+    lines.append(
+        f"\nOver {len(pairs)} cells: ahead on {ahead} sample-cells, behind on {behind}; {summed:+.1f} samples."
+    )
+    return "\n".join(lines)

@@ -1,0 +1,50 @@
+"""Sample-by-sample comparison of two setups' results: per (mode, ratio) cell, both mean scores over the samples
+both scored, how many samples A wins and loses against B, and the sign test's p (kvcompress.experiment.paired).
+
+Each side is ``PATH:LABEL``: a results directory (or its rows.jsonl) and a quality_table setup label or a
+compare_kvpress ``side/policy``. A bad label gets the list of labels the file holds.
+
+    python scripts/paired_scores.py \\
+        'docs/results/dev-1k-kvzip-alloc-n20:kvzip+global' \\
+        'docs/results/kvpress-dev-1k-kvzip-n20:kvpress/kvzip'
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from kvcompress.experiment.paired import load_cells, pair_cells, render
+
+
+def _side(text: str) -> tuple[Path, str]:
+    path, sep, label = text.partition(":")
+    if not sep or not label:
+        raise argparse.ArgumentTypeError(f"expected PATH:LABEL (e.g. docs/results/x:kvzip+global), got {text!r}")
+    return Path(path), label
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("a", type=_side, help="PATH:LABEL of the setup counted as ahead when it scores higher")
+    parser.add_argument("b", type=_side, help="PATH:LABEL of the setup it is compared with")
+    parser.add_argument("--modes", default=None, help="comma-separated modes to keep (default: all)")
+    args = parser.parse_args(argv)
+    try:
+        a, b = (load_cells(path, label) for path, label in (args.a, args.b))
+    except ValueError as err:
+        print(f"paired_scores: {err}", file=sys.stderr)
+        return 2
+    pairs = pair_cells(a, b)
+    if args.modes:
+        pairs = [p for p in pairs if p.mode in args.modes.split(",")]
+    if not pairs:
+        print("paired_scores: the two sides share no (mode, ratio) cell with common sample ids", file=sys.stderr)
+        return 2
+    print(render(pairs, args.a[1], args.b[1]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
