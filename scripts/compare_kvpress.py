@@ -38,7 +38,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from kvcompress.experiment.paired import sign_test
+from kvcompress.experiment.paired import prediction_scores, sign_test
 from kvcompress.tasks.base import spread
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,8 +164,7 @@ def paired(ours: dict[str, Any] | None, theirs: dict[str, Any] | None) -> tuple[
     side is missing or its predictions carry no ids. A cell a few samples apart at n = 20 is usually p > 0.3."""
     if not ours or not theirs:
         return None
-    mine = {p["id"]: p["score"] for p in ours["predictions"] if "id" in p}
-    other = {p["id"]: p["score"] for p in theirs["predictions"] if "id" in p}
+    mine, other = prediction_scores(ours), prediction_scores(theirs)
     return sign_test(mine, other) if mine.keys() & other.keys() else None
 
 

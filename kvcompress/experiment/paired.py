@@ -47,6 +47,11 @@ def sign_test(a: Mapping[str, float], b: Mapping[str, float]) -> tuple[int, int,
     return ahead, behind, binomtest(ahead, ahead + behind).pvalue if ahead + behind else 1.0
 
 
+def prediction_scores(row: Mapping) -> dict[str, float]:
+    """Sample id -> score of a compare_kvpress row's ``predictions`` (those without an id are left out)."""
+    return {p["id"]: float(p["score"]) for p in row["predictions"] if "id" in p}
+
+
 def load_cells(path: Path, label: str) -> Cells:
     """The per-sample scores of ``label`` in ``path`` (a ``rows.jsonl`` or the directory holding one): a setup
     label of quality_table rows, or ``side/policy`` of compare_kvpress rows. Raises ``ValueError`` naming the
@@ -65,7 +70,7 @@ def load_cells(path: Path, label: str) -> Cells:
             scores = {row["sample_id"]: float(row["score"])}
         elif "side" in row and "predictions" in row:
             own = f"{row['side']}/{row['policy']}"
-            scores = {p["id"]: float(p["score"]) for p in row["predictions"] if "id" in p}
+            scores = prediction_scores(row)
         else:
             raise ValueError(f"{path}:{n}: not a quality_table or compare_kvpress row (keys: {sorted(row)})")
         labels.add(own)

@@ -52,6 +52,11 @@ from kvcompress.policies.base import Policy, group_max
 DEFAULT_INSTRUCTION = "Repeat the previous context exactly."
 
 
+def _is_count(value: object) -> bool:
+    """An int >= 0 (not a bool): a token or query count."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 @dataclass
 class KVzipPolicy(Policy):
     """``instruction``: the repeat request, rendered after the context (as the end of its user turn, then the
@@ -74,12 +79,12 @@ class KVzipPolicy(Policy):
 
     def __post_init__(self) -> None:
         k = self.prefix_keep
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+        if k is not None and not _is_count(k):
             raise ValueError(
                 f"kvzip policy.prefix_keep must be null or a token count >= 0 (kvpress keeps 4), "
                 f"got {self.prefix_keep!r}"
             )
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
+        if not _is_count(self.window):
             raise ValueError(
                 f"kvzip policy.window must be a count of prompt queries >= 0 (0: only the reconstruction votes), "
                 f"got {self.window!r}"
