@@ -1,4 +1,5 @@
-"""scripts/quality_table.py: ``--setups`` names, with allocator arguments after a colon."""
+"""Setup names (kvcompress.experiment.setups, read by scripts/quality_table.py and scripts/inspect_allocation.py),
+with allocator arguments after a colon."""
 
 from __future__ import annotations
 
@@ -8,44 +9,41 @@ from pathlib import Path
 
 import pytest
 
-
-@pytest.fixture(scope="module")
-def qt(script_module):
-    return script_module("quality_table")
+from kvcompress.experiment import setups
 
 
-def test_setups_carry_allocator_args(qt) -> None:
-    names = qt.split_setups("snapkv,lfu+global:floor=0.2,normalize=sum,hybrid")
+def test_setups_carry_allocator_args() -> None:
+    names = setups.split_setups("snapkv,lfu+global:floor=0.2,normalize=sum,hybrid")
     assert names == ["snapkv", "lfu+global:floor=0.2,normalize=sum", "hybrid"]
-    assert qt.resolve_setup(names[1]) == (names[1], "lfu", "global", {}, {"floor": 0.2, "normalize": "sum"})
-    assert qt.resolve_setup("hybrid") == ("hybrid", "hybrid", "uniform", {}, {})
+    assert setups.resolve_setup(names[1]) == (names[1], "lfu", "global", {}, {"floor": 0.2, "normalize": "sum"})
+    assert setups.resolve_setup("hybrid") == ("hybrid", "hybrid", "uniform", {}, {})
     with pytest.raises(ValueError, match="unknown setup 'nope'; accepted: lfu\\+global"):
-        qt.resolve_setup("nope:floor=1")
+        setups.resolve_setup("nope:floor=1")
     with pytest.raises(ValueError, match="is not key=value"):
-        qt.resolve_setup("lfu+global:floor")
+        setups.resolve_setup("lfu+global:floor")
 
 
-def test_setups_name_a_policy_config_and_a_budget_config(qt) -> None:
+def test_setups_name_a_policy_config_and_a_budget_config() -> None:
     """``<policy>+<allocation>`` takes any conf/policy name and an allocator or a named conf/budget config, whose
     allocator args the colon's override."""
-    assert qt.resolve_setup("lfu_avg+global") == ("lfu_avg+global", "lfu_avg", "global", {}, {})
-    floor = qt.resolve_setup("lfu+global_floor_normalized:floor=0.2")
+    assert setups.resolve_setup("lfu_avg+global") == ("lfu_avg+global", "lfu_avg", "global", {}, {})
+    floor = setups.resolve_setup("lfu+global_floor_normalized:floor=0.2")
     assert floor == ("lfu+global_floor_normalized:floor=0.2", "lfu", "global", {}, {"floor": 0.2, "normalize": "sum"})
     with pytest.raises(ValueError, match="unknown allocation 'globl'; accepted: an allocator .*global_floor"):
-        qt.resolve_setup("lfu+globl")
+        setups.resolve_setup("lfu+globl")
     with pytest.raises(ValueError, match="unknown setup 'lfux\\+global'; .* <policy>\\+<allocation>"):
-        qt.resolve_setup("lfux+global")
+        setups.resolve_setup("lfux+global")
 
 
-def test_setups_carry_policy_fields(qt) -> None:
+def test_setups_carry_policy_fields() -> None:
     """``policy.key=value`` after the colon sets the policy's fields, beside allocator arguments."""
-    names = qt.split_setups("kvzip+global:policy.prefix_keep=4,floor=0.5,kvzip")
+    names = setups.split_setups("kvzip+global:policy.prefix_keep=4,floor=0.5,kvzip")
     assert names == ["kvzip+global:policy.prefix_keep=4,floor=0.5", "kvzip"]
-    assert qt.resolve_setup(names[0]) == (names[0], "kvzip", "global", {"prefix_keep": 4}, {"floor": 0.5})
-    assert qt.resolve_setup("kvzip:policy.skip_prefix=true")[3] == {"skip_prefix": True}
-    assert qt.VARIANTS["kvzip"][2] == {}, "a setup's policy fields do not leak into the variant"
+    assert setups.resolve_setup(names[0]) == (names[0], "kvzip", "global", {"prefix_keep": 4}, {"floor": 0.5})
+    assert setups.resolve_setup("kvzip:policy.skip_prefix=true")[3] == {"skip_prefix": True}
+    assert setups.VARIANTS["kvzip"][2] == {}, "a setup's policy fields do not leak into the variant"
     with pytest.raises(ValueError, match="is not key=value or policy.key=value"):
-        qt.resolve_setup("kvzip+global:policy.=4")
+        setups.resolve_setup("kvzip+global:policy.=4")
 
 
 def test_an_unknown_policy_field_fails_before_the_model_loads(tmp_path: Path) -> None:

@@ -1,0 +1,102 @@
+"""Named evaluation setups: a policy config, an allocation and their arguments, under one label.
+
+``scripts/quality_table.py`` runs setups side by side and ``scripts/inspect_allocation.py`` looks inside one. A
+label is one of :data:`SETUPS` / :data:`VARIANTS`, or ``<policy>+<allocation>`` with any ``conf/policy`` name and
+an allocator or a named ``conf/budget`` config. It may carry arguments after a colon, each ``key=value`` for the
+allocator (``budget.allocator_args``) or ``policy.key=value`` for the policy's fields:
+``lfu+global:floor=0.2,normalize=sum``, ``kvzip+global:policy.window=32``.
+"""
+
+from __future__ import annotations
+
+import yaml
+from omegaconf import OmegaConf
+
+from kvcompress.allocators import ALLOCATORS
+from kvcompress.experiment.policy_config import config_dir, policy_names
+
+# (label, policy config, allocation)
+SETUPS = [
+    ("lfu+global", "lfu", "global"),
+    ("lfu+uniform", "lfu", "uniform"),
+    ("snapkv", "snapkv", "uniform"),
+    ("snapkv+adakv", "snapkv", "adakv"),
+    ("pyramidkv", "pyramidkv", "pyramid"),
+    ("h2o", "h2o", "uniform"),
+    ("tova", "tova", "uniform"),
+    ("streaming", "streaming", "uniform"),
+    ("expected_attention", "expected_attention", "uniform"),
+    ("keydiff", "keydiff", "uniform"),
+    ("knorm", "knorm", "uniform"),
+    ("random", "random", "uniform"),
+]
+# Variants, run only when named in --setups (label -> policy config, allocation, policy overrides).
+VARIANTS = {
+    "lfu-allq+global": ("lfu", "global", {"window": -1}),
+    "lfu-L1avg+global": ("lfu", "global", {"metric": "L1-avg"}),
+    "lfu-nopool+global": ("lfu", "global", {"pool_kernel": 1}),
+    "hybrid": ("hybrid", "uniform", {}),
+    "kvzip": ("kvzip", "uniform", {}),
+    "lfu-bias+global": ("lfu", "global", {"head_bias": None}),  # the file comes from --head-bias
+}
+
+
+def split_setups(text: str) -> list[str]:
+    """``--setups`` into setup names: a comma-separated ``key=value`` continues the previous setup's arguments
+    (``a,b:floor=0.2,normalize=sum`` -> ``["a", "b:floor=0.2,normalize=sum"]``); setup labels hold no ``=``."""
+    names: list[str] = []
+    for token in text.split(","):
+        if "=" in token and ":" not in token and names:
+            names[-1] += f",{token}"
+        else:
+            names.append(token)
+    return names
+
+
+def budget_allocation(name: str) -> tuple[str, dict]:
+    """``(allocation, allocator args)`` of an allocator name (``global``) or of a named budget config
+    (``conf/budget/<name>.yaml``, e.g. ``global_floor``); raises ``ValueError`` naming both kinds."""
+    if name in ALLOCATORS:
+        return name, {}
+    path = config_dir("budget") / f"{name}.yaml"
+    if name == "default" or not path.is_file():
+        named = sorted(p.stem for p in config_dir("budget").glob("*.yaml") if p.stem != "default")
+        raise ValueError(
+            f"unknown allocation {name!r}; accepted: an allocator ({', '.join(ALLOCATORS)}) "
+            f"or a budget config ({', '.join(named)})"
+        )
+    budget = OmegaConf.to_container(OmegaConf.load(path))
+    return budget.get("allocation", "uniform"), budget.get("allocator_args") or {}
+
+
+def resolve_setup(name: str) -> tuple[str, str, str, dict, dict]:
+    """``label[:key=value,...]`` -> ``(name, policy config, allocation, policy overrides, allocator args)``.
+
+    A label is one of :data:`SETUPS` / :data:`VARIANTS`, or ``<policy>+<allocation>`` with any ``policy=`` name
+    (``conf/policy``) and an allocator or named budget config (``lfu_avg+global``, ``lfu+global_floor``);
+    ``key=value`` arguments after the colon override the budget config's, ``policy.key=value`` ones set the
+    policy's fields (over a variant's). Raises ``ValueError`` naming what is accepted."""
+    label, _, arg_text = name.partition(":")
+    known = {s[0]: (s[1], s[2], {}) for s in SETUPS} | VARIANTS
+    allocator_args: dict = {}
+    overrides: dict = {}
+    if label in known:
+        policy, allocation, variant_overrides = known[label]
+        overrides.update(variant_overrides)  # a copy: the colon's policy fields must not change VARIANTS
+    else:
+        policy, plus, allocation = label.partition("+")
+        if not plus or policy not in policy_names():
+            raise ValueError(
+                f"unknown setup {label!r}; accepted: {', '.join(known)}, or <policy>+<allocation> with a policy "
+                f"of {', '.join(policy_names())}"
+            )
+        allocation, allocator_args = budget_allocation(allocation)
+    for pair in filter(None, arg_text.split(",")):
+        key, eq, value = pair.partition("=")
+        if not eq or not key or key == "policy.":
+            raise ValueError(f"setup {name!r}: argument {pair!r} is not key=value or policy.key=value")
+        if key.startswith("policy."):
+            overrides[key.removeprefix("policy.")] = yaml.safe_load(value)
+        else:
+            allocator_args[key] = yaml.safe_load(value)
+    return name, policy, allocation, overrides, allocator_args
