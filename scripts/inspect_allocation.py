@@ -3,10 +3,10 @@
 The sample runs through the Engine exactly as in ``scripts/quality_table.py`` (KVzip's reconstruction, the
 question before compression when query-aware and after it when query-agnostic). Just before the one compression
 the per-(layer, kv head) ranks are recorded; after it, what each head kept. Printed per layer: the tokens kept
-per kv head (min-max), and for each answer of the sample (its first occurrence in the compressed prompt) the
-fraction of its tokens still cached (mean over kv heads) and their lowest percentile among that layer's ranks
-(0: ranked below everything else in the head, 100: above; min over kv heads and the answer's tokens). Then the
-prediction and its score.
+per kv head (min-max), and for each answer of the sample (its first occurrence in the compressed prompt; add more
+text to track with ``--find TEXT``) the fraction of its tokens still cached (mean over kv heads) and their lowest
+percentile among that layer's ranks (0: ranked below everything else in the head, 100: above; min over kv heads
+and the answer's tokens). Then the prediction and its score.
 
     python scripts/inspect_allocation.py --setups lfu+global,lfu+uniform --ratio 2 --sample 0
     python scripts/inspect_allocation.py --task jsonl --path docs/results/suites/heldout-4k.jsonl \
@@ -99,7 +99,9 @@ def run_recorded(
     return engine.finished[request.request_id], kept
 
 
-def inspect(lm, sample: Sample, setup: str, ratio: float, protected: int, mode: str) -> None:
+def inspect(
+    lm, sample: Sample, setup: str, ratio: float, protected: int, mode: str, find: tuple[str, ...] = ()
+) -> None:
     tok = lm.tokenizer
     label, pol, allocation, overrides, allocator_args = resolve_setup(setup)
     policy = load_policy(pol, **overrides)
@@ -118,7 +120,7 @@ def inspect(lm, sample: Sample, setup: str, ratio: float, protected: int, mode: 
     )
     out, kept = run_recorded(lm.model, comp, request)
     compressed = list(request.prompt_ids)
-    answers = {a: answer_positions(tok, compressed, a) for a in sample.answers}
+    answers = {a: answer_positions(tok, compressed, a) for a in [*sample.answers, *find]}
     print(f"\n{label} at {ratio:g}x, {mode}: {len(compressed)} tokens compressed")
     for a, pos in answers.items():
         print(f"  answer {a!r}: " + (f"positions {pos[0]}-{pos[-1]}" if pos else "not in the compressed prompt"))
@@ -146,6 +148,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=10, help="task size (sample ids depend on it)")
     ap.add_argument("--sample", type=int, default=0, help="which sample to inspect (index)")
     ap.add_argument("--sample-id", help="which sample to inspect (id; overrides --sample)")
+    ap.add_argument("--find", action="append", default=[], help="more text to track, like an answer (repeatable)")
     ap.add_argument("--protected", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -174,7 +177,7 @@ def main() -> None:
     else:
         sample = samples[args.sample]
     for setup in setups:
-        inspect(lm, sample, setup, args.ratio, args.protected, args.mode)
+        inspect(lm, sample, setup, args.ratio, args.protected, args.mode, tuple(args.find))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,13 @@ same maximum as the reconstruction's, ``score(k) = max(max_{q in window} p(q, h,
 p(q, h, k))``. Query-aware (the question at the end of the prompt) that adds what the question looks at, SnapKV's
 signal, to what reconstruction needs, and both are probabilities, so the score stays comparable across heads for
 the global allocator. Query-agnostic the window is the end of the context, which carries no question.
+
+``pool_kernel`` > 1 max-pools each head's scores along positions before ranking (SnapKV's clustering), so a
+token inherits the highest score of the ``pool_kernel // 2`` tokens on either side of it (in position order, among
+the tokens the head holds: all of the prompt at KVzip's one compression). A fact is a span: the question or
+the reconstruction may single out the name in "Yusuf had been born in Bergen" while the city, four tokens on,
+scores low in most heads; pooled, the span is kept or evicted together. The stored scores stay the unpooled
+maxima (pooling happens at ranking), so later observations fold in as before.
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ import torch
 
 from kvcompress.cache.paged import HeadView, PagedKVCache
 from kvcompress.cache.step import PrefillObservation
-from kvcompress.policies.base import Policy, group_max
+from kvcompress.policies.base import Policy, group_max, pool_by_position
 
 DEFAULT_INSTRUCTION = "Repeat the previous context exactly."
 
@@ -66,7 +73,8 @@ class KVzipPolicy(Policy):
     out of the reconstruction; ``prefix_keep``: None (the default) ranks the prefix by its scores like the
     context; k >= 0 keeps its first k tokens above everything and ranks the rest of it last (score 0);
     ``prefix_renorm`` (needs ``prefix_keep``): also leave that rest out of the reconstruction queries' softmax;
-    ``window``: the last prompt queries whose attention also votes (0, the default: only the reconstruction's)."""
+    ``window``: the last prompt queries whose attention also votes (0, the default: only the reconstruction's);
+    ``pool_kernel``: max-pool the scores along positions at ranking (1, the default: no pooling)."""
 
     instruction: str = DEFAULT_INSTRUCTION
     repeat_ids: list[int] | None = None
@@ -75,6 +83,7 @@ class KVzipPolicy(Policy):
     prefix_keep: int | None = None
     prefix_renorm: bool = False
     window: int = 0
+    pool_kernel: int = 1
     window_reduce: ClassVar[str] = "max"
 
     def __post_init__(self) -> None:
@@ -88,6 +97,10 @@ class KVzipPolicy(Policy):
             raise ValueError(
                 f"kvzip policy.window must be a count of prompt queries >= 0 (0: only the reconstruction votes), "
                 f"got {self.window!r}"
+            )
+        if not _is_count(self.pool_kernel) or self.pool_kernel < 1:
+            raise ValueError(
+                f"kvzip policy.pool_kernel must be a window of positions >= 1 (1: no pooling), got {self.pool_kernel!r}"
             )
         if self.prefix_renorm and k is None:
             raise ValueError(
@@ -123,10 +136,11 @@ class KVzipPolicy(Policy):
         cache.set_scores(view, view.scores.maximum(group_max(probs, view.valid.shape[1])))
 
     def rank(self, view: HeadView, seen: torch.Tensor) -> torch.Tensor:
-        """The slot scores ``[S, H, L]``; with ``prefix_keep`` set, template-prefix positions ``< prefix_keep``
-        get the top rank and the prefix's other positions 0."""
+        """The slot scores ``[S, H, L]``, max-pooled along positions with ``pool_kernel``; with ``prefix_keep``
+        set, template-prefix positions ``< prefix_keep`` get the top rank and the prefix's other positions 0."""
+        scores = pool_by_position(view.scores, view.positions, view.valid, self.pool_kernel, "max")
         if self.prefix_keep is None or not self.prefix_ids:
-            return view.scores
+            return scores
         in_prefix = view.positions < len(self.prefix_ids)
         sink = view.positions < self.prefix_keep
-        return torch.where(in_prefix, torch.where(sink, torch.inf, 0.0), view.scores)  # the compressor clamps inf
+        return torch.where(in_prefix, torch.where(sink, torch.inf, 0.0), scores)  # the compressor clamps inf

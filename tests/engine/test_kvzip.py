@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kvcompress.budget import Budget
+from kvcompress.cache.paged import HeadView
 from kvcompress.compressor import Compressor
 from kvcompress.engine import Engine, Request
 from kvcompress.generate import as_request
@@ -203,3 +204,27 @@ def test_prefix_keep_keeps_the_prefix_sinks_and_evicts_the_rest_of_it_first(tiny
 def test_prefix_keep_must_be_a_token_count(bad):
     with pytest.raises(ValueError, match=f"prefix_keep must be null or a token count >= 0 .*got {bad!r}"):
         KVzipPolicy(prefix_keep=bad)
+
+
+def test_pool_kernel_ranks_each_slot_by_the_best_score_of_its_neighbours_in_position_order():
+    """``pool_kernel=3``: a slot ranks by the max score of itself and the slots just before and after it in
+    position order, whatever the slot order (after compaction slots are not in position order; an evicted
+    position is no gap); stored scores are untouched, padding is no neighbour."""
+    positions = torch.tensor([[[4, 0, 2, 1, 3, 7, 0], [0, 1, 2, 3, 4, 5, 0]]])  # [S=1, H=2, L=7]; head 0 lacks 5, 6
+    valid = torch.tensor([[[True] * 6 + [False], [True] * 6 + [False]]])
+    scores = torch.tensor([[[0.1, 0.0, 0.9, 0.2, 0.3, 0.5, 7.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.4, 7.0]]])
+    view = HeadView(0, [0], torch.empty(0), torch.empty(0), positions, scores.clone(), valid, positions, valid.sum(-1))
+    ranks = KVzipPolicy(pool_kernel=3).rank(view, torch.tensor([8]))
+    for h in range(2):
+        order = sorted(range(6), key=lambda i: int(positions[0, h, i]))
+        for j, i in enumerate(order):
+            want = max(float(scores[0, h, k]) for k in order[max(j - 1, 0) : j + 2])
+            assert float(ranks[0, h, i]) == pytest.approx(want), (h, int(positions[0, h, i]))
+    assert float(ranks[0, 0, 0]) == pytest.approx(0.5)  # position 4 neighbours 7, the next position held
+    assert torch.equal(view.scores, scores) and torch.equal(KVzipPolicy().rank(view, torch.tensor([8])), scores)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.0, True])
+def test_pool_kernel_must_be_a_positive_count(bad):
+    with pytest.raises(ValueError, match=f"pool_kernel must be a window of positions >= 1.*got {bad!r}"):
+        KVzipPolicy(pool_kernel=bad)
