@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvcompress.budget import Budget
-from kvcompress.cache.paged import PagedKVCache
+from kvcompress.cache.paged import HeadView, PagedKVCache
 from kvcompress.compressor import Compressor
 from kvcompress.engine import Engine, peak_tokens
 from kvcompress.experiment.policy_config import load_policy
@@ -31,7 +31,6 @@ from kvcompress.experiment.prompts import bind_tokenizer, build_prompt
 from kvcompress.experiment.setups import resolve_setup, split_setups
 from kvcompress.generate import as_request
 from kvcompress.model import load_model
-from kvcompress.model_runner import paged_attention
 from kvcompress.policies.base import finite_ranks
 from kvcompress.sequence import Request, RequestOutput
 from kvcompress.tasks.base import Sample
@@ -52,63 +51,73 @@ def answer_positions(tokenizer, ids: list[int], answer: str) -> list[int]:
 
 @dataclass
 class RecordingCompressor(Compressor):
-    """A :class:`Compressor` that keeps, per layer, the ranks ``[H, L]`` and positions ``[H, L]`` of the first
-    sequence it compresses, as the policy ranks them just before eviction (the protected window and sinks not
-    lifted: the percentiles compare the policy's own ranks)."""
+    """A :class:`Compressor` that records its first compression of a sequence, per layer: ``before``, the ranks
+    ``[H, L]`` the policy gave and their positions ``[H, L]`` (the very ranks eviction used: the protected window
+    and sinks not yet lifted, so the percentiles compare the policy's own order), and ``kept``, the positions
+    ``[H, L]`` and valid mask ``[H, L]`` each head held right after eviction."""
 
     before: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
     def compress(self, cache: PagedKVCache, seq_ids: list[int], budget: Budget | None = None) -> int:
-        if not self.before and self.compresses(budget or self.budget):
-            seen = torch.as_tensor(cache.seen[seq_ids], device=cache.device)
-            for layer in range(cache.num_layers):
-                v = cache.view(layer, seq_ids[:1], with_kv=self.policy.needs_kv)
-                ranks = finite_ranks(self.policy.rank(v, seen[:1])).masked_fill(~v.valid, torch.nan)
-                self.before.append((ranks[0].cpu(), v.positions[0].cpu()))
-        return super().compress(cache, seq_ids, budget)
+        if self.before or not self.compresses(budget or self.budget) or not seq_ids:
+            return super().compress(cache, seq_ids, budget)
+        rank = self.policy.rank  # wrapped, not called twice: a policy may draw its ranks (random)
+
+        def recording(view: HeadView, seen: torch.Tensor) -> torch.Tensor:
+            ranks = rank(view, seen)
+            self.before.append(
+                (finite_ranks(ranks)[0].masked_fill(~view.valid[0], torch.nan).cpu(), view.positions[0].cpu())
+            )
+            return ranks
+
+        self.policy.rank = recording
+        try:
+            freed = super().compress(cache, seq_ids, budget)
+        finally:
+            del self.policy.rank
+        for layer in range(cache.num_layers):
+            v = cache.view(layer, seq_ids[:1], with_kv=False)
+            self.kept.append((v.positions[0].cpu(), v.valid[0].cpu()))
+        return freed
 
 
 def percentile(ranks: torch.Tensor, positions: torch.Tensor, wanted: list[int]) -> float:
-    """Lowest percentile of the ``wanted`` positions among one layer's ``[H, L]`` ranks, over heads and tokens."""
+    """The lowest, over kv heads and ``wanted`` positions, of a wanted token's percentile within its own head's
+    ranks: ``ranks`` / ``positions`` ``[H, L]`` of one layer, NaN ranks for padded slots (ignored)."""
     lowest = 100.0
     for h in range(ranks.shape[0]):
-        r = ranks[h][~ranks[h].isnan()]
-        hit = torch.isin(positions[h, : r.numel()], torch.tensor(wanted))
-        for value in ranks[h, : r.numel()][hit]:
+        real = ~ranks[h].isnan()
+        r, p = ranks[h][real], positions[h][real]
+        for value in r[torch.isin(p, torch.tensor(wanted))]:
             lowest = min(lowest, 100.0 * float((r < value).float().mean()))
     return lowest
 
 
-def run_recorded(
-    model, comp: RecordingCompressor, request: Request
-) -> tuple[RequestOutput, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Run ``request`` alone through the Engine; returns its output and, per layer, the positions ``[H, L]`` and
-    valid mask ``[H, L]`` of what its cache held when it began to decode (after compression and, query-agnostic,
-    the question)."""
+def run_recorded(model, comp: RecordingCompressor, request: Request) -> RequestOutput:
+    """Run ``request`` alone through the Engine, the one driver (``comp`` records its compression)."""
     engine = Engine(model, comp, max_seqs=1, max_tokens_per_head=peak_tokens(request, comp))
-    engine.add_request(request)
-    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
-    with paged_attention(model):
-        while engine.has_unfinished:
-            engine.step()
-            running = [s for s in engine.running if s.request is not None and s.decoding]
-            if running and not kept:
-                for layer in range(engine.cache.num_layers):
-                    v = engine.cache.view(layer, [running[0].seq_id], with_kv=False)
-                    kept.append((v.positions[0].cpu(), v.valid[0].cpu()))
-    return engine.finished[request.request_id], kept
+    return engine.run([request])[0]
+
+
+def build_compressor(setup: str, ratio: float, protected: int) -> tuple[str, RecordingCompressor]:
+    """``(label, compressor)`` of a quality-table setup at ``ratio``; ``ValueError`` names what is wrong (an
+    unknown setup, policy field or allocator argument, an allocation the policy does not compose with)."""
+    label, pol, allocation, overrides, allocator_args = resolve_setup(setup)
+    if "head_bias" in overrides:
+        raise ValueError(f"setup {label!r} needs a head-bias file, which this script does not take")
+    policy = load_policy(pol, **overrides)
+    budget = Budget(ratio=ratio, protected_window=protected, allocation=allocation, allocator_args=allocator_args)
+    return label, RecordingCompressor(policy, budget)
 
 
 def inspect(
     lm, sample: Sample, setup: str, ratio: float, protected: int, mode: str, find: tuple[str, ...] = ()
 ) -> None:
     tok = lm.tokenizer
-    label, pol, allocation, overrides, allocator_args = resolve_setup(setup)
-    policy = load_policy(pol, **overrides)
-    bind_tokenizer(policy, tok)
+    label, comp = build_compressor(setup, ratio, protected)
+    bind_tokenizer(comp.policy, tok)
     prompt = build_prompt(tok, sample)
-    budget = Budget(ratio=ratio, protected_window=protected, allocation=allocation, allocator_args=allocator_args)
-    comp = RecordingCompressor(policy, budget)
     request = as_request(
         0,
         prompt.context_ids,
@@ -118,7 +127,7 @@ def inspect(
         [tok.eos_token_id],
         suffix=prompt.suffix_ids,
     )
-    out, kept = run_recorded(lm.model, comp, request)
+    out = run_recorded(lm.model, comp, request)
     compressed = list(request.prompt_ids)
     answers = {a: answer_positions(tok, compressed, a) for a in [*sample.answers, *find]}
     print(f"\n{label} at {ratio:g}x, {mode}: {len(compressed)} tokens compressed")
@@ -126,7 +135,7 @@ def inspect(
         print(f"  answer {a!r}: " + (f"positions {pos[0]}-{pos[-1]}" if pos else "not in the compressed prompt"))
     found = {a: pos for a, pos in answers.items() if pos}
     print("layer | kept per head (min-max) | " + " | ".join(f"{a!r} kept, lowest pct" for a in found))
-    for layer, ((positions, valid), (ranks, before)) in enumerate(zip(kept, comp.before, strict=True)):
+    for layer, ((positions, valid), (ranks, before)) in enumerate(zip(comp.kept, comp.before, strict=True)):
         lengths = valid.sum(-1)
         cells = []
         for pos in found.values():
@@ -140,33 +149,38 @@ def inspect(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--setups", default="lfu+global,lfu+uniform", help="quality-table setups, comma separated")
-    ap.add_argument("--ratio", type=float, default=2.0)
+    ap.add_argument("--ratio", type=float, default=2.0, help="> 1")
     ap.add_argument("--mode", default="query_aware", choices=["query_aware", "query_agnostic"])
     ap.add_argument("--task", default="niah_single")
     ap.add_argument("--path", help="the suite file, with --task jsonl")
     ap.add_argument("--tokens", type=int, default=1000)
-    ap.add_argument("--samples", type=int, default=10, help="task size (sample ids depend on it)")
-    ap.add_argument("--sample", type=int, default=0, help="which sample to inspect (index)")
+    ap.add_argument("--samples", type=int, default=10, help="generated task size (its sample ids depend on it)")
+    ap.add_argument("--sample", type=int, default=0, help="which sample to inspect (index; jsonl: in the file)")
     ap.add_argument("--sample-id", help="which sample to inspect (id; overrides --sample)")
     ap.add_argument("--find", action="append", default=[], help="more text to track, like an answer (repeatable)")
-    ap.add_argument("--protected", type=int, default=32)
+    ap.add_argument("--protected", type=int, default=32, help="protected window (the RESULTS commands' 32)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    try:
+    if not args.ratio > 1:
+        ap.error(f"--ratio must be > 1 (a compression ratio), got {args.ratio:g}")
+    try:  # bad setups fail before the model loads
         setups = split_setups(args.setups)
         for name in setups:
-            resolve_setup(name)
+            build_compressor(name, args.ratio, args.protected)
     except ValueError as err:
         ap.error(str(err))
     if args.task == "jsonl" and not args.path:
         ap.error("--task jsonl needs --path FILE.jsonl")
     torch.set_num_threads(args.threads)
     lm = load_model("smollm2")
-    if args.task == "jsonl":
-        samples = build_task("jsonl", path=args.path, tokenizer=lm.tokenizer).samples()
-    else:
-        samples = build_task(args.task, tokenizer=lm.tokenizer, n_samples=args.samples, target_tokens=args.tokens)
-        samples = samples.samples()
+    try:
+        if args.task == "jsonl":
+            samples = build_task("jsonl", path=args.path, tokenizer=lm.tokenizer).samples()
+        else:
+            task = build_task(args.task, tokenizer=lm.tokenizer, n_samples=args.samples, target_tokens=args.tokens)
+            samples = task.samples()
+    except (ValueError, FileNotFoundError) as err:
+        ap.error(str(err))
     if args.sample_id is not None:
         by_id = {s.sample_id: s for s in samples}
         if args.sample_id not in by_id:
@@ -176,8 +190,11 @@ def main() -> None:
         ap.error(f"--sample {args.sample} is out of range: the task has {len(samples)} samples")
     else:
         sample = samples[args.sample]
-    for setup in setups:
-        inspect(lm, sample, setup, args.ratio, args.protected, args.mode, tuple(args.find))
+    try:
+        for setup in setups:
+            inspect(lm, sample, setup, args.ratio, args.protected, args.mode, tuple(args.find))
+    except ValueError as err:  # a budget the prompt cannot meet (BudgetError), a prompt too long for the engine
+        ap.error(str(err))
 
 
 if __name__ == "__main__":

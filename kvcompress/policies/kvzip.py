@@ -54,7 +54,7 @@ import torch
 
 from kvcompress.cache.paged import HeadView, PagedKVCache
 from kvcompress.cache.step import PrefillObservation
-from kvcompress.policies.base import Policy, group_max, pool_by_position
+from kvcompress.policies.base import Policy, check_pool_kernel, group_max, pool_by_position
 
 DEFAULT_INSTRUCTION = "Repeat the previous context exactly."
 
@@ -74,7 +74,7 @@ class KVzipPolicy(Policy):
     context; k >= 0 keeps its first k tokens above everything and ranks the rest of it last (score 0);
     ``prefix_renorm`` (needs ``prefix_keep``): also leave that rest out of the reconstruction queries' softmax;
     ``window``: the last prompt queries whose attention also votes (0, the default: only the reconstruction's);
-    ``pool_kernel``: max-pool the scores along positions at ranking (1, the default: no pooling)."""
+    ``pool_kernel``: max-pool the scores over this odd number of positions at ranking (1, the default: none)."""
 
     instruction: str = DEFAULT_INSTRUCTION
     repeat_ids: list[int] | None = None
@@ -98,10 +98,7 @@ class KVzipPolicy(Policy):
                 f"kvzip policy.window must be a count of prompt queries >= 0 (0: only the reconstruction votes), "
                 f"got {self.window!r}"
             )
-        if not _is_count(self.pool_kernel) or self.pool_kernel < 1:
-            raise ValueError(
-                f"kvzip policy.pool_kernel must be a window of positions >= 1 (1: no pooling), got {self.pool_kernel!r}"
-            )
+        check_pool_kernel(self.pool_kernel, "kvzip policy.pool_kernel")
         if self.prefix_renorm and k is None:
             raise ValueError(
                 "kvzip policy.prefix_renorm=true needs policy.prefix_keep (the sinks kept in the softmax), e.g. 4"
@@ -137,10 +134,11 @@ class KVzipPolicy(Policy):
 
     def rank(self, view: HeadView, seen: torch.Tensor) -> torch.Tensor:
         """The slot scores ``[S, H, L]``, max-pooled along positions with ``pool_kernel``; with ``prefix_keep``
-        set, template-prefix positions ``< prefix_keep`` get the top rank and the prefix's other positions 0."""
-        scores = pool_by_position(view.scores, view.positions, view.valid, self.pool_kernel, "max")
+        set, template-prefix positions ``< prefix_keep`` get the top rank and the prefix's other positions 0 (they
+        are out of the pooling too: a context token next to the prefix does not inherit a sink's score)."""
         if self.prefix_keep is None or not self.prefix_ids:
-            return scores
+            return pool_by_position(view.scores, view.positions, view.valid, self.pool_kernel, "max")
         in_prefix = view.positions < len(self.prefix_ids)
         sink = view.positions < self.prefix_keep
+        scores = pool_by_position(view.scores.masked_fill(in_prefix, 0.0), view.positions, view.valid, self.pool_kernel)
         return torch.where(in_prefix, torch.where(sink, torch.inf, 0.0), scores)  # the compressor clamps inf

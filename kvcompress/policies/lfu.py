@@ -13,7 +13,7 @@ import torch
 
 from kvcompress.cache.paged import HeadView, PagedKVCache
 from kvcompress.cache.step import PrefillObservation
-from kvcompress.policies.base import Policy, window_scores
+from kvcompress.policies.base import Policy, check_pool_kernel, window_scores
 from kvcompress.policies.head_bias import HeadBias
 
 METRICS = ("L2-sum", "L1-sum", "L2-avg", "L1-avg")
@@ -40,6 +40,7 @@ class LFUPolicy(Policy):
             raise ValueError(f"lfu metric must be one of {METRICS}, got {self.metric!r}")
         if self.window == 0:
             raise ValueError("lfu needs an observation window: window > 0, or -1 for every prompt query")
+        check_pool_kernel(self.pool_kernel, "lfu policy.pool_kernel")
         power = 2 if self.metric.startswith("L2") else 1
         # instance attributes shadow the ClassVar defaults of Policy
         self.window_power = power

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from kvcompress.cache.paged import PagedKVCache
 from kvcompress.cache.step import PrefillObservation
-from kvcompress.policies.base import Policy, window_scores
+from kvcompress.policies.base import Policy, check_pool_kernel, window_scores
 
 
 @dataclass
@@ -17,6 +17,9 @@ class SnapKVPolicy(Policy):
     window: int = 32
     kernel: int = 7
     pooling: str = "avg"
+
+    def __post_init__(self) -> None:
+        check_pool_kernel(self.kernel, f"{type(self).__name__} policy.kernel")
 
     def observe_prefill(self, cache: PagedKVCache, obs: PrefillObservation) -> None:
         view, pooled = window_scores(cache, obs, self.kernel, self.pooling)

@@ -14,6 +14,8 @@ from kvcompress.compressor import Compressor
 from kvcompress.engine import Engine, Request
 from kvcompress.generate import as_request
 from kvcompress.policies.kvzip import KVzipPolicy
+from kvcompress.policies.lfu import LFUPolicy
+from kvcompress.policies.snapkv import SnapKVPolicy
 
 REPEAT = [5, 9, 17, 33, 2]  # stands in for the tokenized "Repeat the previous context exactly." prompt
 CONTEXT = [random.Random(0).randrange(3, 128) for _ in range(45)]
@@ -224,7 +226,22 @@ def test_pool_kernel_ranks_each_slot_by_the_best_score_of_its_neighbours_in_posi
     assert torch.equal(view.scores, scores) and torch.equal(KVzipPolicy().rank(view, torch.tensor([8])), scores)
 
 
-@pytest.mark.parametrize("bad", [0, -3, 2.0, True])
-def test_pool_kernel_must_be_a_positive_count(bad):
-    with pytest.raises(ValueError, match=f"pool_kernel must be a window of positions >= 1.*got {bad!r}"):
+@pytest.mark.parametrize("bad", [0, -3, 2, 4, 2.0, True])
+def test_pool_kernel_must_be_an_odd_count(bad):
+    """An even window would give one pooled score too many (``max_pool1d`` pads ``k // 2`` each side)."""
+    with pytest.raises(ValueError, match=f"pool_kernel must be an odd window of positions >= 1.*got {bad!r}"):
         KVzipPolicy(pool_kernel=bad)
+    with pytest.raises(ValueError, match=f"lfu policy.pool_kernel must be an odd window.*got {bad!r}"):
+        LFUPolicy(pool_kernel=bad)
+    with pytest.raises(ValueError, match=f"SnapKVPolicy policy.kernel must be an odd window.*got {bad!r}"):
+        SnapKVPolicy(kernel=bad)
+
+
+def test_pooling_leaves_the_template_prefix_out():
+    """With ``prefix_keep``, a context token next to the prefix does not inherit a prefix token's score."""
+    positions = torch.arange(6).view(1, 1, 6)
+    valid = torch.ones(1, 1, 6, dtype=torch.bool)
+    scores = torch.tensor([[[0.9, 0.8, 0.1, 0.2, 0.0, 0.3]]])  # prefix = positions 0, 1; sink = 0
+    view = HeadView(0, [0], torch.empty(0), torch.empty(0), positions, scores, valid, positions, valid.sum(-1))
+    ranks = KVzipPolicy(pool_kernel=3, prefix_ids=[1, 2], prefix_keep=1).rank(view, torch.tensor([6]))
+    assert ranks[0, 0].tolist() == pytest.approx([float("inf"), 0.0, 0.2, 0.2, 0.3, 0.3])

@@ -3,6 +3,10 @@ kept is the cache the request decoded from, and answers are found in the prompt'
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -16,30 +20,45 @@ def ia(script_module):
     return script_module("inspect_allocation")
 
 
-def test_recorded_ranks_separate_what_each_head_kept_from_what_it_evicted(ia, tiny_llama) -> None:
+@pytest.mark.parametrize("new_tokens", [3, 1], ids=["decodes", "done-on-its-first-token"])
+def test_recorded_ranks_separate_what_each_head_kept_from_what_it_evicted(ia, tiny_llama, new_tokens) -> None:
     context = [(7 * i) % 120 + 3 for i in range(60)]
     comp = ia.RecordingCompressor(KVzipPolicy(repeat_ids=[5, 9, 17]), Budget(ratio=4, protected_window=4))
-    request = as_request("r", context, [11, 12], "query_aware", 3)
-    out, kept = ia.run_recorded(tiny_llama, comp, request)
-    assert len(out.tokens) == 3 and len(kept) == len(comp.before) == tiny_llama.config.num_hidden_layers
+    out = ia.run_recorded(tiny_llama, comp, as_request("r", context, [11, 12], "query_aware", new_tokens))
+    assert len(out.tokens) == new_tokens
+    assert len(comp.kept) == len(comp.before) == tiny_llama.config.num_hidden_layers
     n = len(context) + 2
-    for (positions, valid), (ranks, before) in zip(kept, comp.before, strict=True):
+    for (positions, valid), (ranks, before) in zip(comp.kept, comp.before, strict=True):
         assert ranks.shape == before.shape and ranks.shape[-1] == n  # every prompt token, before eviction
         for h in range(ranks.shape[0]):
             held = positions[h][valid[h]]
-            assert 0 < held.numel() < n
+            assert 0 < held.numel() < n and int(held.max()) < n  # right after eviction: nothing appended yet
             r = ranks[h][torch.argsort(before[h])]  # by position
             open_ = torch.arange(n) < n - 4  # outside the protected window
             is_kept = torch.isin(torch.arange(n), held)
             assert r[open_ & is_kept].min() >= r[open_ & ~is_kept].max()
-            assert r[open_].std() > 0, "KVzip's scores were recorded after reconstruction, not before it"
+            assert r[open_].std() > 0, "the ranks were recorded before KVzip's reconstruction scored the prompt"
+
+
+def test_a_drawn_policy_is_recorded_by_the_ranks_it_evicted_with(ia, tiny_llama) -> None:
+    """``random`` draws its ranks: the recording must be of the draw eviction used, not of a second draw."""
+    from kvcompress.experiment.policy_config import load_policy
+
+    comp = ia.RecordingCompressor(load_policy("random"), Budget(ratio=4, protected_window=4))
+    ia.run_recorded(tiny_llama, comp, as_request("r", list(range(3, 63)), [11, 12], "query_aware", 2))
+    for (positions, valid), (ranks, before) in zip(comp.kept, comp.before, strict=True):
+        for h in range(ranks.shape[0]):
+            real = ~ranks[h].isnan()
+            is_kept = torch.isin(before[h][real], positions[h][valid[h]])
+            open_ = before[h][real] < 62 - 4
+            assert ranks[h][real][open_ & is_kept].min() >= ranks[h][real][open_ & ~is_kept].max()
 
 
 def test_percentile_is_the_lowest_over_heads_and_tokens(ia) -> None:
     ranks = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, float("nan")]])
-    positions = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 0]])
+    positions = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3]])  # head 1's last slot is padding (NaN rank)
     assert ia.percentile(ranks, positions, [1]) == pytest.approx(25.0)  # head 0; head 1 gives 1 of 3 below
-    assert ia.percentile(ranks, positions, [3]) == pytest.approx(75.0)  # head 1's padded slot is no position 3
+    assert ia.percentile(ranks, positions, [3]) == pytest.approx(75.0)  # head 1's padded slot does not count
     assert ia.percentile(ranks, positions, [1, 2]) == pytest.approx(0.0)  # head 1's 0.2 is its lowest
 
 
@@ -49,3 +68,19 @@ def test_answers_are_found_as_they_are_tokenized_in_the_text(ia, smollm2_tokeniz
     pos = ia.answer_positions(tok, ids, "Bergen")
     assert pos and tok.decode([ids[p] for p in pos]).strip() == "Bergen"
     assert ia.answer_positions(tok, ids, "Oslo") == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--ratio", "1"], "--ratio must be > 1"),
+        (["--setups", "kvzip+global:policy.windw=32"], "KVzipPolicy (policy=kvzip) has no field 'windw'"),
+        (["--setups", "tova+global"], "does not compose with budget.allocation='global'"),
+        (["--setups", "lfu-bias+global"], "needs a head-bias file"),
+    ],
+)
+def test_bad_arguments_fail_in_one_line_before_the_model_loads(args, message) -> None:
+    script = Path(__file__).resolve().parents[2] / "scripts" / "inspect_allocation.py"
+    run = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert message in run.stderr
