@@ -97,10 +97,15 @@ def _by_group(per_query_head: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return per_query_head.view(S, num_kv_heads, Hq // num_kv_heads, L)
 
 
+def is_count(value: object) -> bool:
+    """An int >= 0 (not a bool): a token, query or position count in a policy's config."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def check_pool_kernel(kernel: object, field: str) -> None:
     """Raise ``ValueError`` unless ``kernel`` is an odd int >= 1 (1: no pooling): :func:`pool_by_position` pads
-    ``kernel // 2`` on each side, so an even window would yield one score too many and shift them by one."""
-    if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1 or kernel % 2 != 1:
+    ``kernel // 2`` on each side, so an even window would yield one score too many."""
+    if not is_count(kernel) or kernel % 2 != 1:
         raise ValueError(f"{field} must be an odd window of positions >= 1 (1: no pooling), got {kernel!r}")
 
 

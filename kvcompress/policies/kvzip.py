@@ -54,14 +54,9 @@ import torch
 
 from kvcompress.cache.paged import HeadView, PagedKVCache
 from kvcompress.cache.step import PrefillObservation
-from kvcompress.policies.base import Policy, check_pool_kernel, group_max, pool_by_position
+from kvcompress.policies.base import Policy, check_pool_kernel, group_max, is_count, pool_by_position
 
 DEFAULT_INSTRUCTION = "Repeat the previous context exactly."
-
-
-def _is_count(value: object) -> bool:
-    """An int >= 0 (not a bool): a token or query count."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 @dataclass
@@ -88,12 +83,12 @@ class KVzipPolicy(Policy):
 
     def __post_init__(self) -> None:
         k = self.prefix_keep
-        if k is not None and not _is_count(k):
+        if k is not None and not is_count(k):
             raise ValueError(
                 f"kvzip policy.prefix_keep must be null or a token count >= 0 (kvpress keeps 4), "
                 f"got {self.prefix_keep!r}"
             )
-        if not _is_count(self.window):
+        if not is_count(self.window):
             raise ValueError(
                 f"kvzip policy.window must be a count of prompt queries >= 0 (0: only the reconstruction votes), "
                 f"got {self.window!r}"
@@ -137,7 +132,7 @@ class KVzipPolicy(Policy):
         set, template-prefix positions ``< prefix_keep`` get the top rank and the prefix's other positions 0 (they
         are out of the pooling too: a context token next to the prefix does not inherit a sink's score)."""
         if self.prefix_keep is None or not self.prefix_ids:
-            return pool_by_position(view.scores, view.positions, view.valid, self.pool_kernel, "max")
+            return pool_by_position(view.scores, view.positions, view.valid, self.pool_kernel)
         in_prefix = view.positions < len(self.prefix_ids)
         sink = view.positions < self.prefix_keep
         scores = pool_by_position(view.scores.masked_fill(in_prefix, 0.0), view.positions, view.valid, self.pool_kernel)
