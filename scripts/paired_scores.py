@@ -4,6 +4,11 @@ both scored, how many samples A wins and loses against B, and the sign test's p 
 Each side is ``PATH:LABEL``: a results directory (or its rows.jsonl) and a quality_table setup label or a
 compare_kvpress ``side/policy``. A bad label gets the list of labels the file holds.
 
+When both files also hold their full cache's rows (quality_table's ``full`` setup, compare_kvpress's
+``side/full``), a second table splits each cell against them: what each side keeps of its full cache's score
+(each sample capped at the full cache's score) and what it gains above it, with the sign test on the capped
+scores. A cell can be won through gains alone, on samples the full cache misses.
+
     python scripts/paired_scores.py \\
         'docs/results/dev-1k-kvzip-alloc-n20:kvzip+global' \\
         'docs/results/kvpress-dev-1k-kvzip-n20:kvpress/kvzip'
@@ -15,7 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from kvcompress.experiment.paired import load_cells, pair_cells, render
+from kvcompress.experiment.paired import full_cells, kept_pairs, load_cells, pair_cells, render, render_kept
 
 
 def _side(text: str) -> tuple[Path, str]:
@@ -43,6 +48,17 @@ def main(argv: list[str] | None = None) -> int:
         print("paired_scores: the two sides share no (mode, ratio) cell with common sample ids", file=sys.stderr)
         return 2
     print(render(pairs, args.a[1], args.b[1]))
+    try:
+        full_a, full_b = (full_cells(path, label) for path, label in (args.a, args.b))
+        kept = kept_pairs(a, b, full_a, full_b)
+    except ValueError as err:
+        print(f"\n(no split against the full cache: {err})")
+        return 0
+    if args.modes:
+        kept = [k for k in kept if k.capped.mode in args.modes.split(",")]
+    if kept:
+        print("\nAgainst each side's full cache, per sample (kept: capped at the full cache's score):\n")
+        print(render_kept(kept, args.a[1], args.b[1]))
     return 0
 
 

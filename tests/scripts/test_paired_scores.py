@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from kvcompress.experiment.paired import load_cells, pair_cells, render
+from kvcompress.experiment.paired import (
+    cap_at_full,
+    full_cells,
+    kept_pairs,
+    load_cells,
+    pair_cells,
+    render,
+    render_kept,
+)
 
 
 def _write(path: Path, rows: list[dict]) -> Path:
@@ -62,3 +70,60 @@ def test_script_prints_the_table_and_reports_bad_input(script_module, sides, cap
     with pytest.raises(SystemExit):
         ps.main([str(ours), f"{theirs}:kvpress/kvzip"])
     assert "expected PATH:LABEL" in capsys.readouterr().err
+
+
+@pytest.fixture
+def with_full(tmp_path: Path) -> tuple[Path, Path]:
+    """Both formats with their full caches (the same per-sample scores, 100 / 100 / 0 / 50 on s0-s3). At 8x ours
+    scores 100 / 0 / 100 / 50 (gains s2, which full misses; loses s1), kvpress 0 / 100 / 0 / 100 (loses s0; gains
+    half of s3)."""
+    full, ours_8, theirs_8 = [100.0, 100.0, 0.0, 50.0], [100.0, 0.0, 100.0, 50.0], [0.0, 100.0, 0.0, 100.0]
+    ours = [
+        {"setup": setup, "mode": "query_aware", "sample_id": f"s{i}", "ratio": ratio, "score": s}
+        for setup, ratio, scores in (("full", 1.0, full), ("kvzip+global", 8.0, ours_8))
+        for i, s in enumerate(scores)
+    ]
+    theirs = [
+        {
+            "side": "kvpress",
+            "mode": "query_aware",
+            "policy": policy,
+            "ratio": ratio,
+            "predictions": [{"id": f"s{i}", "score": s} for i, s in enumerate(scores)],
+        }
+        for policy, ratio, scores in (("full", 1.0, full), ("kvzip", 8.0, theirs_8))
+    ]
+    return _write(tmp_path / "full-ours", ours), _write(tmp_path / "full-kvpress", theirs)
+
+
+def test_kept_and_gained_split_each_cell_against_its_full_cache(with_full) -> None:
+    ours, theirs = with_full
+    a, b = load_cells(ours, "kvzip+global"), load_cells(theirs, "kvpress/kvzip")
+    full_a, full_b = full_cells(ours, "kvzip+global"), full_cells(theirs, "kvpress/kvzip")
+    assert full_a == full_b == {("query_aware", 1.0): {"s0": 100.0, "s1": 100.0, "s2": 0.0, "s3": 50.0}}
+    assert cap_at_full(a, full_a)[("query_aware", 8.0)] == {"s0": 100.0, "s1": 0.0, "s2": 0.0, "s3": 50.0}
+    (cell,) = kept_pairs(a, b, full_a, full_b)
+    # ours keeps 150 of full's 250 points and gains 100; kvpress keeps 150 and gains 50: level on the raw means'
+    # kept part, the capped sign test 1 / 1 (s0 ahead, s1 behind; s2 and s3 tie once capped).
+    assert (cell.kept_a, cell.gained_a, cell.kept_b, cell.gained_b) == pytest.approx((60.0, 40.0, 60.0, 20.0))
+    assert (cell.capped.ratio, cell.capped.n, cell.capped.ahead, cell.capped.behind) == (8.0, 4, 1, 1)
+    assert "| query_aware | 8 | 4 | 60% / +40% | 60% / +20% | 1 / 1 | 1.00 |" in render_kept([cell], "a", "b")
+
+
+def test_cap_needs_the_modes_full_cache(with_full) -> None:
+    ours, _ = with_full
+    cells = load_cells(ours, "kvzip+global")
+    with pytest.raises(ValueError, match="no full-cache scores for mode 'query_aware' to cap the 8x cell at"):
+        cap_at_full(cells, {("query_agnostic", 1.0): {"s0": 100.0}})
+
+
+def test_script_adds_the_split_when_both_files_hold_a_full_cache(script_module, with_full, sides, capsys) -> None:
+    ps = script_module("paired_scores")
+    ours, theirs = with_full
+    assert ps.main([f"{ours}:kvzip+global", f"{theirs}:kvpress/kvzip"]) == 0
+    out = capsys.readouterr().out
+    assert "| query_aware | 8 | 4 | 62.5 | 50.0 | 2 / 2 | 1.00 |" in out
+    assert "| query_aware | 8 | 4 | 60% / +40% | 60% / +20% | 1 / 1 | 1.00 |" in out
+    old_ours, old_theirs = sides  # the kvpress file there holds no kvpress/full rows
+    assert ps.main([f"{old_ours}:kvzip+global", f"{old_theirs}:kvpress/kvzip"]) == 0
+    assert "no split against the full cache: " in capsys.readouterr().out
