@@ -27,13 +27,12 @@ from pathlib import Path
 
 import torch
 
-from kvcompress.allocators import build_allocator
 from kvcompress.budget import Budget
 from kvcompress.compressor import Compressor
 from kvcompress.engine import Engine, peak_tokens
 from kvcompress.experiment.policy_config import load_policy
 from kvcompress.experiment.prompts import bind_tokenizer, build_prompt
-from kvcompress.experiment.setups import SETUPS, resolve_setup, split_setups
+from kvcompress.experiment.setups import SETUPS, check_setup, resolve_setup, split_setups
 from kvcompress.generate import as_request
 from kvcompress.model import load_model
 from kvcompress.model_runner import paged_attention
@@ -153,18 +152,16 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     rows_path = out / "rows.jsonl"
     done = set()
     if rows_path.exists():
         done = {(r["setup"], r["mode"], r["sample_id"]) for r in map(json.loads, rows_path.read_text().splitlines())}
     try:  # bad setups fail before the model loads
         wanted = [resolve_setup(name) for name in split_setups(args.setups)]
-        for label, pol, alloc, overrides, allocator_args in wanted:
-            build_allocator(alloc, allocator_args)
-            load_policy(pol, **overrides)
-            if "head_bias" in overrides and not args.head_bias:
-                raise ValueError(f"setup {label!r} needs --head-bias FILE.npz (scripts/calibrate_head_bias.py)")
+        for setup in wanted:
+            if "head_bias" in setup[3] and not args.head_bias:
+                raise ValueError(f"setup {setup[0]!r} needs --head-bias FILE.npz (scripts/calibrate_head_bias.py)")
+            check_setup(*setup)
         if args.head_bias:
             HeadBias.load(args.head_bias)
             with_bias = {"head_bias": args.head_bias}
@@ -172,10 +169,11 @@ def main() -> None:
     except (ValueError, FileNotFoundError) as err:
         ap.error(str(err))
     wanted.append(("full", "full", "uniform", {}, {}))
+    out.mkdir(parents=True, exist_ok=True)
+    if args.task == "jsonl" and not args.path:
+        ap.error("--task jsonl needs --path FILE.jsonl")
     lm = load_model("smollm2")
     if args.task == "jsonl":
-        if not args.path:
-            ap.error("--task jsonl needs --path FILE.jsonl")
         samples = spread(build_task("jsonl", path=args.path, tokenizer=lm.tokenizer).samples(), args.samples)
     else:
         task = build_task(args.task, tokenizer=lm.tokenizer, n_samples=args.samples, target_tokens=args.tokens)

@@ -13,7 +13,9 @@ import yaml
 from omegaconf import OmegaConf
 
 from kvcompress.allocators import ALLOCATORS
-from kvcompress.experiment.policy_config import config_dir, policy_names
+from kvcompress.budget import Budget
+from kvcompress.compressor import Compressor
+from kvcompress.experiment.policy_config import config_dir, load_policy, policy_names
 
 # (label, policy config, allocation)
 SETUPS = [
@@ -100,3 +102,13 @@ def resolve_setup(name: str) -> tuple[str, str, str, dict, dict]:
         else:
             allocator_args[key] = yaml.safe_load(value)
     return name, policy, allocation, overrides, allocator_args
+
+
+def check_setup(label: str, policy: str, allocation: str, overrides: dict, allocator_args: dict) -> None:
+    """Build a :func:`resolve_setup` result's policy and compressor once, so that an unknown policy field, a bad
+    allocator argument or an allocation the policy does not compose with (``tova+global``) fails before a script
+    loads the model rather than when its run reaches the setup. Raises ``ValueError`` naming the setup."""
+    try:
+        Compressor(load_policy(policy, **overrides), Budget(allocation=allocation, allocator_args=allocator_args))
+    except ValueError as err:
+        raise ValueError(f"setup {label!r}: {err}") from None

@@ -46,14 +46,30 @@ def test_setups_carry_policy_fields() -> None:
         setups.resolve_setup("kvzip+global:policy.=4")
 
 
-def test_an_unknown_policy_field_fails_before_the_model_loads(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("kvzip+global:policy.prefix_kep=4", "KVzipPolicy (policy=kvzip) has no field 'prefix_kep'; its fields: "),
+        ("tova+global", "setup 'tova+global': policy TOVAPolicy does not compose with budget.allocation='global'"),
+        ("lfu+global:flor=2", "setup 'lfu+global:flor=2': budget.allocator_args: allocation 'global' has no field"),
+    ],
+)
+def test_a_setup_that_cannot_run_fails_before_the_model_loads(tmp_path: Path, setup: str, message: str) -> None:
     script = Path(__file__).resolve().parents[2] / "scripts" / "quality_table.py"
+    out = tmp_path / "out"
     run = subprocess.run(
-        [sys.executable, str(script), "--out", str(tmp_path), "--setups", "kvzip+global:policy.prefix_kep=4"],
+        [sys.executable, str(script), "--out", str(out), "--setups", setup],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert run.returncode == 2 and "Traceback" not in run.stderr
-    assert "KVzipPolicy (policy=kvzip) has no field 'prefix_kep'; its fields: " in run.stderr
-    assert not (tmp_path / "rows.jsonl").exists()
+    assert message in run.stderr
+    assert not out.exists(), "nothing is written for a run that cannot start"
+
+
+def test_check_setup_accepts_what_composes() -> None:
+    setups.check_setup(*setups.resolve_setup("kvzip+global:policy.window=32"))
+    setups.check_setup(*setups.resolve_setup("tova"))
+    with pytest.raises(ValueError, match="setup 'tova\\+adakv': policy TOVAPolicy does not compose"):
+        setups.check_setup(*setups.resolve_setup("tova+adakv"))
