@@ -30,6 +30,7 @@ import torch
 from kvcompress.budget import Budget
 from kvcompress.compressor import Compressor
 from kvcompress.engine import Engine, peak_tokens
+from kvcompress.experiment.paired import cap_at_full, load_cells
 from kvcompress.experiment.policy_config import load_policy
 from kvcompress.experiment.prompts import bind_tokenizer, build_prompt
 from kvcompress.experiment.setups import SETUPS, check_setup, resolve_setup, split_setups
@@ -211,20 +212,29 @@ def main() -> None:
 
 
 def write_table(rows_path: Path, table_path: Path, ratios: list[float]) -> None:
+    """Markdown table of every setup's mean score per mode and ratio: the score, its % of the full cache's and the
+    % of the full cache's score it *kept* (each sample capped at its full-cache score; the rest of the % of full
+    was gained on samples the full cache misses), and the mean logical / physical compression."""
     rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
     agg: dict[tuple, list] = defaultdict(list)
     for r in rows:
         agg[(r["mode"], r["setup"], r["ratio"])].append(r)
+    try:
+        full_cells = load_cells(rows_path, "full")
+    except ValueError:  # no full-cache rows yet: no % of full either
+        full_cells = {}
     lines = []
     for mode in sorted({r["mode"] for r in rows}):
-        full = agg.get((mode, "full", 1.0), [])
-        full_score = sum(r["score"] for r in full) / max(len(full), 1)
+        full = full_cells.get((mode, 1.0), {})
+        full_score = sum(full.values()) / max(len(full), 1)
         lines += [
             f"\n### {mode} (full cache: {full_score:.1f}, n={len(full)})\n",
-            "| policy | " + " | ".join(f"{r:g}x score (% full) [logical/physical]" for r in ratios) + " |",
+            "| policy | " + " | ".join(f"{r:g}x score (% full, kept) [logical/physical]" for r in ratios) + " |",
             "|---|" + "---|" * len(ratios),
         ]
         for setup in sorted({r["setup"] for r in rows if r["mode"] == mode} - {"full"}):
+            own = {key: cell for key, cell in load_cells(rows_path, setup).items() if key[0] == mode}
+            capped = cap_at_full(own, full_cells) if full else {}
             cells = []
             for ratio in ratios:
                 rs = agg.get((mode, setup, ratio), [])
@@ -234,7 +244,10 @@ def write_table(rows_path: Path, table_path: Path, ratios: list[float]) -> None:
                 s = sum(r["score"] for r in rs) / len(rs)
                 lg = sum(r["logical"] for r in rs) / len(rs)
                 ph = sum(r["physical"] for r in rs) / len(rs)
+                kept = capped.get((mode, ratio), {})
+                of_full = sum(full[i] for i in kept)
                 pct = f"{100 * s / full_score:.0f}%" if full_score else "n/a"
+                pct += f", kept {100 * sum(kept.values()) / of_full:.0f}%" if of_full else ""
                 cells.append(f"{s:.0f} ({pct}) [{lg:.1f}/{ph:.1f}]")
             lines.append(f"| {setup} | " + " | ".join(cells) + " |")
     table_path.write_text("\n".join(lines) + "\n")

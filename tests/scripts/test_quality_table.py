@@ -1,0 +1,39 @@
+"""scripts/quality_table.py's table: each cell's % of full, and what of the full cache's score it kept."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _row(setup: str, sample: str, ratio: float, score: float) -> dict:
+    return {
+        "setup": setup,
+        "mode": "query_aware",
+        "sample_id": sample,
+        "ratio": ratio,
+        "score": score,
+        "logical": ratio,
+        "physical": ratio,
+    }
+
+
+def test_table_splits_the_percent_of_full_into_what_was_kept(script_module, tmp_path: Path) -> None:
+    qt = script_module("quality_table")
+    # full answers s0 and s1 only; at 8x the setup loses s1 and answers s2 and s3, which full misses.
+    rows = [_row("full", f"s{i}", 1.0, s) for i, s in enumerate([100.0, 100.0, 0.0, 0.0])]
+    rows += [_row("kvzip+global", f"s{i}", 8.0, s) for i, s in enumerate([100.0, 0.0, 100.0, 100.0])]
+    rows_path = tmp_path / "rows.jsonl"
+    rows_path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    qt.write_table(rows_path, tmp_path / "table.md", [8.0, 16.0])
+    table = (tmp_path / "table.md").read_text()
+    assert "### query_aware (full cache: 50.0, n=4)" in table
+    assert "| kvzip+global | 75 (150%, kept 50%) [8.0/8.0] | - |" in table
+
+
+def test_table_without_full_rows_gives_scores_only(script_module, tmp_path: Path) -> None:
+    qt = script_module("quality_table")
+    rows_path = tmp_path / "rows.jsonl"
+    rows_path.write_text(json.dumps(_row("tova", "s0", 4.0, 100.0)) + "\n", encoding="utf-8")
+    qt.write_table(rows_path, tmp_path / "table.md", [4.0])
+    assert "| tova | 100 (n/a) [4.0/4.0] |" in (tmp_path / "table.md").read_text()
