@@ -150,10 +150,24 @@ def main() -> None:
     ap.add_argument("--max-seqs", type=int, default=8, help="sequences the engine runs at once (forks included)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for the 135M model)")
     ap.add_argument("--head-bias", help="head-bias .npz for lfu-bias+global (scripts/calibrate_head_bias.py)")
+    ap.add_argument(
+        "--table-only",
+        action="store_true",
+        help="rewrite OUT/table.md from OUT/rows.jsonl for --ratios and exit (runs nothing)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     rows_path = out / "rows.jsonl"
+    try:
+        ratios = [float(r) for r in args.ratios.split(",")]
+    except ValueError:
+        ap.error(f"--ratios takes comma-separated numbers, got {args.ratios!r}")
+    if args.table_only:
+        if not rows_path.is_file():
+            ap.error(f"--table-only: no {rows_path} to build the table from")
+        write_table(rows_path, out / "table.md", ratios)
+        return
     done = set()
     if rows_path.exists():
         done = {(r["setup"], r["mode"], r["sample_id"]) for r in map(json.loads, rows_path.read_text().splitlines())}
@@ -180,7 +194,6 @@ def main() -> None:
         task = build_task(args.task, tokenizer=lm.tokenizer, n_samples=args.samples, target_tokens=args.tokens)
         samples = task.samples()
     samples = samples[: args.first]
-    ratios = [float(r) for r in args.ratios.split(",")]
     t0 = time.perf_counter()
     with rows_path.open("a") as f:
         for mode in args.modes.split(","):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 
@@ -37,3 +39,15 @@ def test_table_without_full_rows_gives_scores_only(script_module, tmp_path: Path
     rows_path.write_text(json.dumps(_row("tova", "s0", 4.0, 100.0)) + "\n", encoding="utf-8")
     qt.write_table(rows_path, tmp_path / "table.md", [4.0])
     assert "| tova | 100 (n/a) [4.0/4.0] |" in (tmp_path / "table.md").read_text()
+
+
+def test_table_only_rewrites_the_table_without_running(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parents[2] / "scripts" / "quality_table.py"
+    rows = [_row("full", "s0", 1.0, 100.0), _row("tova", "s0", 4.0, 0.0)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    cmd = [sys.executable, str(script), "--out", str(tmp_path), "--ratios", "4", "--table-only"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "| tova | 0 (0%, kept 0%) [4.0/4.0] |" in (tmp_path / "table.md").read_text()
+    missing = subprocess.run([*cmd[:3], str(tmp_path / "none"), *cmd[4:]], capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "--table-only: no " in missing.stderr and "Traceback" not in missing.stderr
