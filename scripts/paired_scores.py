@@ -20,7 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from kvcompress.experiment.paired import full_cells, kept_pairs, load_cells, pair_cells, render, render_kept
+from kvcompress.experiment.paired import full_cells, load_cells, pair_cells, render, render_retained, retained_pairs
 
 
 def _side(text: str) -> tuple[Path, str]:
@@ -50,15 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     print(render(pairs, args.a[1], args.b[1]))
     try:
         full_a, full_b = (full_cells(path, label) for path, label in (args.a, args.b))
-        kept = kept_pairs(a, b, full_a, full_b)
+        retained = retained_pairs(a, b, full_a, full_b)
     except ValueError as err:
         print(f"\n(no split against the full cache: {err})")
         return 0
     if args.modes:
-        kept = [k for k in kept if k.capped.mode in args.modes.split(",")]
-    if kept:
-        print("\nAgainst each side's full cache, per sample (kept: capped at the full cache's score):\n")
-        print(render_kept(kept, args.a[1], args.b[1]))
+        retained = [k for k in retained if k.capped.mode in args.modes.split(",")]
+    if retained:
+        print("\nAgainst each side's full cache, per sample (retained: capped at the full cache's score):\n")
+        print(render_retained(retained, args.a[1], args.b[1]))
     return 0
 
 

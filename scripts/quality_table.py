@@ -226,7 +226,7 @@ def main() -> None:
 
 def write_table(rows_path: Path, table_path: Path, ratios: list[float]) -> None:
     """Markdown table of every setup's mean score per mode and ratio: the score, its % of the full cache's and the
-    % of the full cache's score it *kept* (each sample capped at its full-cache score; the rest of the % of full
+    % of the full cache's score it *retained* (each sample capped at its full-cache score; the rest of the % of full
     was gained on samples the full cache misses), and the mean logical / physical compression."""
     rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
     agg: dict[tuple, list] = defaultdict(list)
@@ -242,7 +242,7 @@ def write_table(rows_path: Path, table_path: Path, ratios: list[float]) -> None:
         full_score = sum(full.values()) / max(len(full), 1)
         lines += [
             f"\n### {mode} (full cache: {full_score:.1f}, n={len(full)})\n",
-            "| policy | " + " | ".join(f"{r:g}x score (% full, kept) [logical/physical]" for r in ratios) + " |",
+            "| policy | " + " | ".join(f"{r:g}x score (% full, retained) [logical/physical]" for r in ratios) + " |",
             "|---|" + "---|" * len(ratios),
         ]
         for setup in sorted({r["setup"] for r in rows if r["mode"] == mode} - {"full"}):
@@ -257,10 +257,10 @@ def write_table(rows_path: Path, table_path: Path, ratios: list[float]) -> None:
                 s = sum(r["score"] for r in rs) / len(rs)
                 lg = sum(r["logical"] for r in rs) / len(rs)
                 ph = sum(r["physical"] for r in rs) / len(rs)
-                kept = capped.get((mode, ratio), {})
-                of_full = sum(full[i] for i in kept)
+                mine = capped.get((mode, ratio), {})
+                of_full = sum(full[i] for i in mine)
                 pct = f"{100 * s / full_score:.0f}%" if full_score else "n/a"
-                pct += f", kept {100 * sum(kept.values()) / of_full:.0f}%" if of_full else ""
+                pct += f", retained {100 * sum(mine.values()) / of_full:.0f}%" if of_full else ""
                 cells.append(f"{s:.0f} ({pct}) [{lg:.1f}/{ph:.1f}]")
             lines.append(f"| {setup} | " + " | ".join(cells) + " |")
     table_path.write_text("\n".join(lines) + "\n")

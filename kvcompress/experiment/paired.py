@@ -11,7 +11,7 @@ behind every "ahead / behind, p" figure in docs/RESULTS.md. It reads both result
 
 A compressed run can also score *above* its full cache, on samples the full cache misses (SmolLM2 loops on some
 passkeys with the whole context in view). Such gains count in the mean like any other point, so two setups can
-differ in score only through them. :func:`kept_pairs` separates the two: each sample's score capped at the same
+differ in score only through them. :func:`retained_pairs` separates the two: each sample's score capped at the same
 side's full-cache score is what the compression keeps of the full cache's answers, and what lies above the cap is
 gained; they sum to the usual % of full.
 """
@@ -101,17 +101,17 @@ def pair_cells(a: Cells, b: Cells) -> list[Pair]:
 
 
 @dataclass(frozen=True)
-class Kept:
+class Retained:
     """One (mode, ratio) cell split against each side's own full cache (ratio 1, same mode, same file), over the
-    samples both sides and both full caches scored. ``kept_*``: the sum over samples of min(score, full score), in
+    samples both sides and both full caches scored. ``retained_*``: the sum over samples of min(score, full score), in
     % of the full cache's summed score (at most 100); ``gained_*``: what the side scores above its full cache, in
-    the same unit; kept + gained is the cell's % of full. ``capped`` pairs the capped scores sample by sample (its
+    the same unit; retained + gained is the cell's % of full. ``capped`` pairs the capped scores sample by sample (its
     means are the capped means, its ahead / behind and p the sign test on them)."""
 
     capped: Pair
-    kept_a: float
+    retained_a: float
     gained_a: float
-    kept_b: float
+    retained_b: float
     gained_b: float
 
 
@@ -137,8 +137,8 @@ def cap_at_full(cells: Cells, full: Cells) -> Cells:
     return capped
 
 
-def kept_pairs(a: Cells, b: Cells, full_a: Cells, full_b: Cells) -> list[Kept]:
-    """One :class:`Kept` per compressed (mode, ratio) cell both sides hold, over the sample ids all four hold;
+def retained_pairs(a: Cells, b: Cells, full_a: Cells, full_b: Cells) -> list[Retained]:
+    """One :class:`Retained` per compressed (mode, ratio) cell both sides hold, over the sample ids all four hold;
     cells whose full caches score nothing there are left out (no % of zero)."""
     cap_a, cap_b = cap_at_full(a, full_a), cap_at_full(b, full_b)
     out = []
@@ -148,25 +148,25 @@ def kept_pairs(a: Cells, b: Cells, full_a: Cells, full_b: Cells) -> list[Kept]:
         sum_a, sum_b = (sum(full[(capped.mode, 1.0)][i] for i in common) for full in (full_a, full_b))
         if capped.ratio == 1.0 or not (sum_a and sum_b):
             continue
-        kept_a, kept_b = capped.mean_a * capped.n / sum_a * 100, capped.mean_b * capped.n / sum_b * 100
-        gained_a = 100 * sum(a[key][i] for i in common) / sum_a - kept_a
-        gained_b = 100 * sum(b[key][i] for i in common) / sum_b - kept_b
-        out.append(Kept(capped, kept_a, gained_a, kept_b, gained_b))
+        retained_a, retained_b = capped.mean_a * capped.n / sum_a * 100, capped.mean_b * capped.n / sum_b * 100
+        gained_a = 100 * sum(a[key][i] for i in common) / sum_a - retained_a
+        gained_b = 100 * sum(b[key][i] for i in common) / sum_b - retained_b
+        out.append(Retained(capped, retained_a, gained_a, retained_b, gained_b))
     return out
 
 
-def render_kept(cells: list[Kept], name_a: str, name_b: str) -> str:
-    """Markdown table of ``cells``: per side what it kept of its full cache's score and what it gained above it
+def render_retained(cells: list[Retained], name_a: str, name_b: str) -> str:
+    """Markdown table of ``cells``: per side what it retained of its full cache's score and what it gained above it
     (% of full), then the sign test on the capped scores, and the totals over every cell."""
     lines = [
-        f"| mode | ratio | n | {name_a} kept / gained (% of full) | {name_b} kept / gained (% of full) "
+        f"| mode | ratio | n | {name_a} retained / gained (% of full) | {name_b} retained / gained (% of full) "
         "| ahead / behind, capped | p |",
         "|---|---:|---:|---:|---:|---|---:|",
     ]
     for k in cells:
         c = k.capped
         lines.append(
-            f"| {c.mode} | {c.ratio:g} | {c.n} | {k.kept_a:.0f}% / {k.gained_a:+.0f}% | {k.kept_b:.0f}% / "
+            f"| {c.mode} | {c.ratio:g} | {c.n} | {k.retained_a:.0f}% / {k.gained_a:+.0f}% | {k.retained_b:.0f}% / "
             f"{k.gained_b:+.0f}% | {c.ahead} / {c.behind} | {c.p:.2f} |"
         )
     ahead, behind = sum(k.capped.ahead for k in cells), sum(k.capped.behind for k in cells)

@@ -10,11 +10,11 @@ import pytest
 from kvcompress.experiment.paired import (
     cap_at_full,
     full_cells,
-    kept_pairs,
     load_cells,
     pair_cells,
     render,
-    render_kept,
+    render_retained,
+    retained_pairs,
 )
 
 
@@ -96,18 +96,18 @@ def with_full(tmp_path: Path) -> tuple[Path, Path]:
     return _write(tmp_path / "full-ours", ours), _write(tmp_path / "full-kvpress", theirs)
 
 
-def test_kept_and_gained_split_each_cell_against_its_full_cache(with_full) -> None:
+def test_retained_and_gained_split_each_cell_against_its_full_cache(with_full) -> None:
     ours, theirs = with_full
     a, b = load_cells(ours, "kvzip+global"), load_cells(theirs, "kvpress/kvzip")
     full_a, full_b = full_cells(ours, "kvzip+global"), full_cells(theirs, "kvpress/kvzip")
     assert full_a == full_b == {("query_aware", 1.0): {"s0": 100.0, "s1": 100.0, "s2": 0.0, "s3": 50.0}}
     assert cap_at_full(a, full_a)[("query_aware", 8.0)] == {"s0": 100.0, "s1": 0.0, "s2": 0.0, "s3": 50.0}
-    (cell,) = kept_pairs(a, b, full_a, full_b)
+    (cell,) = retained_pairs(a, b, full_a, full_b)
     # ours keeps 150 of full's 250 points and gains 100; kvpress keeps 150 and gains 50: level on the raw means'
-    # kept part, the capped sign test 1 / 1 (s0 ahead, s1 behind; s2 and s3 tie once capped).
-    assert (cell.kept_a, cell.gained_a, cell.kept_b, cell.gained_b) == pytest.approx((60.0, 40.0, 60.0, 20.0))
+    # retained part, the capped sign test 1 / 1 (s0 ahead, s1 behind; s2 and s3 tie once capped).
+    assert (cell.retained_a, cell.gained_a, cell.retained_b, cell.gained_b) == pytest.approx((60.0, 40.0, 60.0, 20.0))
     assert (cell.capped.ratio, cell.capped.n, cell.capped.ahead, cell.capped.behind) == (8.0, 4, 1, 1)
-    assert "| query_aware | 8 | 4 | 60% / +40% | 60% / +20% | 1 / 1 | 1.00 |" in render_kept([cell], "a", "b")
+    assert "| query_aware | 8 | 4 | 60% / +40% | 60% / +20% | 1 / 1 | 1.00 |" in render_retained([cell], "a", "b")
 
 
 def test_cap_needs_the_modes_full_cache(with_full) -> None:

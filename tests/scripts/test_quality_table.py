@@ -1,4 +1,4 @@
-"""scripts/quality_table.py's table: each cell's % of full, and what of the full cache's score it kept."""
+"""scripts/quality_table.py's table: each cell's % of full, and what of the full cache's score it retained."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def _row(setup: str, sample: str, ratio: float, score: float) -> dict:
     }
 
 
-def test_table_splits_the_percent_of_full_into_what_was_kept(script_module, tmp_path: Path) -> None:
+def test_table_splits_the_percent_of_full_into_what_was_retained(script_module, tmp_path: Path) -> None:
     qt = script_module("quality_table")
     # full answers s0 and s1 only; at 8x the setup loses s1 and answers s2 and s3, which full misses.
     rows = [_row("full", f"s{i}", 1.0, s) for i, s in enumerate([100.0, 100.0, 0.0, 0.0])]
@@ -30,7 +30,7 @@ def test_table_splits_the_percent_of_full_into_what_was_kept(script_module, tmp_
     qt.write_table(rows_path, tmp_path / "table.md", [8.0, 16.0])
     table = (tmp_path / "table.md").read_text()
     assert "### query_aware (full cache: 50.0, n=4)" in table
-    assert "| kvzip+global | 75 (150%, kept 50%) [8.0/8.0] | - |" in table
+    assert "| kvzip+global | 75 (150%, retained 50%) [8.0/8.0] | - |" in table
 
 
 def test_table_without_full_rows_gives_scores_only(script_module, tmp_path: Path) -> None:
@@ -48,6 +48,6 @@ def test_table_only_rewrites_the_table_without_running(tmp_path: Path) -> None:
     cmd = [sys.executable, str(script), "--out", str(tmp_path), "--ratios", "4", "--table-only"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    assert "| tova | 0 (0%, kept 0%) [4.0/4.0] |" in (tmp_path / "table.md").read_text()
+    assert "| tova | 0 (0%, retained 0%) [4.0/4.0] |" in (tmp_path / "table.md").read_text()
     missing = subprocess.run([*cmd[:3], str(tmp_path / "none"), *cmd[4:]], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "--table-only: no " in missing.stderr and "Traceback" not in missing.stderr
