@@ -6,8 +6,8 @@ compare_kvpress ``side/policy``. A bad label gets the list of labels the file ho
 
 When both files also hold their full cache's rows (quality_table's ``full`` setup, compare_kvpress's
 ``side/full``), a second table splits each cell against them: what each side keeps of its full cache's score
-(each sample capped at the full cache's score) and what it gains above it, with the sign test on the capped
-scores. A cell can be won through gains alone, on samples the full cache misses.
+(each sample capped at the full cache's score) and what it gains above it, with the sign test on each sample's
+loss against its own full cache. A cell can be won through gains alone, on samples the full cache misses.
 
     python scripts/paired_scores.py \\
         'docs/results/dev-1k-kvzip-alloc-n20:kvzip+global' \\
@@ -41,9 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"paired_scores: {err}", file=sys.stderr)
         return 2
-    pairs = pair_cells(a, b)
     if args.modes:
-        pairs = [p for p in pairs if p.mode in args.modes.split(",")]
+        modes = args.modes.split(",")
+        a, b = ({key: cell for key, cell in side.items() if key[0] in modes} for side in (a, b))
+    pairs = pair_cells(a, b)
     if not pairs:
         print("paired_scores: the two sides share no (mode, ratio) cell with common sample ids", file=sys.stderr)
         return 2
@@ -54,11 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"\n(no split against the full cache: {err})")
         return 0
-    if args.modes:
-        retained = [k for k in retained if k.capped.mode in args.modes.split(",")]
     if retained:
         print("\nAgainst each side's full cache, per sample (retained: capped at the full cache's score):\n")
         print(render_retained(retained, args.a[1], args.b[1]))
+    else:
+        print("\n(no split against the full cache: no compressed cell has full-cache rows of its mode on both sides)")
     return 0
 
 

@@ -30,7 +30,7 @@ import torch
 from kvcompress.budget import Budget
 from kvcompress.compressor import Compressor
 from kvcompress.engine import Engine, peak_tokens
-from kvcompress.experiment.paired import cap_at_full, load_cells
+from kvcompress.experiment.paired import load_cells
 from kvcompress.experiment.policy_config import load_policy
 from kvcompress.experiment.prompts import bind_tokenizer, build_prompt
 from kvcompress.experiment.setups import SETUPS, check_setup, resolve_setup, split_setups
@@ -137,7 +137,9 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=3)
     ap.add_argument("--first", type=int, default=None, help="run only the first N samples (ids stay stable)")
     ap.add_argument("--tokens", type=int, default=1000)
-    ap.add_argument("--ratios", default="2,4,8,16")
+    ap.add_argument(
+        "--ratios", default=None, help="comma-separated, default 2,4,8,16 (--table-only: the ratios in the rows)"
+    )
     ap.add_argument("--protected", type=int, default=16)
     ap.add_argument(
         "--protected-fraction",
@@ -153,24 +155,28 @@ def main() -> None:
     ap.add_argument(
         "--table-only",
         action="store_true",
-        help="rewrite OUT/table.md from OUT/rows.jsonl for --ratios and exit (runs nothing)",
+        help="rewrite OUT/table.md from OUT/rows.jsonl and exit (runs nothing)",
     )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     rows_path = out / "rows.jsonl"
     try:
-        ratios = [float(r) for r in args.ratios.split(",")]
+        ratios = [float(r) for r in (args.ratios or "2,4,8,16").split(",")]
     except ValueError:
         ap.error(f"--ratios takes comma-separated numbers, got {args.ratios!r}")
+    try:
+        rows = read_rows(rows_path) if rows_path.exists() else []
+    except ValueError as err:
+        ap.error(str(err))
     if args.table_only:
-        if not rows_path.is_file():
-            ap.error(f"--table-only: no {rows_path} to build the table from")
+        if not rows:
+            ap.error(f"--table-only: no rows in {rows_path} to build the table from")
+        if args.ratios is None:
+            ratios = sorted({float(r["ratio"]) for r in rows} - {1.0})
         write_table(rows_path, out / "table.md", ratios)
         return
-    done = set()
-    if rows_path.exists():
-        done = {(r["setup"], r["mode"], r["sample_id"]) for r in map(json.loads, rows_path.read_text().splitlines())}
+    done = {(r["setup"], r["mode"], r["sample_id"]) for r in rows}
     try:  # bad setups fail before the model loads
         wanted = [resolve_setup(name) for name in split_setups(args.setups)]
         for setup in wanted:
@@ -184,9 +190,9 @@ def main() -> None:
     except (ValueError, FileNotFoundError) as err:
         ap.error(str(err))
     wanted.append(("full", "full", "uniform", {}, {}))
-    out.mkdir(parents=True, exist_ok=True)
     if args.task == "jsonl" and not args.path:
         ap.error("--task jsonl needs --path FILE.jsonl")
+    out.mkdir(parents=True, exist_ok=True)
     lm = load_model("smollm2")
     if args.task == "jsonl":
         samples = spread(build_task("jsonl", path=args.path, tokenizer=lm.tokenizer).samples(), args.samples)
@@ -224,11 +230,28 @@ def main() -> None:
     write_table(rows_path, out / "table.md", ratios)
 
 
+def read_rows(rows_path: Path) -> list[dict]:
+    """The rows of a quality_table ``rows.jsonl``; ``ValueError`` naming the first line that is not one (a blank
+    line, broken JSON, another script's rows)."""
+    rows = []
+    for n, line in enumerate(rows_path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{rows_path}:{n}: not JSON ({err.msg})") from None
+        missing = {"setup", "mode", "sample_id", "ratio", "score"} - set(row) if isinstance(row, dict) else {"all"}
+        if missing:
+            raise ValueError(f"{rows_path}:{n}: not a quality_table row (missing {', '.join(sorted(missing))})")
+        rows.append(row)
+    return rows
+
+
 def write_table(rows_path: Path, table_path: Path, ratios: list[float]) -> None:
-    """Markdown table of every setup's mean score per mode and ratio: the score, its % of the full cache's and the
-    % of the full cache's score it *retained* (each sample capped at its full-cache score; the rest of the % of full
-    was gained on samples the full cache misses), and the mean logical / physical compression."""
-    rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
+    """Markdown table of every setup's mean score per mode and ratio: the score; its % of the full cache's score
+    and the % it *retained* (each sample capped at its full-cache score; the rest of the % of full was gained on
+    samples the full cache misses), both over the samples the full cache scored too; and the mean logical /
+    physical compression."""
+    rows = read_rows(rows_path)
     agg: dict[tuple, list] = defaultdict(list)
     for r in rows:
         agg[(r["mode"], r["setup"], r["ratio"])].append(r)
@@ -246,8 +269,6 @@ def write_table(rows_path: Path, table_path: Path, ratios: list[float]) -> None:
             "|---|" + "---|" * len(ratios),
         ]
         for setup in sorted({r["setup"] for r in rows if r["mode"] == mode} - {"full"}):
-            own = {key: cell for key, cell in load_cells(rows_path, setup).items() if key[0] == mode}
-            capped = cap_at_full(own, full_cells) if full else {}
             cells = []
             for ratio in ratios:
                 rs = agg.get((mode, setup, ratio), [])
@@ -255,12 +276,15 @@ def write_table(rows_path: Path, table_path: Path, ratios: list[float]) -> None:
                     cells.append("-")
                     continue
                 s = sum(r["score"] for r in rs) / len(rs)
-                lg = sum(r["logical"] for r in rs) / len(rs)
-                ph = sum(r["physical"] for r in rs) / len(rs)
-                mine = capped.get((mode, ratio), {})
-                of_full = sum(full[i] for i in mine)
-                pct = f"{100 * s / full_score:.0f}%" if full_score else "n/a"
-                pct += f", retained {100 * sum(mine.values()) / of_full:.0f}%" if of_full else ""
+                lg = sum(r.get("logical", ratio) for r in rs) / len(rs)
+                ph = sum(r.get("physical", ratio) for r in rs) / len(rs)
+                both = {r["sample_id"]: r["score"] for r in rs if r["sample_id"] in full}
+                of_full = sum(full[i] for i in both)
+                if of_full:
+                    pct = f"{100 * sum(both.values()) / of_full:.0f}%"
+                    pct += f", retained {100 * sum(min(v, full[i]) for i, v in both.items()) / of_full:.0f}%"
+                else:
+                    pct = "n/a"
                 cells.append(f"{s:.0f} ({pct}) [{lg:.1f}/{ph:.1f}]")
             lines.append(f"| {setup} | " + " | ".join(cells) + " |")
     table_path.write_text("\n".join(lines) + "\n")

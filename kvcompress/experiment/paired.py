@@ -12,8 +12,9 @@ behind every "ahead / behind, p" figure in docs/RESULTS.md. It reads both result
 A compressed run can also score *above* its full cache, on samples the full cache misses (SmolLM2 loops on some
 passkeys with the whole context in view). Such gains count in the mean like any other point, so two setups can
 differ in score only through them. :func:`retained_pairs` separates the two: each sample's score capped at the same
-side's full-cache score is what the compression keeps of the full cache's answers, and what lies above the cap is
-gained; they sum to the usual % of full.
+side's full-cache score is what the compression retained of the full cache's answers, and what lies above the cap
+is gained; they sum to the usual % of full. Its sign test counts, per sample, which side lost less of its own full
+cache's score.
 """
 
 from __future__ import annotations
@@ -105,10 +106,12 @@ class Retained:
     """One (mode, ratio) cell split against each side's own full cache (ratio 1, same mode, same file), over the
     samples both sides and both full caches scored. ``retained_*``: the sum over samples of min(score, full score), in
     % of the full cache's summed score (at most 100); ``gained_*``: what the side scores above its full cache, in
-    the same unit; retained + gained is the cell's % of full. ``capped`` pairs the capped scores sample by sample (its
-    means are the capped means, its ahead / behind and p the sign test on them)."""
+    the same unit; retained + gained is the cell's % of full. ``losses`` pairs each sample's loss against its own
+    full cache, max(0, full - score), negated so that "ahead" is the side that lost less of that sample (its means
+    are minus the mean losses; its ahead / behind and p are the sign test on them). With equal full caches this is
+    the sign test on the capped scores."""
 
-    capped: Pair
+    losses: Pair
     retained_a: float
     gained_a: float
     retained_b: float
@@ -120,57 +123,56 @@ def full_cells(path: Path, label: str) -> Cells:
     ``<side>/full`` for compare_kvpress rows (``label`` is ``side/policy`` there). Raises ``ValueError`` when the
     file holds none."""
     rows = path / "rows.jsonl" if path.is_dir() else path
+    if not rows.is_file():
+        raise ValueError(f"no results at {rows}: give a rows.jsonl or the directory holding one")
     with rows.open(encoding="utf-8") as fh:
-        first = json.loads(next(line for line in fh if line.strip()))
-    return load_cells(path, "full" if "setup" in first else f"{label.split('/', 1)[0]}/full")
-
-
-def cap_at_full(cells: Cells, full: Cells) -> Cells:
-    """``cells`` with each sample's score capped at its full-cache score (``full``'s cell of the same mode at
-    ratio 1). Samples the full cache did not score are left out; a mode without a full cell raises ``ValueError``."""
-    capped: Cells = {}
-    for (mode, ratio), scores in cells.items():
-        if (mode, 1.0) not in full:
-            raise ValueError(f"no full-cache scores for mode {mode!r} to cap the {ratio:g}x cell at")
-        ref = full[(mode, 1.0)]
-        capped[(mode, ratio)] = {i: min(s, ref[i]) for i, s in scores.items() if i in ref}
-    return capped
+        first = next((line for line in fh if line.strip()), None)
+    if first is None:
+        raise ValueError(f"{rows} is empty")
+    return load_cells(path, "full" if "setup" in json.loads(first) else f"{label.split('/', 1)[0]}/full")
 
 
 def retained_pairs(a: Cells, b: Cells, full_a: Cells, full_b: Cells) -> list[Retained]:
-    """One :class:`Retained` per compressed (mode, ratio) cell both sides hold, over the sample ids all four hold;
-    cells whose full caches score nothing there are left out (no % of zero)."""
-    cap_a, cap_b = cap_at_full(a, full_a), cap_at_full(b, full_b)
+    """One :class:`Retained` per compressed (mode, ratio) cell both sides hold and both full caches cover, over
+    the sample ids all four hold. Cells of a mode either full cache lacks, and cells whose full caches score
+    nothing there (no % of zero), are left out."""
     out = []
-    for capped in pair_cells(cap_a, cap_b):
-        key = (capped.mode, capped.ratio)
-        common = cap_a[key].keys() & cap_b[key].keys()
-        sum_a, sum_b = (sum(full[(capped.mode, 1.0)][i] for i in common) for full in (full_a, full_b))
-        if capped.ratio == 1.0 or not (sum_a and sum_b):
+    for key in sorted(a.keys() & b.keys()):
+        mode, ratio = key
+        ref_a, ref_b = full_a.get((mode, 1.0)), full_b.get((mode, 1.0))
+        if ratio == 1.0 or ref_a is None or ref_b is None:
             continue
-        retained_a, retained_b = capped.mean_a * capped.n / sum_a * 100, capped.mean_b * capped.n / sum_b * 100
+        common = a[key].keys() & b[key].keys() & ref_a.keys() & ref_b.keys()
+        sum_a, sum_b = sum(ref_a[i] for i in common), sum(ref_b[i] for i in common)
+        if not (sum_a and sum_b):
+            continue
+        loss_a = {i: min(a[key][i], ref_a[i]) - ref_a[i] for i in common}
+        loss_b = {i: min(b[key][i], ref_b[i]) - ref_b[i] for i in common}
+        (losses,) = pair_cells({key: loss_a}, {key: loss_b})
+        retained_a = 100 + 100 * sum(loss_a.values()) / sum_a
+        retained_b = 100 + 100 * sum(loss_b.values()) / sum_b
         gained_a = 100 * sum(a[key][i] for i in common) / sum_a - retained_a
         gained_b = 100 * sum(b[key][i] for i in common) / sum_b - retained_b
-        out.append(Retained(capped, retained_a, gained_a, retained_b, gained_b))
+        out.append(Retained(losses, retained_a, gained_a, retained_b, gained_b))
     return out
 
 
 def render_retained(cells: list[Retained], name_a: str, name_b: str) -> str:
     """Markdown table of ``cells``: per side what it retained of its full cache's score and what it gained above it
-    (% of full), then the sign test on the capped scores, and the totals over every cell."""
+    (% of full), then the sign test on the losses against the full caches, and the totals over every cell."""
     lines = [
         f"| mode | ratio | n | {name_a} retained / gained (% of full) | {name_b} retained / gained (% of full) "
-        "| ahead / behind, capped | p |",
+        "| ahead / behind on losses | p |",
         "|---|---:|---:|---:|---:|---|---:|",
     ]
     for k in cells:
-        c = k.capped
+        c = k.losses
         lines.append(
             f"| {c.mode} | {c.ratio:g} | {c.n} | {k.retained_a:.0f}% / {k.gained_a:+.0f}% | {k.retained_b:.0f}% / "
             f"{k.gained_b:+.0f}% | {c.ahead} / {c.behind} | {c.p:.2f} |"
         )
-    ahead, behind = sum(k.capped.ahead for k in cells), sum(k.capped.behind for k in cells)
-    lines.append(f"\nCapped at the full cache: ahead on {ahead} sample-cells, behind on {behind}.")
+    ahead, behind = sum(k.losses.ahead for k in cells), sum(k.losses.behind for k in cells)
+    lines.append(f"\nOn losses against the full caches: ahead on {ahead} sample-cells, behind on {behind}.")
     return "\n".join(lines)
 
 

@@ -68,6 +68,15 @@ def test_a_setup_that_cannot_run_fails_before_the_model_loads(tmp_path: Path, se
     assert not out.exists(), "nothing is written for a run that cannot start"
 
 
+def test_jsonl_without_a_path_fails_before_anything_is_written(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parents[2] / "scripts" / "quality_table.py"
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(script), "--out", str(out), "--task", "jsonl", "--setups", "tova"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "--task jsonl needs --path FILE.jsonl" in run.stderr
+    assert not out.exists()
+
+
 def test_check_setup_accepts_what_composes() -> None:
     setups.check_setup(*setups.resolve_setup("kvzip+global:policy.window=32"))
     setups.check_setup(*setups.resolve_setup("tova"))

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from kvcompress.experiment.paired import (
-    cap_at_full,
     full_cells,
     load_cells,
     pair_cells,
@@ -101,20 +100,12 @@ def test_retained_and_gained_split_each_cell_against_its_full_cache(with_full) -
     a, b = load_cells(ours, "kvzip+global"), load_cells(theirs, "kvpress/kvzip")
     full_a, full_b = full_cells(ours, "kvzip+global"), full_cells(theirs, "kvpress/kvzip")
     assert full_a == full_b == {("query_aware", 1.0): {"s0": 100.0, "s1": 100.0, "s2": 0.0, "s3": 50.0}}
-    assert cap_at_full(a, full_a)[("query_aware", 8.0)] == {"s0": 100.0, "s1": 0.0, "s2": 0.0, "s3": 50.0}
     (cell,) = retained_pairs(a, b, full_a, full_b)
     # ours keeps 150 of full's 250 points and gains 100; kvpress keeps 150 and gains 50: level on the raw means'
-    # retained part, the capped sign test 1 / 1 (s0 ahead, s1 behind; s2 and s3 tie once capped).
+    # retained part; on losses against full 1 / 1 (s0 ahead, s1 behind; s2 and s3 lose nothing on either side).
     assert (cell.retained_a, cell.gained_a, cell.retained_b, cell.gained_b) == pytest.approx((60.0, 40.0, 60.0, 20.0))
-    assert (cell.capped.ratio, cell.capped.n, cell.capped.ahead, cell.capped.behind) == (8.0, 4, 1, 1)
+    assert (cell.losses.ratio, cell.losses.n, cell.losses.ahead, cell.losses.behind) == (8.0, 4, 1, 1)
     assert "| query_aware | 8 | 4 | 60% / +40% | 60% / +20% | 1 / 1 | 1.00 |" in render_retained([cell], "a", "b")
-
-
-def test_cap_needs_the_modes_full_cache(with_full) -> None:
-    ours, _ = with_full
-    cells = load_cells(ours, "kvzip+global")
-    with pytest.raises(ValueError, match="no full-cache scores for mode 'query_aware' to cap the 8x cell at"):
-        cap_at_full(cells, {("query_agnostic", 1.0): {"s0": 100.0}})
 
 
 def test_script_adds_the_split_when_both_files_hold_a_full_cache(script_module, with_full, sides, capsys) -> None:
@@ -127,3 +118,27 @@ def test_script_adds_the_split_when_both_files_hold_a_full_cache(script_module, 
     old_ours, old_theirs = sides  # the kvpress file there holds no kvpress/full rows
     assert ps.main([f"{old_ours}:kvzip+global", f"{old_theirs}:kvpress/kvzip"]) == 0
     assert "no split against the full cache: " in capsys.readouterr().out
+
+
+def test_losses_are_counted_against_each_sides_own_full_cache() -> None:
+    # s0: a's full cache answers it and b's misses it; both answer it compressed. Neither lost anything, so it ties
+    # (a capped-score comparison would count a ahead). s1: both full caches answer it, only b loses it.
+    key, full = ("query_aware", 8.0), ("query_aware", 1.0)
+    a, b = {key: {"s0": 100.0, "s1": 100.0}}, {key: {"s0": 100.0, "s1": 0.0}}
+    full_a, full_b = {full: {"s0": 100.0, "s1": 100.0}}, {full: {"s0": 0.0, "s1": 100.0}}
+    (cell,) = retained_pairs(a, b, full_a, full_b)
+    assert (cell.losses.ahead, cell.losses.behind) == (1, 0)
+    assert (cell.retained_a, cell.gained_a, cell.retained_b, cell.gained_b) == pytest.approx((100.0, 0.0, 0.0, 100.0))
+
+
+def test_a_mode_without_full_rows_is_left_out_of_the_split() -> None:
+    aware, agnostic = ("query_aware", 8.0), ("query_agnostic", 8.0)
+    cells = {aware: {"s0": 100.0}, agnostic: {"s0": 100.0}}
+    full = {("query_aware", 1.0): {"s0": 100.0}}
+    assert [(k.losses.mode, k.losses.ratio) for k in retained_pairs(cells, cells, full, full)] == [aware]
+
+
+def test_full_cells_of_an_empty_file_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "rows.jsonl").write_text("\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="rows.jsonl is empty"):
+        full_cells(tmp_path, "kvzip+global")

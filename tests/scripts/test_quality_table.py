@@ -43,11 +43,19 @@ def test_table_without_full_rows_gives_scores_only(script_module, tmp_path: Path
 
 def test_table_only_rewrites_the_table_without_running(tmp_path: Path) -> None:
     script = Path(__file__).resolve().parents[2] / "scripts" / "quality_table.py"
-    rows = [_row("full", "s0", 1.0, 100.0), _row("tova", "s0", 4.0, 0.0)]
+    rows = [_row("full", "s0", 1.0, 100.0), _row("tova", "s0", 4.0, 0.0), _row("tova", "s0", 32.0, 100.0)]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    cmd = [sys.executable, str(script), "--out", str(tmp_path), "--ratios", "4", "--table-only"]
+    cmd = [sys.executable, str(script), "--out", str(tmp_path), "--table-only"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    assert "| tova | 0 (0%, retained 0%) [4.0/4.0] |" in (tmp_path / "table.md").read_text()
+    # without --ratios the columns are the ratios the rows hold
+    assert (
+        "| tova | 0 (0%, retained 0%) [4.0/4.0] | 100 (100%, retained 100%) [32.0/32.0] |"
+        in (tmp_path / "table.md").read_text()
+    )
     missing = subprocess.run([*cmd[:3], str(tmp_path / "none"), *cmd[4:]], capture_output=True, text=True, timeout=120)
-    assert missing.returncode == 2 and "--table-only: no " in missing.stderr and "Traceback" not in missing.stderr
+    assert missing.returncode == 2 and "--table-only: no rows in " in missing.stderr
+    (tmp_path / "rows.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps({"side": "kvpress"}) + "\n")
+    other = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert other.returncode == 2 and "Traceback" not in other.stderr
+    assert "rows.jsonl:2: not a quality_table row (missing mode, ratio, sample_id, score, setup)" in other.stderr
