@@ -38,7 +38,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from kvcompress.experiment.paired import prediction_scores, sign_test
+from kvcompress.experiment.paired import prediction_scores, retained_percent, sign_test
 from kvcompress.tasks.base import spread
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,13 +169,14 @@ def paired(ours: dict[str, Any] | None, theirs: dict[str, Any] | None) -> tuple[
 
 
 def render_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Markdown: per mode x policy x ratio, score / % of own full / kept fraction for ours and kvpress, then the
-    paired per-sample comparison (:func:`paired`)."""
+    """Markdown: per mode x policy x ratio, for ours and kvpress the score, its % of the side's own full score, the
+    % of that full score it retained (each sample capped at its full-cache score) and the kept KV fraction; then
+    the paired per-sample comparison (:func:`paired`)."""
     by_key = {r["key"]: r for r in rows}
     lines = [
-        "| mode | policy | ratio | ours score | ours % of full | ours kept | kvpress score | kvpress % of full "
-        "| kvpress kept | n | samples ours ahead / behind | sign test p |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| mode | policy | ratio | ours score | ours % of full | ours retained | ours kept | kvpress score "
+        "| kvpress % of full | kvpress retained | kvpress kept | n | samples ours ahead / behind | sign test p |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     seen: list[tuple[str, str, float]] = []
     for r in rows:
@@ -191,7 +192,9 @@ def render_table(rows: Sequence[dict[str, Any]]) -> str:
             full = by_key.get(cell_key(side, mode, "full", 1.0))
             score = row["score"] if row else None
             pct = 100.0 * score / full["score"] if row and full and full["score"] else None
-            cols += [_fmt(score, ".1f"), _fmt(pct, ".0f"), _fmt(row["kept_fraction"] if row else None, ".3f")]
+            retained = retained_percent(prediction_scores(row), prediction_scores(full)) if row and full else None
+            cols += [_fmt(score, ".1f"), _fmt(pct, ".0f"), _fmt(retained, ".0f")]
+            cols.append(_fmt(row["kept_fraction"] if row else None, ".3f"))
             n = n or (row["n_samples"] if row else None)
         pair = paired(sides["ours"], sides["kvpress"])
         cols += [_fmt(n, "d"), f"{pair[0]} / {pair[1]}" if pair else "-", _fmt(pair[2] if pair else None, ".2f")]

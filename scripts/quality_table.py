@@ -30,7 +30,7 @@ import torch
 from kvcompress.budget import Budget
 from kvcompress.compressor import Compressor
 from kvcompress.engine import Engine, peak_tokens
-from kvcompress.experiment.paired import load_cells
+from kvcompress.experiment.paired import load_cells, retained_percent
 from kvcompress.experiment.policy_config import load_policy
 from kvcompress.experiment.prompts import bind_tokenizer, build_prompt
 from kvcompress.experiment.setups import SETUPS, check_setup, resolve_setup, split_setups
@@ -281,8 +281,7 @@ def write_table(rows_path: Path, table_path: Path, ratios: list[float]) -> None:
                 both = {r["sample_id"]: r["score"] for r in rs if r["sample_id"] in full}
                 of_full = sum(full[i] for i in both)
                 if of_full:
-                    pct = f"{100 * sum(both.values()) / of_full:.0f}%"
-                    pct += f", retained {100 * sum(min(v, full[i]) for i, v in both.items()) / of_full:.0f}%"
+                    pct = f"{100 * sum(both.values()) / of_full:.0f}%, retained {retained_percent(both, full):.0f}%"
                 else:
                     pct = "n/a"
                 cells.append(f"{s:.0f} ({pct}) [{lg:.1f}/{ph:.1f}]")

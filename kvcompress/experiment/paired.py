@@ -132,6 +132,14 @@ def full_cells(path: Path, label: str) -> Cells:
     return load_cells(path, "full" if "setup" in json.loads(first) else f"{label.split('/', 1)[0]}/full")
 
 
+def retained_percent(scores: Mapping[str, float], full: Mapping[str, float]) -> float | None:
+    """The % of the full cache's summed score, over the sample ids both hold, that ``scores`` retained: each sample
+    capped at its full-cache score. None when the full cache scores nothing on those samples."""
+    common = scores.keys() & full.keys()
+    total = sum(full[i] for i in common)
+    return 100 * sum(min(scores[i], full[i]) for i in common) / total if total else None
+
+
 def retained_pairs(a: Cells, b: Cells, full_a: Cells, full_b: Cells) -> list[Retained]:
     """One :class:`Retained` per compressed (mode, ratio) cell both sides hold and both full caches cover, over
     the sample ids all four hold. Cells of a mode either full cache lacks, and cells whose full caches score
@@ -149,8 +157,8 @@ def retained_pairs(a: Cells, b: Cells, full_a: Cells, full_b: Cells) -> list[Ret
         loss_a = {i: min(a[key][i], ref_a[i]) - ref_a[i] for i in common}
         loss_b = {i: min(b[key][i], ref_b[i]) - ref_b[i] for i in common}
         (losses,) = pair_cells({key: loss_a}, {key: loss_b})
-        retained_a = 100 + 100 * sum(loss_a.values()) / sum_a
-        retained_b = 100 + 100 * sum(loss_b.values()) / sum_b
+        retained_a = retained_percent({i: a[key][i] for i in common}, ref_a)
+        retained_b = retained_percent({i: b[key][i] for i in common}, ref_b)
         gained_a = 100 * sum(a[key][i] for i in common) / sum_a - retained_a
         gained_b = 100 * sum(b[key][i] for i in common) / sum_b - retained_b
         out.append(Retained(losses, retained_a, gained_a, retained_b, gained_b))

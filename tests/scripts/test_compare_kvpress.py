@@ -97,20 +97,25 @@ def test_resume_skips_rows_present(compare, tmp_path):
 
 
 def test_table(compare):
-    preds = lambda *scores: [{"score": s} for s in scores]
+    preds = lambda *scores: [{"id": f"s{i}", "score": s} for i, s in enumerate(scores)]
     rows = [
-        compare.make_row("ours", "query_aware", "tova", 4.0, preds(50.0, 0.0), 0.25),
+        compare.make_row("ours", "query_aware", "tova", 4.0, preds(50.0, 100.0), 0.25),
         compare.make_row("ours", "query_aware", "full", 1.0, preds(100.0, 0.0), 1.0),
         compare.make_row("kvpress", "query_aware", "full", 1.0, preds(100.0, 100.0), 1.0),
         compare.make_row("kvpress", "query_aware", "tova", 4.0, preds(100.0, 50.0), 0.254),
     ]
     lines = compare.render_table(rows).splitlines()
     assert lines[0].startswith("| mode | policy | ratio | ours score")
-    assert lines[2] == "| query_aware | full | 1 | 50.0 | 100 | 1.000 | 100.0 | 100 | 1.000 | 2 | - | - |"
-    assert lines[3] == "| query_aware | tova | 4 | 25.0 | 50 | 0.250 | 75.0 | 75 | 0.254 | 2 | - | - |"
+    assert lines[2] == (
+        "| query_aware | full | 1 | 50.0 | 100 | 100 | 1.000 | 100.0 | 100 | 100 | 1.000 | 2 | 0 / 1 | 1.00 |"
+    )
+    # ours: 150% of its full score, of which it retained 50% (s1 is a gain on a sample its full cache misses)
+    assert lines[3] == (
+        "| query_aware | tova | 4 | 75.0 | 150 | 50 | 0.250 | 75.0 | 75 | 75 | 0.254 | 2 | 1 / 1 | 1.00 |"
+    )
     # a side not run yet shows dashes
     partial = compare.render_table(rows[:1]).splitlines()[2]
-    assert partial == "| query_aware | tova | 4 | 25.0 | - | 0.250 | - | - | - | 2 | - | - |"
+    assert partial == "| query_aware | tova | 4 | 75.0 | - | - | 0.250 | - | - | - | - | 2 | - | - |"
 
 
 def test_paired_counts_samples_by_id_and_gives_the_sign_test(compare):
@@ -154,7 +159,9 @@ def test_sides_run_apart_into_one_table(compare, tmp_path, monkeypatch):
     compare.main(base)  # both sides done: nothing runs again
     assert ran[2:] == [("kvpress", "full", 1.0), ("kvpress", "kvzip", 4.0)]
     table = (tmp_path / "out" / "table.md").read_text(encoding="utf-8").splitlines()
-    assert table[3] == "| query_aware | kvzip | 4 | 25.0 | 25 | 0.250 | 25.0 | 25 | 0.250 | 1 | 0 / 0 | 1.00 |"
+    assert table[3] == (
+        "| query_aware | kvzip | 4 | 25.0 | 25 | 25 | 0.250 | 25.0 | 25 | 25 | 0.250 | 1 | 0 / 0 | 1.00 |"
+    )
     with pytest.raises(SystemExit):
         compare.parse_args([*base, "--sides", "ours,vllm"])
 
