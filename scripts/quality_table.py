@@ -30,7 +30,7 @@ import torch
 from kvcompress.budget import Budget
 from kvcompress.compressor import Compressor
 from kvcompress.engine import Engine, peak_tokens
-from kvcompress.experiment.paired import load_cells, retained_percent
+from kvcompress.experiment.paired import retained_percent
 from kvcompress.experiment.policy_config import load_policy
 from kvcompress.experiment.prompts import bind_tokenizer, build_prompt
 from kvcompress.experiment.setups import SETUPS, check_setup, resolve_setup, split_setups
@@ -255,13 +255,9 @@ def write_table(rows_path: Path, table_path: Path, ratios: list[float]) -> None:
     agg: dict[tuple, list] = defaultdict(list)
     for r in rows:
         agg[(r["mode"], r["setup"], r["ratio"])].append(r)
-    try:
-        full_cells = load_cells(rows_path, "full")
-    except ValueError:  # no full-cache rows yet: no % of full either
-        full_cells = {}
     lines = []
     for mode in sorted({r["mode"] for r in rows}):
-        full = full_cells.get((mode, 1.0), {})
+        full = {r["sample_id"]: r["score"] for r in agg.get((mode, "full", 1.0), [])}  # none yet: no % of full
         full_score = sum(full.values()) / max(len(full), 1)
         lines += [
             f"\n### {mode} (full cache: {full_score:.1f}, n={len(full)})\n",
@@ -276,8 +272,8 @@ def write_table(rows_path: Path, table_path: Path, ratios: list[float]) -> None:
                     cells.append("-")
                     continue
                 s = sum(r["score"] for r in rs) / len(rs)
-                lg = sum(r.get("logical", ratio) for r in rs) / len(rs)
-                ph = sum(r.get("physical", ratio) for r in rs) / len(rs)
+                lg = sum(r["logical"] for r in rs) / len(rs)
+                ph = sum(r["physical"] for r in rs) / len(rs)
                 both = {r["sample_id"]: r["score"] for r in rs if r["sample_id"] in full}
                 of_full = sum(full[i] for i in both)
                 if of_full:
