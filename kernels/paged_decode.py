@@ -7,7 +7,10 @@ path is split-K flash-decoding:
    GQA group of query heads as one ``[GROUP_PAD >= 16, D]`` tile (so ``tl.dot`` applies to a single
    decode token), walks its own contiguous range of logical slots tile by tile through the block table
    with an online softmax, and either writes the final output (one split) or a partial
-   ``(acc, max, sum)`` triple.
+   ``(acc, max, sum)`` triple. Each head cuts *its own* length into ``num_splits`` ranges of whole key
+   tiles (:func:`_split_range`), so heads of different lengths (a per-head compressed cache) are all
+   spread over every split, and the grid depends only on ``num_splits``, not on the lengths: a CUDA
+   graph captured once replays over any lengths up to the pool's capacity.
 2. ``_decode_merge_kernel`` -- grid ``(num_seqs, num_q_heads)``: merges the splits by log-sum-exp.
 3. Score accumulation (``score_out``): the split kernel also stores its log2-domain logits to a small
    fp32 scratch ``[B, H_q, max_len]``. Once the final lse of every query head is known, each program of
@@ -183,6 +186,15 @@ def _slots(
 
 
 @triton.jit
+def _split_range(length, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Logical slots ``[start, end)`` of split ``split`` of a head holding ``length`` slots: the length cut into
+    ``NUM_SPLITS`` ranges of whole ``BLOCK_N`` tiles (trailing splits of a short head are empty)."""
+    chunk = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    return start, tl.minimum(start + chunk, length)
+
+
+@triton.jit
 def _accumulate_scores(
     logit_ptr,
     lse,
@@ -227,7 +239,6 @@ def _decode_split_kernel(
     logit_ptr,
     score_ptr,
     qk_scale,
-    chunk,
     scratch_len,
     stride_qb,
     stride_qh,
@@ -251,7 +262,7 @@ def _decode_split_kernel(
     POWER: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """One (seq, kv_head, split): online softmax over slots [split*chunk, min((split+1)*chunk, len)).
+    """One (seq, kv_head, split): online softmax over the split's slots (:func:`_split_range`).
 
     Outputs: NUM_SPLITS == 1 -> ``out`` [B, H_q, D] directly; else partials ``part_acc`` [B, H_q, S, D]
     (unnormalised) and ``part_ml`` [B, H_q, S, 2] (running max, running sum; log2 domain).
@@ -262,8 +273,7 @@ def _decode_split_kernel(
     split = tl.program_id(2)
     num_kv_heads = tl.num_programs(1)
     length = tl.load(len_ptr + b * stride_lb + h)
-    start = split * chunk
-    end = tl.minimum(start + chunk, length)
+    start, end = _split_range(length, split, NUM_SPLITS, BLOCK_N)
 
     rows = tl.arange(0, GROUP_PAD)
     row_mask = rows < G
@@ -378,7 +388,6 @@ def _decode_scores_kernel(
     bt_ptr,
     len_ptr,
     score_ptr,
-    chunk,
     scratch_len,
     stride_btb,
     stride_bth,
@@ -387,6 +396,7 @@ def _decode_scores_kernel(
     GROUP_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
     POWER: tl.constexpr,
 ):
     """Score finalize for split-K: program (seq, kv_head, split) owns the same slot range as in pass 1."""
@@ -395,8 +405,7 @@ def _decode_scores_kernel(
     split = tl.program_id(2)
     num_kv_heads = tl.num_programs(1)
     length = tl.load(len_ptr + b * stride_lb + h)
-    start = split * chunk
-    end = tl.minimum(start + chunk, length)
+    start, end = _split_range(length, split, NUM_SPLITS, BLOCK_N)
     rows = tl.arange(0, GROUP_PAD)
     row_mask = rows < G
     lse = tl.load(lse_ptr + b * num_kv_heads * G + h * G + rows, mask=row_mask, other=float("-inf"))
@@ -457,9 +466,9 @@ def paged_decode_triton(
         num_splits = pick_num_splits(batch, num_kv_heads, max_len, q.device, block_n)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    # Each split covers a whole number of key tiles; a split beyond every head's length is dropped.
-    chunk = max(block_n, triton.cdiv(triton.cdiv(max(max_len, 1), num_splits), block_n) * block_n)
-    num_splits = max(1, triton.cdiv(max_len, chunk))
+    # Each split covers a whole number of key tiles of its head: more splits than the longest head has tiles
+    # would only be empty.
+    num_splits = max(1, min(num_splits, triton.cdiv(max_len, block_n)))
 
     accum = score_out is not None
     scratch_len = max(max_len, 1)
@@ -486,7 +495,6 @@ def paged_decode_triton(
         logits,
         score,
         scale * LOG2E,
-        chunk,
         scratch_len,
         q_in.stride(0),
         q_in.stride(1),
@@ -534,7 +542,6 @@ def paged_decode_triton(
                 block_tables,
                 lengths,
                 score,
-                chunk,
                 scratch_len,
                 block_tables.stride(0),
                 block_tables.stride(1),
@@ -543,6 +550,7 @@ def paged_decode_triton(
                 GROUP_PAD=group_pad,
                 BLOCK_N=block_n,
                 BLOCK_SIZE=block_size,
+                NUM_SPLITS=num_splits,
                 POWER=score_power,
                 num_warps=4,
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import venv
 from pathlib import Path
 
@@ -52,3 +53,25 @@ def test_non_editable_install_loads_every_policy(tmp_path: Path) -> None:
     assert Path(where).is_relative_to(env_dir), f"kvcompress imported from {where}, not the installed copy"
     assert set(names.split()) >= {"full", "lfu", "snapkv", "streaming", "h2o", "tova"}
     assert lfu == "LFUPolicy 8"
+
+
+def test_python_started_in_the_checkout_gets_pypi_kernels_and_ours() -> None:
+    """``python -m`` / ``-c`` / a REPL in the repository root put it on ``sys.path``, where the ``kernels/`` directory
+    would shadow PyPI's ``kernels`` (which transformers >= 5.25 imports): the name goes to the installed package, and
+    ours still imports as ``kvcompress_kernels``."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("PyPI's `kernels` is not installed here")
+    script = (
+        "import sys, kernels, kvcompress_kernels, transformers.activations\n"
+        "print(kernels.__file__)\n"
+        "print(kvcompress_kernels.paged_decode.__module__)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    hub, ours = run.stdout.splitlines()
+    assert not Path(hub).is_relative_to(REPO), hub
+    assert ours == "kvcompress_kernels.paged_decode"
