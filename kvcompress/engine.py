@@ -99,7 +99,8 @@ class Engine:
     ``max_tokens_per_head``, itself defaulting to the model's context). ``watermark_blocks`` is the headroom
     admission leaves for running sequences to grow (default: one block per (layer, kv head)). ``keep_logits``
     keeps each request's last logits in its output. ``observe_decode=False`` keeps decode steps from feeding the
-    policy (the bookkeeping-free baseline of the overhead benchmark).
+    policy (the bookkeeping-free baseline of the overhead benchmark). ``cuda_graphs`` replays decode steps from
+    CUDA graphs (:mod:`kvcompress.decode_graphs`); None (default) turns them on wherever the model is on CUDA.
     """
 
     model: PreTrainedModel
@@ -113,6 +114,7 @@ class Engine:
     watermark_blocks: int | None = None
     keep_logits: bool = False
     observe_decode: bool = True
+    cuda_graphs: bool | None = None
     stats: EngineStats = field(init=False, default_factory=EngineStats)
 
     def __post_init__(self) -> None:
@@ -120,7 +122,17 @@ class Engine:
             raise ValueError("max_seqs, prefill_chunk and max_prefill_tokens must be >= 1")
         max_tokens = self.max_tokens_per_head or int(self.model.config.max_position_embeddings)
         self.cache: PagedKVCache = make_cache(self.model, self.max_seqs, max_tokens, self.num_blocks, self.block_size)
-        self.runner = ModelRunner(self.model, self.cache)
+        on_cuda = self.cache.device.type == "cuda"
+        if self.cuda_graphs and not on_cuda:
+            raise ValueError(
+                f"cuda_graphs=True needs the model on a CUDA device, but it is on {self.cache.device}; leave "
+                "cuda_graphs unset (null) to use them wherever CUDA is, or set it to false"
+            )
+        graphs = on_cuda if self.cuda_graphs is None else self.cuda_graphs
+        self.runner = ModelRunner(self.model, self.cache, graph_batch=self.max_seqs if graphs else 0)
+        if self.runner.graphs is not None:
+            with paged_attention(self.model):
+                self.runner.graphs.capture(self._decode_powers())
         heads = self.cache.num_layers * self.cache.num_kv_heads
         self.watermark = heads if self.watermark_blocks is None else self.watermark_blocks
         self.step_no = 0
@@ -128,6 +140,15 @@ class Engine:
         self.running: list[Sequence] = []  # in admission order; parents of shared prompts included
         self.parents: dict[Hashable, Sequence] = {}
         self.finished: dict[int | str, RequestOutput] = {}
+
+    def _decode_powers(self) -> set[int]:
+        """The ``decode_power`` values this engine's decode steps replay graphs with: 0 (no sequence of the batch
+        observed), and the policy's when it accumulates scores in the kernel (a policy that reads the probabilities
+        in Python decodes eagerly while observed)."""
+        policy = self.compressor.policy if self.compressor is not None else None
+        if policy is None or not self.observe_decode or policy.wants_decode_probs or not policy.evicts:
+            return {0}
+        return {0, policy.decode_power}
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request: Request) -> None:

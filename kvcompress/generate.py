@@ -51,12 +51,14 @@ def generate(
     mode: str = "query_aware",
     block_size: int = 16,
     num_blocks: int | None = None,
+    cuda_graphs: bool | None = None,
 ) -> list[RequestOutput]:
     """Greedy-generate for a batch of prompts through one engine (one shared paged pool, batched decode).
 
     A prompt is a token list, or a ``(context_ids, question_ids)`` pair; in ``query_agnostic`` mode the context
     is compressed before the question is prefilled, in ``query_aware`` mode the whole prompt is compressed. Each
     output's ``memory`` is its cache accounting when decoding began; ``last_logits`` are its final-step logits.
+    ``cuda_graphs``: see :class:`~kvcompress.engine.Engine` (None: on wherever the model is on CUDA).
     """
     pairs = [(list(p[0]), list(p[1])) if isinstance(p, tuple) else (list(p), []) for p in prompts]
     requests = [as_request(i, c, q, mode, max_new_tokens, eos_token_ids) for i, (c, q) in enumerate(pairs)]
@@ -69,5 +71,6 @@ def generate(
         max_seqs=len(pairs),
         max_tokens_per_head=longest,
         keep_logits=True,
+        cuda_graphs=cuda_graphs,
     )
     return engine.run(requests)

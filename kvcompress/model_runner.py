@@ -3,7 +3,8 @@
 The model is called with ``use_cache=False``, explicit ``position_ids`` and ``kvc_step=<ForwardStep>``, with its
 attention switched to ``kvcompress_paged`` (:func:`paged_attention`). A forward's cache metadata is built once,
 for every layer, by :meth:`PagedKVCache.plan_step`; the only value a decode step reads back to the host is the
-sampled tokens (:meth:`ModelRunner.sample`).
+sampled tokens (:meth:`ModelRunner.sample`). On CUDA, decode steps replay CUDA graphs
+(:class:`~kvcompress.decode_graphs.DecodeGraphs`) when the runner is built with ``graph_batch``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from kvcompress.attention import ATTN_IMPLEMENTATION
 from kvcompress.cache.paged import PagedKVCache
 from kvcompress.cache.step import ForwardStep
 from kvcompress.compressor import Compressor
+from kvcompress.decode_graphs import DecodeGraphs
 
 
 @contextlib.contextmanager
@@ -58,10 +60,12 @@ def make_cache(
 
 
 class ModelRunner:
-    """Runs packed forwards of ``model`` over ``cache``."""
+    """Runs packed forwards of ``model`` over ``cache``; with ``graph_batch`` > 0 (CUDA only), decode steps of up to
+    that many sequences replay CUDA graphs (:attr:`graphs`) instead of launching every kernel."""
 
-    def __init__(self, model: PreTrainedModel, cache: PagedKVCache) -> None:
+    def __init__(self, model: PreTrainedModel, cache: PagedKVCache, graph_batch: int = 0) -> None:
         self.model, self.cache = model, cache
+        self.graphs: DecodeGraphs | None = DecodeGraphs(self, graph_batch) if graph_batch else None
 
     @torch.no_grad()
     def forward(
@@ -84,18 +88,24 @@ class ModelRunner:
         if compressor is not None:
             compressor.configure_step(step, observe_window)
         flat = self.cache.upload(np.fromiter((t for ts in tokens for t in ts), np.int64), torch.long)
-        decode = plan.is_decode
-        shape = (len(seq_ids), 1) if decode else (1, -1)
-        last = 0 if decode else self.cache.upload(np.cumsum(counts) - 1, torch.long)
         with paged_attention(self.model):
-            out = self.model(
-                input_ids=flat.view(shape),
-                position_ids=plan.positions.view(shape),
-                use_cache=False,
-                kvc_step=step,
-                logits_to_keep=last,
-            )
-        return out.logits.reshape(len(seq_ids), -1).float()
+            if self.graphs is not None and self.graphs.supports(step):
+                return self.graphs.run(step, flat)
+            decode = plan.is_decode
+            shape = (len(seq_ids), 1) if decode else (1, -1)
+            last = 0 if decode else self.cache.upload(np.cumsum(counts) - 1, torch.long)
+            return self.run_model(step, flat.view(shape), plan.positions.view(shape), last)
+
+    def run_model(
+        self, step: ForwardStep, input_ids: torch.Tensor, position_ids: torch.Tensor, last: int | torch.Tensor
+    ) -> torch.Tensor:
+        """The model's forward over ``step``: ``input_ids``/``position_ids`` ``[B, 1]`` (decode) or ``[1, T]`` (packed
+        prefill); ``last`` is ``logits_to_keep`` (0 for decode: every row; prefill: each sequence's last token).
+        Returns float32 logits ``[sequences, vocab]``. Shared by eager forwards and graph capture."""
+        out = self.model(
+            input_ids=input_ids, position_ids=position_ids, use_cache=False, kvc_step=step, logits_to_keep=last
+        )
+        return out.logits.reshape(len(step.plan.seq_ids), -1).float()
 
     @staticmethod
     def sample(logits: torch.Tensor) -> list[int]:

@@ -4,7 +4,9 @@
 ``experiments/run.py`` does); ``engine_one_at_a_time`` is the same call with ``max_seqs=1``; ``hf_loop`` is a loop
 of HF ``generate`` calls (sdpa, dense cache, uncompressed) over the same prompts, as a user without kvcompress would
 evaluate. The batched and one-at-a-time runs must give the same predictions (the engine's pool never comes under
-pressure), so they compare like with like; a mismatch raises.
+pressure), so they compare like with like: on CPU a mismatch raises. On CUDA the batch size changes which matmul
+kernels run, so bf16 (or TF32) rounding can flip a greedy near-tie; there each engine row records how many
+predictions match one-at-a-time's instead (``predictions_matching``).
 """
 
 from __future__ import annotations
@@ -59,7 +61,9 @@ def evaluation_speed(
     if hf_loop:
         systems["hf_loop"] = lambda: _hf_loop(loaded, items)
     times, preds = time_systems(systems, repeats)
-    if sorted(preds["engine_batched"]) != sorted(preds["engine_one_at_a_time"]):  # the engine yields as they finish
+    reference = sorted(preds["engine_one_at_a_time"])  # the engine yields samples as they finish
+    matching = {name: sum(a == b for a, b in zip(sorted(p), reference, strict=True)) for name, p in preds.items()}
+    if matching["engine_batched"] != len(items) and loaded.model.device.type == "cpu":
         raise RuntimeError("batched evaluation predicted differently from one-at-a-time evaluation")
     one = summarize(times["engine_one_at_a_time"])["median"]
     rows = []
@@ -76,6 +80,7 @@ def evaluation_speed(
                 **{f"wall_s_{k}": v for k, v in stats.items()},
                 "samples_per_s": len(items) / stats["median"],
                 "time_vs_one_at_a_time": stats["median"] / one,
+                **({"predictions_matching": matching[name]} if name != "hf_loop" else {}),
             }
         )
     return rows

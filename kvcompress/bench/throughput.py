@@ -37,6 +37,7 @@ class Workload:
     max_prefill_tokens: int = 1024
     max_seqs: int = 64
     task: str = "niah_single"
+    cuda_graphs: bool | None = None  # the engine's switch (None: on wherever the model is on CUDA)
 
     def prompts(self, tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
         """Token ids of ``n_requests`` task prompts of about ``prompt_tokens`` tokens (deterministic)."""
@@ -70,6 +71,7 @@ def measure_throughput(
         max_tokens_per_head=longest + workload.new_tokens,
         prefill_chunk=workload.prefill_chunk,
         max_prefill_tokens=workload.max_prefill_tokens,
+        cuda_graphs=workload.cuda_graphs,
     )
     requests = [Request(i, p, workload.new_tokens) for i, p in enumerate(prompts)]
     t0 = time.perf_counter()
