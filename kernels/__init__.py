@@ -6,10 +6,12 @@ and a dispatcher (plain name) that picks one according to :func:`set_backend` /
 See docs/KERNELS.md for the memory layout and the algorithms.
 """
 
+_hub = None
 if __name__ == "kernels":
     # This directory was imported by its directory name: the repository root is on sys.path (`python -m ...`,
     # `python -c` or a REPL started there) and something asked for PyPI's `kernels` (Hugging Face's kernel hub,
-    # which transformers imports). Hand the name over to that package. Tested by tests/test_packaging.py.
+    # which transformers imports). Where that package is installed, hand the name over to it; where it is not,
+    # this directory answers as before (transformers then finds no version and treats the hub as absent).
     import importlib.machinery
     import importlib.util
     import sys
@@ -19,15 +21,11 @@ if __name__ == "kernels":
     _spec = importlib.machinery.PathFinder.find_spec(
         "kernels", [p for p in sys.path if Path(p or ".").resolve() != _root]
     )
-    if _spec is None or _spec.loader is None:
-        raise ImportError(
-            f"no module named 'kernels' outside {_root}: the directory kernels/ there holds kvcompress's Triton "
-            "kernels, which import as `kvcompress_kernels`"
-        )
-    _hub = importlib.util.module_from_spec(_spec)
-    sys.modules["kernels"] = _hub  # `import kernels` returns what sys.modules holds once this file has run
-    _spec.loader.exec_module(_hub)
-else:
+    if _spec is not None and _spec.loader is not None:
+        _hub = importlib.util.module_from_spec(_spec)
+        sys.modules["kernels"] = _hub  # `import kernels` returns what sys.modules holds once this file has run
+        _spec.loader.exec_module(_hub)
+if _hub is None:
     from ._common import gather_logical
     from .backend import get_backend, interpreter_enabled, set_backend, use_backend
     from .cache_ops import compact, compact_torch, compact_triton, write_kv, write_kv_torch, write_kv_triton

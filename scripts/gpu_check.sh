@@ -37,11 +37,6 @@ part() {  # part NAME LIMIT_S COMMAND...: run COMMAND if LIMIT_S still fits in t
     tar -czf "$OUT/results.tar.gz" --null -T - 2>/dev/null
 }
 
-bench() {  # bench NAME OVERRIDES...: experiments/bench.py into WORK/NAME
-  local name=$1
-  shift
-  "$PY" experiments/bench.py hydra.run.dir="$WORK/$name" "$@"
-}
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$WORK/device.txt" 2>&1
 "$PY" -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" \
@@ -65,25 +60,25 @@ part tests_gpu 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/engine te
 # 3. Batch-1 generation against HF generate, SmolLM2 geometry: graphs (paged), eager (paged_eager), 8x (paged_x8);
 #    fp32 (TF32 matmuls) after the throughput run
 SMOL=(model=hf model.path="$CKPT/smollm2" model.device=cuda sections=[generation])
-part gen_smollm2_bf16 75 bench gen-smollm2-bf16 "${SMOL[@]}" model.dtype=bfloat16 repeats=5
+part gen_smollm2_bf16 75 "$PY" experiments/bench.py hydra.run.dir="$WORK/gen-smollm2-bf16" "${SMOL[@]}" model.dtype=bfloat16 repeats=5
 
 # 4. Throughput against compression on a fixed pool: issue 11's workload (Llama-3.1-8B width, 8 layers, bf16)
 part ckpt_llama8b 90 "$PY" scripts/build_random_checkpoints.py --out "$CKPT" --tokenizer "$TOKENIZER" \
   --names llama8b-w8
-part throughput_llama8b 130 bench throughput-llama8b model=hf model.path="$CKPT/llama8b-w8" model.device=cuda \
+part throughput_llama8b 130 "$PY" experiments/bench.py hydra.run.dir="$WORK/throughput-llama8b" model=hf model.path="$CKPT/llama8b-w8" model.device=cuda \
   model.dtype=bfloat16 repeats=1 sections=[throughput] throughput.ratios=[1,8,16,64] \
   throughput.workload.n_requests=64 throughput.workload.prompt_tokens=2048 throughput.workload.new_tokens=128 \
   throughput.workload.pool_seqs=8 throughput.workload.max_seqs=64 throughput.workload.prefill_chunk=2048 \
   throughput.workload.max_prefill_tokens=8192
 
-part gen_smollm2_fp32 75 bench gen-smollm2-fp32 "${SMOL[@]}" model.dtype=float32 repeats=3
+part gen_smollm2_fp32 75 "$PY" experiments/bench.py hydra.run.dir="$WORK/gen-smollm2-fp32" "${SMOL[@]}" model.dtype=float32 repeats=3
 
 # 5. Kernel targets (bf16, 32/8/128)
 part kernels 80 "$PY" scripts/bench_kernels.py --batch 1,8,32 --context 4096,8192,16384 --prefill 4096,8192 \
   --out "$WORK/kernels.md"
 
 # 6. Evaluation: 40 samples of ~6000 tokens, batched vs one at a time vs an HF generate loop (SmolLM2 geometry)
-part eval_smollm2 90 bench eval-smollm2 model=hf model.path="$CKPT/smollm2" model.device=cuda \
+part eval_smollm2 90 "$PY" experiments/bench.py hydra.run.dir="$WORK/eval-smollm2" model=hf model.path="$CKPT/smollm2" model.device=cuda \
   model.dtype=bfloat16 sections=[evaluation] repeats=1 evaluation.prompt_tokens=6000 evaluation.max_seqs=8
 
 # 7. The whole kernel suite on CUDA tensors (prefill, cache ops, the Hypothesis property test), as time allows
