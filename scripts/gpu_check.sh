@@ -8,7 +8,7 @@
 # built on the node. Parts run in order of value, each under its own time limit, and a part that cannot finish
 # before BUDGET_S seconds is skipped. OUT/summary.txt gets one line per part (exit status, seconds), OUT/log.txt all
 # output, OUT/results.tar.gz every benchmark's rows.jsonl and tables.md, refreshed after each part, so whatever
-# finished is kept even when the run is cut off.
+# finished is kept even when the run is cut off. SKIP="kernels eval_smollm2" leaves those parts out.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}
@@ -25,6 +25,10 @@ mkdir -p "$OUT" "$WORK"
 part() {  # part NAME LIMIT_S COMMAND...: run COMMAND if LIMIT_S still fits in the budget
   local name=$1 limit=$2 t0=$SECONDS rc
   shift 2
+  if [[ " ${SKIP:-} " == *" $name "* ]]; then
+    echo "$name skipped (SKIP)" | tee -a "$OUT/summary.txt"
+    return
+  fi
   if (( SECONDS + limit > BUDGET_S )); then
     echo "$name skipped (needs ${limit}s, $((BUDGET_S - SECONDS))s left)" | tee -a "$OUT/summary.txt"
     return
