@@ -89,7 +89,7 @@ class DecodeGraphs:
         not read the probabilities in Python."""
         return step.plan.is_decode and not step.decode_probs and len(step.plan.seq_ids) <= self.max_batch
 
-    def capture(self, decode_powers: set[int]) -> None:
+    def record_all(self, decode_powers: set[int]) -> None:
         """Record every bucket for each of ``decode_powers`` now, largest bucket first (the shared memory pool is
         sized by the first capture), so that no decode step pauses to capture (:meth:`run` records a missing one)."""
         for bucket in reversed(self.buckets):

@@ -132,7 +132,7 @@ class Engine:
         self.runner = ModelRunner(self.model, self.cache, graph_batch=self.max_seqs if graphs else 0)
         if self.runner.graphs is not None:
             with paged_attention(self.model):
-                self.runner.graphs.capture(self._decode_powers())
+                self.runner.graphs.record_all(self._decode_powers())
         heads = self.cache.num_layers * self.cache.num_kv_heads
         self.watermark = heads if self.watermark_blocks is None else self.watermark_blocks
         self.step_no = 0

@@ -58,8 +58,8 @@ part install 60 "$PY" -m pip install -q --no-deps --no-build-isolation -e .
 #    kernel on CUDA tensors, host syncs, TF32
 part ckpt_smollm2 60 "$PY" scripts/build_random_checkpoints.py --out "$CKPT" --tokenizer "$TOKENIZER" \
   --names smollm2 --dtype fp32
-part tests_gpu 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/engine tests/model \
-  tests/kernels/test_paged_decode.py
+GPU_TESTS=${GPU_TESTS:-tests/engine tests/model tests/kernels/test_paged_decode.py}
+part tests_gpu 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu $GPU_TESTS
 
 # 3. Batch-1 generation against HF generate, SmolLM2 geometry: graphs (paged), eager (paged_eager), 8x (paged_x8);
 #    fp32 (TF32 matmuls) after the throughput run
