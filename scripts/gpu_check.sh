@@ -45,7 +45,8 @@ part() {  # part NAME LIMIT_S COMMAND...: run COMMAND if LIMIT_S still fits in t
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$WORK/device.txt" 2>&1
 "$PY" -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" \
   >> "$WORK/device.txt" 2>&1
-git log -1 --format='commit %H %s' >> "$WORK/device.txt" 2>/dev/null
+{ git log -1 --format='git HEAD %h %s' && echo "files differing from it: $(git status --porcelain | wc -l)"; } \
+  >> "$WORK/device.txt" 2>/dev/null
 cat "$WORK/device.txt" | tee -a "$OUT/summary.txt"
 
 # 1. Install: the carried wheels, then kvcompress itself (no dependencies: torch, triton and transformers are the node's)
