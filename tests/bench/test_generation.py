@@ -6,7 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from kvcompress.bench.generation import divergence, generation_speed
 
@@ -15,17 +15,8 @@ bench_script = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_script)
 
 
-def _llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, attn_implementation="sdpa",
-    )  # fmt: skip
-    return LlamaForCausalLM(cfg).eval()
-
-
-def test_divergence_locates_the_first_differing_step() -> None:
-    model, ids = _llama(), list(range(5, 45))
+def test_divergence_locates_the_first_differing_step(tiny_llama: LlamaForCausalLM) -> None:
+    model, ids = tiny_llama, list(range(5, 45))
     rows = generation_speed(model, ids, new_tokens=6, repeats=1)
     hf = next(r for r in rows if r["system"] == "hf_dense")
     assert [r["system"] for r in rows] == ["hf_dense", "paged"] and all(r["same_tokens_as_hf"] for r in rows)

@@ -9,9 +9,11 @@ pool (keys, values, positions, scores) must end up the same.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from kvcompress.budget import Budget
 from kvcompress.compressor import Compressor
@@ -20,15 +22,6 @@ from kvcompress.engine import Engine, Request
 from kvcompress.policies.h2o import H2OPolicy
 from kvcompress.policies.lfu import LFUPolicy
 from kvcompress.policies.tova import TOVAPolicy
-
-
-def _llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=128, hidden_size=96, intermediate_size=128, num_hidden_layers=3, num_attention_heads=6,
-        num_key_value_heads=2, max_position_embeddings=512, attn_implementation="sdpa",
-    )  # fmt: skip
-    return LlamaForCausalLM(cfg).eval()
 
 
 def _budget() -> Budget:
@@ -82,22 +75,21 @@ def test_buckets() -> None:
 
 
 @pytest.mark.parametrize("policy", list(POLICIES))
-def test_the_recorded_step_equals_the_eager_step(policy: str) -> None:
-    model = _llama()
-    _assert_same(_run(model, policy, "off"), _run(model, policy, "static"), policy, atol=1e-5)
+def test_the_recorded_step_equals_the_eager_step(policy: str, tiny_llama: LlamaForCausalLM) -> None:
+    _assert_same(_run(tiny_llama, policy, "off"), _run(tiny_llama, policy, "static"), policy, atol=1e-5)
 
 
-def test_cuda_graphs_on_a_cpu_model_is_a_clear_error() -> None:
+def test_cuda_graphs_on_a_cpu_model_is_a_clear_error(tiny_llama: LlamaForCausalLM) -> None:
     with pytest.raises(ValueError, match="cuda_graphs=True needs the model on a CUDA device, but it is on cpu"):
-        Engine(_llama(), cuda_graphs=True)
-    assert Engine(_llama()).runner.graphs is None  # default: graphs only where CUDA is
+        Engine(tiny_llama, cuda_graphs=True)
+    assert Engine(tiny_llama).runner.graphs is None  # default: graphs only where CUDA is
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("policy", list(POLICIES))
-def test_replayed_graphs_equal_eager_steps_on_cuda(policy: str) -> None:
-    model = _llama().cuda()
+def test_replayed_graphs_equal_eager_steps_on_cuda(policy: str, tiny_llama: LlamaForCausalLM) -> None:
+    model = copy.deepcopy(tiny_llama).cuda()  # the fixture is shared: leave it on the CPU
     eager = _run(model, policy, "off")
     graphed = _run(model, policy, "cuda")
     assert eager[1].runner.graphs is None and graphed[1].runner.graphs is not None
