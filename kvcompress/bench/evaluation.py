@@ -62,7 +62,8 @@ def evaluation_speed(
         systems["hf_loop"] = lambda: _hf_loop(loaded, items)
     times, preds = time_systems(systems, repeats)
     reference = sorted(preds["engine_one_at_a_time"])  # the engine yields samples as they finish
-    matching = {name: sum(a == b for a, b in zip(sorted(p), reference, strict=True)) for name, p in preds.items()}
+    engines = ("engine_batched", "engine_one_at_a_time")
+    matching = {name: sum(a == b for a, b in zip(sorted(preds[name]), reference, strict=True)) for name in engines}
     if matching["engine_batched"] != len(items) and loaded.model.device.type == "cpu":
         raise RuntimeError("batched evaluation predicted differently from one-at-a-time evaluation")
     one = summarize(times["engine_one_at_a_time"])["median"]
@@ -80,7 +81,7 @@ def evaluation_speed(
                 **{f"wall_s_{k}": v for k, v in stats.items()},
                 "samples_per_s": len(items) / stats["median"],
                 "time_vs_one_at_a_time": stats["median"] / one,
-                **({"predictions_matching": matching[name]} if name != "hf_loop" else {}),
+                **({"predictions_matching": matching[name]} if name in matching else {}),
             }
         )
     return rows

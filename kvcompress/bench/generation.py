@@ -25,6 +25,7 @@ from kvcompress.bench.latency import summarize
 from kvcompress.compressor import Compressor
 from kvcompress.experiment.prompts import build_prompt
 from kvcompress.generate import generate
+from kvcompress.model import dtype_name
 from kvcompress.tasks.registry import build_task
 
 T = TypeVar("T")
@@ -102,9 +103,9 @@ def generation_speed(
     repeats: int = 3,
     compressors: dict[str, Callable[[], Compressor]] | None = None,
 ) -> list[dict]:
-    """One row per system (``hf_dense``, ``paged``, then each of ``compressors``: label -> factory), with the
-    wall time of prefill + ``new_tokens`` greedy steps over ``repeats`` interleaved runs (median/min/max/std),
-    generated tokens/s at the median, and the ratio to HF's median."""
+    """One row per system (``hf_dense``, ``paged``, on CUDA ``paged_eager``, then each of ``compressors``: label ->
+    factory), with the wall time of prefill + ``new_tokens`` greedy steps over ``repeats`` interleaved runs
+    (median/min/max/std), generated tokens/s at the median, and the ratio to HF's median."""
     uncompressed: dict[str, bool | None] = {"paged": None}  # system -> the engine's cuda_graphs
     if model.device.type == "cuda":
         uncompressed["paged_eager"] = False
@@ -132,7 +133,7 @@ def generation_speed(
                 "prompt_tokens": len(ids),
                 "new_tokens": new_tokens,
                 "repeats": repeats,
-                "dtype": str(model.dtype).removeprefix("torch."),
+                "dtype": dtype_name(model.dtype),
                 **{f"wall_s_{k}": v for k, v in stats.items()},
                 "tokens_per_s": new_tokens / stats["median"],
                 "ratio_vs_hf": stats["median"] / hf,
