@@ -95,8 +95,7 @@ class DecodeGraphs:
         sized by the first capture), so that no decode step pauses to capture (:meth:`run` records a missing one)."""
         for bucket in reversed(self.buckets):
             for power in sorted(decode_powers):
-                if (bucket, power) not in self._recorded:
-                    self._recorded[(bucket, power)] = self._record(bucket, power)
+                self._graph(bucket, power)
 
     def run(self, step: ForwardStep, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits ``[n, vocab]`` of the decode ``step`` (``n`` sequences, ``input_ids`` ``[n]`` on the device).
@@ -104,11 +103,8 @@ class DecodeGraphs:
         The returned tensor is the graph's output buffer: the next replay overwrites it."""
         n = len(step.plan.seq_ids)
         bucket = next(b for b in self.buckets if b >= n)
-        key = (bucket, step.decode_power)
-        if key not in self._recorded:
-            self._recorded[key] = self._record(bucket, step.decode_power)
+        recorded = self._graph(bucket, step.decode_power)
         self._load(step.plan, input_ids, n, bucket)
-        recorded = self._recorded[key]
         if recorded.graph is None:
             logits = self._forward(bucket, step.decode_power)
         else:
@@ -140,6 +136,13 @@ class DecodeGraphs:
     def _forward(self, bucket: int, decode_power: int) -> torch.Tensor:
         ids = self.input_ids[:bucket].view(bucket, 1)
         return self.runner.run_model(self._step(bucket, decode_power), ids, self.positions[:bucket].view(bucket, 1), 0)
+
+    def _graph(self, bucket: int, decode_power: int) -> _Recorded:
+        """``bucket``'s graph for ``decode_power``, recorded on first use."""
+        key = (bucket, decode_power)
+        if key not in self._recorded:
+            self._recorded[key] = self._record(bucket, decode_power)
+        return self._recorded[key]
 
     def _record(self, bucket: int, decode_power: int) -> _Recorded:
         """Capture ``bucket``'s forward. Every row is a padding row meanwhile, so the warm-up run (which compiles the

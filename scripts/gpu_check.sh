@@ -37,17 +37,16 @@ part() {  # part NAME LIMIT_S COMMAND...: run COMMAND if LIMIT_S still fits in t
   timeout "$limit" "$@" >> "$OUT/log.txt" 2>&1
   rc=$?
   echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$OUT/summary.txt"
-  find "$WORK" \( -name rows.jsonl -o -name tables.md -o -name '*.md' -o -name '*.txt' \) -print0 |
+  find "$WORK" \( -name rows.jsonl -o -name '*.md' -o -name '*.txt' \) -print0 |
     tar -czf "$OUT/results.tar.gz" --null -T - 2>/dev/null
 }
-
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$WORK/device.txt" 2>&1
 "$PY" -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" \
   >> "$WORK/device.txt" 2>&1
 { git log -1 --format='git HEAD %h %s' && echo "files differing from it: $(git status --porcelain | wc -l)"; } \
   >> "$WORK/device.txt" 2>/dev/null
-cat "$WORK/device.txt" | tee -a "$OUT/summary.txt"
+tee -a "$OUT/summary.txt" < "$WORK/device.txt"
 
 # 1. Install: the carried wheels, then kvcompress itself (no dependencies: torch, triton and transformers are the node's)
 "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "$WHEELS"/*.whl \
