@@ -219,6 +219,8 @@ def run_bench(cfg: DictConfig, out: Path) -> Path:
     unknown = [s for s in cfg.sections if s not in SECTIONS]
     if unknown:
         raise ValueError(f"unknown bench section(s) {unknown}; accepted: {', '.join(SECTIONS)}")
+    if cfg.warmup is not None and (not isinstance(cfg.warmup, int) or cfg.warmup < 0):
+        raise ValueError(f"warmup={cfg.warmup!r}: give the number of untimed runs (0, 1, ...) or null (1 on CUDA)")
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     loaded = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.device)
@@ -233,13 +235,15 @@ def run_bench(cfg: DictConfig, out: Path) -> Path:
         + "`"
     )
     tables = out / "tables.md"
+    warmup = cfg.warmup if cfg.warmup is not None else int(model.device.type == "cuda")
+    header += f"\n\nUntimed warm-up runs of each system before the timed ones: {warmup}"
     for section in cfg.sections:
         if section == "throughput":
             workload = Workload(**OmegaConf.to_container(cfg.throughput.workload, resolve=True))
             done = {(r["ratio"], r["repeat"]) for r in rows.of("throughput")}
             ratios = [float(r) for r in cfg.throughput.ratios]
             throughput_sweep(
-                model, tok, ratios, _compressor_factory(cfg), workload, cfg.repeats, done,
+                model, tok, ratios, _compressor_factory(cfg), workload, cfg.repeats, done, warmup=warmup,
                 on_row=lambda row: (rows.add("throughput", row), log.info(
                     "throughput x%g repeat %d: %.1f tok/s, peak %d seqs, %d preemptions", row["ratio"],
                     row["repeat"], row["tokens_per_s"], row["peak_running"], row["preemptions"])),
@@ -259,7 +263,9 @@ def run_bench(cfg: DictConfig, out: Path) -> Path:
             ratio = float(cfg.generation.ratio)
             ids = task_prompt(tok, int(cfg.generation.prompt_tokens))
             compressed = {f"paged_x{ratio:g}": partial(_compressor_factory(cfg), ratio)}
-            for row in generation_speed(model, ids, int(cfg.generation.new_tokens), int(cfg.repeats), compressed):
+            for row in generation_speed(
+                model, ids, int(cfg.generation.new_tokens), int(cfg.repeats), compressed, warmup
+            ):
                 rows.add("generation", row)
             log.info("generation done")
         elif section == "overhead":
@@ -274,7 +280,7 @@ def run_bench(cfg: DictConfig, out: Path) -> Path:
                 for row in compression_overhead(
                     model, tok, {name: policy}, ratio=float(cfg.overhead.ratio), context=int(cfg.overhead.context),
                     steps=int(cfg.overhead.steps), compress_every=int(cfg.overhead.compress_every),
-                    repeats=int(cfg.repeats),
+                    repeats=int(cfg.repeats), warmup=warmup,
                 ):  # fmt: skip
                     rows.add("overhead", row)
                 log.info("overhead of %s done", name)
@@ -283,7 +289,9 @@ def run_bench(cfg: DictConfig, out: Path) -> Path:
             items = task_items(loaded, str(ev.task), int(ev.n_samples), int(ev.prompt_tokens))
             budget = Budget(**{**OmegaConf.to_container(cfg.budget, resolve=True), "ratio": float(ev.ratio)})
             comp = Compressor(instantiate(cfg.policy), budget)
-            for row in evaluation_speed(loaded, items, comp, int(ev.max_seqs), int(cfg.repeats), hf_loop=ev.hf_loop):
+            for row in evaluation_speed(
+                loaded, items, comp, int(ev.max_seqs), int(cfg.repeats), hf_loop=ev.hf_loop, warmup=warmup
+            ):
                 rows.add("evaluation", row)
             log.info("evaluation done")
         write_tables(rows, tables, header)

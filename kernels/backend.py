@@ -15,10 +15,14 @@ overrides it for the rest of the process, and ``use_backend`` overrides it insid
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator
 
+import numpy as np
 import torch
+import triton
+import triton.language as tl
 
 BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "KVCOMPRESS_KERNEL_BACKEND"
@@ -79,4 +83,37 @@ def use_triton(device: torch.device) -> bool:
             f"kernel backend 'triton' was forced for {device.type} tensors, but Triton only runs them under "
             "the interpreter: set TRITON_INTERPRET=1 before importing triton, or use backend 'auto'/'torch'."
         )
+    if device.type != "cuda" and (problem := interpreter_problem()):
+        raise RuntimeError(problem)
     return True
+
+
+@triton.jit
+def _count_to(n_ptr, out_ptr):
+    """``out[0] = n[0]`` by a loop whose bound is a loaded value, as every kernel's key-tile loop has."""
+    total = 0
+    for _ in range(0, tl.load(n_ptr)):
+        total += 1
+    tl.store(out_ptr, total)
+
+
+@functools.cache
+def interpreter_problem() -> str | None:
+    """Why this Triton's interpreter cannot run the kernels, or None when it can.
+
+    Triton 3.6's interpreter turns a loop bound into a Python int with ``int()`` of a one-element array, which
+    NumPy >= 2.4 refuses; later Triton releases (3.9 here) squeeze it first. Probed by running a tiny kernel, so
+    that the answer does not hang on version numbers.
+    """
+    if not interpreter_enabled():
+        return "TRITON_INTERPRET=1 is not set, so Triton compiles kernels for a GPU instead of interpreting them"
+    n = torch.tensor([3], dtype=torch.int32)
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        _count_to[(1,)](n, out)
+    except Exception as err:  # the interpreter wraps the TypeError in its InterpreterError
+        return (
+            f"Triton {triton.__version__}'s interpreter cannot run loops over loaded bounds with NumPy "
+            f"{np.__version__} ({err}); for TRITON_INTERPRET=1 runs use a newer Triton (3.9 works) or NumPy < 2.4"
+        )
+    return None if int(out) == 3 else f"Triton {triton.__version__}'s interpreter miscounts a loop ({int(out)} != 3)"

@@ -389,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cuda")
     kk = _import_kernels()
     if args.smoke:
+        if problem := kk.backend.interpreter_problem():
+            print(f"bench_kernels: {problem}", file=sys.stderr)
+            return 2
         kk.set_backend("triton")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     shape = Shape(args.heads_q, args.heads_kv, args.head_dim, args.block_size, dtype)

@@ -50,9 +50,11 @@ def evaluation_speed(
     repeats: int = 1,
     mode: str = "query_aware",
     hf_loop: bool = True,
+    warmup: int = 0,
 ) -> list[dict]:
-    """One row per system: wall time of evaluating every item (median/min/max over interleaved repeats), samples/s,
-    the ratio of its time to one-at-a-time's, and the mean score."""
+    """One row per system: wall time of evaluating every item (median/min/max over interleaved repeats, after
+    ``warmup`` untimed runs of each system), samples/s, the ratio of its time to one-at-a-time's, and the mean
+    score."""
     engine = lambda seqs: [r["prediction"] for r in evaluate(loaded, compressor, items, mode, {"max_seqs": seqs})]
     systems: dict[str, Callable[[], list[str]]] = {
         "engine_batched": lambda: engine(max_seqs),
@@ -60,7 +62,7 @@ def evaluation_speed(
     }
     if hf_loop:
         systems["hf_loop"] = lambda: _hf_loop(loaded, items)
-    times, preds = time_systems(systems, repeats)
+    times, preds = time_systems(systems, repeats, warmup)
     reference = sorted(preds["engine_one_at_a_time"])  # the engine yields samples as they finish
     engines = ("engine_batched", "engine_one_at_a_time")
     matching = {name: sum(a == b for a, b in zip(sorted(preds[name]), reference, strict=True)) for name in engines}
@@ -78,6 +80,7 @@ def evaluation_speed(
                 "max_seqs": max_seqs if name == "engine_batched" else 1,
                 "compressed": compressor.active and name != "hf_loop",
                 "repeats": repeats,
+                "warmup": warmup,
                 **{f"wall_s_{k}": v for k, v in stats.items()},
                 "samples_per_s": len(items) / stats["median"],
                 "time_vs_one_at_a_time": stats["median"] / one,

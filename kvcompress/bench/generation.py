@@ -82,12 +82,18 @@ def divergence(
     }
 
 
-def time_systems(systems: dict[str, Callable[[], T]], repeats: int) -> tuple[dict[str, list[float]], dict[str, T]]:
-    """Run every system ``repeats`` times, rotating which goes first each round so drift hits all alike; returns
-    each system's wall times and its last output."""
+def time_systems(
+    systems: dict[str, Callable[[], T]], repeats: int, warmup: int = 0
+) -> tuple[dict[str, list[float]], dict[str, T]]:
+    """Run every system ``warmup`` times untimed (on CUDA the first run JIT-compiles the Triton kernels), then
+    ``repeats`` timed times, rotating which goes first each round so drift hits all alike; returns each system's
+    wall times and its last output."""
     times: dict[str, list[float]] = {name: [] for name in systems}
     outputs: dict[str, T] = {}
     names = list(systems)
+    for _ in range(warmup):
+        for name in names:
+            systems[name]()
     for repeat in range(repeats):
         for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
             t0 = time.perf_counter()
@@ -102,10 +108,11 @@ def generation_speed(
     new_tokens: int = 64,
     repeats: int = 3,
     compressors: dict[str, Callable[[], Compressor]] | None = None,
+    warmup: int = 0,
 ) -> list[dict]:
     """One row per system (``hf_dense``, ``paged``, on CUDA ``paged_eager``, then each of ``compressors``: label ->
-    factory), with the wall time of prefill + ``new_tokens`` greedy steps over ``repeats`` interleaved runs
-    (median/min/max/std), generated tokens/s at the median, and the ratio to HF's median."""
+    factory), with the wall time of prefill + ``new_tokens`` greedy steps over ``repeats`` interleaved runs after
+    ``warmup`` untimed ones (median/min/max/std), generated tokens/s at the median, and the ratio to HF's median."""
     uncompressed: dict[str, bool | None] = {"paged": None}  # system -> the engine's cuda_graphs
     if model.device.type == "cuda":
         uncompressed["paged_eager"] = False
@@ -114,7 +121,7 @@ def generation_speed(
         systems[label] = lambda graphs=graphs: generate(model, [ids], None, new_tokens, cuda_graphs=graphs)[0].tokens
     for label, make in (compressors or {}).items():
         systems[label] = lambda make=make: generate(model, [ids], make(), new_tokens)[0].tokens
-    times, tokens = time_systems(systems, repeats)
+    times, tokens = time_systems(systems, repeats, warmup)
     parted = {name: divergence(model, ids, tokens[name], tokens["hf_dense"], g) for name, g in uncompressed.items()}
     wrong = {name: d for name, d in parted.items() if d is not None}
     if wrong and exact_fp32(model):
@@ -133,6 +140,7 @@ def generation_speed(
                 "prompt_tokens": len(ids),
                 "new_tokens": new_tokens,
                 "repeats": repeats,
+                "warmup": warmup,
                 "dtype": dtype_name(model.dtype),
                 **{f"wall_s_{k}": v for k, v in stats.items()},
                 "tokens_per_s": new_tokens / stats["median"],

@@ -100,8 +100,10 @@ def compression_overhead(
     compress_every: int = 64,
     repeats: int = 3,
     batch: int = 1,
+    warmup: int = 0,
 ) -> list[dict]:
-    """Per policy: decode ms/step with the policy vs without, and the overhead in % (median/min/max over repeats).
+    """Per policy: decode ms/step with the policy vs without, and the overhead in % (median/min/max over repeats,
+    after ``warmup`` untimed pairs of runs: on CUDA the first run JIT-compiles the Triton kernels).
 
     Each repeat decodes ``steps`` tokens for ``batch`` forks twice (baseline and policy, alternating which goes
     first). ``compress_ms_total`` and ``n_compressions`` are the decode-time compressions of one policy run (from
@@ -112,6 +114,9 @@ def compression_overhead(
     rows = []
     for label, policy in policies.items():
         compressor = Compressor(policy, Budget(ratio=ratio, allocation="uniform", compress_every=compress_every))
+        for _ in range(warmup):
+            for with_policy in (True, False):
+                run_engine(model, ids, compressor, steps, batch, with_policy)
         policy_runs, base_runs = [], []
         for r in range(repeats):
             for with_policy in (r % 2 == 0, r % 2 == 1):

@@ -116,13 +116,20 @@ def throughput_sweep(
     repeats: int = 3,
     done: set[tuple[float, int]] = frozenset(),
     on_row: Callable[[dict], None] | None = None,
+    warmup: int = 0,
 ) -> list[dict]:
     """Every ratio once per repeat, interleaved (repeat-major) so machine drift hits all ratios alike.
 
     ``make_compressor(ratio)`` builds a fresh compressor (None for the uncompressed engine). ``(ratio, repeat)``
-    pairs in ``done`` are skipped (resume); each new row goes to ``on_row`` as soon as it is measured.
+    pairs in ``done`` are skipped (resume); each new row goes to ``on_row`` as soon as it is measured. Each ratio
+    with rows still to measure first runs ``warmup`` times unrecorded: on CUDA its first run JIT-compiles the
+    Triton kernels it uses (the compressing ratios use more of them than the uncompressed one).
     """
     prompts = workload.prompts(tokenizer)
+    for ratio in ratios:
+        if any((ratio, repeat) not in done for repeat in range(repeats)):
+            for _ in range(warmup):
+                measure_throughput(model, prompts, make_compressor(ratio), workload)
     rows = []
     for repeat in range(repeats):
         for ratio in ratios:
@@ -131,6 +138,7 @@ def throughput_sweep(
             row = {
                 "ratio": ratio,
                 "repeat": repeat,
+                "warmup": warmup,
                 **measure_throughput(model, prompts, make_compressor(ratio), workload),
             }
             rows.append(row)

@@ -71,6 +71,8 @@ def test_bench_all_sections_then_resume(tmp_path, tiny_model_dir):
     for title in ("Throughput", "Decode step latency", "End-to-end generation", "Compression overhead", "Evaluation"):
         assert title in tables
     assert "| 4 |" in tables and "Command: `python experiments/bench.py model=hf" in tables
+    assert "warm-up runs of each system before the timed ones: 0" in tables  # CPU: no JIT to warm up
+    assert {r["warmup"] for r in rows if r["section"] in ("throughput", "generation", "evaluation")} == {0}
 
     again = _bench(tmp_path, tiny_model_dir, *TINY)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -82,3 +84,5 @@ def test_bench_rejects_unknown_section_and_policy(tmp_path, tiny_model_dir):
     assert bad.returncode == 2 and "unknown bench section(s) ['speed']; accepted: throughput" in bad.stderr
     bad = _bench(tmp_path, tiny_model_dir, "sections=[overhead]", "overhead.policies=[nope]")
     assert bad.returncode == 2 and "unknown policy 'nope'; accepted:" in bad.stderr
+    bad = _bench(tmp_path, tiny_model_dir, "sections=[generation]", "warmup=-1")
+    assert bad.returncode == 2 and "warmup=-1: give the number of untimed runs" in bad.stderr

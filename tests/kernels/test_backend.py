@@ -38,3 +38,16 @@ def test_forced_triton_on_cpu_needs_interpreter(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
             backend.use_triton(torch.device("cpu"))
+
+
+def test_interpreter_probe_and_its_error(monkeypatch):
+    """The probe runs a real kernel under the interpreter (CI's Triton passes it); a failing probe becomes the
+    error of any forced-Triton call on CPU instead of an interpreter traceback deep inside a kernel."""
+    problem = backend.interpreter_problem()
+    if backend.interpreter_enabled():  # the test run's own setting, fixed when triton was imported
+        assert problem is None or "NumPy" in problem
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(backend, "interpreter_problem", lambda: "Triton 0.1's interpreter is broken")
+    with use_backend("triton"), pytest.raises(RuntimeError, match="Triton 0.1's interpreter is broken"):
+        backend.use_triton(torch.device("cpu"))
+    assert backend.use_triton(torch.device("cuda", 0)) is True  # compiled kernels are not the interpreter's

@@ -25,6 +25,8 @@ def test_bench_smoke(tmp_path):
         text=True,
         timeout=300,
     )
+    if proc.returncode == 2 and "interpreter cannot run loops" in proc.stderr:  # e.g. Triton 3.6 + NumPy 2.4
+        pytest.skip(proc.stderr.strip())
     assert proc.returncode == 0, proc.stderr
     report = out.read_text()
     for needle in (
