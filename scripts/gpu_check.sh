@@ -69,11 +69,19 @@ part gen_smollm2_bf16 75 "$PY" experiments/bench.py hydra.run.dir="$WORK/gen-smo
 # 4. Throughput against compression on a fixed pool: issue 11's workload (Llama-3.1-8B width, 8 layers, bf16)
 part ckpt_llama8b 90 "$PY" scripts/build_random_checkpoints.py --out "$CKPT" --tokenizer "$TOKENIZER" \
   --names llama8b-w8
-part throughput_llama8b 130 "$PY" experiments/bench.py hydra.run.dir="$WORK/throughput-llama8b" model=hf model.path="$CKPT/llama8b-w8" model.device=cuda \
+part throughput_llama8b 150 "$PY" experiments/bench.py hydra.run.dir="$WORK/throughput-llama8b" model=hf model.path="$CKPT/llama8b-w8" model.device=cuda \
   model.dtype=bfloat16 repeats=1 sections=[throughput] throughput.ratios=[1,8,16,64] \
   throughput.workload.n_requests=64 throughput.workload.prompt_tokens=2048 throughput.workload.new_tokens=128 \
   throughput.workload.pool_seqs=8 throughput.workload.max_seqs=64 throughput.workload.prefill_chunk=2048 \
   throughput.workload.max_prefill_tokens=8192
+
+# the same pool with four times the requests and sequences at once: at 16x and 64x the 64 requests above all fit
+# at once, so only a longer queue shows what 64x's smaller caches admit
+part throughput_llama8b_256 240 "$PY" experiments/bench.py hydra.run.dir="$WORK/throughput-llama8b-256" model=hf \
+  model.path="$CKPT/llama8b-w8" model.device=cuda model.dtype=bfloat16 repeats=1 sections=[throughput] \
+  throughput.ratios=[1,8,16,64] throughput.workload.n_requests=256 throughput.workload.prompt_tokens=2048 \
+  throughput.workload.new_tokens=128 throughput.workload.pool_seqs=8 throughput.workload.max_seqs=256 \
+  throughput.workload.prefill_chunk=2048 throughput.workload.max_prefill_tokens=8192
 
 part gen_smollm2_fp32 75 "$PY" experiments/bench.py hydra.run.dir="$WORK/gen-smollm2-fp32" "${SMOL[@]}" model.dtype=float32 repeats=3
 
@@ -82,7 +90,7 @@ part kernels 80 "$PY" scripts/bench_kernels.py --batch 1,8,32 --context 4096,819
   --out "$WORK/kernels.md"
 
 # 6. Evaluation: 40 samples of ~6000 tokens, batched vs one at a time vs an HF generate loop (SmolLM2 geometry)
-part eval_smollm2 90 "$PY" experiments/bench.py hydra.run.dir="$WORK/eval-smollm2" model=hf model.path="$CKPT/smollm2" model.device=cuda \
+part eval_smollm2 200 "$PY" experiments/bench.py hydra.run.dir="$WORK/eval-smollm2" model=hf model.path="$CKPT/smollm2" model.device=cuda \
   model.dtype=bfloat16 sections=[evaluation] repeats=1 evaluation.prompt_tokens=6000 evaluation.max_seqs=8
 
 # 7. The whole kernel suite on CUDA tensors (prefill, cache ops, the Hypothesis property test), as time allows
