@@ -37,11 +37,16 @@ class GlobalAllocator(Allocator):
     target by up to ``block_size - 1`` tokens (the last unit is whole).
 
     The defaults are KV-Compress exactly. ``floor`` (alpha, Ada-KV's safeguard) makes every head keep at least
-    ``ceil(alpha × target / (L × H))`` tokens: a head only gives up blocks above that. ``normalize`` (see
-    :func:`normalize_heads`) rescales each head's scores before the global comparison.
+    ``ceil(alpha × target / (L × H))`` tokens: a head only gives up blocks above that. ``cap`` (beta, 0 = none) is
+    the ceiling: every head gives up whole blocks until it keeps at most ``ceil(beta × target / (L × H))`` tokens
+    (never below its protected tokens or the floor), and the budget this frees goes to the other heads by the
+    global threshold. It stops a few heads that attend to nearly every token (a copying head's reconstruction
+    attention) from taking most of the budget at high ratios. ``normalize`` (see :func:`normalize_heads`)
+    rescales each head's scores before the global comparison.
     """
 
     floor: float = 0.0
+    cap: float = 0.0
     normalize: str = "none"
     name = "global"
 
@@ -49,6 +54,11 @@ class GlobalAllocator(Allocator):
         if not 0.0 <= self.floor <= 1.0:
             raise ValueError(
                 f"global allocator floor must be in [0, 1] (a share of the uniform share), got {self.floor}"
+            )
+        if self.cap != 0.0 and self.cap < max(self.floor, 1.0):
+            raise ValueError(
+                f"global allocator cap must be 0 (none) or at least 1 and the floor ({self.floor}), as a multiple of "
+                f"the uniform share; got {self.cap}"
             )
         if self.normalize not in NORMALIZE:
             raise ValueError(
@@ -73,6 +83,11 @@ class GlobalAllocator(Allocator):
         cost = asc.gather(-1, idx)  # [S, L*H, J]
         cost = cost.masked_fill(j > units[..., None], float("inf"))
         need = torch.ceil((lens.sum(-1) - target.double()).clamp_min(0) / block_size).long()  # blocks to evict [S]
+        if self.cap > 0:  # the blocks above the ceiling go first, whatever their rank
+            ceiling = torch.ceil(self.cap * target.double() / (L * H)).long()  # [S]
+            forced = torch.minimum(torch.ceil((lens - ceiling[:, None]).clamp_min(0) / block_size).long(), units)
+            cost = cost.masked_fill(j <= forced[..., None], float("-inf"))
+            need = torch.maximum(need, forced.sum(-1))
         flat = cost.reshape(S, -1)
         # a stable sort of the row-major [head, j] costs orders equal costs of one head by j: prefixes stay prefixes
         order = torch.argsort(flat, dim=-1, stable=True)

@@ -17,7 +17,7 @@ from kvcompress.experiment.policy_config import register_policy_configs
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 PRESETS = ["recommended_query_aware", "recommended_query_agnostic", "kv_compress"]
-BUDGETS = ["global_floor", "global_normalized", "global_floor_normalized"]
+BUDGETS = ["global_floor", "global_cap", "global_normalized", "global_floor_normalized"]
 
 
 @pytest.mark.parametrize("preset", PRESETS)

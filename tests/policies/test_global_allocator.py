@@ -46,6 +46,25 @@ def test_global_allocator_floor_keeps_a_share_of_the_uniform_budget() -> None:
     assert counts.sum() <= target.item()
 
 
+def test_global_allocator_cap_hands_a_dominant_heads_budget_to_the_others() -> None:
+    """One head outranks every token of the others: KV-Compress gives it its whole length. With cap=2 it keeps at
+    most twice the uniform share, and the blocks this frees go to the others by rank, still as whole blocks."""
+    L, H, N, bs = 1, 4, 64, 8
+    ranks = torch.rand(L, 1, H, N)
+    ranks[0, 0, 0] += 10.0  # the copying head
+    lengths = torch.full((L, 1, H), N)
+    target = torch.tensor([L * H * N / 4], dtype=torch.float64)  # uniform share: 16 tokens per head
+    zero = torch.zeros_like(lengths)
+    plain = GlobalAllocator().allocate(ranks, lengths, zero, target, bs)[0, 0]
+    assert plain[0] == 64 and plain[1:].sum() == 0
+    capped = GlobalAllocator(cap=2.0).allocate(ranks, lengths, zero, target, bs)[0, 0]
+    assert capped[0] == 32  # ceil(2 x 16)
+    assert capped.sum() == 64 and capped[1:].sum() == 32
+    assert ((lengths[0, 0] - capped) % bs == 0).all(), "whole blocks only"
+    protected = torch.full_like(lengths, 40)  # protected tokens win over the ceiling
+    assert GlobalAllocator(cap=2.0).allocate(ranks, lengths, protected, target, bs)[0, 0, 0] >= 40
+
+
 def test_global_allocator_normalize_compares_heads_by_their_own_mass() -> None:
     """A flat low-scale head against a peaky high-scale head: raw scores evict the flat head first; normalised
     (by sum or max) the peaky head's tail holds a small share of its attention and goes first."""
@@ -66,9 +85,11 @@ def test_global_allocator_normalize_compares_heads_by_their_own_mass() -> None:
 
 
 def test_allocator_args_errors() -> None:
-    with pytest.raises(ValueError, match="allocation 'global' has no field 'alpha'; its fields: floor, normalize"):
+    with pytest.raises(ValueError, match="allocation 'global' has no field 'alpha'; its fields: floor, cap, normalize"):
         build_allocator("global", {"alpha": 0.2})
     with pytest.raises(ValueError, match="normalize must be one of none, sum, max"):
         build_allocator("global", {"normalize": "rank"})
+    with pytest.raises(ValueError, match="cap must be 0 .none. or at least 1 and the floor"):
+        build_allocator("global", {"cap": 0.5})
     with pytest.raises(ValueError, match="its fields: none"):
         build_allocator("uniform", {"floor": 0.1})
