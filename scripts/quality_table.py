@@ -13,6 +13,11 @@ A setup (:mod:`kvcompress.experiment.setups`) is a named policy config, or ``<po
 
     --setups lfu+global,lfu+global_floor_normalized,lfu_avg+global,lfu+global:floor=0.2,normalize=sum,hybrid
     --setups kvzip+global:policy.prefix_keep=4
+
+``--ids`` runs a few samples of a suite by id, e.g. the ones a cell lost, to try a variant on them first:
+
+    --task jsonl --path docs/results/suites/heldout-4k.jsonl --samples 40 \\
+        --ids heldout-4000-multikey-01,heldout-4000-person-00
 """
 
 from __future__ import annotations
@@ -127,6 +132,24 @@ def _collect(engine: Engine, by_id: dict, ratios: list[float], tok) -> Iterator[
             yield sample_id, rows
 
 
+def select_samples(samples: list, first: int | None, ids: str | None) -> list:
+    """The first ``first`` samples (all: None), then only those whose ``sample_id`` is in the comma-separated
+    ``ids`` (all: None), in suite order; ``ValueError`` naming any id that is not among them."""
+    samples = samples[:first]
+    if ids is None:
+        return samples
+    wanted = [i.strip() for i in ids.split(",") if i.strip()]
+    known = [s.sample_id for s in samples]
+    unknown = [i for i in wanted if i not in known]
+    if unknown or not wanted:
+        shown = ", ".join(known[:3]) + (", ..." if len(known) > 3 else "")
+        raise ValueError(
+            f"--ids: {', '.join(unknown) or 'no id given'} not among the {len(known)} samples chosen "
+            f"(--samples / --first), whose ids look like {shown}"
+        )
+    return [s for s in samples if s.sample_id in set(wanted)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="results/quality")
@@ -136,6 +159,9 @@ def main() -> None:
     )
     ap.add_argument("--samples", type=int, default=3)
     ap.add_argument("--first", type=int, default=None, help="run only the first N samples (ids stay stable)")
+    ap.add_argument(
+        "--ids", default=None, help="run only these sample ids, comma-separated (from the --samples chosen)"
+    )
     ap.add_argument("--tokens", type=int, default=1000)
     ap.add_argument(
         "--ratios", default=None, help="comma-separated, default 2,4,8,16 (--table-only: the ratios in the rows)"
@@ -199,7 +225,10 @@ def main() -> None:
     else:
         task = build_task(args.task, tokenizer=lm.tokenizer, n_samples=args.samples, target_tokens=args.tokens)
         samples = task.samples()
-    samples = samples[: args.first]
+    try:
+        samples = select_samples(samples, args.first, args.ids)
+    except ValueError as err:
+        ap.error(str(err))
     t0 = time.perf_counter()
     with rows_path.open("a") as f:
         for mode in args.modes.split(","):

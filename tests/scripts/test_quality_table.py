@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def _row(setup: str, sample: str, ratio: float, score: float) -> dict:
     return {
@@ -59,3 +61,18 @@ def test_table_only_rewrites_the_table_without_running(tmp_path: Path) -> None:
     other = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert other.returncode == 2 and "Traceback" not in other.stderr
     assert "rows.jsonl:2: not a quality_table row (missing mode, ratio, sample_id, score, setup)" in other.stderr
+
+
+def test_ids_pick_samples_by_id_in_suite_order(script_module) -> None:
+    from types import SimpleNamespace
+
+    qt = script_module("quality_table")
+    samples = [SimpleNamespace(sample_id=f"s{i}") for i in range(5)]
+    picked = qt.select_samples(samples, None, "s3, s1")
+    assert [s.sample_id for s in picked] == ["s1", "s3"]
+    assert [s.sample_id for s in qt.select_samples(samples, 2, None)] == ["s0", "s1"]
+    refused = [(2, "s3", "s3 not among the 2 samples"), (None, "s1,x", "x not among"), (None, ",", "no id given")]
+    for first, ids, named in refused:
+        with pytest.raises(ValueError, match=named) as err:
+            qt.select_samples(samples, first, ids)
+        assert "s0, s1" in str(err.value)
