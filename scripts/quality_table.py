@@ -138,16 +138,16 @@ def select_samples(samples: list, first: int | None, ids: str | None) -> list:
     samples = samples[:first]
     if ids is None:
         return samples
-    wanted = [i.strip() for i in ids.split(",") if i.strip()]
+    wanted = {i.strip() for i in ids.split(",") if i.strip()}
     known = [s.sample_id for s in samples]
-    unknown = [i for i in wanted if i not in known]
+    unknown = sorted(wanted.difference(known))
     if unknown or not wanted:
         shown = ", ".join(known[:3]) + (", ..." if len(known) > 3 else "")
+        problem = f"{', '.join(unknown)} not among" if unknown else "no id given; pick from"
         raise ValueError(
-            f"--ids: {', '.join(unknown) or 'no id given'} not among the {len(known)} samples chosen "
-            f"(--samples / --first), whose ids look like {shown}"
+            f"--ids: {problem} the {len(known)} samples chosen (--samples / --first), whose ids look like {shown}"
         )
-    return [s for s in samples if s.sample_id in set(wanted)]
+    return [s for s in samples if s.sample_id in wanted]
 
 
 def main() -> None:
