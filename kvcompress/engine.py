@@ -47,6 +47,7 @@ from kvcompress.budget import Budget
 from kvcompress.cache.paged import PagedKVCache, PoolExhaustedError
 from kvcompress.compressor import Compressor
 from kvcompress.model_runner import ModelRunner, make_cache, paged_attention
+from kvcompress.policies.base import ReconstructionPass, pass_peak
 from kvcompress.sequence import Request, RequestOutput, Sequence, plan_chunks
 
 
@@ -56,7 +57,7 @@ def peak_tokens(request: Request, compressor: Compressor | None) -> int:
     n = len(request.prompt_ids) + len(request.question_ids) + request.max_new_tokens
     if compressor is None or not compressor.policy.evicts:
         return n
-    return max(n, len(request.prompt_ids) + len(compressor.policy.reconstruction(request.prompt_ids)))
+    return max(n, len(request.prompt_ids) + pass_peak(compressor.policy.reconstruction(request.prompt_ids)))
 
 
 @dataclass
@@ -210,8 +211,8 @@ class Engine:
     def _compresses(self, budget: Budget | None) -> bool:
         return self.compressor is not None and self.compressor.compresses(budget)
 
-    def _reconstruction(self, request: Request, observes: bool) -> list[int]:
-        """Tokens teacher-forced after an observed prompt and released before it is compressed (KVzip's
+    def _reconstruction(self, request: Request, observes: bool) -> list[ReconstructionPass]:
+        """Passes of tokens teacher-forced after an observed prompt and released before it is compressed (KVzip's
         reconstruction of the context), else none."""
         if not observes or self.compressor is None:
             return []
@@ -281,7 +282,7 @@ class Engine:
                 if self.max_seqs - len(self.running) - owed < 1 + min(sharers, self.max_seqs - 1):
                     break
                 recon = self._reconstruction(queued.request, self._parent_observes())
-                need = self._blocks_for(len(queued.request.prompt_ids) + len(recon))
+                need = self._blocks_for(len(queued.request.prompt_ids) + pass_peak(recon))
                 if not self._fits(need, promised):
                     break
                 self._start_parent(queued.request)
@@ -291,7 +292,7 @@ class Engine:
                 continue
             else:
                 recon = self._reconstruction(queued.request, self._compresses(self._budget(queued.request)))
-                after = max(len(self._suffix(queued)), len(recon))  # the reconstruction is released before the suffix
+                after = max(len(self._suffix(queued)), pass_peak(recon))  # released before the suffix
                 need = self._blocks_for(len(queued.request.prompt_ids) + after)
             if not self._fits(need, promised):
                 break
@@ -323,7 +324,7 @@ class Engine:
         return [*queued.request.question_ids, *queued.generated]
 
     def _prefill_blocks_left(self, s: Sequence) -> int:
-        end = max(len(s.tokens), (s.compress_at or 0) + len(s.reconstruct))
+        end = max(len(s.tokens), (s.compress_at or 0) + pass_peak(s.reconstruct))
         return self.cache.blocks_needed([s.seq_id], [end - s.prefilled])
 
     def _window(self, observes: bool) -> int:
@@ -350,9 +351,8 @@ class Engine:
         observes = self._parent_observes()
         chunks = plan_chunks(0, len(tokens), self.prefill_chunk, self._window(observes))
         recon = self._reconstruction(request, observes)
-        parent = Sequence(
-            None, self.cache.add_sequence(len(tokens) + len(recon)), None, tokens, chunks, len(tokens), self.step_no
-        )
+        seq_id = self.cache.add_sequence(len(tokens) + pass_peak(recon))
+        parent = Sequence(None, seq_id, None, tokens, chunks, len(tokens), self.step_no)
         parent.reconstruct = recon
         parent.share_key, parent.share_count = key, self._sharers(key)
         self.parents[key] = parent
@@ -538,23 +538,25 @@ class Engine:
         return freed
 
     def _reconstruct(self, seqs: list[Sequence]) -> None:
-        """Score by reconstruction each of ``seqs`` that owes it: teacher-force its ``reconstruct`` tokens after the
-        prompt in chunks of ``prefill_chunk`` (each attends to the prompt and the reconstruction before it), every
-        query observed, then truncate them off the cache, which is back to the prompt (``seen`` included). Costs
+        """Score by reconstruction each of ``seqs`` that owes it: each pass teacher-forces its tokens after the
+        prompt's first ``visible`` tokens (the rest hidden, :meth:`~kvcompress.cache.paged.PagedKVCache.rewound`)
+        in chunks of ``prefill_chunk`` (each attends to the visible prompt and the pass's tokens before it), every
+        query observed, then truncates them off, so the cache is back to the prompt (``seen`` included). Costs
         about one more prefill of the prompt; timed into ``reconstruct_s``."""
         for s in [s for s in seqs if s.reconstruct]:
             t0 = time.perf_counter()
-            tokens, s.reconstruct = s.reconstruct, []
-            need = self.cache.blocks_needed([s.seq_id], [len(tokens)])
+            passes, s.reconstruct = s.reconstruct, []
+            need = self.cache.blocks_needed([s.seq_id], [pass_peak(passes)])
             if need > self.cache.num_free_blocks and not self._make_room(need, keep=s):
                 raise PoolExhaustedError(need, self.cache.num_free_blocks, self.cache.num_blocks)
-            for a in range(0, len(tokens), self.prefill_chunk):
-                self.runner.forward([s.seq_id], [tokens[a : a + self.prefill_chunk]], self.compressor, -1)
-            self.cache.truncate(s.seq_id, len(tokens))
+            for p in passes:
+                with self.cache.rewound(s.seq_id, p.visible):
+                    for a in range(0, len(p.tokens), self.prefill_chunk):
+                        self.runner.forward([s.seq_id], [p.tokens[a : a + self.prefill_chunk]], self.compressor, -1)
             dt = time.perf_counter() - t0
             s.reconstruct_s += dt
             self.stats.reconstruct_s += dt
-            self.stats.reconstruct_tokens += len(tokens)
+            self.stats.reconstruct_tokens += sum(len(p.tokens) for p in passes)
 
     def _make_room(self, need: int, keep: Sequence | None) -> bool:
         """Free blocks until ``need`` are free: compress the decoding sequences, then preempt the newest ones.

@@ -20,6 +20,7 @@ import torch
 
 from kvcompress.budget import Budget
 from kvcompress.cache.paged import MemoryStats
+from kvcompress.policies.base import ReconstructionPass
 
 
 @dataclass
@@ -83,8 +84,8 @@ class Sequence:
 
     ``tokens`` = prompt, then the question and any tokens generated before a preemption. ``chunks`` are the
     prefill spans left; ``compress_at`` is the token count after which the sequence is compressed (None: it is not,
-    or already was). ``reconstruct`` are the tokens the policy wants teacher-forced after the prompt before it is
-    compressed (KVzip; emptied once done). ``pending`` is the next token (argmax of the last logits), not yet
+    or already was). ``reconstruct`` are the passes of tokens the policy wants teacher-forced after the prompt before
+    it is compressed (KVzip; emptied once done). ``pending`` is the next token (argmax of the last logits), not yet
     emitted.
     """
 
@@ -104,7 +105,7 @@ class Sequence:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     compress_s: float = 0.0
-    reconstruct: list[int] = field(default_factory=list)
+    reconstruct: list[ReconstructionPass] = field(default_factory=list)
     reconstruct_s: float = 0.0
     # a parent: the key it serves, how many requests shared it when it was made, the budget it was compressed to
     share_key: Hashable | None = None

@@ -33,6 +33,8 @@ the now-empty trailing blocks to the pool. This is the scheme of Cloudflare's KV
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +44,9 @@ from kvcompress_kernels import compact, gather_logical, write_kv
 from kvcompress.cache.step import StepPlan
 
 _NUMPY_DTYPES = {torch.long: np.int64, torch.int32: np.int32}
+# added to a hidden slot's position (see PagedKVCache.rewound): past any real query's, so causality hides the slot;
+# int32 positions leave room for 2**30 real ones
+HIDDEN = 1 << 30
 
 
 def _runs(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -485,6 +490,39 @@ class PagedKVCache:
             raise ValueError(f"cannot truncate {n} tokens from sequence {seq_id}: its shortest head holds fewer")
         self.seen[seq_id] -= n
         return self._shrink(sid, self.lengths[:, sid] - n)
+
+    @contextmanager
+    def rewound(self, seq_id: int, n: int) -> Iterator[None]:
+        """Within the block, ``seq_id`` reads as its first ``n`` tokens: its slots at positions ``>= n`` stay cached
+        but leave every query's reach (their positions move up by :data:`HIDDEN`, so causality masks them) and the
+        next token written gets position ``n``. On exit the tokens written within are truncated and the hidden
+        slots come back. KVzip reconstructs a long prompt chunk by chunk this way, each pass seeing the prompt only
+        up to its chunk's end. ``n == seen``: nothing is hidden (plain teacher-forcing, then truncation)."""
+        self._check_live([seq_id])
+        seen, lengths = int(self.seen[seq_id]), self.lengths[:, seq_id].copy()
+        if not 0 <= n <= seen:
+            raise ValueError(f"cannot rewind sequence {seq_id} to {n} tokens: it has seen {seen}")
+        hide = n < seen
+        if hide:
+            self._shift_positions(seq_id, n, HIDDEN)
+        self.seen[seq_id] = n
+        try:
+            yield
+        finally:
+            written = self.lengths[:, seq_id] - lengths
+            assert (written == written.flat[0]).all(), "a forward appends the same tokens to every head"
+            self.truncate(seq_id, int(written.flat[0]))
+            self.seen[seq_id] = seen
+            if hide:
+                self._shift_positions(seq_id, HIDDEN, -HIDDEN)
+
+    def _shift_positions(self, seq_id: int, lo: int, delta: int) -> None:
+        """Add ``delta`` to the position of every slot of ``seq_id`` at position ``>= lo``, on device (padded view
+        entries write the scratch block's own position back)."""
+        for layer in range(self.num_layers):
+            v = self.view(layer, [seq_id], with_kv=False)
+            moved = torch.where(v.valid & (v.positions >= lo), v.positions + delta, v.positions)
+            self.slot_pos.view(-1)[v.slots.reshape(-1)] = moved.reshape(-1).to(self.slot_pos.dtype)
 
     def _shrink(self, sid: np.ndarray, new_len: np.ndarray) -> int:
         """Set the lengths of sequences ``sid`` to ``new_len`` ``[L, S, H]`` (each head keeps its first slots) and

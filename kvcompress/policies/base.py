@@ -5,8 +5,9 @@ A policy is a dataclass with one job. It may
 * ask for the attention of the last ``window`` prompt queries (``-1``: every prompt query) against all keys,
   raised to ``window_power`` and summed over those queries (``window_reduce="max"``: their maximum), and turn it
   into slot scores in :meth:`Policy.observe_prefill`;
-* have the engine teacher-force extra tokens after the prompt (:meth:`Policy.reconstruction`, KVzip's context
-  reconstruction): observed with every query, then released from the cache before compression;
+* have the engine teacher-force extra tokens after the prompt, in one or several passes
+  (:meth:`Policy.reconstruction`, KVzip's context reconstruction): observed with every query, then released from
+  the cache before compression;
 * ask the decode attention to add ``Σ_group p**decode_power`` into the slot scores every step (fused into the
   attention kernel), or receive raw decode probabilities (``wants_decode_probs``);
 * compute ranking scores at compression time from keys/values/positions in :meth:`Policy.rank`;
@@ -27,6 +28,21 @@ import torch.nn.functional as F
 
 from kvcompress.cache.paged import HeadView, PagedKVCache
 from kvcompress.cache.step import DecodeObservation, PrefillObservation
+
+
+@dataclass(frozen=True)
+class ReconstructionPass:
+    """``tokens`` teacher-forced after the prompt's first ``visible`` tokens, every query observed, then released.
+    The prompt's later tokens stay cached but out of these queries' reach, and the pass starts at position
+    ``visible``, as if the prompt ended there (``visible`` = the prompt's length: the whole prompt is seen)."""
+
+    visible: int
+    tokens: list[int]
+
+
+def pass_peak(passes: Sequence[ReconstructionPass]) -> int:
+    """The most tokens one of ``passes`` adds on top of the prompt (passes run one after another)."""
+    return max((len(p.tokens) for p in passes), default=0)
 
 
 @dataclass
@@ -53,9 +69,10 @@ class Policy:
     def observe_prefill(self, cache: PagedKVCache, obs: PrefillObservation) -> None:
         """Update slot scores from the prefill observation window of one layer of one sequence."""
 
-    def reconstruction(self, prompt: Sequence[int]) -> list[int]:
-        """Tokens the engine prefills after ``prompt`` (observed with every query) and then releases, before the
-        prompt is compressed; empty (the default): none. See :class:`~kvcompress.policies.kvzip.KVzipPolicy`."""
+    def reconstruction(self, prompt: Sequence[int]) -> list[ReconstructionPass]:
+        """Passes of tokens the engine prefills after ``prompt`` (observed with every query) and then releases,
+        before the prompt is compressed; empty (the default): none. See
+        :class:`~kvcompress.policies.kvzip.KVzipPolicy`."""
         return []
 
     def observe_decode(self, cache: PagedKVCache, obs: DecodeObservation) -> None:

@@ -36,6 +36,16 @@ p(q, h, k))``. Query-aware (the question at the end of the prompt) that adds wha
 signal, to what reconstruction needs, and both are probabilities, so the score stays comparable across heads for
 the global allocator. Query-agnostic the window is the end of the context, which carries no question.
 
+``local_chunk`` > 0 reconstructs the context that many tokens at a time, one pass per chunk, each pass seeing
+the prompt only up to its chunk's end (the later prompt stays cached, out of the pass's reach: see
+:meth:`~kvcompress.cache.paged.PagedKVCache.rewound`) and starting right after it, with the repeat prompt again.
+A context token is then scored by queries at most ``local_chunk`` plus the repeat prompt's length away, instead
+of the whole prompt's length: at ~4000 tokens SmolLM2's copying heads, which find a passkey a thousand tokens
+back, barely attend to it four thousand tokens back, and the end of the context outranks it in most heads.
+Queries of later passes still see (and score) the earlier context. 0 (the default): one pass over the whole
+context. kvpress's ``chunk_size`` differs: each of its passes sees the whole context and leaves the other chunks
+out of the softmax.
+
 ``pool_kernel`` > 1 max-pools each head's scores along positions before ranking (SnapKV's clustering), so a
 token inherits the highest score of the ``pool_kernel // 2`` tokens on either side of it (in position order, among
 the tokens the head holds: all of the prompt at KVzip's one compression). A fact is a span: the question or
@@ -46,6 +56,7 @@ maxima (pooling happens at ranking), so later observations fold in as before.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -54,7 +65,14 @@ import torch
 
 from kvcompress.cache.paged import HeadView, PagedKVCache
 from kvcompress.cache.step import PrefillObservation
-from kvcompress.policies.base import Policy, check_pool_kernel, group_max, is_count, pool_by_position
+from kvcompress.policies.base import (
+    Policy,
+    ReconstructionPass,
+    check_pool_kernel,
+    group_max,
+    is_count,
+    pool_by_position,
+)
 
 DEFAULT_INSTRUCTION = "Repeat the previous context exactly."
 
@@ -69,7 +87,9 @@ class KVzipPolicy(Policy):
     context; k >= 0 keeps its first k tokens above everything and ranks the rest of it last (score 0);
     ``prefix_renorm`` (needs ``prefix_keep``): also leave that rest out of the reconstruction queries' softmax;
     ``window``: the last prompt queries whose attention also votes (0, the default: only the reconstruction's);
-    ``pool_kernel``: max-pool the scores over this odd number of positions at ranking (1, the default: none)."""
+    ``pool_kernel``: max-pool the scores over this odd number of positions at ranking (1, the default: none);
+    ``local_chunk``: reconstruct the context this many tokens per pass, each pass seeing the prompt up to its
+    chunk's end (0, the default: one pass over the whole context)."""
 
     instruction: str = DEFAULT_INSTRUCTION
     repeat_ids: list[int] | None = None
@@ -79,6 +99,7 @@ class KVzipPolicy(Policy):
     prefix_renorm: bool = False
     window: int = 0
     pool_kernel: int = 1
+    local_chunk: int = 0
     window_reduce: ClassVar[str] = "max"
 
     def __post_init__(self) -> None:
@@ -94,6 +115,11 @@ class KVzipPolicy(Policy):
                 f"got {self.window!r}"
             )
         check_pool_kernel(self.pool_kernel, "kvzip policy.pool_kernel")
+        if not is_count(self.local_chunk):
+            raise ValueError(
+                f"kvzip policy.local_chunk must be a count of context tokens per reconstruction pass >= 0 "
+                f"(0: one pass over the whole context), got {self.local_chunk!r}"
+            )
         if self.prefix_renorm and k is None:
             raise ValueError(
                 "kvzip policy.prefix_renorm=true needs policy.prefix_keep (the sinks kept in the softmax), e.g. 4"
@@ -106,18 +132,23 @@ class KVzipPolicy(Policy):
             return (0, 0)
         return (min(self.prefix_keep, len(self.prefix_ids)), len(self.prefix_ids))
 
-    def reconstruction(self, prompt: Sequence[int]) -> list[int]:
-        """``[*repeat_ids, *prompt]``: the repeat prompt, then the context teacher-forced as its answer (without
-        the template's ``prefix_ids`` when ``skip_prefix`` and the prompt starts with them)."""
+    def reconstruction(self, prompt: Sequence[int]) -> list[ReconstructionPass]:
+        """One pass ``[*repeat_ids, *prompt]`` that sees the whole prompt: the repeat prompt, then the context
+        teacher-forced as its answer (without the template's ``prefix_ids`` when ``skip_prefix`` and the prompt
+        starts with them). With ``local_chunk`` = c: one pass ``[*repeat_ids, *chunk]`` per c tokens of that
+        context, each seeing the prompt up to the chunk's end; a last chunk under c / 2 tokens joins the one
+        before it, so a prompt a few tokens over c is still one pass."""
         if self.repeat_ids is None:
             raise ValueError(
                 "KVzipPolicy.repeat_ids is not set: tokenize the repeat prompt with the model's tokenizer, e.g. "
                 "policy.repeat_ids = kvcompress.experiment.prompts.repeat_prompt_ids(tokenizer, policy.instruction)"
             )
         prefix = self.prefix_ids or []
-        if self.skip_prefix and prefix and list(prompt[: len(prefix)]) == prefix:
-            prompt = prompt[len(prefix) :]
-        return [*self.repeat_ids, *prompt]
+        start = len(prefix) if self.skip_prefix and prefix and list(prompt[: len(prefix)]) == prefix else 0
+        bounds = [*range(start, len(prompt), self.local_chunk or max(len(prompt) - start, 1)), len(prompt)]
+        if len(bounds) > 2 and 2 * (bounds[-1] - bounds[-2]) < self.local_chunk:
+            del bounds[-2]  # a last chunk under half the size joins the one before (a pass costs a repeat prompt)
+        return [ReconstructionPass(b, [*self.repeat_ids, *prompt[a:b]]) for a, b in itertools.pairwise(bounds)]
 
     def observe_prefill(self, cache: PagedKVCache, obs: PrefillObservation) -> None:
         """Fold one observed chunk in (the prompt's last ``window`` queries, or a reconstruction chunk): slot score =

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvcompress.cache.paged import PagedKVCache, PoolExhaustedError
+from kvcompress.cache.paged import HIDDEN, PagedKVCache, PoolExhaustedError
 
 L, H, D, BS = 2, 3, 4, 4
 
@@ -180,6 +180,31 @@ def test_truncate_drops_the_last_tokens_and_their_blocks() -> None:
     append(cache, 0, 2, start=9)  # the next token continues at the prompt's end
     with pytest.raises(ValueError, match="cannot truncate"):
         cache.truncate(0, 8)
+
+
+def test_rewound_hides_the_later_prompt_and_restores_it() -> None:
+    """Inside ``rewound(seq, 5)`` the next token is at position 5 and the prompt's slots at positions 5..8 read as
+    HIDDEN + position (out of every query's causal reach); on exit the tokens written inside are gone and
+    positions, lengths, seen and blocks are as before, even after a compaction reordered the prompt's slots."""
+    cache = make()
+    cache.add_sequence()
+    append(cache, 0, 9)
+    evict_layer(cache, 0, 0, torch.tensor([[[True, False] * 4 + [True]] * H]))  # layer 0 keeps 0, 2, 4, 6, 8
+    before = (cache.lengths.copy(), int(cache.num_blocks_held.sum()), [positions(cache, 0, 0, h) for h in range(H)])
+    with cache.rewound(0, 5):
+        assert positions(cache, 0, 0, 0) == [0, 2, 4, HIDDEN + 6, HIDDEN + 8]
+        assert positions(cache, 1, 0, 2) == [0, 1, 2, 3, 4, *(HIDDEN + p for p in range(5, 9))]
+        append(cache, 0, 6, start=5)
+        assert positions(cache, 1, 0, 0) == [*range(11), *(HIDDEN + p for p in range(5, 9))]
+    assert (cache.lengths == before[0]).all() and int(cache.seen[0]) == 9
+    assert int(cache.num_blocks_held.sum()) == before[1] == cache.num_used_blocks
+    assert [positions(cache, 0, 0, h) for h in range(H)] == before[2]
+    assert positions(cache, 1, 0, 1) == list(range(9))
+    with cache.rewound(0, 9):  # the whole prompt visible: nothing hidden
+        assert positions(cache, 1, 0, 1) == list(range(9))
+    with pytest.raises(ValueError, match="cannot rewind sequence 0 to 10 tokens: it has seen 9"):
+        with cache.rewound(0, 10):
+            pass
 
 
 def test_heads_grow_in_place_into_the_room_their_sequence_expects() -> None:

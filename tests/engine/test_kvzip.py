@@ -69,6 +69,7 @@ def _capture_before_compression(engine: Engine) -> list[dict]:
                 "lengths": cache.lengths[:, sid].copy(),
                 "seen": int(cache.seen[sid]),
                 "blocks": int(cache.num_blocks_held[:, sid].sum()),
+                "positions": sorted(cache.view(0, [sid], with_kv=False).positions[0, 0].tolist()),
             }
         )
         return compress(cache, seq_ids, budget)
@@ -121,6 +122,68 @@ def test_window_folds_the_prompts_last_queries_into_the_maximum(tiny_llama, chun
     got, plain = seen[0]["scores"], _dense_scores(tiny_llama, CONTEXT)
     torch.testing.assert_close(got, _dense_scores(tiny_llama, CONTEXT, window=6), atol=1e-5, rtol=1e-4)
     assert (got >= plain - 1e-6).all() and (got > plain + 1e-4).any()
+
+
+def _local_dense_scores(model, context: list[int], size: int) -> torch.Tensor:
+    """``[L, H_kv, n]``: reconstruction chunk by chunk, each pass run densely on its own: ``context[:b] + REPEAT +
+    context[a:b]`` for each chunk ``[a, b)`` of ``size`` tokens; a context token scores the max over every pass
+    that sees it of its reconstruction queries' attention (as :func:`_dense_scores`, per pass)."""
+    n, cfg = len(context), model.config
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    best = torch.zeros(cfg.num_hidden_layers, cfg.num_key_value_heads, n)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        for a in range(0, n, size):
+            b = min(a + size, n)
+            with torch.no_grad():
+                attentions = model(
+                    torch.tensor([[*context[:b], *REPEAT, *context[a:b]]]), output_attentions=True
+                ).attentions
+            per_head = torch.stack([x[0, :, b:, :b].amax(1) for x in attentions])  # [L, H_q, b]
+            seen = per_head.view(len(attentions), cfg.num_key_value_heads, group, b).amax(2)
+            best[..., :b] = best[..., :b].maximum(seen)
+    finally:
+        model.set_attn_implementation(previous)
+    return best
+
+
+@pytest.mark.parametrize("chunk", [16, 2048], ids=["chunked", "one-chunk"])
+def test_local_chunk_passes_see_the_context_up_to_their_chunk(tiny_llama, chunk):
+    """``local_chunk=16`` on 45 tokens: three passes, each seeing the context only up to its chunk's end, give
+    the scores of the three dense runs; they differ from one pass over the whole context, and the cache is back
+    to the prompt (positions included) afterwards."""
+    comp = Compressor(KVzipPolicy(repeat_ids=REPEAT, local_chunk=16), Budget(ratio=2, protected_window=4))
+    engine = Engine(tiny_llama, comp, max_seqs=1, max_tokens_per_head=256, prefill_chunk=chunk)
+    seen = _capture_before_compression(engine)
+    engine.run([Request(0, CONTEXT, 4)])
+    (got,) = seen
+    n = len(CONTEXT)
+    torch.testing.assert_close(got["scores"], _local_dense_scores(tiny_llama, CONTEXT, 16), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(got["scores"], _dense_scores(tiny_llama, CONTEXT), atol=1e-3)
+    assert (got["lengths"] == n).all() and got["seen"] == n and got["positions"] == list(range(n))
+    assert engine.stats.reconstruct_tokens == 3 * len(REPEAT) + n
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks
+
+
+def test_local_chunk_splits_the_context_into_passes():
+    big = KVzipPolicy(repeat_ids=REPEAT, local_chunk=len(CONTEXT))
+    assert big.reconstruction(CONTEXT) == KVzipPolicy(repeat_ids=REPEAT).reconstruction(CONTEXT)
+    passes = KVzipPolicy(repeat_ids=REPEAT, local_chunk=18).reconstruction(CONTEXT)
+    assert [(p.visible, p.tokens) for p in passes] == [
+        (18, [*REPEAT, *CONTEXT[:18]]),
+        (36, [*REPEAT, *CONTEXT[18:36]]),
+        (45, [*REPEAT, *CONTEXT[36:]]),
+    ]
+    # a last chunk under half the size (5 of 20 tokens) joins the one before; so does 2 of 43 (one pass)
+    assert [p.visible for p in KVzipPolicy(repeat_ids=REPEAT, local_chunk=20).reconstruction(CONTEXT)] == [20, 45]
+    assert [p.visible for p in KVzipPolicy(repeat_ids=REPEAT, local_chunk=43).reconstruction(CONTEXT)] == [45]
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True])
+def test_local_chunk_must_be_a_token_count(bad):
+    with pytest.raises(ValueError, match=f"local_chunk must be a count of context tokens.*got {bad!r}"):
+        KVzipPolicy(local_chunk=bad)
 
 
 @pytest.mark.parametrize("bad", [-1, 2.5, True])

@@ -17,6 +17,7 @@ from kvcompress.experiment.prompts import (
     template_prefix_ids,
 )
 from kvcompress.generate import as_request
+from kvcompress.policies.base import ReconstructionPass
 from kvcompress.policies.kvzip import KVzipPolicy
 from kvcompress.tasks.base import Sample
 
@@ -84,10 +85,12 @@ def test_kvzip_skip_prefix_reconstructs_the_context_without_the_template(tiny_mo
     assert prompt.context_ids[: len(prefix)] == prefix
     kept = KVzipPolicy(repeat_ids=[7], prefix_ids=prefix)
     skipped = KVzipPolicy(repeat_ids=[7], prefix_ids=prefix, skip_prefix=True)
-    assert kept.reconstruction(prompt.context_ids) == [7, *prompt.context_ids]
-    assert skipped.reconstruction(prompt.context_ids) == [7, *prompt.context_ids[len(prefix) :]]
-    assert tokenizer.decode(skipped.reconstruction(prompt.context_ids)[1:]) == "The pass key is 12345.\n\n"
+    n = len(prompt.context_ids)
+    assert kept.reconstruction(prompt.context_ids) == [ReconstructionPass(n, [7, *prompt.context_ids])]
+    (one,) = skipped.reconstruction(prompt.context_ids)
+    assert one == ReconstructionPass(n, [7, *prompt.context_ids[len(prefix) :]])
+    assert tokenizer.decode(one.tokens[1:]) == "The pass key is 12345.\n\n"
     other = [p + 1 for p in prompt.context_ids]  # a prompt without the template's prefix is reconstructed whole
-    assert skipped.reconstruction(other) == [7, *other]
+    assert skipped.reconstruction(other) == [ReconstructionPass(n, [7, *other])]
     tokenizer.chat_template = None
     assert template_prefix_ids(tokenizer) == []
