@@ -8,6 +8,8 @@ import torch
 from kvcompress_kernels import paged_prefill_torch, paged_prefill_triton
 from paged_case import make_case
 
+from kvcompress.cache.paged import HIDDEN
+
 TOL = dict(atol=1e-4, rtol=1e-4)
 
 
@@ -72,6 +74,29 @@ def test_excluded_positions_leave_the_observation_only(device, group, exclude):
     assert not torch.allclose(ref, plain, **TOL)
     with pytest.raises(ValueError, match="obs_exclude"):
         paged_prefill_torch(*args, obs_window=4, obs_exclude=(5, 2))
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_hidden_slots_are_out_of_every_querys_reach(device, group):
+    """``PagedKVCache.rewound`` hides a prefix's later slots by moving their positions up by ``HIDDEN``: they get
+    no attention and no observation (0), in the Triton kernel as in the reference, and the rest is attended as
+    the naive loop says."""
+    case, args = _case(device, group)
+    pos = case.slot_pos.view(-1)
+    bs, tables = case.block_size, case.block_tables.cpu()
+    lengths = case.lengths.cpu().tolist()[1]
+    slots = torch.tensor([int(tables[1, h, j // bs]) * bs + j % bs for h in range(2) for j in range(lengths[h])])
+    moved = pos[slots.to(pos.device)]
+    pos[slots.to(pos.device)] = torch.where((moved >= 30) & (moved < 45), moved + HIDDEN, moved)
+    out_tri, tri = paged_prefill_triton(*args, obs_window=1000, obs_reduce="max")
+    out_ref, ref = paged_prefill_torch(*args, obs_window=1000, obs_reduce="max")
+    torch.testing.assert_close(tri, ref, **TOL)
+    torch.testing.assert_close(out_tri, out_ref, **TOL)
+    torch.testing.assert_close(ref.cpu(), _naive_max(case, args, 1000), **TOL)
+    for h in range(2):
+        _, _, kpos = case.dense(1, h)
+        hidden = (kpos >= HIDDEN).cpu()
+        assert hidden.any() and (ref[1, h * group : (h + 1) * group, : len(kpos)].cpu()[:, hidden] == 0).all()
 
 
 def test_unknown_reduction_is_rejected(device):
