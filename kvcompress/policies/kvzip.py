@@ -42,9 +42,10 @@ the prompt only up to its chunk's end (the later prompt stays cached, out of the
 A context token is then scored by queries at most ``local_chunk`` plus the repeat prompt's length away, instead
 of the whole prompt's length: at ~4000 tokens SmolLM2's copying heads, which find a passkey a thousand tokens
 back, barely attend to it four thousand tokens back, and the end of the context outranks it in most heads.
-Queries of later passes still see (and score) the earlier context. 0 (the default): one pass over the whole
-context. kvpress's ``chunk_size`` differs: each of its passes sees the whole context and leaves the other chunks
-out of the softmax.
+Queries of later passes still see (and score) the earlier context, and each pass's end, the text its repeat
+prompt follows, scores high too. 0 (the default): one pass over the whole context; no preset sets it (on ~4k
+tokens it gained half a sample at query-agnostic 4x and lost 2.5 at 8x, docs/RESULTS.md). kvpress's ``chunk_size``
+differs: each of its passes sees the whole context and leaves the other chunks out of the softmax.
 
 ``pool_kernel`` > 1 max-pools each head's scores along positions before ranking (SnapKV's clustering), so a
 token inherits the highest score of the ``pool_kernel // 2`` tokens on either side of it (in position order, among
