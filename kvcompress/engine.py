@@ -13,7 +13,8 @@ admit more requests, and more requests decode together in one batched step. Each
    chunks of ``prefill_chunk``; the final chunk of a prompt carries the policy's observation window), and
    **compresses** a sequence as soon as its prompt is in, before its question (query-agnostic) is prefilled.
    A policy that scores by reconstruction (KVzip, :meth:`~kvcompress.policies.base.Policy.reconstruction`) first
-   gets its tokens teacher-forced after the prompt, every query observed, and then truncated off the cache;
+   gets its tokens teacher-forced after the prompt (in one pass or several, each seeing the prompt up to where
+   the policy says), every query observed, and then truncated off the cache;
 3. runs **one batched decode** forward for every sequence past its prefill, and re-compresses a sequence every
    ``budget.compress_every`` of its decode steps (continual compression).
 
@@ -53,7 +54,7 @@ from kvcompress.sequence import Request, RequestOutput, Sequence, plan_chunks
 
 def peak_tokens(request: Request, compressor: Compressor | None) -> int:
     """The most tokens ``request``'s sequence holds per head, uncompressed: its prompt, question and new tokens,
-    or its prompt plus the policy's reconstruction of it (KVzip), which is released before the question."""
+    or its prompt plus the longest pass of the policy's reconstruction of it (KVzip), released before the question."""
     n = len(request.prompt_ids) + len(request.question_ids) + request.max_new_tokens
     if compressor is None or not compressor.policy.evicts:
         return n
