@@ -26,6 +26,18 @@ def _kvzip(ratio: float = 2, allocation: str = "uniform") -> Compressor:
     return Compressor(KVzipPolicy(repeat_ids=REPEAT), Budget(ratio=ratio, protected_window=4, allocation=allocation))
 
 
+def _eager_attentions(model, ids: list[int]) -> tuple[torch.Tensor, ...]:
+    """L x ``[1, H_q, T, T]``: the model's eager softmax attention over ``ids`` (its attention implementation is
+    restored afterwards)."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            return model(torch.tensor([ids]), output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation(previous)
+
+
 def _dense_scores(model, context: list[int], exclude: tuple[int, int] = (0, 0), window: int = 0) -> torch.Tensor:
     """``[L, H_kv, n]``: max over the reconstruction queries and the GQA group's query heads of the eager softmax
     attention of ``context + REPEAT + context`` to each context token. With ``exclude = (lo, hi)`` each query's
@@ -33,14 +45,7 @@ def _dense_scores(model, context: list[int], exclude: tuple[int, int] = (0, 0), 
     ``window``: the context's own last ``window`` queries are in the maximum too (they come right before the
     reconstruction's, so the rows are one slice)."""
     n, cfg = len(context), model.config
-    ids = torch.tensor([[*context, *REPEAT, *context]])
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            attentions = model(ids, output_attentions=True).attentions  # L x [1, H_q, T, T]
-    finally:
-        model.set_attn_implementation(previous)
+    attentions = _eager_attentions(model, [*context, *REPEAT, *context])
     group = cfg.num_attention_heads // cfg.num_key_value_heads
     lo, hi = exclude
     rows = [a[0, :, n - window :] for a in attentions]  # L x [H_q, T - n + window, T]: window + reconstruction
@@ -131,20 +136,12 @@ def _local_dense_scores(model, context: list[int], size: int) -> torch.Tensor:
     n, cfg = len(context), model.config
     group = cfg.num_attention_heads // cfg.num_key_value_heads
     best = torch.zeros(cfg.num_hidden_layers, cfg.num_key_value_heads, n)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        for a in range(0, n, size):
-            b = min(a + size, n)
-            with torch.no_grad():
-                attentions = model(
-                    torch.tensor([[*context[:b], *REPEAT, *context[a:b]]]), output_attentions=True
-                ).attentions
-            per_head = torch.stack([x[0, :, b:, :b].amax(1) for x in attentions])  # [L, H_q, b]
-            seen = per_head.view(len(attentions), cfg.num_key_value_heads, group, b).amax(2)
-            best[..., :b] = best[..., :b].maximum(seen)
-    finally:
-        model.set_attn_implementation(previous)
+    for a in range(0, n, size):
+        b = min(a + size, n)
+        attentions = _eager_attentions(model, [*context[:b], *REPEAT, *context[a:b]])
+        per_head = torch.stack([x[0, :, b:, :b].amax(1) for x in attentions])  # [L, H_q, b]
+        seen = per_head.view(len(attentions), cfg.num_key_value_heads, group, b).amax(2)
+        best[..., :b] = best[..., :b].maximum(seen)
     return best
 
 

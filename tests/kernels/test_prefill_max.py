@@ -83,9 +83,7 @@ def test_hidden_slots_are_out_of_every_querys_reach(device, group):
     the naive loop says."""
     case, args = _case(device, group)
     pos = case.slot_pos.view(-1)
-    bs, tables = case.block_size, case.block_tables.cpu()
-    lengths = case.lengths.cpu().tolist()[1]
-    slots = torch.tensor([int(tables[1, h, j // bs]) * bs + j % bs for h in range(2) for j in range(lengths[h])])
+    slots = torch.cat([case.slots(1, h) for h in range(2)])
     moved = pos[slots.to(pos.device)]
     pos[slots.to(pos.device)] = torch.where((moved >= 30) & (moved < 45), moved + HIDDEN, moved)
     out_tri, tri = paged_prefill_triton(*args, obs_window=1000, obs_reduce="max")
