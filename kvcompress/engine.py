@@ -542,7 +542,8 @@ class Engine:
         """Score by reconstruction each of ``seqs`` that owes it: each pass teacher-forces its tokens after the
         prompt's first ``visible`` tokens (the rest hidden, :meth:`~kvcompress.cache.paged.PagedKVCache.rewound`)
         in chunks of ``prefill_chunk`` (each attends to the visible prompt and the pass's tokens before it), every
-        query observed, then truncates them off, so the cache is back to the prompt (``seen`` included). Costs
+        query observed (kept only for the positions the pass ``scored``, when it says), then truncates them off,
+        so the cache is back to the prompt (``seen`` included). Costs
         about one more prefill of the prompt; timed into ``reconstruct_s``."""
         for s in [s for s in seqs if s.reconstruct]:
             t0 = time.perf_counter()
@@ -551,7 +552,7 @@ class Engine:
             if need > self.cache.num_free_blocks and not self._make_room(need, keep=s):
                 raise PoolExhaustedError(need, self.cache.num_free_blocks, self.cache.num_blocks)
             for p in passes:
-                with self.cache.rewound(s.seq_id, p.visible):
+                with self.cache.rewound(s.seq_id, p.visible, p.scored):
                     for a in range(0, len(p.tokens), self.prefill_chunk):
                         self.runner.forward([s.seq_id], [p.tokens[a : a + self.prefill_chunk]], self.compressor, -1)
             dt = time.perf_counter() - t0

@@ -14,12 +14,20 @@ The two suites share the families but not the wording: "heldout" has its own nee
 instead of RULER's "The grass is green." noise), intro, question wording, name/city pools and seeds. Tune on
 "dev" only; "heldout" is for checking that a choice transfers.
 
+Both haystacks cycle a fixed list of sentences (5 for dev, 12 for heldout), as RULER's noise haystack does. A
+third suite, "prose", is heldout with a haystack that never repeats: the same needles, questions, answers and
+depths (heldout's seeds), in running English prose taken from the Python reference manual that ships with CPython
+(``pydoc_data.topics``; RULER's essay haystacks play that part). Pairing its samples with heldout's by family and
+index isolates what a repeating haystack does to a policy. Its text depends on the Python version that writes it
+(the committed file: Python 3.11).
+
 Prompts are sized in tokens of the SmolLM2 tokenizer (``context + question``, no chat template, as
 ``kvcompress.tasks.synthetic.SyntheticTask`` does) and are deterministic per suite, token target and seed::
 
     python scripts/make_suites.py                       # docs/results/suites/{dev,heldout}-1k.jsonl
     python scripts/make_suites.py --tokens 4000         # {dev,heldout}-4k.jsonl
     python scripts/make_suites.py --out /tmp/s --tokens 2000 --seed 3
+    python scripts/make_suites.py --tokens 4000 --suites prose   # prose-4k.jsonl
 
     python experiments/run.py task=jsonl task.path=docs/results/suites/dev-1k.jsonl policy=tova budget.ratio=4
 """
@@ -27,8 +35,11 @@ Prompts are sized in tokens of the SmolLM2 tokenizer (``context + question``, no
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +51,7 @@ FAMILIES = ("passkey", "multikey", "person", "word", "two_needles")
 PER_FAMILY = 8
 QUESTIONS_PER_CONTEXT = {"multikey": 2, "person": 2}  # the others: one question per context
 MAX_NEW_TOKENS = {"passkey": 16, "multikey": 24, "person": 16, "word": 16, "two_needles": 40}
-SUITE_SEEDS = {"dev": 0, "heldout": 1000}  # added to --seed
+SUITE_SEEDS = {"dev": 0, "heldout": 1000, "prose": 1000}  # added to --seed
 
 _HELDOUT_FILLER = (
     "The morning train left the station a few minutes late, as it usually did on market days.",
@@ -61,6 +72,43 @@ _HELDOUT_FILLER = (
 def heldout_filler(n: int) -> list[str]:
     """``n`` sentences of village prose (the heldout haystack), cycling through a fixed list."""
     return [_HELDOUT_FILLER[(i * 5) % len(_HELDOUT_FILLER)] for i in range(n)]
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+_NOT_PROSE = re.compile(r"[{}<>=*_\[\]`|\\#@$%^~]|\.\.\.|::|\(\)|\d{3,}")
+
+
+@functools.cache
+def prose_sentences() -> tuple[str, ...]:
+    """Every sentence of running prose in CPython's reference-manual topics (``pydoc_data.topics``), in order.
+
+    A paragraph counts as prose when none of its lines is indented (code and grammar are) and it holds no code
+    punctuation; sentences with code characters or numbers of three or more digits (which could pass for an
+    answer) are dropped, and each sentence is kept once.
+    """
+    from pydoc_data.topics import topics
+
+    seen: dict[str, None] = {}
+    for name in sorted(topics):
+        for para in re.split(r"\n\s*\n", topics[name]):
+            lines = para.strip("\n").split("\n")
+            if any(line.startswith((" ", "\t")) for line in lines):
+                continue
+            for sentence in _SENTENCE_END.split(" ".join(" ".join(line.split()) for line in lines)):
+                if len(sentence) >= 40 and sentence[-1] in ".!?" and not _NOT_PROSE.search(sentence):
+                    seen.setdefault(sentence)
+    return tuple(seen)
+
+
+def prose_filler(n: int) -> list[str]:
+    """The first ``n`` sentences of :func:`prose_sentences` (the prose haystack): no sentence repeats."""
+    sentences = prose_sentences()
+    if n > len(sentences):
+        raise ValueError(
+            f"the prose haystack has {len(sentences)} sentences, {n} were asked for: use fewer --tokens "
+            "(it covers about 14k tokens)"
+        )
+    return list(sentences[:n])
 
 
 @dataclass(frozen=True)
@@ -129,7 +177,10 @@ HELDOUT = Style(
     cities=("Porto", "Krakow", "Quito", "Tbilisi", "Bergen", "Mombasa", "Seville", "Tallinn", "Osaka", "Accra"),
 )
 
-STYLES = {"dev": DEV, "heldout": HELDOUT}
+PROSE = dataclasses.replace(HELDOUT, filler=prose_filler)
+
+STYLES = {"dev": DEV, "heldout": HELDOUT, "prose": PROSE}
+NEEDLES_OF = {"prose": "heldout"}  # a suite drawing another's needles, questions and depths (its seeds)
 
 
 @dataclass
@@ -196,7 +247,7 @@ def family_records(
     n_contexts = PER_FAMILY // per_context
     out: list[dict[str, object]] = []
     for c in range(n_contexts):
-        rng = random.Random(f"{suite}:{family}:{seed}:{c}")
+        rng = random.Random(f"{NEEDLES_OF.get(suite, suite)}:{family}:{seed}:{c}")
         ctx = draft(style, family, rng, sweep_depth(c, n_contexts))
         longest = max((q for q, _ in ctx.questions), key=len)
 
@@ -222,7 +273,9 @@ def family_records(
 
 
 def suite_records(suite: str, tokenizer: Tokenizer, tokens: int, seed: int = 0) -> list[dict[str, object]]:
-    """Every record of ``suite`` ("dev" or "heldout"), family by family."""
+    """Every record of ``suite`` ("dev", "heldout" or "prose"), family by family."""
+    if suite not in STYLES:
+        raise ValueError(f"unknown suite {suite!r}; accepted: {', '.join(STYLES)}")
     style = STYLES[suite]
     return [r for f in FAMILIES for r in family_records(style, suite, f, tokenizer, tokens, seed + SUITE_SEEDS[suite])]
 
@@ -244,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=1000, help="target tokens of context + question (1000)")
     parser.add_argument("--out", type=Path, default=Path("docs/results/suites"), help="output directory")
     parser.add_argument("--seed", type=int, default=0, help="base seed (heldout adds 1000)")
-    parser.add_argument("--suites", default="dev,heldout", help="comma-separated: dev,heldout")
+    parser.add_argument("--suites", default="dev,heldout", help="comma-separated: dev,heldout,prose")
     parser.add_argument("--model", default="smollm2", help="tokenizer: 'smollm2' or a local HF directory")
     args = parser.parse_args(argv)
 

@@ -492,16 +492,26 @@ class PagedKVCache:
         return self._shrink(sid, self.lengths[:, sid] - n)
 
     @contextmanager
-    def rewound(self, seq_id: int, n: int) -> Iterator[None]:
+    def rewound(self, seq_id: int, n: int, scored: tuple[int, int] | None = None) -> Iterator[None]:
         """Within the block, ``seq_id`` reads as its first ``n`` tokens: its slots at positions ``>= n`` stay cached
         but leave every query's reach (their positions move up by :data:`HIDDEN`, so causality masks them) and the
         next token written gets position ``n``. On exit the tokens written within are truncated and the hidden
         slots come back. KVzip reconstructs a long prompt chunk by chunk this way, each pass seeing the prompt only
-        up to its chunk's end. ``n == seen``: nothing is hidden (plain teacher-forcing, then truncation)."""
+        up to its chunk's end. ``n == seen``: nothing is hidden (plain teacher-forcing, then truncation).
+
+        ``scored = (a, b)``: the scores written within survive only at positions in ``[a, b)``; every other slot's
+        score is put back on exit. None: all stay."""
         self._check_live([seq_id])
         seen, lengths = int(self.seen[seq_id]), self.lengths[:, seq_id].copy()
         if not 0 <= n <= seen:
             raise ValueError(f"cannot rewind sequence {seq_id} to {n} tokens: it has seen {seen}")
+        if scored is not None and not 0 <= scored[0] <= scored[1]:
+            raise ValueError(f"rewound(scored=(a, b)) needs 0 <= a <= b, got {scored}")
+        before = (
+            None
+            if scored is None
+            else [self._scores_by_position(layer, seq_id, seen) for layer in range(self.num_layers)]
+        )
         hide = n < seen
         if hide:
             self._shift_positions(seq_id, n, HIDDEN)
@@ -515,6 +525,25 @@ class PagedKVCache:
             self.seen[seq_id] = seen
             if hide:
                 self._shift_positions(seq_id, HIDDEN, -HIDDEN)
+            if before is not None:
+                self._restore_scores(seq_id, before, scored)
+
+    def _scores_by_position(self, layer: int, seq_id: int, seen: int) -> torch.Tensor:
+        """``[H, seen]``: each kv head's slot score at each position it holds (0 where it holds none)."""
+        v = self.view(layer, [seq_id], with_kv=False)
+        out = torch.zeros(self.num_kv_heads, seen + 1, device=self.device)  # column ``seen``: padding's sink
+        pos = torch.where(v.valid, v.positions, seen)[0].long()
+        return out.scatter_(1, pos, v.scores[0].float())[:, :seen]
+
+    def _restore_scores(self, seq_id: int, before: list[torch.Tensor], scored: tuple[int, int]) -> None:
+        """Put back ``before[layer][head, position]`` into every slot of ``seq_id`` outside ``scored``."""
+        a, b = scored
+        for layer, old in enumerate(before):
+            v = self.view(layer, [seq_id], with_kv=False)
+            pos = v.positions.long().clamp(0, old.shape[1] - 1)
+            back = v.valid & ((v.positions < a) | (v.positions >= b)) & (v.positions < old.shape[1])
+            kept = torch.where(back, old.gather(1, pos[0])[None], v.scores)
+            self.set_scores(v, kept)
 
     def _shift_positions(self, seq_id: int, lo: int, delta: int) -> None:
         """Add ``delta`` to the position of every slot of ``seq_id`` at position ``>= lo``, on device (padded view

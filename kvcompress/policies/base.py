@@ -34,10 +34,13 @@ from kvcompress.cache.step import DecodeObservation, PrefillObservation
 class ReconstructionPass:
     """``tokens`` teacher-forced after the prompt's first ``visible`` tokens, every query observed, then released.
     The prompt's later tokens stay cached but out of these queries' reach, and the pass starts at position
-    ``visible``, as if the prompt ended there (``visible`` = the prompt's length: the whole prompt is seen)."""
+    ``visible``, as if the prompt ended there (``visible`` = the prompt's length: the whole prompt is seen).
+    ``scored = (a, b)``: the pass's observations count only for prompt positions in ``[a, b)`` (the other slots
+    keep the scores they had before it); None: for every slot it sees."""
 
     visible: int
     tokens: list[int]
+    scored: tuple[int, int] | None = None
 
 
 def pass_peak(passes: Sequence[ReconstructionPass]) -> int:

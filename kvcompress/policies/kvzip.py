@@ -44,8 +44,15 @@ of the whole prompt's length: at ~4000 tokens SmolLM2's copying heads, which fin
 back, barely attend to it four thousand tokens back, and the end of the context outranks it in most heads.
 Queries of later passes still see (and score) the earlier context, and each pass's end, the text its repeat
 prompt follows, scores high too. 0 (the default): one pass over the whole context; no preset sets it (on ~4k
-tokens it gained half a sample at query-agnostic 4x and lost 2.5 at 8x, docs/RESULTS.md). kvpress's ``chunk_size``
-differs: each of its passes sees the whole context and leaves the other chunks out of the softmax.
+tokens it gained half a sample at query-agnostic 4x and lost 2.5 at 8x, docs/RESULTS.md).
+
+``local_lookahead`` = m > 0 moves that target off the scored text: each pass also sees the m prompt tokens after
+its chunk (its repeat prompt follows them), and what it observes counts only for positions before its chunk's
+end; those m tokens are scored by the next pass, whose chunk they open. Only the context's end, which the last
+pass sees with nothing after it, stays a target.
+
+kvpress's ``chunk_size`` differs: each of its passes sees the whole context and leaves the other chunks out of
+the softmax.
 
 ``pool_kernel`` > 1 max-pools each head's scores along positions before ranking (SnapKV's clustering), so a
 token inherits the highest score of the ``pool_kernel // 2`` tokens on either side of it (in position order, among
@@ -90,7 +97,8 @@ class KVzipPolicy(Policy):
     ``window``: the last prompt queries whose attention also votes (0, the default: only the reconstruction's);
     ``pool_kernel``: max-pool the scores over this odd number of positions at ranking (1, the default: none);
     ``local_chunk``: reconstruct the context this many tokens per pass, each pass seeing the prompt up to its
-    chunk's end (0, the default: one pass over the whole context)."""
+    chunk's end (0, the default: one pass over the whole context); ``local_lookahead`` (needs ``local_chunk``):
+    each pass also sees this many tokens past its chunk, and its scores count only up to the chunk's end."""
 
     instruction: str = DEFAULT_INSTRUCTION
     repeat_ids: list[int] | None = None
@@ -101,6 +109,7 @@ class KVzipPolicy(Policy):
     window: int = 0
     pool_kernel: int = 1
     local_chunk: int = 0
+    local_lookahead: int = 0
     window_reduce: ClassVar[str] = "max"
 
     def __post_init__(self) -> None:
@@ -121,6 +130,13 @@ class KVzipPolicy(Policy):
                 f"kvzip policy.local_chunk must be a count of context tokens per reconstruction pass >= 0 "
                 f"(0: one pass over the whole context), got {self.local_chunk!r}"
             )
+        if not is_count(self.local_lookahead):
+            raise ValueError(
+                f"kvzip policy.local_lookahead must be a count of tokens >= 0 that each pass sees past its chunk, "
+                f"got {self.local_lookahead!r}"
+            )
+        if self.local_lookahead and not self.local_chunk:
+            raise ValueError("kvzip policy.local_lookahead needs policy.local_chunk > 0 (passes to look ahead of)")
         if self.prefix_renorm and k is None:
             raise ValueError(
                 "kvzip policy.prefix_renorm=true needs policy.prefix_keep (the sinks kept in the softmax), e.g. 4"
@@ -138,7 +154,8 @@ class KVzipPolicy(Policy):
         teacher-forced as its answer (without the template's ``prefix_ids`` when ``skip_prefix`` and the prompt
         starts with them). With ``local_chunk`` = c: one pass ``[*repeat_ids, *chunk]`` per c tokens of that
         context, each seeing the prompt up to the chunk's end; a last chunk under c / 2 tokens joins the one
-        before it, so a prompt a few tokens over c is still one pass."""
+        before it, so a prompt a few tokens over c is still one pass. With ``local_lookahead`` = m a pass sees
+        m more tokens of the prompt and scores positions up to its chunk's end only (``scored=(0, end)``)."""
         if self.repeat_ids is None:
             raise ValueError(
                 "KVzipPolicy.repeat_ids is not set: tokenize the repeat prompt with the model's tokenizer, e.g. "
@@ -149,7 +166,11 @@ class KVzipPolicy(Policy):
         bounds = [*range(start, len(prompt), self.local_chunk or max(len(prompt) - start, 1)), len(prompt)]
         if len(bounds) > 2 and 2 * (bounds[-1] - bounds[-2]) < self.local_chunk:
             del bounds[-2]  # a last chunk under half the size joins the one before (a pass costs a repeat prompt)
-        return [ReconstructionPass(b, [*self.repeat_ids, *prompt[a:b]]) for a, b in itertools.pairwise(bounds)]
+        m = self.local_lookahead
+        return [
+            ReconstructionPass(min(b + m, len(prompt)), [*self.repeat_ids, *prompt[a:b]], (0, b) if m else None)
+            for a, b in itertools.pairwise(bounds)
+        ]
 
     def observe_prefill(self, cache: PagedKVCache, obs: PrefillObservation) -> None:
         """Fold one observed chunk in (the prompt's last ``window`` queries, or a reconstruction chunk): slot score =

@@ -207,6 +207,42 @@ def test_rewound_hides_the_later_prompt_and_restores_it() -> None:
             pass
 
 
+def _scores_by_position(cache: PagedKVCache, layer: int, seq: int) -> dict[tuple[int, int], float]:
+    v = cache.view(layer, [seq], with_kv=False)
+    return {
+        (h, int(p)): float(s)
+        for h in range(H)
+        for p, s, ok in zip(v.positions[0, h], v.scores[0, h], v.valid[0, h], strict=True)
+        if ok
+    }
+
+
+def test_rewound_keeps_scores_written_within_only_inside_scored() -> None:
+    """``rewound(seq, 6, scored=(2, 5))``: scores written inside survive at positions 2..4 only; every other slot
+    (visible or hidden) gets its old score back, also in a layer whose compaction had reordered the slots."""
+    cache = make()
+    cache.add_sequence()
+    append(cache, 0, 9)
+    evict_layer(cache, 1, 0, torch.tensor([[[False] + [True] * 8] * H]))  # layer 1 drops position 0
+    for layer in range(L):
+        v = cache.view(layer, [0], with_kv=False)
+        cache.set_scores(v, v.positions.float() + 100 * layer)  # score = position (+ 100 per layer)
+    old = [_scores_by_position(cache, layer, 0) for layer in range(L)]
+    with cache.rewound(0, 6, scored=(2, 5)):
+        append(cache, 0, 3, start=6)
+        for layer in range(L):
+            v = cache.view(layer, [0], with_kv=False)
+            cache.set_scores(v, torch.full_like(v.scores, -1.0))
+    for layer in range(L):
+        assert _scores_by_position(cache, layer, 0) == {
+            hp: (-1.0 if 2 <= hp[1] < 5 else s) for hp, s in old[layer].items()
+        }
+    assert (0, 0) not in old[1] and len(old[1]) == 8 * H
+    with pytest.raises(ValueError, match=r"needs 0 <= a <= b, got \(4, 2\)"):
+        with cache.rewound(0, 9, scored=(4, 2)):
+            pass
+
+
 def test_heads_grow_in_place_into_the_room_their_sequence_expects() -> None:
     """A sequence added with ``expected_tokens`` gets each head's blocks in one run with room behind it, so decode
     steps past block boundaries keep every head contiguous (a strided ``layout`` for every layer), even while

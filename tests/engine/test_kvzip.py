@@ -129,19 +129,22 @@ def test_window_folds_the_prompts_last_queries_into_the_maximum(tiny_llama, chun
     assert (got >= plain - 1e-6).all() and (got > plain + 1e-4).any()
 
 
-def _local_dense_scores(model, context: list[int], size: int) -> torch.Tensor:
-    """``[L, H_kv, n]``: reconstruction chunk by chunk, each pass run densely on its own: ``context[:b] + REPEAT +
-    context[a:b]`` for each chunk ``[a, b)`` of ``size`` tokens; a context token scores the max over every pass
-    that sees it of its reconstruction queries' attention (as :func:`_dense_scores`, per pass)."""
+def _local_dense_scores(model, context: list[int], size: int, lookahead: int = 0) -> torch.Tensor:
+    """``[L, H_kv, n]``: reconstruction chunk by chunk, each pass run densely on its own: ``context[:v] + REPEAT +
+    context[a:b]`` for each chunk ``[a, b)`` of ``size`` tokens, ``v = min(b + lookahead, n)``; a context token
+    scores the max over every pass that sees it of its reconstruction queries' attention (as
+    :func:`_dense_scores`, per pass), counting a pass only up to its chunk's end ``b`` when ``lookahead`` > 0."""
     n, cfg = len(context), model.config
     group = cfg.num_attention_heads // cfg.num_key_value_heads
     best = torch.zeros(cfg.num_hidden_layers, cfg.num_key_value_heads, n)
     for a in range(0, n, size):
         b = min(a + size, n)
-        attentions = _eager_attentions(model, [*context[:b], *REPEAT, *context[a:b]])
-        per_head = torch.stack([x[0, :, b:, :b].amax(1) for x in attentions])  # [L, H_q, b]
-        seen = per_head.view(len(attentions), cfg.num_key_value_heads, group, b).amax(2)
-        best[..., :b] = best[..., :b].maximum(seen)
+        v = min(b + lookahead, n)
+        attentions = _eager_attentions(model, [*context[:v], *REPEAT, *context[a:b]])
+        per_head = torch.stack([x[0, :, v:, :v].amax(1) for x in attentions])  # [L, H_q, v]
+        seen = per_head.view(len(attentions), cfg.num_key_value_heads, group, v).amax(2)
+        upto = b if lookahead else v
+        best[..., :upto] = best[..., :upto].maximum(seen[..., :upto])
     return best
 
 
@@ -163,6 +166,22 @@ def test_local_chunk_passes_see_the_context_up_to_their_chunk(tiny_llama, chunk)
     assert engine.cache.num_free_blocks == engine.cache.num_blocks
 
 
+@pytest.mark.parametrize("chunk", [16, 2048], ids=["chunked", "one-chunk"])
+def test_local_lookahead_passes_see_past_their_chunk_and_score_up_to_its_end(tiny_llama, chunk):
+    """``local_chunk=16, local_lookahead=6`` on 45 tokens: passes see up to 22 / 38 / 45 tokens and score up to
+    16 / 32 / 45, as the dense runs; the scores differ from passes without the lookahead."""
+    policy = KVzipPolicy(repeat_ids=REPEAT, local_chunk=16, local_lookahead=6)
+    engine = Engine(tiny_llama, Compressor(policy, Budget(ratio=2, protected_window=4)), max_seqs=1,
+                    max_tokens_per_head=256, prefill_chunk=chunk)  # fmt: skip
+    seen = _capture_before_compression(engine)
+    engine.run([Request(0, CONTEXT, 4)])
+    (got,) = seen
+    want = _local_dense_scores(tiny_llama, CONTEXT, 16, lookahead=6)
+    torch.testing.assert_close(got["scores"], want, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(want, _local_dense_scores(tiny_llama, CONTEXT, 16), atol=1e-3)
+    assert got["positions"] == list(range(len(CONTEXT))) and engine.cache.num_free_blocks == engine.cache.num_blocks
+
+
 def test_local_chunk_splits_the_context_into_passes():
     big = KVzipPolicy(repeat_ids=REPEAT, local_chunk=len(CONTEXT))
     assert big.reconstruction(CONTEXT) == KVzipPolicy(repeat_ids=REPEAT).reconstruction(CONTEXT)
@@ -175,6 +194,20 @@ def test_local_chunk_splits_the_context_into_passes():
     # a last chunk under half the size (5 of 20 tokens) joins the one before; so does 2 of 43 (one pass)
     assert [p.visible for p in KVzipPolicy(repeat_ids=REPEAT, local_chunk=20).reconstruction(CONTEXT)] == [20, 45]
     assert [p.visible for p in KVzipPolicy(repeat_ids=REPEAT, local_chunk=43).reconstruction(CONTEXT)] == [45]
+    assert all(p.scored is None for p in passes)
+    ahead = KVzipPolicy(repeat_ids=REPEAT, local_chunk=18, local_lookahead=10).reconstruction(CONTEXT)
+    assert [(p.visible, p.scored, p.tokens[len(REPEAT) :]) for p in ahead] == [
+        (28, (0, 18), CONTEXT[:18]),
+        (45, (0, 36), CONTEXT[18:36]),
+        (45, (0, 45), CONTEXT[36:]),
+    ]
+
+
+def test_local_lookahead_needs_passes():
+    with pytest.raises(ValueError, match="local_lookahead needs policy.local_chunk > 0"):
+        KVzipPolicy(local_lookahead=8)
+    with pytest.raises(ValueError, match="local_lookahead must be a count of tokens >= 0.*got -1"):
+        KVzipPolicy(local_chunk=8, local_lookahead=-1)
 
 
 @pytest.mark.parametrize("bad", [-1, 2.5, True])

@@ -200,3 +200,21 @@ def test_suites(suites, tmp_path):
     samples = JsonlTask(path).samples()
     assert len({s.context_id for s in samples}) == 32
     assert samples[0].sample_id == "dev-300-passkey-00"
+
+
+def test_prose_suite_is_heldout_in_a_haystack_that_never_repeats(suites):
+    """prose asks heldout's questions about heldout's needles at heldout's depths; only the haystack differs, and no
+    sentence of it occurs twice, where heldout's cycles 12 sentences."""
+    tok = WordTokenizer()
+    held, prose = suites.suite_records("heldout", tok, 600), suites.suite_records("prose", tok, 600)
+    assert [r["id"].replace("heldout-", "prose-") for r in held] == [r["id"] for r in prose]
+    for h, p in zip(held, prose, strict=True):
+        assert (h["question"], h["answers"]) == (p["question"], p["answers"])
+        assert h["context"] != p["context"] and all(a in p["context"] for a in p["answers"])
+    haystack = suites.prose_filler(200)
+    assert len(set(haystack)) == 200
+    assert len(set(suites.heldout_filler(200))) == 12
+    with pytest.raises(ValueError, match="prose haystack has"):
+        suites.prose_filler(10**6)
+    with pytest.raises(ValueError, match="unknown suite 'essays'; accepted: dev, heldout, prose"):
+        suites.suite_records("essays", tok, 600)
