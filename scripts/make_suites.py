@@ -19,7 +19,7 @@ third suite, "prose", is heldout with a haystack that never repeats: the same ne
 depths (heldout's seeds), in running English prose taken from the Python reference manual that ships with CPython
 (``pydoc_data.topics``; RULER's essay haystacks play that part). Pairing its samples with heldout's by family and
 index isolates what a repeating haystack does to a policy. Its text depends on the Python version that writes it
-(the committed file: Python 3.11).
+(the committed file: Python 3.11.7).
 
 Prompts are sized in tokens of the SmolLM2 tokenizer (``context + question``, no chat template, as
 ``kvcompress.tasks.synthetic.SyntheticTask`` does) and are deterministic per suite, token target and seed::
@@ -82,9 +82,9 @@ _NOT_PROSE = re.compile(r"[{}<>=*_\[\]`|\\#@$%^~]|\.\.\.|::|\(\)|\d{3,}")
 def prose_sentences() -> tuple[str, ...]:
     """Every sentence of running prose in CPython's reference-manual topics (``pydoc_data.topics``), in order.
 
-    A paragraph counts as prose when none of its lines is indented (code and grammar are) and it holds no code
-    punctuation; sentences with code characters or numbers of three or more digits (which could pass for an
-    answer) are dropped, and each sentence is kept once.
+    Paragraphs with an indented line (code and grammar are) are skipped; of the rest, sentences with code
+    characters or numbers of three or more digits (which could pass for an answer) are dropped, and each sentence
+    is kept once. Code quoted inside a sentence (``"range(3)"``) can remain.
     """
     from pydoc_data.topics import topics
 
@@ -106,7 +106,7 @@ def prose_filler(n: int) -> list[str]:
     if n > len(sentences):
         raise ValueError(
             f"the prose haystack has {len(sentences)} sentences, {n} were asked for: use fewer --tokens "
-            "(it covers about 14k tokens)"
+            "(4000 and 8000 fit; its sentences hold about 17k SmolLM2 tokens, and the size search overshoots)"
         )
     return list(sentences[:n])
 
@@ -296,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=1000, help="target tokens of context + question (1000)")
     parser.add_argument("--out", type=Path, default=Path("docs/results/suites"), help="output directory")
-    parser.add_argument("--seed", type=int, default=0, help="base seed (heldout adds 1000)")
+    parser.add_argument("--seed", type=int, default=0, help="base seed (heldout and prose add 1000)")
     parser.add_argument("--suites", default="dev,heldout", help="comma-separated: dev,heldout,prose")
     parser.add_argument("--model", default="smollm2", help="tokenizer: 'smollm2' or a local HF directory")
     args = parser.parse_args(argv)

@@ -529,10 +529,11 @@ class PagedKVCache:
                 self._restore_scores(seq_id, before, scored)
 
     def _scores_by_position(self, layer: int, seq_id: int, seen: int) -> torch.Tensor:
-        """``[H, seen]``: each kv head's slot score at each position it holds (0 where it holds none)."""
+        """``[H, seen]``: each kv head's slot score at each position below ``seen`` it holds (0 where it holds
+        none; padded entries and positions at or past ``seen``, e.g. slots a rewind hid, are left out)."""
         v = self.view(layer, [seq_id], with_kv=False)
-        out = torch.zeros(self.num_kv_heads, seen + 1, device=self.device)  # column ``seen``: padding's sink
-        pos = torch.where(v.valid, v.positions, seen)[0].long()
+        out = torch.zeros(self.num_kv_heads, seen + 1, device=self.device)  # column ``seen``: the left-out sink
+        pos = torch.where(v.valid & (v.positions < seen), v.positions, seen)[0].long()
         return out.scatter_(1, pos, v.scores[0].float())[:, :seen]
 
     def _restore_scores(self, seq_id: int, before: list[torch.Tensor], scored: tuple[int, int]) -> None:

@@ -217,29 +217,42 @@ def _scores_by_position(cache: PagedKVCache, layer: int, seq: int) -> dict[tuple
     }
 
 
-def test_rewound_keeps_scores_written_within_only_inside_scored() -> None:
-    """``rewound(seq, 6, scored=(2, 5))``: scores written inside survive at positions 2..4 only; every other slot
-    (visible or hidden) gets its old score back, also in a layer whose compaction had reordered the slots."""
+@pytest.mark.parametrize("seed", range(4))
+def test_rewound_keeps_scores_written_within_only_inside_scored(seed: int) -> None:
+    """``rewound(seq, visible, scored=(a, b))``: scores written inside survive at positions in ``[a, b)`` only;
+    every other slot (visible or hidden) gets its old score back, per head, also in a layer where each head kept
+    a different subset of the prompt (a padded view); another sequence and the scratch slot are left alone."""
+    g = torch.Generator().manual_seed(seed)
     cache = make()
-    cache.add_sequence()
-    append(cache, 0, 9)
-    evict_layer(cache, 1, 0, torch.tensor([[[False] + [True] * 8] * H]))  # layer 1 drops position 0
+    other, seq, n = cache.add_sequence(), cache.add_sequence(), 13
+    append(cache, other, 5)
+    append(cache, seq, n)
+    keep = torch.rand(1, H, n, generator=g) > 0.4
+    keep[0, 0] = True  # head 0 keeps every position, the others fewer: padding in layer 1's view
+    evict_layer(cache, 1, seq, keep)
     for layer in range(L):
-        v = cache.view(layer, [0], with_kv=False)
-        cache.set_scores(v, v.positions.float() + 100 * layer)  # score = position (+ 100 per layer)
-    old = [_scores_by_position(cache, layer, 0) for layer in range(L)]
-    with cache.rewound(0, 6, scored=(2, 5)):
-        append(cache, 0, 3, start=6)
+        v = cache.view(layer, [seq], with_kv=False)
+        cache.set_scores(v, v.positions.float() + 100 * layer + 1000 * torch.arange(H)[None, :, None])
+        o = cache.view(layer, [other], with_kv=False)
+        cache.set_scores(o, torch.full_like(o.scores, 7.0))
+    cache.slot_score.view(-1)[cache.scratch_slot] = 12345.0
+    old = [_scores_by_position(cache, layer, seq) for layer in range(L)]
+    old_other = [_scores_by_position(cache, layer, other) for layer in range(L)]
+    visible = int(torch.randint(0, n + 1, (1,), generator=g))
+    a = int(torch.randint(0, n, (1,), generator=g))
+    b = int(torch.randint(a, n + 3, (1,), generator=g))
+    with cache.rewound(seq, visible, scored=(a, b)):
+        append(cache, seq, 5, start=visible)
         for layer in range(L):
-            v = cache.view(layer, [0], with_kv=False)
+            v = cache.view(layer, [seq], with_kv=False)
             cache.set_scores(v, torch.full_like(v.scores, -1.0))
     for layer in range(L):
-        assert _scores_by_position(cache, layer, 0) == {
-            hp: (-1.0 if 2 <= hp[1] < 5 else s) for hp, s in old[layer].items()
-        }
-    assert (0, 0) not in old[1] and len(old[1]) == 8 * H
+        want = {hp: (-1.0 if a <= hp[1] < b else s) for hp, s in old[layer].items()}
+        assert _scores_by_position(cache, layer, seq) == want
+        assert _scores_by_position(cache, layer, other) == old_other[layer]
+    assert len(old[1]) < H * n  # the padded layer was exercised
     with pytest.raises(ValueError, match=r"needs 0 <= a <= b, got \(4, 2\)"):
-        with cache.rewound(0, 9, scored=(4, 2)):
+        with cache.rewound(seq, n, scored=(4, 2)):
             pass
 
 
