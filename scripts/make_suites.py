@@ -15,11 +15,11 @@ instead of RULER's "The grass is green." noise), intro, question wording, name/c
 "dev" only; "heldout" is for checking that a choice transfers.
 
 Both haystacks cycle a fixed list of sentences (5 for dev, 12 for heldout), as RULER's noise haystack does. A
-third suite, "prose", is heldout with a haystack that never repeats: the same needles, questions, answers and
-depths (heldout's seeds), in running English prose taken from the Python reference manual that ships with CPython
-(``pydoc_data.topics``; RULER's essay haystacks play that part). Pairing its samples with heldout's by family and
-index isolates what a repeating haystack does to a policy. Its text depends on the Python version that writes it
-(the committed file: Python 3.11.7).
+third suite, "varied", is heldout with a haystack in which no sentence repeats: the same needles, questions,
+answers and depths (heldout's seeds), in village prose drawn from templates and word lists by a fixed seed
+(:func:`varied_filler`). Pairing its samples with heldout's by family and index isolates what a repeating
+haystack does to a policy. (Running text such as RULER's essays is not available offline; CPython's reference
+manual, tried first, made SmolLM2 answer the door-code question with Python code even with the full cache.)
 
 Prompts are sized in tokens of the SmolLM2 tokenizer (``context + question``, no chat template, as
 ``kvcompress.tasks.synthetic.SyntheticTask`` does) and are deterministic per suite, token target and seed::
@@ -27,7 +27,7 @@ Prompts are sized in tokens of the SmolLM2 tokenizer (``context + question``, no
     python scripts/make_suites.py                       # docs/results/suites/{dev,heldout}-1k.jsonl
     python scripts/make_suites.py --tokens 4000         # {dev,heldout}-4k.jsonl
     python scripts/make_suites.py --out /tmp/s --tokens 2000 --seed 3
-    python scripts/make_suites.py --tokens 4000 --suites prose   # prose-4k.jsonl
+    python scripts/make_suites.py --tokens 4000 --suites varied   # varied-4k.jsonl
 
     python experiments/run.py task=jsonl task.path=docs/results/suites/dev-1k.jsonl policy=tova budget.ratio=4
 """
@@ -36,10 +36,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import random
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +49,7 @@ FAMILIES = ("passkey", "multikey", "person", "word", "two_needles")
 PER_FAMILY = 8
 QUESTIONS_PER_CONTEXT = {"multikey": 2, "person": 2}  # the others: one question per context
 MAX_NEW_TOKENS = {"passkey": 16, "multikey": 24, "person": 16, "word": 16, "two_needles": 40}
-SUITE_SEEDS = {"dev": 0, "heldout": 1000, "prose": 1000}  # added to --seed
+SUITE_SEEDS = {"dev": 0, "heldout": 1000, "varied": 1000}  # added to --seed
 
 _HELDOUT_FILLER = (
     "The morning train left the station a few minutes late, as it usually did on market days.",
@@ -74,41 +72,95 @@ def heldout_filler(n: int) -> list[str]:
     return [_HELDOUT_FILLER[(i * 5) % len(_HELDOUT_FILLER)] for i in range(n)]
 
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
-_NOT_PROSE = re.compile(r"[{}<>=*_\[\]`|\\#@$%^~]|\.\.\.|::|\(\)|\d{3,}")
+_VARIED_TEMPLATES = (
+    "{When} the {group} of {town} {met} at the {place} to talk about the {thing}.",
+    "{Person} walked past the {place} {when} and noticed that the {thing} had been {changed}.",
+    "Near the {place} in {town}, the {thing} was {changed} {when}.",
+    "{When} {person} and the {group} {met} by the {place}, where the {thing} still stood.",
+    "The {thing} beside the {place} had been {changed} long before {person} moved to {town}.",
+    "In {town} people still argue about whether the {thing} should be {changed}.",
+    "{Person} kept a small notebook about the {thing} and the {place} of {town}.",
+)
+_VARIED_WORDS = {
+    "when": (
+        "on market days",
+        "in the early morning",
+        "after the harvest",
+        "during the long winter",
+        "every other spring",
+        "late in the evening",
+        "before the festival",
+        "on rainy afternoons",
+    ),
+    "group": ("council", "choir", "fishermen", "teachers", "volunteers", "bakers", "weavers", "shepherds"),
+    "town": (
+        "Alderby",
+        "Brockmoor",
+        "Calderwick",
+        "Dunhollow",
+        "Elmstead",
+        "Farrowdale",
+        "Greywater",
+        "Hollinsford",
+        "Ivybridge",
+        "Kestrel Bay",
+    ),
+    "met": ("met", "gathered", "came together", "sat down", "assembled"),
+    "place": (
+        "old mill",
+        "harbour wall",
+        "church steps",
+        "village green",
+        "railway bridge",
+        "post office",
+        "market hall",
+        "school gate",
+        "river ford",
+        "library door",
+    ),
+    "thing": (
+        "clock tower",
+        "stone fountain",
+        "wooden footbridge",
+        "apple orchard",
+        "weather vane",
+        "town archive",
+        "bell rope",
+        "copper roof",
+        "garden wall",
+        "ferry timetable",
+    ),
+    "changed": ("repainted", "moved", "repaired", "rebuilt", "replaced", "measured", "photographed", "cleaned"),
+    "person": (
+        "the miller",
+        "the schoolteacher",
+        "an old sailor",
+        "the baker's son",
+        "the postmistress",
+        "a travelling painter",
+        "the night watchman",
+        "the doctor's daughter",
+    ),
+}
 
 
-@functools.cache
-def prose_sentences() -> tuple[str, ...]:
-    """Every sentence of running prose in CPython's reference-manual topics (``pydoc_data.topics``), in order.
-
-    Paragraphs with an indented line (code and grammar are) are skipped; of the rest, sentences with code
-    characters or numbers of three or more digits (which could pass for an answer) are dropped, and each sentence
-    is kept once. Code quoted inside a sentence (``"range(3)"``) can remain.
-    """
-    from pydoc_data.topics import topics
-
-    seen: dict[str, None] = {}
-    for name in sorted(topics):
-        for para in re.split(r"\n\s*\n", topics[name]):
-            lines = para.strip("\n").split("\n")
-            if any(line.startswith((" ", "\t")) for line in lines):
-                continue
-            for sentence in _SENTENCE_END.split(" ".join(" ".join(line.split()) for line in lines)):
-                if len(sentence) >= 40 and sentence[-1] in ".!?" and not _NOT_PROSE.search(sentence):
-                    seen.setdefault(sentence)
-    return tuple(seen)
-
-
-def prose_filler(n: int) -> list[str]:
-    """The first ``n`` sentences of :func:`prose_sentences` (the prose haystack): no sentence repeats."""
-    sentences = prose_sentences()
-    if n > len(sentences):
-        raise ValueError(
-            f"the prose haystack has {len(sentences)} sentences, {n} were asked for: use fewer --tokens "
-            "(4000 and 8000 fit; its sentences hold about 17k SmolLM2 tokens, and the size search overshoots)"
-        )
-    return list(sentences[:n])
+def varied_filler(n: int) -> list[str]:
+    """``n`` distinct sentences of village prose drawn from :data:`_VARIED_TEMPLATES` by a fixed seed (the varied
+    haystack; every ``n`` gets a prefix of the same sequence): heldout's register, but no sentence occurs twice
+    (its phrases do, as in running text)."""
+    rng, out, seen = random.Random("varied-filler"), [], set()
+    for _ in range(100 * n):
+        if len(out) == n:
+            break
+        words = {k: rng.choice(v) for k, v in _VARIED_WORDS.items()}
+        words |= {k.capitalize(): v[0].upper() + v[1:] for k, v in words.items()}
+        sentence = rng.choice(_VARIED_TEMPLATES).format(**words)
+        if sentence not in seen:
+            seen.add(sentence)
+            out.append(sentence)
+    if len(out) < n:
+        raise ValueError(f"the varied haystack has no {n} distinct sentences: use fewer --tokens")
+    return out
 
 
 @dataclass(frozen=True)
@@ -177,10 +229,10 @@ HELDOUT = Style(
     cities=("Porto", "Krakow", "Quito", "Tbilisi", "Bergen", "Mombasa", "Seville", "Tallinn", "Osaka", "Accra"),
 )
 
-PROSE = dataclasses.replace(HELDOUT, filler=prose_filler)
+VARIED = dataclasses.replace(HELDOUT, filler=varied_filler)
 
-STYLES = {"dev": DEV, "heldout": HELDOUT, "prose": PROSE}
-NEEDLES_OF = {"prose": "heldout"}  # a suite drawing another's needles, questions and depths (its seeds)
+STYLES = {"dev": DEV, "heldout": HELDOUT, "varied": VARIED}
+NEEDLES_OF = {"varied": "heldout"}  # a suite drawing another's needles, questions and depths (its seeds)
 
 
 @dataclass
@@ -273,7 +325,7 @@ def family_records(
 
 
 def suite_records(suite: str, tokenizer: Tokenizer, tokens: int, seed: int = 0) -> list[dict[str, object]]:
-    """Every record of ``suite`` ("dev", "heldout" or "prose"), family by family."""
+    """Every record of ``suite`` ("dev", "heldout" or "varied"), family by family."""
     if suite not in STYLES:
         raise ValueError(f"unknown suite {suite!r}; accepted: {', '.join(STYLES)}")
     style = STYLES[suite]
@@ -296,8 +348,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=1000, help="target tokens of context + question (1000)")
     parser.add_argument("--out", type=Path, default=Path("docs/results/suites"), help="output directory")
-    parser.add_argument("--seed", type=int, default=0, help="base seed (heldout and prose add 1000)")
-    parser.add_argument("--suites", default="dev,heldout", help="comma-separated: dev,heldout,prose")
+    parser.add_argument("--seed", type=int, default=0, help="base seed (heldout and varied add 1000)")
+    parser.add_argument("--suites", default="dev,heldout", help="comma-separated: dev,heldout,varied")
     parser.add_argument("--model", default="smollm2", help="tokenizer: 'smollm2' or a local HF directory")
     args = parser.parse_args(argv)
 

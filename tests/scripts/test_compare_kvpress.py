@@ -202,19 +202,17 @@ def test_suites(suites, tmp_path):
     assert samples[0].sample_id == "dev-300-passkey-00"
 
 
-def test_prose_suite_is_heldout_in_a_haystack_that_never_repeats(suites):
-    """prose asks heldout's questions about heldout's needles at heldout's depths; only the haystack differs, and no
-    sentence of it occurs twice, where heldout's cycles 12 sentences."""
+def test_varied_suite_is_heldout_in_a_haystack_that_never_repeats(suites):
+    """varied asks heldout's questions about heldout's needles at heldout's depths; only the haystack differs, and
+    no sentence of it occurs twice, where heldout's cycles 12 sentences."""
     tok = WordTokenizer()
-    held, prose = suites.suite_records("heldout", tok, 600), suites.suite_records("prose", tok, 600)
-    assert [r["id"].replace("heldout-", "prose-") for r in held] == [r["id"] for r in prose]
-    for h, p in zip(held, prose, strict=True):
-        assert (h["question"], h["answers"]) == (p["question"], p["answers"])
-        assert h["context"] != p["context"] and all(a in p["context"] for a in p["answers"])
-    haystack = suites.prose_filler(200)
-    assert len(set(haystack)) == 200
-    assert len(set(suites.heldout_filler(200))) == 12
-    with pytest.raises(ValueError, match="prose haystack has"):
-        suites.prose_filler(10**6)
-    with pytest.raises(ValueError, match="unknown suite 'essays'; accepted: dev, heldout, prose"):
+    held, varied = suites.suite_records("heldout", tok, 600), suites.suite_records("varied", tok, 600)
+    assert [r["id"].replace("heldout-", "varied-") for r in held] == [r["id"] for r in varied]
+    for h, v in zip(held, varied, strict=True):
+        assert (h["question"], h["answers"]) == (v["question"], v["answers"])
+        assert h["context"] != v["context"] and all(a in v["context"] for a in v["answers"])
+    haystack = suites.varied_filler(500)
+    assert len(set(haystack)) == 500 and suites.varied_filler(20) == haystack[:20]
+    assert len(set(suites.heldout_filler(500))) == 12
+    with pytest.raises(ValueError, match="unknown suite 'essays'; accepted: dev, heldout, varied"):
         suites.suite_records("essays", tok, 600)
