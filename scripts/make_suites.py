@@ -49,7 +49,7 @@ FAMILIES = ("passkey", "multikey", "person", "word", "two_needles")
 PER_FAMILY = 8
 QUESTIONS_PER_CONTEXT = {"multikey": 2, "person": 2}  # the others: one question per context
 MAX_NEW_TOKENS = {"passkey": 16, "multikey": 24, "person": 16, "word": 16, "two_needles": 40}
-SUITE_SEEDS = {"dev": 0, "heldout": 1000, "varied": 1000}  # added to --seed
+SUITE_SEEDS = {"dev": 0, "heldout": 1000}  # added to --seed (a suite in NEEDLES_OF takes its source's)
 
 _HELDOUT_FILLER = (
     "The morning train left the station a few minutes late, as it usually did on market days.",
@@ -148,19 +148,16 @@ def varied_filler(n: int) -> list[str]:
     """``n`` distinct sentences of village prose drawn from :data:`_VARIED_TEMPLATES` by a fixed seed (the varied
     haystack; every ``n`` gets a prefix of the same sequence): heldout's register, but no sentence occurs twice
     (its phrases do, as in running text)."""
-    rng, out, seen = random.Random("varied-filler"), [], set()
+    rng, out = random.Random("varied-filler"), dict[str, None]()  # insertion-ordered set
     for _ in range(100 * n):
         if len(out) == n:
             break
         words = {k: rng.choice(v) for k, v in _VARIED_WORDS.items()}
         words |= {k.capitalize(): v[0].upper() + v[1:] for k, v in words.items()}
-        sentence = rng.choice(_VARIED_TEMPLATES).format(**words)
-        if sentence not in seen:
-            seen.add(sentence)
-            out.append(sentence)
+        out.setdefault(rng.choice(_VARIED_TEMPLATES).format(**words))
     if len(out) < n:
         raise ValueError(f"the varied haystack has no {n} distinct sentences: use fewer --tokens")
-    return out
+    return list(out)
 
 
 @dataclass(frozen=True)
@@ -328,8 +325,8 @@ def suite_records(suite: str, tokenizer: Tokenizer, tokens: int, seed: int = 0) 
     """Every record of ``suite`` ("dev", "heldout" or "varied"), family by family."""
     if suite not in STYLES:
         raise ValueError(f"unknown suite {suite!r}; accepted: {', '.join(STYLES)}")
-    style = STYLES[suite]
-    return [r for f in FAMILIES for r in family_records(style, suite, f, tokenizer, tokens, seed + SUITE_SEEDS[suite])]
+    style, seed = STYLES[suite], seed + SUITE_SEEDS[NEEDLES_OF.get(suite, suite)]
+    return [r for f in FAMILIES for r in family_records(style, suite, f, tokenizer, tokens, seed)]
 
 
 def suffix(tokens: int) -> str:

@@ -507,10 +507,10 @@ class PagedKVCache:
             raise ValueError(f"cannot rewind sequence {seq_id} to {n} tokens: it has seen {seen}")
         if scored is not None and not 0 <= scored[0] <= scored[1]:
             raise ValueError(f"rewound(scored=(a, b)) needs 0 <= a <= b, got {scored}")
+        # the prompt's slots stay put within the block (truncation drops only the written tail), so the views taken
+        # now still address them on exit
         before = (
-            None
-            if scored is None
-            else [self._scores_by_position(layer, seq_id, seen) for layer in range(self.num_layers)]
+            None if scored is None else [self.view(layer, [seq_id], with_kv=False) for layer in range(self.num_layers)]
         )
         hide = n < seen
         if hide:
@@ -526,25 +526,15 @@ class PagedKVCache:
             if hide:
                 self._shift_positions(seq_id, HIDDEN, -HIDDEN)
             if before is not None:
-                self._restore_scores(seq_id, before, scored)
+                self._restore_scores(before, scored)
 
-    def _scores_by_position(self, layer: int, seq_id: int, seen: int) -> torch.Tensor:
-        """``[H, seen]``: each kv head's slot score at each position below ``seen`` it holds (0 where it holds
-        none; padded entries and positions at or past ``seen``, e.g. slots a rewind hid, are left out)."""
-        v = self.view(layer, [seq_id], with_kv=False)
-        out = torch.zeros(self.num_kv_heads, seen + 1, device=self.device)  # column ``seen``: the left-out sink
-        pos = torch.where(v.valid & (v.positions < seen), v.positions, seen)[0].long()
-        return out.scatter_(1, pos, v.scores[0].float())[:, :seen]
-
-    def _restore_scores(self, seq_id: int, before: list[torch.Tensor], scored: tuple[int, int]) -> None:
-        """Put back ``before[layer][head, position]`` into every slot of ``seq_id`` outside ``scored``."""
+    def _restore_scores(self, before: list[HeadView], scored: tuple[int, int]) -> None:
+        """Write back the scores ``before`` holds (views taken on entry to :meth:`rewound`, one per layer) into their
+        slots at positions outside ``scored``; the other slots keep what was written since."""
         a, b = scored
-        for layer, old in enumerate(before):
-            v = self.view(layer, [seq_id], with_kv=False)
-            pos = v.positions.long().clamp(0, old.shape[1] - 1)
-            back = v.valid & ((v.positions < a) | (v.positions >= b)) & (v.positions < old.shape[1])
-            kept = torch.where(back, old.gather(1, pos[0])[None], v.scores)
-            self.set_scores(v, kept)
+        for v in before:
+            outside = v.valid & ((v.positions < a) | (v.positions >= b))
+            self.set_scores(v, torch.where(outside, v.scores, self.slot_score.view(-1)[v.slots]))
 
     def _shift_positions(self, seq_id: int, lo: int, delta: int) -> None:
         """Add ``delta`` to the position of every slot of ``seq_id`` at position ``>= lo``, on device (padded view
