@@ -20,6 +20,10 @@ answers and depths (heldout's seeds), in village prose drawn from templates and 
 (:func:`varied_filler`). Pairing its samples with heldout's by family and index isolates what a repeating
 haystack does to a policy. (Running text such as RULER's essays is not available offline; CPython's reference
 manual, tried first, made SmolLM2 answer the door-code question with Python code even with the full cache.)
+A fourth, "devprose", is dev in a cycled prose haystack of its own (a survey ship's log, :func:`devprose_filler`):
+dev's needles, questions and depths (dev's seeds). It was made to tune on at ~4k tokens, where SmolLM2 finds few
+of dev's needles in RULER's noise (dev-4k's full cache scores 20); in prose its full cache scores 25, so what
+fails at 4k is dev's question wording, not its haystack (docs/RESULTS.md, "A dev suite in prose").
 
 Prompts are sized in tokens of the SmolLM2 tokenizer (``context + question``, no chat template, as
 ``kvcompress.tasks.synthetic.SyntheticTask`` does) and are deterministic per suite, token target and seed::
@@ -28,6 +32,7 @@ Prompts are sized in tokens of the SmolLM2 tokenizer (``context + question``, no
     python scripts/make_suites.py --tokens 4000         # {dev,heldout}-4k.jsonl
     python scripts/make_suites.py --out /tmp/s --tokens 2000 --seed 3
     python scripts/make_suites.py --tokens 4000 --suites varied   # varied-4k.jsonl
+    python scripts/make_suites.py --tokens 4000 --suites devprose # devprose-4k.jsonl
 
     python experiments/run.py task=jsonl task.path=docs/results/suites/dev-1k.jsonl policy=tova budget.ratio=4
 """
@@ -67,9 +72,36 @@ _HELDOUT_FILLER = (
 )
 
 
+def cycled(sentences: Sequence[str], n: int) -> list[str]:
+    """``n`` sentences cycling through ``sentences`` with a stride of 5 (coprime with 12: each comes once per cycle)."""
+    return [sentences[(i * 5) % len(sentences)] for i in range(n)]
+
+
 def heldout_filler(n: int) -> list[str]:
     """``n`` sentences of village prose (the heldout haystack), cycling through a fixed list."""
-    return [_HELDOUT_FILLER[(i * 5) % len(_HELDOUT_FILLER)] for i in range(n)]
+    return cycled(_HELDOUT_FILLER, n)
+
+
+_DEVPROSE_FILLER = (
+    "The research vessel spent most of the week mapping the shallow banks north of the island.",
+    "Every evening the crew logged the water temperature at three depths and sent the figures ashore.",
+    "A broken winch delayed the second survey until a spare part arrived by helicopter.",
+    "The chief scientist preferred paper charts and kept them rolled in a rack beside the bridge.",
+    "Samples of sediment were sealed in glass jars and labelled with the time and the position.",
+    "On calm nights the students on board counted the lights of the fishing fleet on the horizon.",
+    "The galley served soup at noon, and the cook baked bread twice a week in a small oven.",
+    "Heavy swell from the west forced the captain to shelter behind the headland for a day.",
+    "The echo sounder traced the edge of the underwater canyon more clearly than anyone expected.",
+    "Two engineers spent the morning replacing a cracked seal in the cooling pump.",
+    "Seabirds followed the ship for hours, waiting for scraps thrown from the stern.",
+    "At the end of each leg the data were copied onto two disks and stored in separate cabins.",
+)
+
+
+def devprose_filler(n: int) -> list[str]:
+    """``n`` sentences of a survey ship's log (the devprose haystack): prose cycled like heldout's, in another
+    setting and with no sentence of heldout's."""
+    return cycled(_DEVPROSE_FILLER, n)
 
 
 _VARIED_TEMPLATES = (
@@ -227,9 +259,10 @@ HELDOUT = Style(
 )
 
 VARIED = dataclasses.replace(HELDOUT, filler=varied_filler)
+DEVPROSE = dataclasses.replace(DEV, filler=devprose_filler)
 
-STYLES = {"dev": DEV, "heldout": HELDOUT, "varied": VARIED}
-NEEDLES_OF = {"varied": "heldout"}  # a suite drawing another's needles, questions and depths (its seeds)
+STYLES = {"dev": DEV, "heldout": HELDOUT, "varied": VARIED, "devprose": DEVPROSE}
+NEEDLES_OF = {"varied": "heldout", "devprose": "dev"}  # a suite drawing another's needles, questions and depths
 
 
 @dataclass
@@ -346,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=1000, help="target tokens of context + question (1000)")
     parser.add_argument("--out", type=Path, default=Path("docs/results/suites"), help="output directory")
     parser.add_argument("--seed", type=int, default=0, help="base seed (heldout and varied add 1000)")
-    parser.add_argument("--suites", default="dev,heldout", help="comma-separated: dev,heldout,varied")
+    parser.add_argument("--suites", default="dev,heldout", help="comma-separated: dev,heldout,varied,devprose")
     parser.add_argument("--model", default="smollm2", help="tokenizer: 'smollm2' or a local HF directory")
     args = parser.parse_args(argv)
 

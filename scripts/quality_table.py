@@ -174,7 +174,11 @@ def main() -> None:
         help="budget.protected_fraction: recent window = min(--protected, fraction x per-head budget)",
     )
     ap.add_argument("--modes", default="query_aware,query_agnostic")
-    ap.add_argument("--setups", default=",".join(s[0] for s in SETUPS))
+    ap.add_argument(
+        "--setups",
+        default=",".join(s[0] for s in SETUPS),
+        help="comma-separated setups (see above); the full cache always runs, and '' runs only it",
+    )
     ap.add_argument("--max-seqs", type=int, default=8, help="sequences the engine runs at once (forks included)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for the 135M model)")
     ap.add_argument("--head-bias", help="head-bias .npz for lfu-bias+global (scripts/calibrate_head_bias.py)")
@@ -288,12 +292,16 @@ def write_table(rows_path: Path, table_path: Path, ratios: list[float]) -> None:
     for mode in sorted({r["mode"] for r in rows}):
         full = {r["sample_id"]: r["score"] for r in agg.get((mode, "full", 1.0), [])}  # none yet: no % of full
         full_score = sum(full.values()) / max(len(full), 1)
+        lines.append(f"\n### {mode} (full cache: {full_score:.1f}, n={len(full)})\n")
+        setups = sorted({r["setup"] for r in rows if r["mode"] == mode} - {"full"})
+        if not setups:
+            lines.append("The full cache only: no compressed setup has run.")
+            continue
         lines += [
-            f"\n### {mode} (full cache: {full_score:.1f}, n={len(full)})\n",
             "| policy | " + " | ".join(f"{r:g}x score (% full, retained) [logical/physical]" for r in ratios) + " |",
             "|---|" + "---|" * len(ratios),
         ]
-        for setup in sorted({r["setup"] for r in rows if r["mode"] == mode} - {"full"}):
+        for setup in setups:
             cells = []
             for ratio in ratios:
                 rs = agg.get((mode, setup, ratio), [])

@@ -45,9 +45,10 @@ VARIANTS = {
 
 def split_setups(text: str) -> list[str]:
     """``--setups`` into setup names: a comma-separated ``key=value`` continues the previous setup's arguments
-    (``a,b:floor=0.2,normalize=sum`` -> ``["a", "b:floor=0.2,normalize=sum"]``); setup labels hold no ``=``."""
+    (``a,b:floor=0.2,normalize=sum`` -> ``["a", "b:floor=0.2,normalize=sum"]``); setup labels hold no ``=``. An
+    empty ``text`` is no setup (a quality table then runs only its full-cache baseline)."""
     names: list[str] = []
-    for token in text.split(","):
+    for token in text.split(",") if text.strip() else []:
         if "=" in token and ":" not in token and names:
             names[-1] += f",{token}"
         else:

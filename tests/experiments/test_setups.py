@@ -15,6 +15,7 @@ from kvcompress.experiment import setups
 def test_setups_carry_allocator_args() -> None:
     names = setups.split_setups("snapkv,lfu+global:floor=0.2,normalize=sum,hybrid")
     assert names == ["snapkv", "lfu+global:floor=0.2,normalize=sum", "hybrid"]
+    assert setups.split_setups("") == setups.split_setups(" ") == []  # only the full cache
     assert setups.resolve_setup(names[1]) == (names[1], "lfu", "global", {}, {"floor": 0.2, "normalize": "sum"})
     assert setups.resolve_setup("hybrid") == ("hybrid", "hybrid", "uniform", {}, {})
     with pytest.raises(ValueError, match="unknown setup 'nope'; accepted: lfu\\+global"):

@@ -214,5 +214,20 @@ def test_varied_suite_is_heldout_in_a_haystack_that_never_repeats(suites):
     haystack = suites.varied_filler(500)
     assert len(set(haystack)) == 500 and suites.varied_filler(20) == haystack[:20]
     assert len(set(suites.heldout_filler(500))) == 12
-    with pytest.raises(ValueError, match="unknown suite 'essays'; accepted: dev, heldout, varied"):
+    with pytest.raises(ValueError, match="unknown suite 'essays'; accepted: dev, heldout, varied, devprose"):
         suites.suite_records("essays", tok, 600)
+
+
+def test_devprose_suite_is_dev_in_a_prose_haystack(suites):
+    """devprose asks dev's questions about dev's needles at dev's depths, in a cycled prose haystack of its own
+    (not RULER's noise, and none of heldout's sentences)."""
+    tok = WordTokenizer()
+    dev, prose = suites.suite_records("dev", tok, 600), suites.suite_records("devprose", tok, 600)
+    assert [r["id"].replace("dev-", "devprose-") for r in dev] == [r["id"] for r in prose]
+    for d, p in zip(dev, prose, strict=True):
+        assert (d["question"], d["answers"]) == (p["question"], p["answers"])
+        assert d["context"] != p["context"] and all(a in p["context"] for a in p["answers"])
+        assert "The grass is green." not in p["context"]
+    haystack = suites.devprose_filler(100)
+    assert len(set(haystack)) == 12 and haystack[:12] == haystack[12:24]
+    assert not set(haystack) & set(suites.heldout_filler(100))

@@ -43,6 +43,17 @@ def test_table_without_full_rows_gives_scores_only(script_module, tmp_path: Path
     assert "| tova | 100 (n/a) [4.0/4.0] |" in (tmp_path / "table.md").read_text()
 
 
+def test_table_of_the_full_cache_alone_says_so(script_module, tmp_path: Path) -> None:
+    """``--setups ''`` runs only the full cache: the table gives its score and says no compressed setup ran."""
+    qt = script_module("quality_table")
+    rows_path = tmp_path / "rows.jsonl"
+    rows_path.write_text(json.dumps(_row("full", "s0", 1.0, 100.0)) + "\n", encoding="utf-8")
+    qt.write_table(rows_path, tmp_path / "table.md", [])
+    table = (tmp_path / "table.md").read_text()
+    assert "### query_aware (full cache: 100.0, n=1)" in table and "no compressed setup has run" in table
+    assert "| policy |" not in table
+
+
 def test_table_only_rewrites_the_table_without_running(tmp_path: Path) -> None:
     script = Path(__file__).resolve().parents[2] / "scripts" / "quality_table.py"
     rows = [_row("full", "s0", 1.0, 100.0), _row("tova", "s0", 4.0, 0.0), _row("tova", "s0", 32.0, 100.0)]
