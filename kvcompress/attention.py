@@ -99,7 +99,9 @@ def paged_attention_forward(
                 w = n if step.obs_window < 0 else min(step.obs_window, n)
                 queries = q[end - w : end].transpose(0, 1)[None]
                 window_probs = obs[i : i + 1] if obs is not None else None
-                obs_i = PrefillObservation(layer, s, w, start + n - w, window_probs, queries, _rope_theta(module))
+                obs_i = PrefillObservation(
+                    layer, s, w, start + n - w, window_probs, queries, _rope_theta(module), step.obs_window < 0
+                )
                 step.observer.observe_prefill(cache, obs_i)
     return out.view(B, T, Hq, D), None
 

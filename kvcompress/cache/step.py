@@ -69,6 +69,8 @@ class PrefillObservation:
     p(q, h, slot)**power, aligned with the logical slots of the kv head that query head h reads (zero past a head's
     length); None if no window was asked.
     ``queries``: the window queries, ``[1, H_q, w, D]`` (post-RoPE).
+    ``every_query``: the forward observed every query of the chunk (``obs_window=-1``: a reconstruction pass), not
+    the last ``window`` queries of a prompt.
     """
 
     layer: int
@@ -78,6 +80,7 @@ class PrefillObservation:
     window_probs: torch.Tensor | None
     queries: torch.Tensor
     rope_theta: float = 10000.0
+    every_query: bool = False
 
 
 @dataclass

@@ -35,6 +35,11 @@ same maximum as the reconstruction's, ``score(k) = max(max_{q in window} p(q, h,
 p(q, h, k))``. Query-aware (the question at the end of the prompt) that adds what the question looks at, SnapKV's
 signal, to what reconstruction needs, and both are probabilities, so the score stays comparable across heads for
 the global allocator. Query-agnostic the window is the end of the context, which carries no question.
+``window_weight`` = λ scales the window's attention before the maximum, ``max(λ · max_{q in window} p, max_{q in
+reconstruction} p)``: at high ratios the global threshold sits among the copying heads' near-1 reconstruction
+scores, above what the question puts on its answer in the heads that retrieve it; λ > 1 lifts that above the
+threshold (with λ = 4, a token the question gives more than a quarter of a query's attention outranks every
+reconstruction score). 1 (the default): both count alike.
 
 ``local_chunk`` > 0 reconstructs the context that many tokens at a time, one pass per chunk, each pass seeing
 the prompt only up to its chunk's end (the later prompt stays cached, out of the pass's reach: see
@@ -95,6 +100,7 @@ class KVzipPolicy(Policy):
     context; k >= 0 keeps its first k tokens above everything and ranks the rest of it last (score 0);
     ``prefix_renorm`` (needs ``prefix_keep``): also leave that rest out of the reconstruction queries' softmax;
     ``window``: the last prompt queries whose attention also votes (0, the default: only the reconstruction's);
+    ``window_weight``: the factor on their attention before it meets the reconstruction's in the maximum (1);
     ``pool_kernel``: max-pool the scores over this odd number of positions at ranking (1, the default: none);
     ``local_chunk``: reconstruct the context this many tokens per pass, each pass seeing the prompt up to its
     chunk's end (0, the default: one pass over the whole context); ``local_lookahead`` (needs ``local_chunk``):
@@ -107,6 +113,7 @@ class KVzipPolicy(Policy):
     prefix_keep: int | None = None
     prefix_renorm: bool = False
     window: int = 0
+    window_weight: float = 1.0
     pool_kernel: int = 1
     local_chunk: int = 0
     local_lookahead: int = 0
@@ -124,6 +131,15 @@ class KVzipPolicy(Policy):
                 f"kvzip policy.window must be a count of prompt queries >= 0 (0: only the reconstruction votes), "
                 f"got {self.window!r}"
             )
+        if isinstance(self.window_weight, bool) or not isinstance(self.window_weight, int | float):
+            raise ValueError(f"kvzip policy.window_weight must be a number > 0, got {self.window_weight!r}")
+        if not self.window_weight > 0:
+            raise ValueError(
+                f"kvzip policy.window_weight must be > 0 (1: the window counts as the reconstruction), "
+                f"got {self.window_weight!r}"
+            )
+        if self.window_weight != 1 and not self.window:
+            raise ValueError("kvzip policy.window_weight needs policy.window > 0 (the prompt queries it weighs)")
         check_pool_kernel(self.pool_kernel, "kvzip policy.pool_kernel")
         if not is_count(self.local_chunk):
             raise ValueError(
@@ -173,11 +189,14 @@ class KVzipPolicy(Policy):
         ]
 
     def observe_prefill(self, cache: PagedKVCache, obs: PrefillObservation) -> None:
-        """Fold one observed chunk in (the prompt's last ``window`` queries, or a reconstruction chunk): slot score =
-        max(score so far, max over the group's query heads of the chunk's max attention). Slots start at 0."""
+        """Fold one observed chunk in (the prompt's last ``window`` queries, weighed by ``window_weight``, or a
+        reconstruction chunk): slot score = max(score so far, max over the group's query heads of the chunk's max
+        attention). Slots start at 0."""
         view = cache.view(obs.layer, [obs.seq_id], with_kv=False)
         assert obs.window_probs is not None, "KVzip observes its window and every reconstruction query"
         probs = obs.window_probs[..., : view.valid.shape[-1]].float()  # [1, H_q, L], max over the chunk's queries
+        if not obs.every_query:
+            probs = probs * self.window_weight
         cache.set_scores(view, view.scores.maximum(group_max(probs, view.valid.shape[1])))
 
     def rank(self, view: HeadView, seen: torch.Tensor) -> torch.Tensor:

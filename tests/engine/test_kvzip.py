@@ -38,12 +38,14 @@ def _eager_attentions(model, ids: list[int]) -> tuple[torch.Tensor, ...]:
         model.set_attn_implementation(previous)
 
 
-def _dense_scores(model, context: list[int], exclude: tuple[int, int] = (0, 0), window: int = 0) -> torch.Tensor:
+def _dense_scores(
+    model, context: list[int], exclude: tuple[int, int] = (0, 0), window: int = 0, window_weight: float = 1.0
+) -> torch.Tensor:
     """``[L, H_kv, n]``: max over the reconstruction queries and the GQA group's query heads of the eager softmax
     attention of ``context + REPEAT + context`` to each context token. With ``exclude = (lo, hi)`` each query's
     attention is renormalised over the keys outside positions ``[lo, hi)``, which score 0 (kvpress's KVzip).
     ``window``: the context's own last ``window`` queries are in the maximum too (they come right before the
-    reconstruction's, so the rows are one slice)."""
+    reconstruction's, so the rows are one slice), their attention times ``window_weight``."""
     n, cfg = len(context), model.config
     attentions = _eager_attentions(model, [*context, *REPEAT, *context])
     group = cfg.num_attention_heads // cfg.num_key_value_heads
@@ -52,6 +54,7 @@ def _dense_scores(model, context: list[int], exclude: tuple[int, int] = (0, 0), 
     rows = [r / (1 - r[..., lo:hi].sum(-1, keepdim=True)) for r in rows]
     for r in rows:
         r[..., lo:hi] = 0
+        r[:, :window] *= window_weight
     per_head = torch.stack([r[..., :n].amax(1) for r in rows])  # [L, H_q, n]
     return per_head.view(len(attentions), cfg.num_key_value_heads, group, n).amax(2)
 
@@ -116,17 +119,29 @@ def test_prefix_renorm_scores_equal_the_renormalised_dense_reference(tiny_llama,
     assert (got[..., 8:] >= plain[..., 8:] - 1e-6).all() and (got[..., 8:] > plain[..., 8:] + 1e-4).any()
 
 
+@pytest.mark.parametrize("weight", [1.0, 4.0])
 @pytest.mark.parametrize("chunk", [16, 2048], ids=["chunked", "one-chunk"])
-def test_window_folds_the_prompts_last_queries_into_the_maximum(tiny_llama, chunk):
+def test_window_folds_the_prompts_last_queries_into_the_maximum(tiny_llama, chunk, weight):
     """``window=6``: the context's last 6 queries vote beside the reconstruction's, in the same maximum, and raise
-    some scores above the reconstruction's alone."""
-    comp = Compressor(KVzipPolicy(repeat_ids=REPEAT, window=6), Budget(ratio=2, protected_window=4))
-    engine = Engine(tiny_llama, comp, max_seqs=1, max_tokens_per_head=256, prefill_chunk=chunk)
+    some scores above the reconstruction's alone; ``window_weight`` scales their attention (only theirs: the
+    reconstruction's chunks are observed in full, ``every_query``) before the maximum."""
+    policy = KVzipPolicy(repeat_ids=REPEAT, window=6, window_weight=weight)
+    engine = Engine(
+        tiny_llama,
+        Compressor(policy, Budget(ratio=2, protected_window=4)),
+        max_seqs=1,
+        max_tokens_per_head=256,
+        prefill_chunk=chunk,
+    )
     seen = _capture_before_compression(engine)
     engine.run([Request(0, CONTEXT, 4)])
     got, plain = seen[0]["scores"], _dense_scores(tiny_llama, CONTEXT)
-    torch.testing.assert_close(got, _dense_scores(tiny_llama, CONTEXT, window=6), atol=1e-5, rtol=1e-4)
+    want = _dense_scores(tiny_llama, CONTEXT, window=6, window_weight=weight)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     assert (got >= plain - 1e-6).all() and (got > plain + 1e-4).any()
+    if weight != 1:
+        unweighted = _dense_scores(tiny_llama, CONTEXT, window=6)
+        assert (got > unweighted + 1e-4).any()
 
 
 def _local_dense_scores(model, context: list[int], size: int, lookahead: int = 0) -> torch.Tensor:
@@ -220,6 +235,14 @@ def test_local_chunk_must_be_a_token_count(bad):
 def test_window_must_be_a_query_count(bad):
     with pytest.raises(ValueError, match=f"window must be a count of prompt queries >= 0.*got {bad!r}"):
         KVzipPolicy(window=bad)
+
+
+@pytest.mark.parametrize("bad", [0, -2.0, True, "4"])
+def test_window_weight_must_be_a_positive_number(bad):
+    with pytest.raises(ValueError, match=f"window_weight must be .*> 0.*got {bad!r}"):
+        KVzipPolicy(window=32, window_weight=bad)
+    with pytest.raises(ValueError, match="window_weight needs policy.window > 0"):
+        KVzipPolicy(window_weight=4)
 
 
 def test_prefix_renorm_needs_prefix_keep():
