@@ -202,32 +202,25 @@ def test_suites(suites, tmp_path):
     assert samples[0].sample_id == "dev-300-passkey-00"
 
 
-def test_varied_suite_is_heldout_in_a_haystack_that_never_repeats(suites):
-    """varied asks heldout's questions about heldout's needles at heldout's depths; only the haystack differs, and
-    no sentence of it occurs twice, where heldout's cycles 12 sentences."""
-    tok = WordTokenizer()
-    held, varied = suites.suite_records("heldout", tok, 600), suites.suite_records("varied", tok, 600)
-    assert [r["id"].replace("heldout-", "varied-") for r in held] == [r["id"] for r in varied]
-    for h, v in zip(held, varied, strict=True):
-        assert (h["question"], h["answers"]) == (v["question"], v["answers"])
-        assert h["context"] != v["context"] and all(a in v["context"] for a in v["answers"])
+@pytest.mark.parametrize("suite", ["varied", "devprose"])
+def test_suite_asks_its_sources_questions_in_another_haystack(suites, suite):
+    """varied and devprose ask heldout's / dev's questions about the same needles at the same depths
+    (``NEEDLES_OF``); only the haystack differs."""
+    tok, source = WordTokenizer(), suites.NEEDLES_OF[suite]
+    src, new = suites.suite_records(source, tok, 600), suites.suite_records(suite, tok, 600)
+    assert [r["id"].replace(f"{source}-", f"{suite}-") for r in src] == [r["id"] for r in new]
+    for s, n in zip(src, new, strict=True):
+        assert (s["question"], s["answers"]) == (n["question"], n["answers"])
+        assert s["context"] != n["context"] and all(a in n["context"] for a in n["answers"])
+        assert "The grass is green." not in n["context"]  # RULER's noise: dev's haystack only
+    with pytest.raises(ValueError, match="unknown suite 'essays'; accepted: dev, heldout, varied, devprose"):
+        suites.suite_records("essays", WordTokenizer(), 600)
+
+
+def test_haystacks_varied_never_repeats_heldout_and_devprose_cycle_their_own(suites):
+    """varied's haystack has no sentence twice; heldout's and devprose's cycle 12 sentences each, none shared."""
     haystack = suites.varied_filler(500)
     assert len(set(haystack)) == 500 and suites.varied_filler(20) == haystack[:20]
-    assert len(set(suites.heldout_filler(500))) == 12
-    with pytest.raises(ValueError, match="unknown suite 'essays'; accepted: dev, heldout, varied, devprose"):
-        suites.suite_records("essays", tok, 600)
-
-
-def test_devprose_suite_is_dev_in_a_prose_haystack(suites):
-    """devprose asks dev's questions about dev's needles at dev's depths, in a cycled prose haystack of its own
-    (not RULER's noise, and none of heldout's sentences)."""
-    tok = WordTokenizer()
-    dev, prose = suites.suite_records("dev", tok, 600), suites.suite_records("devprose", tok, 600)
-    assert [r["id"].replace("dev-", "devprose-") for r in dev] == [r["id"] for r in prose]
-    for d, p in zip(dev, prose, strict=True):
-        assert (d["question"], d["answers"]) == (p["question"], p["answers"])
-        assert d["context"] != p["context"] and all(a in p["context"] for a in p["answers"])
-        assert "The grass is green." not in p["context"]
-    haystack = suites.devprose_filler(100)
-    assert len(set(haystack)) == 12 and haystack[:12] == haystack[12:24]
-    assert not set(haystack) & set(suites.heldout_filler(100))
+    held, prose = suites.heldout_filler(500), suites.devprose_filler(500)
+    assert len(set(held)) == len(set(prose)) == 12 and prose[:12] == prose[12:24]
+    assert not set(held) & set(prose)
