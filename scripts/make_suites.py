@@ -25,6 +25,11 @@ dev's needles, questions and depths (dev's seeds). It was made to tune on at ~4k
 of dev's needles in RULER's noise (dev-4k's full cache scores 20); in prose its full cache scores 25, so what
 fails at 4k is dev's question wording, not its haystack (docs/RESULTS.md, "A dev suite in prose").
 
+"tune" is the tuning suite for ~4k tokens: its own wording throughout (a ship's log: radio messages, crates,
+crew, call signs, sampling stations; questions ending in "Answer:"), names, cities and seeds, in devprose's
+haystack, none of it heldout's. SmolLM2's full cache answers about as much of tune-4k as of heldout-4k, so a 4k
+choice is made on tune-4k and checked on heldout-4k, as dev-1k and heldout-1k are used at 1k.
+
 Prompts are sized in tokens of the SmolLM2 tokenizer (``context + question``, no chat template, as
 ``kvcompress.tasks.synthetic.SyntheticTask`` does) and are deterministic per suite, token target and seed::
 
@@ -33,6 +38,7 @@ Prompts are sized in tokens of the SmolLM2 tokenizer (``context + question``, no
     python scripts/make_suites.py --out /tmp/s --tokens 2000 --seed 3
     python scripts/make_suites.py --tokens 4000 --suites varied   # varied-4k.jsonl
     python scripts/make_suites.py --tokens 4000 --suites devprose # devprose-4k.jsonl
+    python scripts/make_suites.py --tokens 4000 --suites tune     # tune-4k.jsonl
 
     python experiments/run.py task=jsonl task.path=docs/results/suites/dev-1k.jsonl policy=tova budget.ratio=4
 """
@@ -54,7 +60,7 @@ FAMILIES = ("passkey", "multikey", "person", "word", "two_needles")
 PER_FAMILY = 8
 QUESTIONS_PER_CONTEXT = {"multikey": 2, "person": 2}  # the others: one question per context
 MAX_NEW_TOKENS = {"passkey": 16, "multikey": 24, "person": 16, "word": 16, "two_needles": 40}
-SUITE_SEEDS = {"dev": 0, "heldout": 1000}  # added to --seed (a suite in NEEDLES_OF takes its source's)
+SUITE_SEEDS = {"dev": 0, "heldout": 1000, "tune": 2000}  # added to --seed (a suite in NEEDLES_OF takes its source's)
 
 _HELDOUT_FILLER = (
     "The morning train left the station a few minutes late, as it usually did on market days.",
@@ -261,7 +267,24 @@ HELDOUT = Style(
 VARIED = dataclasses.replace(HELDOUT, filler=varied_filler)
 DEVPROSE = dataclasses.replace(DEV, filler=devprose_filler)
 
-STYLES = {"dev": DEV, "heldout": HELDOUT, "varied": VARIED, "devprose": DEVPROSE}
+TUNE = Style(
+    filler=devprose_filler,
+    intro="Below is a long ship's log. A few of its entries hold details you will need later.\n\n",
+    passkey_needle="Radio message for the lab: the safe combination is {key}; once more, the combination is {key}.",
+    passkey_question="Which safe combination did the radio message give? Answer:",
+    multikey_needle="Crate {key} was stowed in the hold with the seal number {value}.",
+    multikey_question="Which seal number was crate {key} stowed with? Answer:",
+    person_needle="Over dinner the crew learned that {key} had grown up in {value}.",
+    person_question="Where did {key} grow up? Answer:",
+    word_needle="The call sign given to the {key} team was {value}.",
+    word_question="Which call sign was given to the {key} team? Answer:",
+    two_needle="A sample from the {key} station was logged under the number {value}.",
+    two_question="Under which two numbers were samples from the {key} station logged? Answer:",
+    names=("Hugo", "Mira", "Olaf", "Priya", "Quentin", "Rosa", "Stefan", "Tara", "Umar", "Vera", "Wen"),
+    cities=("Valparaiso", "Dakar", "Gdansk", "Halifax", "Reykjavik", "Manila", "Durban", "Hobart", "Montevideo"),
+)
+
+STYLES = {"dev": DEV, "heldout": HELDOUT, "varied": VARIED, "devprose": DEVPROSE, "tune": TUNE}
 NEEDLES_OF = {"varied": "heldout", "devprose": "dev"}  # a suite drawing another's needles, questions and depths
 
 
@@ -379,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=1000, help="target tokens of context + question (1000)")
     parser.add_argument("--out", type=Path, default=Path("docs/results/suites"), help="output directory")
     parser.add_argument("--seed", type=int, default=0, help="base seed (heldout and varied add 1000)")
-    parser.add_argument("--suites", default="dev,heldout", help="comma-separated: dev,heldout,varied,devprose")
+    parser.add_argument("--suites", default="dev,heldout", help="comma-separated: dev,heldout,varied,devprose,tune")
     parser.add_argument("--model", default="smollm2", help="tokenizer: 'smollm2' or a local HF directory")
     args = parser.parse_args(argv)
 

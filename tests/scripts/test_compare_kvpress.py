@@ -184,17 +184,20 @@ def test_suites(suites, tmp_path):
     tok = WordTokenizer()
     dev = suites.suite_records("dev", tok, 300)
     assert dev == suites.suite_records("dev", tok, 300)  # deterministic
-    held = suites.suite_records("heldout", tok, 300)
-    assert len(dev) == len(held) == 40
-    for records in (dev, held):
+    held, tune = suites.suite_records("heldout", tok, 300), suites.suite_records("tune", tok, 300)
+    assert len(dev) == len(held) == len(tune) == 40
+    for records in (dev, held, tune):
         assert [r["task"] for r in records] == [f for f in suites.FAMILIES for _ in range(8)]
         for r in records:
             assert all(a in r["context"] for a in r["answers"])
             assert len(tok("".join((r["context"], r["question"])))["input_ids"]) <= 300
         # multikey and person ask two questions of each context
         assert len({r["context"] for r in records}) == 32
-    assert not {r["context"] for r in dev} & {r["context"] for r in held}
-    assert not {r["question"] for r in dev} & {r["question"] for r in held}
+    for a, b in ((dev, held), (tune, held), (tune, dev)):  # tune, the 4k tuning suite, shares no wording
+        assert not {r["context"] for r in a} & {r["context"] for r in b}
+        assert not {r["question"] for r in a} & {r["question"] for r in b}
+    assert not set(suites.TUNE.names) & set(suites.HELDOUT.names)
+    assert not set(suites.TUNE.cities) & set(suites.HELDOUT.cities)
     path = tmp_path / "dev.jsonl"
     suites.write_jsonl(path, dev)
     samples = JsonlTask(path).samples()
@@ -213,7 +216,7 @@ def test_suite_asks_its_sources_questions_in_another_haystack(suites, suite):
         assert (s["question"], s["answers"]) == (n["question"], n["answers"])
         assert s["context"] != n["context"] and all(a in n["context"] for a in n["answers"])
         assert "The grass is green." not in n["context"]  # RULER's noise: dev's haystack only
-    with pytest.raises(ValueError, match="unknown suite 'essays'; accepted: dev, heldout, varied, devprose"):
+    with pytest.raises(ValueError, match="unknown suite 'essays'; accepted: dev, heldout, varied, devprose, tune"):
         suites.suite_records("essays", WordTokenizer(), 600)
 
 
