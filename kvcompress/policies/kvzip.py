@@ -54,7 +54,9 @@ tokens it gained half a sample at query-agnostic 4x and lost 2.5 at 8x, docs/RES
 ``local_lookahead`` = m > 0 moves that target off the scored text: each pass also sees the m prompt tokens after
 its chunk (its repeat prompt follows them), and what it observes counts only for positions before its chunk's
 end; those m tokens are scored by the passes after it (by the next one, whose chunk they open, when m is at most
-``local_chunk``). Only the context's end, which the last pass sees with nothing after it, stays a target.
+``local_chunk``). Only the context's end, which the last pass sees with nothing after it, stays a target. No
+preset sets it: ahead on the held-out 4k suite, it lost five of twenty samples in each of two cells of the 4k
+tuning suite (query-agnostic 4x and 8x; docs/RESULTS.md, "A 4k tuning suite").
 
 kvpress's ``chunk_size`` differs: each of its passes sees the whole context and leaves the other chunks out of
 the softmax.
