@@ -79,7 +79,8 @@ _HELDOUT_FILLER = (
 
 
 def cycled(sentences: Sequence[str], n: int) -> list[str]:
-    """``n`` sentences cycling through ``sentences`` with a stride of 5 (coprime with 12: each comes once per cycle)."""
+    """``n`` sentences cycling through ``sentences`` with a stride of 5 (each comes once per cycle when their number
+    is coprime with 5, as both lists' 12 are)."""
     return [sentences[(i * 5) % len(sentences)] for i in range(n)]
 
 
@@ -378,7 +379,7 @@ def family_records(
 
 
 def suite_records(suite: str, tokenizer: Tokenizer, tokens: int, seed: int = 0) -> list[dict[str, object]]:
-    """Every record of ``suite`` ("dev", "heldout" or "varied"), family by family."""
+    """Every record of ``suite`` (a key of :data:`STYLES`), family by family."""
     if suite not in STYLES:
         raise ValueError(f"unknown suite {suite!r}; accepted: {', '.join(STYLES)}")
     style, seed = STYLES[suite], seed + SUITE_SEEDS[NEEDLES_OF.get(suite, suite)]
@@ -401,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=1000, help="target tokens of context + question (1000)")
     parser.add_argument("--out", type=Path, default=Path("docs/results/suites"), help="output directory")
-    parser.add_argument("--seed", type=int, default=0, help="base seed (heldout and varied add 1000)")
+    parser.add_argument("--seed", type=int, default=0, help="base seed (heldout and varied add 1000, tune 2000)")
     parser.add_argument("--suites", default="dev,heldout", help="comma-separated: dev,heldout,varied,devprose,tune")
     parser.add_argument("--model", default="smollm2", help="tokenizer: 'smollm2' or a local HF directory")
     args = parser.parse_args(argv)

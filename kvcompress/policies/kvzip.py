@@ -133,12 +133,11 @@ class KVzipPolicy(Policy):
                 f"kvzip policy.window must be a count of prompt queries >= 0 (0: only the reconstruction votes), "
                 f"got {self.window!r}"
             )
-        if isinstance(self.window_weight, bool) or not isinstance(self.window_weight, int | float):
-            raise ValueError(f"kvzip policy.window_weight must be a number > 0, got {self.window_weight!r}")
-        if not self.window_weight > 0:
+        w = self.window_weight
+        if isinstance(w, bool) or not isinstance(w, int | float) or not w > 0:
             raise ValueError(
-                f"kvzip policy.window_weight must be > 0 (1: the window counts as the reconstruction), "
-                f"got {self.window_weight!r}"
+                f"kvzip policy.window_weight must be a number > 0 (1: the window counts as the reconstruction), "
+                f"got {w!r}"
             )
         if self.window_weight != 1 and not self.window:
             raise ValueError("kvzip policy.window_weight needs policy.window > 0 (the prompt queries it weighs)")
