@@ -13,6 +13,14 @@ and the answer's tokens). Then the prediction and its score.
         --sample-id heldout-4000-person-00 --setups kvzip+global --ratio 8
 
 Setups take the quality table's syntax (``kvzip+global:policy.window=32``).
+
+Two oracles ask what an answer needs, on top of a setup's own choice:
+- ``--keep TEXT`` keeps TEXT's tokens (its first occurrence in the prompt, e.g. the whole needle sentence) in every
+  kv head of every layer, above the budget's threshold; they count against the budget like any kept token.
+- ``--only-layers A-B`` compresses layers A to B only, at about ``--ratio`` among themselves; every other layer
+  keeps its whole prompt (the overall budget ratio is set to ``L / (L - n + n / ratio)`` for n compressed layers
+  of L; global allocation only). Which layers' eviction loses an answer, then.
+The ranks reported are still the policy's own.
 """
 
 from __future__ import annotations
@@ -58,6 +66,8 @@ class RecordingCompressor(Compressor):
 
     before: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     kept: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    keep_positions: list[int] = field(default_factory=list)  # oracle: kept in every head of every layer
+    only_layers: tuple[int, int] | None = None  # oracle: layers outside [a, b] keep everything
 
     def compress(self, cache: PagedKVCache, seq_ids: list[int], budget: Budget | None = None) -> int:
         if self.before or not self.compresses(budget or self.budget) or not seq_ids:
@@ -69,7 +79,7 @@ class RecordingCompressor(Compressor):
             self.before.append(
                 (finite_ranks(ranks)[0].masked_fill(~view.valid[0], torch.nan).cpu(), view.positions[0].cpu())
             )
-            return ranks
+            return self.oracle(view, ranks)
 
         self.policy.rank = recording
         try:
@@ -80,6 +90,36 @@ class RecordingCompressor(Compressor):
             v = cache.view(layer, seq_ids[:1], with_kv=False)
             self.kept.append((v.positions[0].cpu(), v.valid[0].cpu()))
         return freed
+
+    def oracle(self, view: HeadView, ranks: torch.Tensor) -> torch.Tensor:
+        """``ranks`` ``[S, H, L]`` of ``view``'s layer with the oracles applied: ``keep_positions`` and, outside
+        ``only_layers``, every slot ranked +inf (the compressor's clamp puts them above any policy score)."""
+        a, b = self.only_layers or (0, view.layer)
+        if not a <= view.layer <= b:
+            return torch.full_like(ranks, torch.inf)
+        if not self.keep_positions:
+            return ranks
+        forced = torch.isin(view.positions, torch.tensor(self.keep_positions, device=view.positions.device))
+        return ranks.masked_fill(forced, torch.inf)
+
+
+def only_layers_ratio(ratio: float, layers: tuple[int, int], num_layers: int) -> float:
+    """The overall budget ratio that holds ``layers`` (inclusive) at about ``ratio`` while every other layer keeps
+    its whole prompt."""
+    n = layers[1] - layers[0] + 1
+    return num_layers / (num_layers - n + n / ratio)
+
+
+def parse_layers(text: str, num_layers: int | None = None) -> tuple[int, int]:
+    """``"A-B"`` -> ``(A, B)``; ``ValueError`` unless 0 <= A <= B (< ``num_layers`` when given)."""
+    try:
+        a, b = (int(x) for x in text.split("-"))
+    except ValueError:
+        raise ValueError(f"--only-layers takes a layer range A-B, like 0-13, got {text!r}") from None
+    if not 0 <= a <= b or (num_layers is not None and b >= num_layers):
+        top = f" and B < {num_layers}, the model's layer count" if num_layers is not None else ""
+        raise ValueError(f"--only-layers A-B needs 0 <= A <= B{top}, got {text!r}")
+    return a, b
 
 
 def percentile(ranks: torch.Tensor, positions: torch.Tensor, wanted: list[int]) -> float:
@@ -112,10 +152,23 @@ def build_compressor(setup: str, ratio: float, protected: int) -> tuple[str, Rec
 
 
 def inspect(
-    lm, sample: Sample, setup: str, ratio: float, protected: int, mode: str, find: tuple[str, ...] = ()
+    lm,
+    sample: Sample,
+    setup: str,
+    ratio: float,
+    protected: int,
+    mode: str,
+    find: tuple[str, ...] = (),
+    keep: tuple[str, ...] = (),
+    only_layers: tuple[int, int] | None = None,
 ) -> None:
+    """Run ``sample`` under ``setup`` and print where the budget went; ``keep`` and ``only_layers`` are the
+    oracles of the module docstring."""
     tok = lm.tokenizer
-    label, comp = build_compressor(setup, ratio, protected)
+    num_layers = lm.model.config.num_hidden_layers
+    overall = only_layers_ratio(ratio, only_layers, num_layers) if only_layers else ratio
+    label, comp = build_compressor(setup, overall, protected)
+    comp.only_layers = only_layers
     bind_tokenizer(comp.policy, tok)
     prompt = build_prompt(tok, sample)
     request = as_request(
@@ -127,10 +180,18 @@ def inspect(
         [tok.eos_token_id],
         suffix=prompt.suffix_ids,
     )
-    out = run_recorded(lm.model, comp, request)
     compressed = list(request.prompt_ids)
-    answers = {a: answer_positions(tok, compressed, a) for a in [*sample.answers, *find]}
-    print(f"\n{label} at {ratio:g}x, {mode}: {len(compressed)} tokens compressed")
+    for text in keep:
+        pos = answer_positions(tok, compressed, text)
+        if not pos:
+            raise ValueError(f"--keep {text!r} does not occur in the sample's prompt: give text copied from it")
+        comp.keep_positions += pos
+    out = run_recorded(lm.model, comp, request)
+    answers = {a: answer_positions(tok, compressed, a) for a in [*sample.answers, *find, *keep]}
+    oracles = [f"keeping {len(comp.keep_positions)} tokens in every head"] if keep else []
+    if only_layers:
+        oracles.append(f"compressing layers {only_layers[0]}-{only_layers[1]} only (overall {overall:.3g}x)")
+    print(f"\n{label} at {ratio:g}x, {mode}: {len(compressed)} tokens compressed" + "".join(f"; {o}" for o in oracles))
     for a, pos in answers.items():
         print(f"  answer {a!r}: " + (f"positions {pos[0]}-{pos[-1]}" if pos else "not in the compressed prompt"))
     found = {a: pos for a, pos in answers.items() if pos}
@@ -158,15 +219,25 @@ def main() -> None:
     ap.add_argument("--sample", type=int, default=0, help="which sample to inspect (index; jsonl: in the file)")
     ap.add_argument("--sample-id", help="which sample to inspect (id; overrides --sample)")
     ap.add_argument("--find", action="append", default=[], help="more text to track, like an answer (repeatable)")
+    ap.add_argument(
+        "--keep", action="append", default=[], help="oracle: keep this text's tokens in every head (repeatable)"
+    )
+    ap.add_argument("--only-layers", help="oracle: compress layers A-B only (e.g. 0-13), the others keep everything")
     ap.add_argument("--protected", type=int, default=32, help="protected window (the RESULTS commands' 32)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     if not args.ratio > 1:
         ap.error(f"--ratio must be > 1 (a compression ratio), got {args.ratio:g}")
-    try:  # bad setups fail before the model loads
+    try:  # bad setups and layer ranges fail before the model loads
+        only_layers = parse_layers(args.only_layers) if args.only_layers else None
         setups = split_setups(args.setups)
         for name in setups:
-            build_compressor(name, args.ratio, args.protected)
+            _, comp = build_compressor(name, args.ratio, args.protected)
+            if only_layers and comp.budget.allocation != "global":
+                raise ValueError(
+                    f"--only-layers needs setups with the global allocation (like kvzip+global), got {name!r}: "
+                    f"only the global threshold moves the other layers' budget to the compressed ones"
+                )
     except ValueError as err:
         ap.error(str(err))
     if args.task == "jsonl" and not args.path:
@@ -191,8 +262,11 @@ def main() -> None:
     else:
         sample = samples[args.sample]
     try:
+        if only_layers:
+            parse_layers(args.only_layers, lm.model.config.num_hidden_layers)
         for setup in setups:
-            inspect(lm, sample, setup, args.ratio, args.protected, args.mode, tuple(args.find))
+            find, keep = tuple(args.find), tuple(args.keep)
+            inspect(lm, sample, setup, args.ratio, args.protected, args.mode, find, keep, only_layers)
     except ValueError as err:  # a budget the prompt cannot meet (BudgetError), a prompt too long for the engine
         ap.error(str(err))
 

@@ -54,6 +54,32 @@ def test_a_drawn_policy_is_recorded_by_the_ranks_it_evicted_with(ia, tiny_llama)
             assert ranks[h][real][open_ & is_kept].min() >= ranks[h][real][open_ & ~is_kept].max()
 
 
+def test_the_oracles_keep_the_text_in_every_head_and_compress_only_the_named_layers(ia, tiny_llama) -> None:
+    context = [(7 * i) % 120 + 3 for i in range(60)]
+    num_layers = tiny_llama.config.num_hidden_layers
+    text = torch.tensor([10, 11, 12])
+    budget = Budget(ratio=ia.only_layers_ratio(4, (0, 0), num_layers), protected_window=4, allocation="global")
+    runs = {}
+    for oracle in (False, True):
+        comp = ia.RecordingCompressor(KVzipPolicy(repeat_ids=[5, 9, 17]), budget)
+        if oracle:
+            comp.keep_positions, comp.only_layers = text.tolist(), (0, 0)
+        ia.run_recorded(tiny_llama, comp, as_request("r", context, [11, 12], "query_aware", 2))
+        runs[oracle] = [[positions[h][valid[h]] for h in range(len(valid))] for positions, valid in comp.kept]
+    n = len(context) + 2
+    assert not all(torch.isin(text, held).all() for layer in runs[False] for held in layer)  # the oracle matters
+    assert all(torch.isin(text, held).all() for layer in runs[True] for held in layer)
+    assert all(held.numel() == n for layer in runs[True][1:] for held in layer)  # outside 0-0: the whole prompt
+    kept_in_0 = sum(held.numel() for held in runs[True][0]) / len(runs[True][0])
+    assert kept_in_0 < n / 2, "layer 0 was not compressed"
+
+
+def test_only_layers_ratio_holds_the_compressed_layers_at_the_ratio(ia) -> None:
+    assert ia.only_layers_ratio(8, (0, 29), 30) == pytest.approx(8)
+    assert ia.only_layers_ratio(8, (0, 13), 30) == pytest.approx(30 / (16 + 14 / 8))
+    assert ia.parse_layers("14-29", 30) == (14, 29)
+
+
 def test_percentile_is_the_lowest_over_heads_and_tokens(ia) -> None:
     ranks = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, float("nan")]])
     positions = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3]])  # head 1's last slot is padding (NaN rank)
@@ -77,6 +103,9 @@ def test_answers_are_found_as_they_are_tokenized_in_the_text(ia, smollm2_tokeniz
         (["--setups", "kvzip+global:policy.windw=32"], "KVzipPolicy (policy=kvzip) has no field 'windw'"),
         (["--setups", "tova+global"], "does not compose with budget.allocation='global'"),
         (["--setups", "lfu-bias+global"], "needs a head-bias file"),
+        (["--only-layers", "3"], "--only-layers takes a layer range A-B, like 0-13, got '3'"),
+        (["--only-layers", "5-2"], "--only-layers A-B needs 0 <= A <= B, got '5-2'"),
+        (["--only-layers", "0-13", "--setups", "kvzip"], "--only-layers needs setups with the global allocation"),
     ],
 )
 def test_bad_arguments_fail_in_one_line_before_the_model_loads(args, message) -> None:
