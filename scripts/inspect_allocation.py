@@ -62,7 +62,8 @@ class RecordingCompressor(Compressor):
     """A :class:`Compressor` that records its first compression of a sequence, per layer: ``before``, the ranks
     ``[H, L]`` the policy gave and their positions ``[H, L]`` (the very ranks eviction used: the protected window
     and sinks not yet lifted, so the percentiles compare the policy's own order), and ``kept``, the positions
-    ``[H, L]`` and valid mask ``[H, L]`` each head held right after eviction."""
+    ``[H, L]`` and valid mask ``[H, L]`` each head held right after eviction. ``keep_positions`` and
+    ``only_layers`` are the module's oracles; ``before`` records the policy's ranks without them."""
 
     before: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     kept: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
