@@ -185,7 +185,10 @@ def inspect(
     for text in keep:
         pos = answer_positions(tok, compressed, text)
         if not pos:
-            raise ValueError(f"--keep {text!r} does not occur in the sample's prompt: give text copied from it")
+            raise ValueError(
+                f"--keep {text!r} does not occur in what is compressed (the context, and the question when "
+                f"query-aware): give text copied from it"
+            )
         comp.keep_positions += pos
     out = run_recorded(lm.model, comp, request)
     answers = {a: answer_positions(tok, compressed, a) for a in [*sample.answers, *find, *keep]}

@@ -74,6 +74,28 @@ def test_the_oracles_keep_the_text_in_every_head_and_compress_only_the_named_lay
     assert kept_in_0 < n / 2, "layer 0 was not compressed"
 
 
+@pytest.mark.parametrize(("mode", "text"), [("query_aware", "Oslo"), ("query_agnostic", "Which city")])
+def test_keep_text_outside_what_is_compressed_is_a_clear_error(ia, tiny_llama, smollm2_tokenizer, mode, text) -> None:
+    """Query-agnostic, the question is prefilled after compression, so its text cannot be kept."""
+    from types import SimpleNamespace
+
+    from kvcompress.tasks.base import Sample
+
+    lm = SimpleNamespace(tokenizer=smollm2_tokenizer, model=tiny_llama)
+    sample = Sample(
+        "s",
+        "c",
+        "Yusuf had been born in Bergen.",
+        " Which city was Yusuf born in?",
+        ["Bergen"],
+        "t",
+        "string_match_all",
+        4,
+    )
+    with pytest.raises(ValueError, match="does not occur in what is compressed"):
+        ia.inspect(lm, sample, "kvzip+global", 4, 4, mode, keep=(text,))
+
+
 def test_only_layers_ratio_holds_the_compressed_layers_at_the_ratio(ia) -> None:
     assert ia.only_layers_ratio(8, (0, 29), 30) == pytest.approx(8)
     assert ia.only_layers_ratio(8, (0, 13), 30) == pytest.approx(30 / (16 + 14 / 8))
