@@ -95,8 +95,7 @@ class RecordingCompressor(Compressor):
     def oracle(self, view: HeadView, ranks: torch.Tensor) -> torch.Tensor:
         """``ranks`` ``[S, H, L]`` of ``view``'s layer with the oracles applied: ``keep_positions`` and, outside
         ``only_layers``, every slot ranked +inf (the compressor's clamp puts them above any policy score)."""
-        a, b = self.only_layers or (0, view.layer)
-        if not a <= view.layer <= b:
+        if self.only_layers and not self.only_layers[0] <= view.layer <= self.only_layers[1]:
             return torch.full_like(ranks, torch.inf)
         if not self.keep_positions:
             return ranks
@@ -268,8 +267,8 @@ def main() -> None:
     try:
         if only_layers:
             parse_layers(args.only_layers, lm.model.config.num_hidden_layers)
+        find, keep = tuple(args.find), tuple(args.keep)
         for setup in setups:
-            find, keep = tuple(args.find), tuple(args.keep)
             inspect(lm, sample, setup, args.ratio, args.protected, args.mode, find, keep, only_layers)
     except ValueError as err:  # a budget the prompt cannot meet (BudgetError), a prompt too long for the engine
         ap.error(str(err))

@@ -83,14 +83,14 @@ def test_keep_text_outside_what_is_compressed_is_a_clear_error(ia, tiny_llama, s
 
     lm = SimpleNamespace(tokenizer=smollm2_tokenizer, model=tiny_llama)
     sample = Sample(
-        "s",
-        "c",
-        "Yusuf had been born in Bergen.",
-        " Which city was Yusuf born in?",
-        ["Bergen"],
-        "t",
-        "string_match_all",
-        4,
+        sample_id="s",
+        context_id="c",
+        context="Yusuf had been born in Bergen.",
+        question=" Which city was Yusuf born in?",
+        answers=["Bergen"],
+        task="person",
+        metric="string_match_all",
+        max_new_tokens=4,
     )
     with pytest.raises(ValueError, match="does not occur in what is compressed"):
         ia.inspect(lm, sample, "kvzip+global", 4, 4, mode, keep=(text,))
