@@ -49,6 +49,17 @@ def check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int]
     return int(k_cache.shape[1]), int(k_cache.shape[2])
 
 
+def check_slot_bias(slot_bias: torch.Tensor | None, k_cache: torch.Tensor) -> None:
+    """``slot_bias``: None, or contiguous float32 ``[num_blocks, block_size]``, one logit bias per slot."""
+    if slot_bias is None:
+        return
+    if slot_bias.shape != k_cache.shape[:2] or slot_bias.dtype != torch.float32 or not slot_bias.is_contiguous():
+        raise ValueError(
+            f"slot_bias must be None or contiguous float32 {tuple(k_cache.shape[:2])}, got "
+            f"{slot_bias.dtype} {tuple(slot_bias.shape)}"
+        )
+
+
 def check_tables(block_tables: torch.Tensor, lengths: torch.Tensor, num_kv_heads: int | None = None) -> None:
     """Validate ``block_tables`` ``[num_seqs, H_kv, max_blocks]`` and ``lengths`` ``[num_seqs, H_kv]`` (int32)."""
     if block_tables.dim() != 3 or block_tables.dtype != torch.int32:
@@ -174,6 +185,12 @@ def load_tile(base_ptr, blk, off, offs_d, mask_n, mask_d, stride_b, stride_s, UP
     if UPCAST:
         tile = tile.to(tl.float32)
     return tile
+
+
+@triton.jit
+def bias_tile(bias_ptr, blk, off, mask_n, BLOCK_SIZE: tl.constexpr):
+    """The ``[BLOCK_N]`` logit biases of the slots at physical (blk, off), natural log to the kernels' log2."""
+    return tl.load(bias_ptr + blk * BLOCK_SIZE + off, mask=mask_n, other=0.0) * 1.4426950408889634
 
 
 @triton.jit

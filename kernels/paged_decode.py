@@ -31,7 +31,9 @@ import triton.language as tl
 from ._common import (
     LOG2E,
     MIN_DOT,
+    bias_tile,
     check_cache,
+    check_slot_bias,
     check_tables,
     finish_rows,
     gather_blocks,
@@ -62,9 +64,11 @@ def _check_args(
     lengths: torch.Tensor,
     score_out: torch.Tensor | None,
     score_power: int,
+    slot_bias: torch.Tensor | None = None,
 ) -> tuple[int, int]:
     """Validate shapes; return (block_size, group_size)."""
     block_size, head_dim = check_cache(k_cache, v_cache)
+    check_slot_bias(slot_bias, k_cache)
     if q.dim() != 3 or q.shape[-1] != head_dim:
         raise ValueError(f"q must be [B, H_q, {head_dim}], got {tuple(q.shape)}")
     check_tables(block_tables, lengths)
@@ -94,6 +98,7 @@ def decode_probs_torch(
     scale: float,
     max_len: int | None = None,
     layout: tuple[int, int, int] | None = None,
+    slot_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax probabilities of one decode query per sequence over each head's logical slots, in fp32.
 
@@ -101,7 +106,7 @@ def decode_probs_torch(
     zero past a head's length, all zero for a length-0 head) and ``valid`` ``[B, H_kv, M]`` (slot < length).
     Shared by the reference decode and by scorers that need raw probabilities (TOVA). ``max_len`` saves a host
     sync when the caller already knows ``lengths.max()``; ``layout`` (see :func:`paged_decode`) reads the keys as a
-    view of the pool instead of gathering them.
+    view of the pool instead of gathering them; ``slot_bias`` is :func:`paged_decode`'s.
     """
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = block_tables.shape[1]
@@ -110,6 +115,8 @@ def decode_probs_torch(
     keys = _slots(k_cache, block_tables, valid, max_len, False, layout).float()
     qg = q.float().view(batch, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
     logits = torch.matmul(qg, keys.transpose(-1, -2)) * scale  # [B, H_kv, G, M]
+    if slot_bias is not None:
+        logits = logits + _slots(slot_bias[..., None], block_tables, valid, max_len, False, layout)[..., 0][:, :, None]
     logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a length-0 head has an all -inf row
     return probs, valid
@@ -129,6 +136,7 @@ def paged_decode_torch(
     max_len: int | None = None,
     min_len: int | None = None,
     layout: tuple[int, int, int] | None = None,
+    slot_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """PyTorch reference of :func:`paged_decode` (gathers each head's slots, softmax in fp32).
 
@@ -137,7 +145,7 @@ def paged_decode_torch(
     signature parity and ignored (the reference does not split).
     """
     del num_splits
-    block_size, _ = _check_args(q, k_cache, v_cache, block_tables, lengths, score_out, score_power)
+    block_size, _ = _check_args(q, k_cache, v_cache, block_tables, lengths, score_out, score_power, slot_bias)
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = block_tables.shape[1]
     max_len = max_length(lengths) if max_len is None else max_len
@@ -151,11 +159,14 @@ def paged_decode_torch(
         values = _slots(v_cache, block_tables, valid, max_len, padded, layout).float()
         qg = q.float().view(batch, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
         mask = valid[:, :, None, :] if padded else None
+        if slot_bias is not None:  # a float mask is added to the logits: the bias, -inf past a head's length
+            bias = _slots(slot_bias[..., None], block_tables, valid, max_len, False, layout)[..., 0][:, :, None]
+            mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
         out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=scale)
         if padded:  # a length-0 head masks every key: its softmax is NaN, its output 0 by contract
             out = out.masked_fill((lengths == 0)[:, :, None, None], 0.0)
         return out.reshape(batch, num_q_heads, head_dim).to(q.dtype)
-    probs, valid = decode_probs_torch(q, k_cache, block_tables, lengths, scale, max_len, layout)
+    probs, valid = decode_probs_torch(q, k_cache, block_tables, lengths, scale, max_len, layout, slot_bias)
     values = _slots(v_cache, block_tables, valid, max_len, padded, layout).float()
     out = torch.matmul(probs, values)  # [B, H_kv, G, D]
     contrib = probs.pow(score_power).sum(dim=2)  # [B, Hkv, M]: summed over the group's query heads
@@ -238,6 +249,7 @@ def _decode_split_kernel(
     part_ml_ptr,
     logit_ptr,
     score_ptr,
+    bias_ptr,
     qk_scale,
     scratch_len,
     stride_qb,
@@ -261,6 +273,7 @@ def _decode_split_kernel(
     ACCUM: tl.constexpr,
     POWER: tl.constexpr,
     UPCAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
     """One (seq, kv_head, split): online softmax over the split's slots (:func:`_split_range`).
 
@@ -301,6 +314,8 @@ def _decode_split_kernel(
         k = load_tile(k_ptr, blk, off, offs_d, mask_n, mask_d, stride_kb, stride_ks, UPCAST)
         v = load_tile(v_ptr, blk, off, offs_d, mask_n, mask_d, stride_vb, stride_vs, UPCAST)
         qk = mm(q, tl.trans(k), UPCAST) * qk_scale
+        if HAS_BIAS:
+            qk += bias_tile(bias_ptr, blk, off, mask_n, BLOCK_SIZE)[None, :]
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
         if ACCUM:
             tl.store(
@@ -444,13 +459,14 @@ def paged_decode_triton(
     max_len: int | None = None,
     min_len: int | None = None,
     layout: tuple[int, int, int] | None = None,
+    slot_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton implementation of :func:`paged_decode` (split-K flash-decoding + fused score accumulation).
 
     ``min_len`` and ``layout`` are accepted for signature parity and ignored (loads past a head's length are
     masked anyway, and the kernel reads blocks in place whatever their order)."""
     del min_len, layout
-    block_size, group = _check_args(q, k_cache, v_cache, block_tables, lengths, score_out, score_power)
+    block_size, group = _check_args(q, k_cache, v_cache, block_tables, lengths, score_out, score_power, slot_bias)
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = block_tables.shape[1]
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
@@ -494,6 +510,7 @@ def paged_decode_triton(
         part_ml,
         logits,
         score,
+        logits if slot_bias is None else slot_bias,  # dummy pointer without a bias
         scale * LOG2E,
         scratch_len,
         q_in.stride(0),
@@ -517,6 +534,7 @@ def paged_decode_triton(
         ACCUM=accum,
         POWER=score_power,
         UPCAST=upcast,
+        HAS_BIAS=slot_bias is not None,
         num_warps=4,
     )
     if num_splits > 1:
@@ -571,6 +589,7 @@ def paged_decode(
     max_len: int | None = None,
     min_len: int | None = None,
     layout: tuple[int, int, int] | None = None,
+    slot_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention of one new token per sequence over the paged, per-head KV cache.
 
@@ -591,6 +610,9 @@ def paged_decode(
         layout: ``(first, seq_stride, head_stride)`` when the caller knows that head (b, h) holds its slots in one
             contiguous run from flat slot ``first + b * seq_stride + h * head_stride`` (the cache's
             ``StepPlan.layout``): the torch reference then reads them as a view of the pool, with no gather.
+        slot_bias: optional float32 ``[num_blocks, block_size]``, added to every slot's logit (natural log):
+            ``log(n)`` makes one slot weigh as ``n`` copies of itself, which is how a summary slot stands in for
+            the ``n`` tokens it replaces (the cache's ``slot_bias``); None adds nothing and loads nothing.
 
     Returns:
         ``[B, H_q, D]`` in ``q.dtype``.
@@ -609,6 +631,7 @@ def paged_decode(
         max_len=max_len,
         min_len=min_len,
         layout=layout,
+        slot_bias=slot_bias,
     )
 
 

@@ -36,7 +36,9 @@ import triton.language as tl
 from ._common import (
     LOG2E,
     MIN_DOT,
+    bias_tile,
     check_cache,
+    check_slot_bias,
     check_tables,
     finish_rows,
     gather_blocks,
@@ -74,9 +76,11 @@ def _check_args(
     obs_power: int,
     obs_reduce: str,
     obs_exclude: tuple[int, int],
+    slot_bias: torch.Tensor | None = None,
 ) -> tuple[int, int]:
     """Validate shapes; return (block_size, group_size)."""
     block_size, head_dim = check_cache(k_cache, v_cache)
+    check_slot_bias(slot_bias, k_cache)
     if q.dim() != 3 or q.shape[-1] != head_dim:
         raise ValueError(f"q must be [T_total, H_q, {head_dim}], got {tuple(q.shape)}")
     if slot_pos.shape != k_cache.shape[:2] or slot_pos.dtype != torch.int32 or not slot_pos.is_contiguous():
@@ -117,6 +121,7 @@ def paged_prefill_torch(
     obs_reduce: str = "sum",
     obs_exclude: tuple[int, int] = (0, 0),
     max_len: int | None = None,
+    slot_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """PyTorch reference of :func:`paged_prefill`: per sequence, gather the heads' slots (a block at a time) and
     run torch's fused attention with the causal-by-position mask over chunks of at most 512 queries (memory
@@ -124,7 +129,7 @@ def paged_prefill_torch(
     probabilities give the window's output too (an observed reconstruction, KVzip's, is one matmul more than a
     prefill instead of a second attention)."""
     block_size, group = _check_args(q, k_cache, v_cache, slot_pos, block_tables, lengths, q_pos, cu_seqlens_q,
-                                    obs_window, obs_power, obs_reduce, obs_exclude)
+                                    obs_window, obs_power, obs_reduce, obs_exclude, slot_bias)
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_seqs, num_kv_heads = lengths.shape
     out = torch.zeros_like(q)
@@ -141,6 +146,7 @@ def paged_prefill_torch(
         keys = gather_blocks(k_cache, block_tables[b : b + 1], valid[None], block_size, seq_len)[0].float()
         values = gather_blocks(v_cache, block_tables[b : b + 1], valid[None], block_size, seq_len)[0].float()
         kpos = slot_pos[blocks, offsets]  # [Hkv, M]
+        kbias = slot_bias[blocks, offsets] if slot_bias is not None else None  # [Hkv, M]
         excluded = (kpos >= obs_exclude[0]) & (kpos < obs_exclude[1])  # [Hkv, M], out of the observation only
         k_g = keys[:, None].expand(-1, group, -1, -1)  # [Hkv, G, M, D]: a view, one copy per kv head
         v_g = values[:, None].expand(-1, group, -1, -1)
@@ -160,11 +166,15 @@ def paged_prefill_torch(
             w0 = min(max(window_start - c0, 0), c1 - c0) if obs is not None else c1 - c0
             if not fresh and w0 > 0:
                 mask = visible[:, None, :w0]
+                if kbias is not None:  # a float mask is added to the logits
+                    mask = kbias[:, None, None, :].masked_fill(~mask, float("-inf"))
                 oc = F.scaled_dot_product_attention(qc[:, :, :w0], k_g, v_g, attn_mask=mask, scale=scale)
                 out[c0 : c0 + w0] = oc.permute(2, 0, 1, 3).reshape(w0, num_q_heads, head_dim).to(q.dtype)
             if w0 == c1 - c0:
                 continue
             logits = torch.matmul(qc[:, :, w0:] * scale, keys.transpose(-1, -2)[:, None])  # [Hkv, G, w, M]
+            if kbias is not None:
+                logits += kbias[:, None, None, :]
             probs = torch.softmax(logits.masked_fill_(~visible[:, None, w0:], float("-inf")), dim=-1).nan_to_num_(0.0)
             if not fresh:
                 oc = torch.matmul(probs, values[:, None])  # [Hkv, G, w, D]
@@ -202,13 +212,13 @@ def _find_seq(cu_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, pos_ptr, bt_ptr, len_ptr, qpos_ptr, cu_ptr, out_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, pos_ptr, bt_ptr, len_ptr, qpos_ptr, cu_ptr, out_ptr, lse_ptr, bias_ptr,
     qk_scale, num_seqs, ex_lo, ex_hi,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_vb, stride_vs,
     stride_btb, stride_bth, stride_lb,
     G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    STORE_LSE: tl.constexpr, EXCLUDE: tl.constexpr, UPCAST: tl.constexpr,
+    STORE_LSE: tl.constexpr, EXCLUDE: tl.constexpr, UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     """One (query tile, kv_head). Row r of the tile is query token ``r // G`` of the tile, head ``r % G``
     of the group. Writes ``out`` [T, H_q, D] and, if STORE_LSE, ``lse`` [T, H_q] (log2 domain): with EXCLUDE,
@@ -251,6 +261,8 @@ def _prefill_kernel(
                 k = load_tile(k_ptr, blk, off, offs_d, mask_n, mask_d, stride_kb, stride_ks, UPCAST)
                 v = load_tile(v_ptr, blk, off, offs_d, mask_n, mask_d, stride_vb, stride_vs, UPCAST)
                 qk = mm(q, tl.trans(k), UPCAST) * qk_scale
+                if HAS_BIAS:
+                    qk += bias_tile(bias_ptr, blk, off, mask_n, BLOCK_SIZE)[None, :]
                 visible = mask_n[None, :] & (kpos[None, :] <= qpos[:, None])
                 qk = tl.where(visible, qk, float("-inf"))
                 m_i, l_i, acc = online_softmax_step(qk, m_i, l_i, acc, v, UPCAST)
@@ -269,12 +281,12 @@ def _prefill_kernel(
 
 @triton.jit
 def _obs_kernel(
-    q_ptr, k_ptr, pos_ptr, bt_ptr, len_ptr, qpos_ptr, cu_ptr, lse_ptr, obs_ptr,
+    q_ptr, k_ptr, pos_ptr, bt_ptr, len_ptr, qpos_ptr, cu_ptr, lse_ptr, obs_ptr, bias_ptr,
     qk_scale, obs_window, obs_len, ex_lo, ex_hi,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_btb, stride_bth, stride_lb,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_W: tl.constexpr, BLOCK_SIZE: tl.constexpr, POWER: tl.constexpr, REDUCE_MAX: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     """Observation scores of one key tile of one (seq, kv_head): for each query head g of the group,
     ``obs[b, h*G+g, j] = sum (REDUCE_MAX: max) over the last obs_window queries of p**POWER`` (``obs`` is
@@ -297,6 +309,9 @@ def _obs_kernel(
         kept = mask_n & ((kpos < ex_lo) | (kpos >= ex_hi))
         k = load_tile(k_ptr, blk, off, offs_d, mask_n, mask_d, stride_kb, stride_ks, UPCAST)
         kt = tl.trans(k)
+        kbias = tl.zeros([BLOCK_N], tl.float32)
+        if HAS_BIAS:
+            kbias = bias_tile(bias_ptr, blk, off, mask_n, BLOCK_SIZE)
         for g in range(G):
             hq = h * G + g
             score = tl.zeros([BLOCK_N], tl.float32)
@@ -308,7 +323,7 @@ def _obs_kernel(
                             mask=mask_t[:, None] & mask_d[None, :], other=0.0)
                 qpos = tl.load(qpos_ptr + t64, mask=mask_t, other=-1)
                 lse = tl.load(lse_ptr + t64 * num_q_heads + hq, mask=mask_t, other=float("-inf"))
-                qk = mm(q, kt, UPCAST) * qk_scale
+                qk = mm(q, kt, UPCAST) * qk_scale + kbias[None, :]
                 visible = mask_t[:, None] & kept[None, :] & (kpos[None, :] <= qpos[:, None])
                 pp = prob_power(qk, lse[:, None], visible, POWER)
                 if REDUCE_MAX:
@@ -341,10 +356,11 @@ def paged_prefill_triton(
     obs_reduce: str = "sum",
     obs_exclude: tuple[int, int] = (0, 0),
     max_len: int | None = None,
+    slot_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Triton implementation of :func:`paged_prefill`."""
     block_size, group = _check_args(q, k_cache, v_cache, slot_pos, block_tables, lengths, q_pos, cu_seqlens_q,
-                                    obs_window, obs_power, obs_reduce, obs_exclude)
+                                    obs_window, obs_power, obs_reduce, obs_exclude, slot_bias)
     total, num_q_heads, head_dim = q.shape
     num_seqs, num_kv_heads = lengths.shape
     block_tables = block_tables.contiguous()
@@ -368,22 +384,24 @@ def paged_prefill_triton(
     num_tiles = total // block_q + num_seqs
     _prefill_kernel[(num_tiles, num_kv_heads)](
         q_in, k_cache, v_cache, slot_pos, block_tables, lengths, q_pos, cu_seqlens_q, out, lse,
-        scale * LOG2E, num_seqs, obs_exclude[0], obs_exclude[1],
+        out if slot_bias is None else slot_bias, scale * LOG2E, num_seqs, obs_exclude[0], obs_exclude[1],
         q_in.stride(0), q_in.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         block_tables.stride(0), block_tables.stride(1), lengths.stride(0),
         G=group, BLOCK_M=block_m, BLOCK_Q=block_q, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
         BLOCK_SIZE=block_size, STORE_LSE=obs is not None, EXCLUDE=obs is not None and obs_exclude[1] > obs_exclude[0],
-        UPCAST=upcast, num_warps=4,
+        UPCAST=upcast, HAS_BIAS=slot_bias is not None, num_warps=4,
     )
     if obs is not None and max_len > 0:
         _obs_kernel[(num_seqs, num_kv_heads, triton.cdiv(max_len, block_n))](
             q_in, k_cache, slot_pos, block_tables, lengths, q_pos, cu_seqlens_q, lse, obs,
+            obs if slot_bias is None else slot_bias,
             scale * LOG2E, min(obs_window, total), max_len, obs_exclude[0], obs_exclude[1],
             q_in.stride(0), q_in.stride(1), k_cache.stride(0), k_cache.stride(1),
             block_tables.stride(0), block_tables.stride(1), lengths.stride(0),
             G=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_W=MIN_DOT,
-            BLOCK_SIZE=block_size, POWER=obs_power, REDUCE_MAX=obs_reduce == "max", UPCAST=upcast, num_warps=4,
+            BLOCK_SIZE=block_size, POWER=obs_power, REDUCE_MAX=obs_reduce == "max", UPCAST=upcast,
+            HAS_BIAS=slot_bias is not None, num_warps=4,
         )
     return out, obs
 
@@ -404,6 +422,7 @@ def paged_prefill(
     obs_reduce: str = "sum",
     obs_exclude: tuple[int, int] = (0, 0),
     max_len: int | None = None,
+    slot_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal varlen prefill attention over the paged, per-head KV cache.
 
@@ -423,6 +442,10 @@ def paged_prefill(
         obs_exclude: ``(lo, hi)``: keys at positions ``[lo, hi)`` are left out of the observation (scored 0, and
             each observed query renormalised over its other keys); the output still attends to them.
         max_len: ``lengths.max()`` when the caller knows it; None reads it from ``lengths`` (a host sync).
+        slot_bias: optional float32 ``[num_blocks, block_size]`` logit bias per slot (natural log), as in
+            :func:`kvcompress_kernels.paged_decode`; the observation's probabilities include it. The new tokens'
+            slots must hold 0 (the cache zeroes a slot's bias when it writes it): the torch reference runs a fresh
+            sequence as plain causal attention.
 
     Returns:
         ``(out, obs)``: ``out`` ``[T_total, H_q, D]`` in ``q.dtype``; ``obs`` ``[B, H_q, max_len]`` float32
@@ -432,4 +455,4 @@ def paged_prefill(
     impl = paged_prefill_triton if use_triton(q.device) else paged_prefill_torch
     return impl(q, k_cache, v_cache, slot_pos, block_tables, lengths, q_pos, cu_seqlens_q, scale,
                 obs_window=obs_window, obs_power=obs_power, obs_reduce=obs_reduce, obs_exclude=obs_exclude,
-                max_len=max_len)
+                max_len=max_len, slot_bias=slot_bias)

@@ -66,10 +66,13 @@ def paged_attention_forward(
             max_len=max_len,
             min_len=plan.min_len[layer],
             layout=plan.layout[layer],
+            slot_bias=cache.slot_bias,
         )
         if step.decode_probs and step.observer is not None:
             layout = plan.layout[layer]  # set only when every head holds max_len tokens: no padding to mask
-            probs = decode_probs_torch(q, cache.k_cache, tables, lengths, scale, max_len, layout)[0]  # [B, H_kv, G, L]
+            probs = decode_probs_torch(q, cache.k_cache, tables, lengths, scale, max_len, layout, cache.slot_bias)[
+                0
+            ]  # [B, H_kv, G, L]
             step.observer.observe_decode(cache, DecodeObservation(layer, plan.seq_ids, probs.reshape(B, Hq, -1)))
     else:
         window = step.obs_window if step.obs_window >= 0 else 1 << 30
@@ -91,6 +94,7 @@ def paged_attention_forward(
                 scale,
                 **observe,
                 max_len=max_len,
+                slot_bias=cache.slot_bias,
             )
         if step.obs_window and step.observer is not None:
             end = 0

@@ -23,7 +23,9 @@ class Budget:
     input keeps most of its budget for scored tokens (see :meth:`protected`). ``allocation`` names the allocator
     (see :mod:`kvcompress.allocators`) and ``allocator_args`` its parameters (its dataclass fields).
     ``compress_every`` > 0 re-compresses every N decode steps (continual compression); 0 compresses only after
-    the prompt.
+    the prompt. ``summary_slots`` > 0 folds what each kv head evicts into that many summary slots (mean key and
+    value, weighted as the tokens they stand for; :mod:`kvcompress.cache.summary`) instead of dropping it; they
+    count inside the budget.
     """
 
     ratio: float = 1.0
@@ -34,14 +36,17 @@ class Budget:
     allocator_args: dict[str, Any] | None = None  # None: the allocator's defaults; stored as a dict
     compress_every: int = 0
     protected_fraction: float | None = None
+    summary_slots: int = 0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.ratio, (int, float)) and self.ratio >= 1):
             raise BudgetError(f"budget.ratio must be a number >= 1 (1 = no compression), got {self.ratio!r}")
         if self.max_cache_tokens is not None and self.max_cache_tokens < 1:
             raise BudgetError(f"budget.max_cache_tokens must be >= 1 tokens per kv head, got {self.max_cache_tokens}")
-        if self.protected_window < 0 or self.n_sinks < 0 or self.compress_every < 0:
-            raise BudgetError("budget.protected_window, budget.n_sinks and budget.compress_every must be >= 0")
+        if self.protected_window < 0 or self.n_sinks < 0 or self.compress_every < 0 or self.summary_slots < 0:
+            raise BudgetError(
+                "budget.protected_window, budget.n_sinks, budget.compress_every and budget.summary_slots must be >= 0"
+            )
         if self.protected_fraction is not None and not 0 <= self.protected_fraction <= 1:
             raise BudgetError(
                 f"budget.protected_fraction must be null (off) or in [0, 1] (a share of the per-head budget), "
@@ -69,12 +74,14 @@ class Budget:
     def check(self, seen: int, extra_protected: int = 0) -> None:
         """Raise :class:`BudgetError` when the budget is smaller than what is always kept."""
         window = self.protected(seen)
-        floor = window + self.n_sinks + extra_protected
+        floor = window + self.n_sinks + extra_protected + self.summary_slots
         target = self.per_head_target(seen)
         if seen > floor and math.floor(target) < floor:
             raise BudgetError(
                 f"the budget ({target:.1f} tokens per kv head for a {seen}-token sequence"
                 f"{f' at ratio {self.ratio:g}' if self.max_cache_tokens is None else ''}) is smaller than the "
-                f"protected tokens ({window} recent + {self.n_sinks + extra_protected} sinks). "
-                "Lower budget.protected_window / budget.n_sinks, use a smaller ratio, or use longer inputs."
+                f"protected tokens ({window} recent + {self.n_sinks + extra_protected} sinks"
+                f"{f' + {self.summary_slots} summary slots' if self.summary_slots else ''}). Lower "
+                "budget.protected_window / budget.n_sinks / budget.summary_slots, use a smaller ratio, or use longer "
+                "inputs."
             )

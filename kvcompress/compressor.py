@@ -18,6 +18,7 @@ from kvcompress.allocators.base import keep_top
 from kvcompress.budget import Budget
 from kvcompress.cache.paged import PagedKVCache
 from kvcompress.cache.step import DecodeObservation, ForwardStep, PrefillObservation
+from kvcompress.cache.summary import fold_evicted
 from kvcompress.policies.base import Policy, finite_ranks
 
 
@@ -96,7 +97,8 @@ class Compressor:
             budget.check(s, self.policy.sinks)
         seen = torch.as_tensor(seen_h, device=cache.device)
         recent = seen - torch.tensor([budget.protected(s) for s in seen_h.tolist()], device=cache.device)  # [S]
-        views = [cache.view(layer, seq_ids, with_kv=self.policy.needs_kv) for layer in range(cache.num_layers)]
+        with_kv = self.policy.needs_kv or budget.summary_slots > 0
+        views = [cache.view(layer, seq_ids, with_kv=with_kv) for layer in range(cache.num_layers)]
         N = max(v.valid.shape[-1] for v in views)
         if N == 0:
             return 0
@@ -117,4 +119,10 @@ class Compressor:
         same = (budget.allocation, budget.allocator_args) == (self.budget.allocation, self.budget.allocator_args)
         allocator = self.allocator if same else build_allocator(budget.allocation, budget.allocator_args)
         counts = allocator.allocate(ranks_t, lengths, floor, target, cache.block_size)
-        return cache.evict(seq_ids, keep_top(ranks_t, counts))
+        if budget.summary_slots:  # the summaries take the places of each head's lowest-ranked kept tokens, so a
+            # head holds what its allocator gave it (the global allocator's whole freed blocks stay whole)
+            counts = torch.maximum(counts - budget.summary_slots, floor)
+        keep = keep_top(ranks_t, counts)
+        if budget.summary_slots:
+            keep = fold_evicted(cache, views, keep, budget.summary_slots)
+        return cache.evict(seq_ids, keep)

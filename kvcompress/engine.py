@@ -123,7 +123,10 @@ class Engine:
         if self.max_prefill_tokens < 1 or self.prefill_chunk < 1 or self.max_seqs < 1:
             raise ValueError("max_seqs, prefill_chunk and max_prefill_tokens must be >= 1")
         max_tokens = self.max_tokens_per_head or int(self.model.config.max_position_embeddings)
-        self.cache: PagedKVCache = make_cache(self.model, self.max_seqs, max_tokens, self.num_blocks, self.block_size)
+        summaries = self.compressor is not None and self.compressor.budget.summary_slots > 0
+        self.cache: PagedKVCache = make_cache(
+            self.model, self.max_seqs, max_tokens, self.num_blocks, self.block_size, summaries
+        )
         on_cuda = self.cache.device.type == "cuda"
         if self.cuda_graphs and not on_cuda:
             raise ValueError(
@@ -180,6 +183,11 @@ class Engine:
             if self.compressor is None:
                 raise ValueError(f"request {rid!r} brings a budget, but the engine has no compressor to apply it")
             self.compressor.check_budget(request.budget)
+            if request.budget.summary_slots and self.cache.slot_bias is None:
+                raise ValueError(
+                    f"request {rid!r} asks for budget.summary_slots={request.budget.summary_slots}, but the engine's "
+                    "cache has no summary slots: give the engine's compressor a budget with summary_slots > 0"
+                )
         known = [*self._all_requests()]
         if rid in self.finished or any(r.request_id == rid for r in known):
             raise ValueError(f"request id {rid!r} is already in the engine")

@@ -46,16 +46,30 @@ def model_kv_geometry(model: PreTrainedModel) -> tuple[int, int, int]:
 
 
 def make_cache(
-    model: PreTrainedModel, max_seqs: int, max_tokens_per_head: int, num_blocks: int | None = None, block_size: int = 16
+    model: PreTrainedModel,
+    max_seqs: int,
+    max_tokens_per_head: int,
+    num_blocks: int | None = None,
+    block_size: int = 16,
+    summaries: bool = False,
 ) -> PagedKVCache:
     """A cache with the model's geometry, dtype and device; ``num_blocks`` defaults to a pool that holds ``max_seqs``
-    uncompressed sequences of ``max_tokens_per_head``."""
+    uncompressed sequences of ``max_tokens_per_head``; ``summaries`` gives it summary slots' biases."""
     layers, heads, head_dim = model_kv_geometry(model)
     if num_blocks is None:
         num_blocks = PagedKVCache.blocks_for(layers, heads, max_tokens_per_head, max_seqs, block_size)
     param = next(model.parameters())
     return PagedKVCache(
-        layers, heads, head_dim, num_blocks, block_size, max_seqs, max_tokens_per_head, param.dtype, param.device
+        layers,
+        heads,
+        head_dim,
+        num_blocks,
+        block_size,
+        max_seqs,
+        max_tokens_per_head,
+        param.dtype,
+        param.device,
+        summaries,
     )
 
 

@@ -20,6 +20,12 @@ Two oracles ask what an answer needs, on top of a setup's own choice:
 - ``--only-layers A-B`` compresses layers A to B only, at about ``--ratio`` among themselves; every other layer
   keeps its whole prompt (the overall budget ratio is set to ``L / (L - n + n / ratio)`` for n compressed layers
   of L; global allocation only). Which layers' eviction loses an answer, then.
+- ``--mass MODE`` evicts nothing but stands in for what the setup evicts, to ask whether an answer needs the
+  evicted tokens' content or only their share of each head's attention. ``zero``: the evicted tokens keep their
+  keys (so their exact attention mass) and get zero values; ``mean``: they keep their keys and get their head's
+  mean evicted value. ``--mass-groups G`` averages over G groups of each head's evicted tokens, consecutive in
+  position, instead of all of them. Memory is not saved under this oracle; the tables report what the setup would
+  have kept. (Summary slots, ``budget.summary_slots`` in a setup, are the real thing: the mean key too, one slot.)
 The ranks reported are still the policy's own.
 """
 
@@ -69,6 +75,8 @@ class RecordingCompressor(Compressor):
     kept: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     keep_positions: list[int] = field(default_factory=list)  # oracle: kept in every head of every layer
     only_layers: tuple[int, int] | None = None  # oracle: layers outside [a, b] keep everything
+    mass: str | None = None  # oracle: stand-ins for the evicted tokens' values (zero, mean), see the module doc
+    mass_groups: int = 1
 
     def compress(self, cache: PagedKVCache, seq_ids: list[int], budget: Budget | None = None) -> int:
         if self.before or not self.compresses(budget or self.budget) or not seq_ids:
@@ -82,12 +90,26 @@ class RecordingCompressor(Compressor):
             )
             return self.oracle(view, ranks)
 
+        evict = cache.evict
+
+        def standing_in(ids: list[int], keep: torch.Tensor) -> int:
+            for layer in range(cache.num_layers):
+                v = cache.view(layer, ids, with_kv=True)
+                kept = v.valid & keep[layer, :, :, : v.valid.shape[-1]]
+                self.kept.append((v.positions[0].cpu(), kept[0].cpu()))
+                stand_in(cache, v, v.valid & ~kept, self.mass, self.mass_groups)
+            return evict(ids, torch.ones_like(keep))
+
         self.policy.rank = recording
+        if self.mass:
+            cache.evict = standing_in
         try:
             freed = super().compress(cache, seq_ids, budget)
         finally:
             del self.policy.rank
-        for layer in range(cache.num_layers):
+            if self.mass:
+                del cache.evict
+        for layer in range(cache.num_layers if not self.mass else 0):
             v = cache.view(layer, seq_ids[:1], with_kv=False)
             self.kept.append((v.positions[0].cpu(), v.valid[0].cpu()))
         return freed
@@ -101,6 +123,25 @@ class RecordingCompressor(Compressor):
             return ranks
         forced = torch.isin(view.positions, torch.tensor(self.keep_positions, device=view.positions.device))
         return ranks.masked_fill(forced, torch.inf)
+
+
+MASS_MODES = ("zero", "mean")
+
+
+def stand_in(cache: PagedKVCache, view: HeadView, gone: torch.Tensor, mode: str, groups: int) -> None:
+    """Overwrite the values of the ``gone`` slots (``[S, H, L]`` of ``view``) in place with ``mode``'s stand-ins
+    (module doc): each head's gone slots, in position order, form ``groups`` consecutive groups of near-equal size,
+    and a group's mean value (or zero) replaces its members' own."""
+    v_flat = cache.v_cache.view(-1, cache.head_dim)
+    for s, h in gone.any(-1).nonzero().tolist():
+        idx = gone[s, h].nonzero().squeeze(-1)
+        idx = idx[view.positions[s, h, idx].argsort()]
+        for members in idx.tensor_split(min(groups, len(idx))):
+            slots = view.slots[s, h, members]
+            if mode == "zero":
+                v_flat[slots] = 0
+                continue
+            v_flat[slots] = view.values[s, h, members].mean(0)
 
 
 def only_layers_ratio(ratio: float, layers: tuple[int, int], num_layers: int) -> float:
@@ -143,11 +184,13 @@ def run_recorded(model, comp: RecordingCompressor, request: Request) -> RequestO
 def build_compressor(setup: str, ratio: float, protected: int) -> tuple[str, RecordingCompressor]:
     """``(label, compressor)`` of a quality-table setup at ``ratio``; ``ValueError`` names what is wrong (an
     unknown setup, policy field or allocator argument, an allocation the policy does not compose with)."""
-    label, pol, allocation, overrides, allocator_args = resolve_setup(setup)
+    label, pol, allocation, overrides, allocator_args, budget_args = resolve_setup(setup)
     if "head_bias" in overrides:
         raise ValueError(f"setup {label!r} needs a head-bias file, which this script does not take")
     policy = load_policy(pol, **overrides)
-    budget = Budget(ratio=ratio, protected_window=protected, allocation=allocation, allocator_args=allocator_args)
+    budget = Budget(
+        ratio=ratio, protected_window=protected, allocation=allocation, allocator_args=allocator_args, **budget_args
+    )
     return label, RecordingCompressor(policy, budget)
 
 
@@ -161,14 +204,16 @@ def inspect(
     find: tuple[str, ...] = (),
     keep: tuple[str, ...] = (),
     only_layers: tuple[int, int] | None = None,
+    mass: str | None = None,
+    mass_groups: int = 1,
 ) -> None:
-    """Run ``sample`` under ``setup`` and print where the budget went; ``keep`` and ``only_layers`` are the
-    oracles of the module docstring."""
+    """Run ``sample`` under ``setup`` and print where the budget went; ``keep``, ``only_layers`` and ``mass`` are
+    the oracles of the module docstring."""
     tok = lm.tokenizer
     num_layers = lm.model.config.num_hidden_layers
     overall = only_layers_ratio(ratio, only_layers, num_layers) if only_layers else ratio
     label, comp = build_compressor(setup, overall, protected)
-    comp.only_layers = only_layers
+    comp.only_layers, comp.mass, comp.mass_groups = only_layers, mass, mass_groups
     bind_tokenizer(comp.policy, tok)
     prompt = build_prompt(tok, sample)
     request = as_request(
@@ -194,6 +239,8 @@ def inspect(
     oracles = [f"keeping {len(comp.keep_positions)} tokens in every head"] if keep else []
     if only_layers:
         oracles.append(f"compressing layers {only_layers[0]}-{only_layers[1]} only (overall {overall:.3g}x)")
+    if mass:
+        oracles.append(f"evicting nothing: {mass} stand-ins over {mass_groups} group(s) per head")
     print(f"\n{label} at {ratio:g}x, {mode}: {len(compressed)} tokens compressed" + "".join(f"; {o}" for o in oracles))
     for a, pos in answers.items():
         print(f"  answer {a!r}: " + (f"positions {pos[0]}-{pos[-1]}" if pos else "not in the compressed prompt"))
@@ -226,6 +273,8 @@ def main() -> None:
         "--keep", action="append", default=[], help="oracle: keep this text's tokens in every head (repeatable)"
     )
     ap.add_argument("--only-layers", help="oracle: compress layers A-B only (e.g. 0-13), the others keep everything")
+    ap.add_argument("--mass", choices=MASS_MODES, help="oracle: stand-ins for the evicted tokens (see above)")
+    ap.add_argument("--mass-groups", type=int, default=1, help="groups of evicted tokens per head, for --mass")
     ap.add_argument("--protected", type=int, default=32, help="protected window (the RESULTS commands' 32)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -243,6 +292,8 @@ def main() -> None:
                 )
     except ValueError as err:
         ap.error(str(err))
+    if args.mass_groups < 1:
+        ap.error(f"--mass-groups must be >= 1, got {args.mass_groups}")
     if args.task == "jsonl" and not args.path:
         ap.error("--task jsonl needs --path FILE.jsonl")
     torch.set_num_threads(args.threads)
@@ -269,7 +320,19 @@ def main() -> None:
             parse_layers(args.only_layers, lm.model.config.num_hidden_layers)
         find, keep = tuple(args.find), tuple(args.keep)
         for setup in setups:
-            inspect(lm, sample, setup, args.ratio, args.protected, args.mode, find, keep, only_layers)
+            inspect(
+                lm,
+                sample,
+                setup,
+                args.ratio,
+                args.protected,
+                args.mode,
+                find,
+                keep,
+                only_layers,
+                args.mass,
+                args.mass_groups,
+            )
     except ValueError as err:  # a budget the prompt cannot meet (BudgetError), a prompt too long for the engine
         ap.error(str(err))
 

@@ -62,6 +62,7 @@ def run_setup(
     max_seqs: int = 8,
     allocator_args: dict | None = None,
     protected_fraction: float | None = None,
+    budget_args: dict | None = None,
 ) -> Iterator[tuple[str, list[dict]]]:
     """Every sample under every ratio through one engine; yields ``(sample_id, rows)`` as each sample completes.
 
@@ -72,13 +73,8 @@ def run_setup(
     prompts = {s.sample_id: build_prompt(tok, s) for s in samples}
 
     def budget(ratio: float = 1.0) -> Budget:
-        return Budget(
-            ratio=ratio,
-            protected_window=protected,
-            protected_fraction=protected_fraction,
-            allocation=allocation,
-            allocator_args=allocator_args,
-        )
+        fields = dict(protected_window=protected, protected_fraction=protected_fraction, allocator_args=allocator_args)
+        return Budget(ratio=ratio, allocation=allocation, **{**fields, **(budget_args or {})})  # the setup's win
 
     compressor = Compressor(policy, budget())
     requests = [
@@ -216,10 +212,10 @@ def main() -> None:
         if args.head_bias:
             HeadBias.load(args.head_bias)
             with_bias = {"head_bias": args.head_bias}
-            wanted = [(*w[:3], {**w[3], **with_bias} if "head_bias" in w[3] else w[3], w[4]) for w in wanted]
+            wanted = [(*w[:3], {**w[3], **with_bias} if "head_bias" in w[3] else w[3], *w[4:]) for w in wanted]
     except (ValueError, FileNotFoundError) as err:
         ap.error(str(err))
-    wanted.append(("full", "full", "uniform", {}, {}))
+    wanted.append(("full", "full", "uniform", {}, {}, {}))
     if args.task == "jsonl" and not args.path:
         ap.error("--task jsonl needs --path FILE.jsonl")
     out.mkdir(parents=True, exist_ok=True)
@@ -236,7 +232,7 @@ def main() -> None:
     t0 = time.perf_counter()
     with rows_path.open("a") as f:
         for mode in args.modes.split(","):
-            for label, pol, alloc, overrides, allocator_args in wanted:
+            for label, pol, alloc, overrides, allocator_args, budget_args in wanted:
                 pending = [s for s in samples if (label, mode, s.sample_id) not in done]
                 if not pending:
                     continue
@@ -254,6 +250,7 @@ def main() -> None:
                     args.max_seqs,
                     allocator_args,
                     args.protected_fraction,
+                    budget_args,
                 ):
                     for row in rows:
                         f.write(json.dumps({"setup": label, "mode": mode, "sample_id": sample_id, **row}) + "\n")

@@ -9,6 +9,9 @@ Storage, on the model's device (one pool for all layers)::
     k_cache, v_cache : [num_blocks + 1, block_size, head_dim]   model dtype
     slot_pos         : [num_blocks + 1, block_size] int32       original token position (RoPE was applied at write)
     slot_score       : [num_blocks + 1, block_size] float32     policy score, accumulated by the scorers
+    slot_bias        : [num_blocks + 1, block_size] float32     logit bias, log(tokens a summary slot stands for);
+                                                                0 for a plain token; only with ``summaries=True``
+                                                                (:mod:`kvcompress.cache.summary`)
 
 The extra last block is never handed out: padded entries of a gathered view point at it, so a masked scatter
 (:meth:`set_scores`) can write every entry without a boolean index, which would read a count back to the host.
@@ -125,6 +128,7 @@ class PagedKVCache:
         max_tokens_per_head: int = 8192,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        summaries: bool = False,
     ) -> None:
         if num_blocks <= 0 or block_size <= 0 or max_seqs <= 0:
             raise ValueError(
@@ -139,6 +143,7 @@ class PagedKVCache:
         self.v_cache = torch.zeros(*shape, head_dim, dtype=dtype, device=self.device)
         self.slot_pos = torch.zeros(shape, dtype=torch.int32, device=self.device)
         self.slot_score = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        self.slot_bias = torch.zeros(shape, dtype=torch.float32, device=self.device) if summaries else None
         self.scratch_slot = num_blocks * block_size
         table_shape = (num_layers, max_seqs, num_kv_heads)
         self.block_tables = np.full((*table_shape, self.max_blocks_per_head), -1, dtype=np.int32)
@@ -155,9 +160,10 @@ class PagedKVCache:
     # ------------------------------------------------------------------ sizes
     @property
     def block_bytes(self) -> int:
-        """Bytes of one block: K and V plus the per-slot position (int32) and score (float32)."""
+        """Bytes of one block: K and V plus the per-slot position (int32), score and, with summaries, bias
+        (float32)."""
         elt = self.k_cache.element_size()
-        return self.block_size * (2 * self.head_dim * elt + 4 + 4)
+        return self.block_size * (2 * self.head_dim * elt + 4 + 4 + (4 if self.slot_bias is not None else 0))
 
     @property
     def num_free_blocks(self) -> int:
@@ -229,8 +235,9 @@ class PagedKVCache:
         src = self.block_tables[:, seq_id][used]
         dst = self._pop_free(total)
         src_d, dst_d = self.upload(src, torch.long), self.upload(dst, torch.long)
-        for pool in (self.k_cache, self.v_cache, self.slot_pos, self.slot_score):
-            pool[dst_d] = pool[src_d]
+        for pool in (self.k_cache, self.v_cache, self.slot_pos, self.slot_score, self.slot_bias):
+            if pool is not None:
+                pool[dst_d] = pool[src_d]
         self.block_tables[:, new][used] = dst
         self.lengths[:, new] = self.lengths[:, seq_id]
         self.num_blocks_held[:, new] = self.num_blocks_held[:, seq_id]
@@ -407,6 +414,8 @@ class PagedKVCache:
             values.reshape(-1, D).to(self.dtype),
             plan.slot_positions,
         )
+        if self.slot_bias is not None:  # a recycled slot may have held a summary
+            self.slot_bias.view(-1).index_fill_(0, plan.slots[layer].reshape(-1), 0.0)
 
     def _slot(self, layer: np.ndarray, seq: np.ndarray, head: np.ndarray, index: np.ndarray) -> np.ndarray:
         """Flat physical slot ids (block * block_size + offset) of logical slot ``index`` of (``layer``, ``seq``,
@@ -470,14 +479,10 @@ class PagedKVCache:
         if len(h_rows):
             dst = self._slot(h_rows[:, 0], sid[h_rows[:, 1]], h_rows[:, 2], h_rows[:, 3])
             src = self._slot(m_rows[:, 0], sid[m_rows[:, 1]], m_rows[:, 2], m_rows[:, 3])
-            compact(
-                self.k_cache,
-                self.v_cache,
-                self.slot_pos,
-                self.slot_score,
-                self.upload(src, torch.long),
-                self.upload(dst, torch.long),
-            )
+            src_d, dst_d = self.upload(src, torch.long), self.upload(dst, torch.long)
+            compact(self.k_cache, self.v_cache, self.slot_pos, self.slot_score, src_d, dst_d)
+            if self.slot_bias is not None:
+                self.slot_bias.view(-1)[dst_d] = self.slot_bias.view(-1)[src_d]
         return self._shrink(sid, new_len)
 
     def truncate(self, seq_id: int, n: int) -> int:

@@ -82,8 +82,8 @@ def fingerprint(cfg: DictConfig) -> str:
     for key in ("logger", "baselines_dir", "progress", "threads", "engine"):
         data.pop(key, None)
     budget = data.get("budget") or {}
-    for key in ("allocator_args", "protected_fraction"):  # added later: left unset, older runs keep their hash
-        if budget.get(key) in (None, {}):
+    for key in ("allocator_args", "protected_fraction", "summary_slots"):  # added later: left unset (or 0), older
+        if budget.get(key) in (None, {}, 0):  # runs keep their hash
             budget.pop(key, None)
     return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -310,6 +310,7 @@ def summarize(
         "max_cache_tokens": cfg.budget.max_cache_tokens,
         "protected_window": int(cfg.budget.protected_window),
         "protected_fraction": cfg.budget.get("protected_fraction"),
+        "summary_slots": int(cfg.budget.get("summary_slots") or 0),
         "seed": int(cfg.seed),
         "per_task": per_task,
         "kv_bytes_mean": total["kv_bytes"] / n,

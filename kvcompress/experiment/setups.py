@@ -3,11 +3,14 @@
 ``scripts/quality_table.py`` runs setups side by side and ``scripts/inspect_allocation.py`` looks inside one. A
 label is one of :data:`SETUPS` / :data:`VARIANTS`, or ``<policy>+<allocation>`` with any ``conf/policy`` name and
 an allocator or a named ``conf/budget`` config. It may carry arguments after a colon, each ``key=value`` for the
-allocator (``budget.allocator_args``) or ``policy.key=value`` for the policy's fields:
-``lfu+global:floor=0.2,normalize=sum``, ``kvzip+global:policy.window=32``.
+allocator (``budget.allocator_args``), ``policy.key=value`` for the policy's fields or ``budget.key=value`` for the
+budget's (:data:`BUDGET_FIELDS`): ``lfu+global:floor=0.2,normalize=sum``, ``kvzip+global:policy.window=32``,
+``kvzip+global:budget.summary_slots=1``.
 """
 
 from __future__ import annotations
+
+from dataclasses import fields
 
 import yaml
 from omegaconf import OmegaConf
@@ -43,6 +46,12 @@ VARIANTS = {
 }
 
 
+# Budget fields a setup may set; the ratio and the allocation come from the script and the label
+BUDGET_FIELDS = tuple(
+    f.name for f in fields(Budget) if f.name not in ("ratio", "max_cache_tokens", "allocation", "allocator_args")
+)
+
+
 def split_setups(text: str) -> list[str]:
     """``--setups`` into setup names: a comma-separated ``key=value`` continues the previous setup's arguments
     (``a,b:floor=0.2,normalize=sum`` -> ``["a", "b:floor=0.2,normalize=sum"]``); setup labels hold no ``=``. An
@@ -72,17 +81,20 @@ def budget_allocation(name: str) -> tuple[str, dict]:
     return budget.get("allocation", "uniform"), budget.get("allocator_args") or {}
 
 
-def resolve_setup(name: str) -> tuple[str, str, str, dict, dict]:
-    """``label[:key=value,...]`` -> ``(name, policy config, allocation, policy overrides, allocator args)``.
+def resolve_setup(name: str) -> tuple[str, str, str, dict, dict, dict]:
+    """``label[:key=value,...]`` -> ``(name, policy config, allocation, policy overrides, allocator args, budget
+    fields)``.
 
     A label is one of :data:`SETUPS` / :data:`VARIANTS`, or ``<policy>+<allocation>`` with any ``policy=`` name
     (``conf/policy``) and an allocator or named budget config (``lfu_avg+global``, ``lfu+global_floor``);
     ``key=value`` arguments after the colon override the budget config's, ``policy.key=value`` ones set the
-    policy's fields (over a variant's). Raises ``ValueError`` naming what is accepted."""
+    policy's fields (over a variant's), ``budget.key=value`` ones the budget's. Raises ``ValueError`` naming what is
+    accepted."""
     label, _, arg_text = name.partition(":")
     known = {s[0]: (s[1], s[2], {}) for s in SETUPS} | VARIANTS
     allocator_args: dict = {}
     overrides: dict = {}
+    budget_args: dict = {}
     if label in known:
         policy, allocation, variant_overrides = known[label]
         overrides.update(variant_overrides)  # a copy: the colon's policy fields must not change VARIANTS
@@ -96,20 +108,33 @@ def resolve_setup(name: str) -> tuple[str, str, str, dict, dict]:
         allocation, allocator_args = budget_allocation(allocation)
     for pair in filter(None, arg_text.split(",")):
         key, eq, value = pair.partition("=")
-        if not eq or not key or key == "policy.":
-            raise ValueError(f"setup {name!r}: argument {pair!r} is not key=value or policy.key=value")
+        if not eq or not key or key in ("policy.", "budget."):
+            raise ValueError(
+                f"setup {name!r}: argument {pair!r} is not key=value, policy.key=value or budget.key=value"
+            )
         if key.startswith("policy."):
             overrides[key.removeprefix("policy.")] = yaml.safe_load(value)
+        elif key.startswith("budget."):
+            field = key.removeprefix("budget.")
+            if field not in BUDGET_FIELDS:
+                raise ValueError(
+                    f"setup {name!r}: the budget has no field {field!r} a setup may set; accepted: "
+                    f"{', '.join(BUDGET_FIELDS)}"
+                )
+            budget_args[field] = yaml.safe_load(value)
         else:
             allocator_args[key] = yaml.safe_load(value)
-    return name, policy, allocation, overrides, allocator_args
+    return name, policy, allocation, overrides, allocator_args, budget_args
 
 
-def check_setup(label: str, policy: str, allocation: str, overrides: dict, allocator_args: dict) -> None:
+def check_setup(
+    label: str, policy: str, allocation: str, overrides: dict, allocator_args: dict, budget_args: dict | None = None
+) -> None:
     """Build a :func:`resolve_setup` result's policy and compressor once, so that an unknown policy field, a bad
     allocator argument or an allocation the policy does not compose with (``tova+global``) fails before a script
     loads the model rather than when its run reaches the setup. Raises ``ValueError`` naming the setup."""
     try:
-        Compressor(load_policy(policy, **overrides), Budget(allocation=allocation, allocator_args=allocator_args))
+        budget = Budget(allocation=allocation, allocator_args=allocator_args, **(budget_args or {}))
+        Compressor(load_policy(policy, **overrides), budget)
     except ValueError as err:
         raise ValueError(f"setup {label!r}: {err}") from None

@@ -37,7 +37,16 @@ def _lfu(ratio: float = 2, every: int = 0) -> Compressor:
     return Compressor(LFUPolicy(window=8), Budget(ratio=ratio, protected_window=8, compress_every=every))
 
 
-@pytest.mark.parametrize("make", [lambda: None, _lfu, lambda: _lfu(2, every=5)], ids=["full", "lfu", "lfu-every5"])
+def _lfu_summaries() -> Compressor:
+    """Continual compression that folds what it evicts into summary slots, and folds those again."""
+    return Compressor(LFUPolicy(window=8), Budget(ratio=2, protected_window=8, compress_every=5, summary_slots=2))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: None, _lfu, lambda: _lfu(2, every=5), _lfu_summaries],
+    ids=["full", "lfu", "lfu-every5", "lfu-every5-summaries"],
+)
 def test_engine_equals_single_sequence_path(tiny_llama, make):
     """Staggered arrivals, packed multi-sequence prefill in chunks, batched decode: same greedy tokens."""
     requests = _requests(5, (40, 130), new=12)
@@ -116,6 +125,9 @@ def test_bad_requests_are_refused_with_reasons(tiny_llama):
     engine.add_request(Request(1, [5] * 10, 2))
     with pytest.raises(ValueError, match="already in the engine"):
         engine.add_request(Request(1, [5] * 10, 2))
+    summaries = Request(2, [5] * 40, 2, budget=Budget(ratio=2, summary_slots=1))
+    with pytest.raises(ValueError, match="the engine's cache has no summary slots"):
+        Engine(tiny_llama, _lfu(), max_seqs=1, max_tokens_per_head=128).add_request(summaries)
 
 
 @pytest.mark.slow

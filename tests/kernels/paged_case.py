@@ -127,8 +127,19 @@ def make_case(
     )
 
 
-def naive_decode(q: torch.Tensor, case: PagedCase, scale: float, power: int) -> tuple[torch.Tensor, dict[int, float]]:
-    """Dense per-(seq, query head) decode: SDPA output and ``{flat slot: sum_group p**power}``."""
+def random_bias(case: PagedCase, seed: int = 4) -> torch.Tensor:
+    """A ``slot_bias`` for ``case``: ``log(n)`` for n in 1..8 on every slot, as summary slots of 1 to 8 tokens
+    would hold (on the case's device)."""
+    gen = torch.Generator().manual_seed(seed)
+    counts = torch.randint(1, 9, case.slot_score.shape, generator=gen).float()
+    return counts.log().to(case.slot_score.device)
+
+
+def naive_decode(
+    q: torch.Tensor, case: PagedCase, scale: float, power: int, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, dict[int, float]]:
+    """Dense per-(seq, query head) decode: SDPA output and ``{flat slot: sum_group p**power}``; ``bias``
+    (``[num_blocks, block_size]``, CPU) is added to each slot's logit."""
     batch, num_q_heads, _ = q.shape
     group = num_q_heads // case.lengths.shape[1]
     out = torch.zeros(q.shape, dtype=torch.float32)
@@ -139,11 +150,12 @@ def naive_decode(q: torch.Tensor, case: PagedCase, scale: float, power: int) -> 
             if int(case.lengths[b, h]) == 0:
                 continue
             k, v, _ = case.dense(b, h)
+            kb = torch.zeros(len(k)) if bias is None else bias.view(-1)[case.slots(b, h)]
             qi = q[b, hq].float()
             out[b, hq] = F.scaled_dot_product_attention(
-                qi[None, None, None], k[None, None], v[None, None], scale=scale
+                qi[None, None, None], k[None, None], v[None, None], attn_mask=kb[None, None, None], scale=scale
             )[0, 0, 0]
-            p = torch.softmax(k @ qi * scale, dim=0)
+            p = torch.softmax(k @ qi * scale + kb, dim=0)
             for s, pj in zip(case.slots(b, h).tolist(), p.pow(power).tolist(), strict=True):
                 scores[s] = scores.get(s, 0.0) + pj
     return out, scores
@@ -157,8 +169,10 @@ def naive_prefill(
     scale: float,
     obs_window: int,
     obs_power: int,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense per-(seq, query head) causal prefill with a position mask; returns (out fp32, obs fp32)."""
+    """Dense per-(seq, query head) causal prefill with a position mask; returns (out fp32, obs fp32); ``bias``
+    (``[num_blocks, block_size]``, CPU) is added to each slot's logit."""
     num_q_heads = q.shape[1]
     batch, heads = case.lengths.shape
     group = num_q_heads // heads
@@ -173,12 +187,17 @@ def naive_prefill(
             if n == 0 or t1 == t0:
                 continue
             k, v, kpos = case.dense(b, h)
+            kb = torch.zeros(n) if bias is None else bias.view(-1)[case.slots(b, h)]
             qb = q[t0:t1, hq].float()
             mask = kpos[None, :] <= q_pos[t0:t1, None].long()  # [T_b, len]
+            logits = (qb @ k.T * scale + kb).masked_fill(~mask, float("-inf"))
             out[t0:t1, hq] = F.scaled_dot_product_attention(
-                qb[None], k[None], v[None], attn_mask=mask[None], scale=scale
+                qb[None],
+                k[None],
+                v[None],
+                attn_mask=kb.expand_as(mask).masked_fill(~mask, float("-inf"))[None],
+                scale=scale,
             )[0]
-            logits = (qb @ k.T * scale).masked_fill(~mask, float("-inf"))
             p = torch.softmax(logits, dim=-1)
             first = max(0, (t1 - t0) - obs_window)
             obs[b, hq, :n] = p[first:].pow(obs_power).sum(0)

@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kvcompress_kernels import paged_decode, paged_decode_torch, paged_decode_triton, use_backend
-from paged_case import DTYPES, MODEL_GEOMETRIES, make_case, naive_decode
+from paged_case import DTYPES, MODEL_GEOMETRIES, make_case, naive_decode, random_bias
 from paged_case import OUT_TOL as TOL
 
 SCORE_TOL = {
@@ -77,6 +77,36 @@ def test_torch_matches_naive(dtype, group, power):
     # with power 1 each query head's probabilities sum to 1 over its slots
     if power == 1:
         assert score.sum().item() == pytest.approx(group * int((case.lengths > 0).sum()), rel=1e-3)
+
+
+@pytest.mark.parametrize("power", [0, 1, 2])  # 0: no score accumulation (the reference's fused path)
+@pytest.mark.parametrize("splits", [1, 3])
+def test_slot_bias_weighs_each_slot_in_all_three(device, power, splits):
+    """A ``slot_bias`` is added to each slot's logit: Triton, the torch reference and the naive loop agree, scores
+    included, and a zero bias changes nothing."""
+    case = make_case(LENGTHS, 64, torch.float32, seed=13, device=device)
+    q = _query(2, 9, 64, torch.float32, device=device)
+    bias = random_bias(case)
+    args = (q, case.k_cache, case.v_cache, case.block_tables, case.lengths, 0.125)
+    acc = dict(score_out=torch.zeros_like(case.slot_score), score_power=power) if power else {}
+    ref = paged_decode_torch(*args, slot_bias=bias, **acc)
+    tri_acc = {**acc, "score_out": torch.zeros_like(case.slot_score)} if power else {}
+    tri = paged_decode_triton(*args, slot_bias=bias, num_splits=splits, **tri_acc)
+    naive_out, naive_scores = naive_decode(q.cpu(), case.to("cpu"), 0.125, power or 1, bias.cpu())
+    torch.testing.assert_close(ref.cpu(), naive_out, **TOL[torch.float32])
+    torch.testing.assert_close(tri, ref, **TOL[torch.float32])
+    if power:
+        expected = torch.zeros(case.slot_score.numel())
+        for slot, value in naive_scores.items():
+            expected[slot] = value
+        torch.testing.assert_close(acc["score_out"].cpu().view(-1), expected, **SCORE_TOL[torch.float32])
+        torch.testing.assert_close(tri_acc["score_out"], acc["score_out"], **SCORE_TOL[torch.float32])
+    plain = paged_decode_torch(*args)
+    assert not torch.allclose(ref, plain, atol=1e-3)  # the bias matters
+    torch.testing.assert_close(paged_decode_torch(*args, slot_bias=torch.zeros_like(bias)), plain)
+    torch.testing.assert_close(
+        paged_decode_triton(*args, slot_bias=torch.zeros_like(bias)), plain, **TOL[torch.float32]
+    )
 
 
 @pytest.mark.parametrize("power", [1, 2])

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 from kvcompress_kernels import paged_prefill, paged_prefill_torch, paged_prefill_triton, use_backend
-from paged_case import DTYPES, MODEL_GEOMETRIES, make_case, naive_prefill
+from paged_case import DTYPES, MODEL_GEOMETRIES, make_case, naive_prefill, random_bias
 from paged_case import OUT_TOL as TOL
 
 REFERENCE = sys.modules["kvcompress_kernels.paged_prefill"]  # the package exports a function of the module's name
@@ -96,6 +96,31 @@ def test_torch_matches_naive(dtype, group, obs_window, power, query_chunk, monke
     if power == 1:  # every window query spreads probability 1 over its head's slots
         window = torch.clamp(cu.diff(), max=obs_window).float()
         torch.testing.assert_close(obs.sum(-1), window[:, None].expand_as(obs.sum(-1)), atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize(("obs_window", "power"), [(0, 1), (8, 2), (1000, 1)])
+def test_slot_bias_weighs_each_slot_in_all_three(device, obs_window, power):
+    """A ``slot_bias`` is added to each cached slot's logit, in the output and in the observation's
+    probabilities: Triton, the torch reference and the naive loop agree."""
+    case, q_pos, cu = _chunked_case(PREFIX_KEPT, PREFIX_SEEN, NEW_TOKENS, 2, 64, torch.float32, seed=5, device=device)
+    q = _query(int(cu[-1]), 6, 64, torch.float32, device=device)
+    bias = random_bias(case)
+    for b, kept in enumerate(PREFIX_KEPT):  # the new tokens' slots: 0, as the cache writes them
+        for h, n in enumerate(kept):
+            bias.view(-1)[case.slots(b, h)[n:].to(device)] = 0.0
+    args = _args(case, q, q_pos, cu, 0.125)
+    obs = dict(obs_window=obs_window, obs_power=power)
+    out_ref, obs_ref = paged_prefill_torch(*args, slot_bias=bias, **obs)
+    out_tri, obs_tri = paged_prefill_triton(*args, slot_bias=bias, **obs)
+    naive_out, naive_obs = naive_prefill(
+        q.cpu(), case.to("cpu"), q_pos.cpu(), cu.cpu(), 0.125, obs_window, power, bias.cpu()
+    )
+    torch.testing.assert_close(out_ref.cpu(), naive_out, **TOL[torch.float32])
+    torch.testing.assert_close(out_tri, out_ref, **TOL[torch.float32])
+    if obs_window:
+        torch.testing.assert_close(obs_ref.cpu(), naive_obs, **OBS_TOL[torch.float32])
+        torch.testing.assert_close(obs_tri, obs_ref, **OBS_TOL[torch.float32])
+    assert not torch.allclose(out_ref, paged_prefill_torch(*args, **obs)[0], atol=1e-3)  # the bias matters
 
 
 def test_chunked_prefill_equals_one_shot(device):

@@ -74,6 +74,51 @@ def test_the_oracles_keep_the_text_in_every_head_and_compress_only_the_named_lay
     assert kept_in_0 < n / 2, "layer 0 was not compressed"
 
 
+def test_one_stand_in_per_evicted_token_decodes_as_the_full_cache(ia, tiny_llama) -> None:
+    """Groups of one token each stand in for themselves: the mass oracle then changes nothing, while it still
+    reports what the setup would have kept."""
+    from kvcompress.experiment.policy_config import load_policy
+
+    context = [(7 * i) % 120 + 3 for i in range(60)]
+    request = as_request("r", context, [11, 12], "query_aware", 6)
+    full = ia.run_recorded(tiny_llama, ia.RecordingCompressor(load_policy("full"), Budget(ratio=1)), request)
+    comp = ia.RecordingCompressor(KVzipPolicy(repeat_ids=[5, 9, 17]), Budget(ratio=4, protected_window=4))
+    comp.mass, comp.mass_groups = "mean", 10**6
+    out = ia.run_recorded(tiny_llama, comp, request)
+    assert out.tokens == full.tokens
+    assert all(int(valid.sum(-1).max()) < len(context) for _, valid in comp.kept)
+
+
+@pytest.mark.parametrize("mode", ["zero", "mean"])
+def test_stand_ins_replace_each_group_by_its_mean_value(ia, mode) -> None:
+    from kvcompress.cache.paged import HeadView, PagedKVCache
+
+    cache = PagedKVCache(num_layers=1, num_kv_heads=1, head_dim=2, num_blocks=1, block_size=6)
+    keys, values = torch.randn(6, 2), torch.randn(6, 2)
+    cache.k_cache[0], cache.v_cache[0] = keys, values
+    positions = torch.tensor([5, 0, 4, 1, 3, 2])  # slot order is not position order after a compaction
+    slots = torch.arange(6)
+    view = HeadView(
+        0,
+        [0],
+        keys[None, None],
+        values[None, None],
+        positions[None, None],
+        torch.zeros(1, 1, 6),
+        torch.ones(1, 1, 6, dtype=torch.bool),
+        slots[None, None],
+        torch.tensor([[6]]),
+    )
+    gone = torch.tensor([True, True, False, True, True, False])  # positions 5, 0, 1, 3 -> groups {0, 1}, {3, 5}
+    ia.stand_in(cache, view, gone[None, None], mode, groups=2)
+    k, v = cache.k_cache[0], cache.v_cache[0]
+    assert torch.equal(k[[2, 5]], keys[[2, 5]]) and torch.equal(v[[2, 5]], values[[2, 5]])  # kept: untouched
+    assert torch.equal(k, keys)  # every key stays: the evicted tokens' attention mass is exact
+    for group in ([1, 3], [4, 0]):
+        want = torch.zeros(2, 2) if mode == "zero" else values[group].mean(0).expand(2, 2)
+        assert torch.allclose(v[group], want)
+
+
 @pytest.mark.parametrize(("mode", "text"), [("query_aware", "Oslo"), ("query_agnostic", "Which city")])
 def test_keep_text_outside_what_is_compressed_is_a_clear_error(ia, tiny_llama, smollm2_tokenizer, mode, text) -> None:
     """Query-agnostic, the question is prefilled after compression, so its text cannot be kept."""
@@ -127,6 +172,8 @@ def test_answers_are_found_as_they_are_tokenized_in_the_text(ia, smollm2_tokeniz
         (["--setups", "lfu-bias+global"], "needs a head-bias file"),
         (["--only-layers", "3"], "--only-layers takes a layer range A-B, like 0-13, got '3'"),
         (["--only-layers", "5-2"], "--only-layers A-B needs 0 <= A <= B, got '5-2'"),
+        (["--mass", "half"], "argument --mass: invalid choice: 'half'"),
+        (["--mass", "zero", "--mass-groups", "0"], "--mass-groups must be >= 1, got 0"),
         (["--only-layers", "0-13", "--setups", "kvzip"], "--only-layers needs setups with the global allocation"),
     ],
 )

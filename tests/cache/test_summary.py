@@ -1,0 +1,144 @@
+"""Summary slots (kvcompress.cache.summary): what a head evicts folds into slots that hold its groups' mean key and
+value and their token counts, which survive compaction, a second compression, forks and recycled blocks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvcompress.cache.paged import PagedKVCache
+from kvcompress.cache.summary import fold_evicted
+
+L, H, D, BS = 2, 3, 4, 4
+
+
+def filled(n: int, seed: int = 0) -> tuple[PagedKVCache, torch.Tensor, torch.Tensor]:
+    """A summaries cache holding ``n`` tokens of one sequence; returns it and the keys / values ``[L, n, H, D]``."""
+    cache = PagedKVCache(L, H, D, 128, block_size=BS, max_seqs=2, max_tokens_per_head=64, summaries=True)
+    seq = cache.add_sequence()
+    gen = torch.Generator().manual_seed(seed)
+    keys, values = torch.randn(L, n, H, D, generator=gen), torch.randn(L, n, H, D, generator=gen)
+    plan = cache.plan_step([seq], [n])
+    for layer in range(L):
+        cache.write(layer, plan, keys[layer], values[layer])
+    return cache, keys, values
+
+
+def compress(cache: PagedKVCache, keep: torch.Tensor, groups: int) -> None:
+    """Fold then evict sequence 0 down to ``keep`` ``[L, 1, H, N]``, as the compressor does."""
+    views = [cache.view(layer, [0]) for layer in range(L)]
+    cache.evict([0], fold_evicted(cache, views, keep, groups))
+
+
+def held(cache: PagedKVCache, layer: int, head: int) -> dict[int, tuple[torch.Tensor, torch.Tensor, float]]:
+    """``{position: (key, value, count)}`` of what a head holds."""
+    v = cache.view(layer, [0])
+    ok = v.valid[0, head]
+    bias = cache.slot_bias.view(-1)[v.slots[0, head][ok]]
+    rows = zip(v.positions[0, head][ok], v.keys[0, head][ok], v.values[0, head][ok], bias, strict=True)
+    return {int(p): (k, val, float(b.exp())) for p, k, val, b in rows}
+
+
+def test_each_group_becomes_one_slot_with_its_means_and_count() -> None:
+    cache, keys, values = filled(20)
+    keep = torch.zeros(L, 1, H, 20, dtype=torch.bool)
+    keep[..., [0, 7, 19]] = True  # evicted: 1-6, 8-18 (17 tokens) -> groups of 9 and 8, by position
+    compress(cache, keep, groups=2)
+    groups = [list(range(1, 7)) + [8, 9, 10], list(range(11, 19))]
+    for layer in range(L):
+        for h in range(H):
+            slots = held(cache, layer, h)
+            assert sorted(slots) == [0, 7, 10, 18, 19]  # a summary sits at its group's last position
+            assert sum(c for _, _, c in slots.values()) == pytest.approx(20)  # every token is accounted for
+            for members in groups:
+                k, v, count = slots[members[-1]]
+                assert count == pytest.approx(len(members))
+                torch.testing.assert_close(k, keys[layer, members, h].mean(0))
+                torch.testing.assert_close(v, values[layer, members, h].mean(0))
+            for p in (0, 7, 19):
+                k, v, count = slots[p]
+                assert count == 1 and torch.equal(k, keys[layer, p, h]) and torch.equal(v, values[layer, p, h])
+
+
+def test_a_summary_evicted_again_folds_in_by_its_count() -> None:
+    cache, keys, _ = filled(20, seed=1)
+    keep = torch.zeros(L, 1, H, 20, dtype=torch.bool)
+    keep[..., 10:] = True
+    compress(cache, keep, groups=1)  # positions 0-9 -> one slot at 9, counting 10
+    v = cache.view(0, [0])
+    keep = (v.positions >= 15)[None].expand(L, -1, -1, -1)  # evict the summary and 10-14
+    compress(cache, keep, groups=1)
+    for h in range(H):
+        slots = held(cache, 0, h)
+        assert sorted(slots) == [14, 15, 16, 17, 18, 19]
+        k, _, count = slots[14]
+        assert count == pytest.approx(15)
+        torch.testing.assert_close(k, keys[0, :15, h].mean(0))  # the mean over all 15 tokens, not over 6 slots
+
+
+def test_a_head_that_evicts_fewer_tokens_than_groups_keeps_each_as_itself() -> None:
+    cache, keys, _ = filled(12, seed=2)
+    keep = torch.ones(L, 1, H, 12, dtype=torch.bool)
+    keep[..., [3, 5]] = False
+    keep[0, 0, 1] = True  # layer 0, head 1 evicts nothing
+    compress(cache, keep, groups=4)
+    for layer in range(L):
+        for h in range(H):
+            slots = held(cache, layer, h)
+            assert sorted(slots) == list(range(12)) and all(c == pytest.approx(1) for _, _, c in slots.values())
+            assert all(torch.allclose(slots[p][0], keys[layer, p, h]) for p in range(12))
+
+
+def test_forks_copy_counts_and_recycled_slots_start_at_zero() -> None:
+    cache, _, _ = filled(16, seed=3)
+    keep = torch.zeros(L, 1, H, 16, dtype=torch.bool)
+    keep[..., 12:] = True
+    compress(cache, keep, groups=1)
+    child = cache.fork(0)
+    v = cache.view(1, [child])
+    counts = cache.slot_bias.view(-1)[v.slots[0]].exp()
+    assert sorted(counts[0].tolist()) == pytest.approx([1, 1, 1, 1, 12])
+    cache.release(0)
+    cache.release(child)
+    seq = cache.add_sequence()
+    plan = cache.plan_step([seq], [40])  # reuses the summaries' blocks
+    for layer in range(L):
+        cache.write(layer, plan, torch.zeros(40, H, D), torch.zeros(40, H, D))
+    assert torch.all(cache.slot_bias.view(-1)[plan.slots[0].reshape(-1)] == 0)
+
+
+def test_the_compressor_spends_the_budget_on_summaries_too() -> None:
+    """``summary_slots`` come out of the budget: each head holds its share, two of them summaries, and every token
+    the head has seen is counted once."""
+    from kvcompress.budget import Budget
+    from kvcompress.compressor import Compressor
+    from kvcompress.policies.knorm import KnormPolicy
+
+    cache, _, _ = filled(40, seed=4)
+    Compressor(KnormPolicy(), Budget(ratio=4, protected_window=2, summary_slots=2)).compress(cache, [0])
+    for layer in range(L):
+        for h in range(H):
+            counts = [c for _, _, c in held(cache, layer, h).values()]
+            assert len(counts) == 10 and sum(c > 1 for c in counts) == 2
+            assert sum(counts) == pytest.approx(40)
+
+
+def test_summaries_cost_the_global_allocator_no_block() -> None:
+    """The global threshold frees whole blocks; summaries sit in the places of kept tokens, so they free as many."""
+    from kvcompress.budget import Budget
+    from kvcompress.compressor import Compressor
+    from kvcompress.policies.knorm import KnormPolicy
+
+    used = {}
+    for slots in (0, 1, 3):
+        cache, _, _ = filled(48, seed=5)
+        budget = Budget(ratio=3, protected_window=2, allocation="global", summary_slots=slots)
+        Compressor(KnormPolicy(), budget).compress(cache, [0])
+        used[slots] = (cache.num_used_blocks, int(cache.lengths.sum()))
+    assert used[0] == used[1] == used[3]
+
+
+def test_a_cache_without_summaries_refuses_to_fold() -> None:
+    cache = PagedKVCache(L, H, D, 8, block_size=BS)
+    with pytest.raises(ValueError, match="summaries=True"):
+        fold_evicted(cache, [], torch.zeros(L, 1, H, 0, dtype=torch.bool), 1)
