@@ -17,6 +17,7 @@ import triton.language as tl
 from .backend import interpreter_enabled
 
 LOG2E = 1.4426950408889634  # softmax is computed with exp2: exp(x) == exp2(x * log2(e))
+LOG2E_JIT = tl.constexpr(LOG2E)  # the same, readable inside @triton.jit functions
 MIN_DOT = 16  # smallest tl.dot tile dimension accepted by real GPUs
 
 
@@ -190,7 +191,7 @@ def load_tile(base_ptr, blk, off, offs_d, mask_n, mask_d, stride_b, stride_s, UP
 @triton.jit
 def bias_tile(bias_ptr, blk, off, mask_n, BLOCK_SIZE: tl.constexpr):
     """The ``[BLOCK_N]`` logit biases of the slots at physical (blk, off), natural log to the kernels' log2."""
-    return tl.load(bias_ptr + blk * BLOCK_SIZE + off, mask=mask_n, other=0.0) * 1.4426950408889634
+    return tl.load(bias_ptr + blk * BLOCK_SIZE + off, mask=mask_n, other=0.0) * LOG2E_JIT
 
 
 @triton.jit

@@ -116,7 +116,7 @@ def decode_probs_torch(
     qg = q.float().view(batch, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
     logits = torch.matmul(qg, keys.transpose(-1, -2)) * scale  # [B, H_kv, G, M]
     if slot_bias is not None:
-        logits = logits + _slots(slot_bias[..., None], block_tables, valid, max_len, False, layout)[..., 0][:, :, None]
+        logits = logits + _bias_rows(slot_bias, block_tables, valid, max_len, layout)
     logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a length-0 head has an all -inf row
     return probs, valid
@@ -160,7 +160,7 @@ def paged_decode_torch(
         qg = q.float().view(batch, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
         mask = valid[:, :, None, :] if padded else None
         if slot_bias is not None:  # a float mask is added to the logits: the bias, -inf past a head's length
-            bias = _slots(slot_bias[..., None], block_tables, valid, max_len, False, layout)[..., 0][:, :, None]
+            bias = _bias_rows(slot_bias, block_tables, valid, max_len, layout)
             mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
         out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=scale)
         if padded:  # a length-0 head masks every key: its softmax is NaN, its output 0 by contract
@@ -174,6 +174,18 @@ def paged_decode_torch(
     slots = blocks * block_size + offsets  # padded slots point at block 0 and add an exact 0 (p is 0 there)
     score_out.view(-1).index_add_(0, slots.reshape(-1), contrib.reshape(-1))
     return out.reshape(batch, num_q_heads, head_dim).to(q.dtype)
+
+
+def _bias_rows(
+    slot_bias: torch.Tensor,
+    block_tables: torch.Tensor,
+    valid: torch.Tensor | None,
+    max_len: int,
+    layout: tuple[int, int, int] | None,
+) -> torch.Tensor:
+    """Each head's slot biases ``[B, H_kv, 1, max_len]``, broadcast over the group's query heads (entries past a
+    head's length are whatever the pool holds: the caller masks them)."""
+    return _slots(slot_bias[..., None], block_tables, valid, max_len, False, layout)[..., 0][:, :, None]
 
 
 def _slots(

@@ -70,9 +70,8 @@ def paged_attention_forward(
         )
         if step.decode_probs and step.observer is not None:
             layout = plan.layout[layer]  # set only when every head holds max_len tokens: no padding to mask
-            probs = decode_probs_torch(q, cache.k_cache, tables, lengths, scale, max_len, layout, cache.slot_bias)[
-                0
-            ]  # [B, H_kv, G, L]
+            probs, _ = decode_probs_torch(q, cache.k_cache, tables, lengths, scale, max_len, layout, cache.slot_bias)
+            # probs: [B, H_kv, G, L]
             step.observer.observe_decode(cache, DecodeObservation(layer, plan.seq_ids, probs.reshape(B, Hq, -1)))
     else:
         window = step.obs_window if step.obs_window >= 0 else 1 << 30
