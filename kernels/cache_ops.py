@@ -2,7 +2,9 @@
 
 Slots are addressed by flat id ``block * block_size + offset`` (int64, so pools past 2**31 elements
 work). ``compact`` is the data half of eviction: the cache decides which surviving tail slots move into
-which holes; this op copies K, V, position and score from ``src_slots`` to ``dst_slots``. The two sets
+which holes; this op copies K, V, position and score from ``src_slots`` to ``dst_slots``. Both take the
+pool's optional ``slot_bias`` (summary slots' logit biases): ``write_kv`` zeroes it at the written slots (a
+recycled slot may have held a summary) and ``compact`` moves it with the rest, in the same launch. The two sets
 must be disjoint (a slot is never both read and written), which makes the copy order irrelevant.
 
 Both Triton kernels use a grid of ``cdiv(N, BLOCK_T)`` programs, each moving ``BLOCK_T`` rows of K and V.
@@ -14,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_cache, next_pow2
+from ._common import check_cache, check_slot_bias, next_pow2
 from .backend import use_triton
 
 __all__ = ["compact", "compact_torch", "compact_triton", "write_kv", "write_kv_torch", "write_kv_triton"]
@@ -41,8 +43,10 @@ def _check_write(
     k: torch.Tensor,
     v: torch.Tensor,
     pos: torch.Tensor,
+    slot_bias: torch.Tensor | None,
 ) -> tuple[int, int]:
     check_cache(k_cache, v_cache)
+    check_slot_bias(slot_bias, k_cache)
     block_size, head_dim = _check_meta(k_cache, slot_pos, slot_score)
     n = slots.shape[0]
     if slots.dim() != 1 or slots.dtype != torch.int64:
@@ -61,8 +65,10 @@ def _check_compact(
     slot_score: torch.Tensor,
     src_slots: torch.Tensor,
     dst_slots: torch.Tensor,
+    slot_bias: torch.Tensor | None,
 ) -> tuple[int, int]:
     check_cache(k_cache, v_cache)
+    check_slot_bias(slot_bias, k_cache)
     block_size, head_dim = _check_meta(k_cache, slot_pos, slot_score)
     if src_slots.dim() != 1 or src_slots.shape != dst_slots.shape:
         raise ValueError("src_slots and dst_slots must both be [M]")
@@ -85,14 +91,17 @@ def write_kv_torch(
     k: torch.Tensor,
     v: torch.Tensor,
     pos: torch.Tensor,
+    slot_bias: torch.Tensor | None = None,
 ) -> None:
     """PyTorch reference of :func:`write_kv` (indexed assignment on flat views)."""
-    _, head_dim = _check_write(k_cache, v_cache, slot_pos, slot_score, slots, k, v, pos)
+    _, head_dim = _check_write(k_cache, v_cache, slot_pos, slot_score, slots, k, v, pos, slot_bias)
     # flat views and index_copy_: one row copy per slot, several times cheaper on CPU than (block, offset) indexing
     k_cache.view(-1, head_dim).index_copy_(0, slots, k.to(k_cache.dtype))
     v_cache.view(-1, head_dim).index_copy_(0, slots, v.to(v_cache.dtype))
     slot_pos.view(-1).index_copy_(0, slots, pos.to(torch.int32))
     slot_score.view(-1).index_fill_(0, slots, 0.0)
+    if slot_bias is not None:
+        slot_bias.view(-1).index_fill_(0, slots, 0.0)
 
 
 def compact_torch(
@@ -102,15 +111,18 @@ def compact_torch(
     slot_score: torch.Tensor,
     src_slots: torch.Tensor,
     dst_slots: torch.Tensor,
+    slot_bias: torch.Tensor | None = None,
 ) -> None:
     """PyTorch reference of :func:`compact` (gather from src, then scatter to dst)."""
-    block_size, _ = _check_compact(k_cache, v_cache, slot_pos, slot_score, src_slots, dst_slots)
+    block_size, _ = _check_compact(k_cache, v_cache, slot_pos, slot_score, src_slots, dst_slots, slot_bias)
     sb, so = src_slots // block_size, src_slots % block_size
     db, do = dst_slots // block_size, dst_slots % block_size
     k_cache[db, do] = k_cache[sb, so]
     v_cache[db, do] = v_cache[sb, so]
     slot_pos.view(-1)[dst_slots] = slot_pos.view(-1)[src_slots]
     slot_score.view(-1)[dst_slots] = slot_score.view(-1)[src_slots]
+    if slot_bias is not None:
+        slot_bias.view(-1)[dst_slots] = slot_bias.view(-1)[src_slots]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -136,6 +148,7 @@ def _write_kv_kernel(
     v_cache_ptr,
     pos_cache_ptr,
     score_ptr,
+    bias_ptr,
     slots_ptr,
     k_ptr,
     v_ptr,
@@ -151,8 +164,10 @@ def _write_kv_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
-    """Rows ``[pid*BLOCK_T, +BLOCK_T)`` of ``k``/``v``/``pos`` go to flat slots ``slots[...]``; score = 0."""
+    """Rows ``[pid*BLOCK_T, +BLOCK_T)`` of ``k``/``v``/``pos`` go to flat slots ``slots[...]``; score (and bias,
+    with ``HAS_BIAS``) = 0."""
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = offs_t < n
     offs_d = tl.arange(0, BLOCK_D)
@@ -166,6 +181,8 @@ def _write_kv_kernel(
     _move_rows(v_cache_ptr, blk, off, stride_vcb, stride_vcs, v_ptr, row, zero, stride_v, 0, offs_d, mask_t, mask_d)
     tl.store(pos_cache_ptr + slot, tl.load(pos_ptr + offs_t, mask=mask_t).to(tl.int32), mask=mask_t)
     tl.store(score_ptr + slot, tl.zeros([BLOCK_T], tl.float32), mask=mask_t)
+    if HAS_BIAS:
+        tl.store(bias_ptr + slot, tl.zeros([BLOCK_T], tl.float32), mask=mask_t)
 
 
 @triton.jit
@@ -174,6 +191,7 @@ def _compact_kernel(
     v_cache_ptr,
     pos_cache_ptr,
     score_ptr,
+    bias_ptr,
     src_ptr,
     dst_ptr,
     n,
@@ -185,8 +203,10 @@ def _compact_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
-    """Move rows ``src_slots[i] -> dst_slots[i]`` for ``i`` in this program's range (K, V, pos, score)."""
+    """Move rows ``src_slots[i] -> dst_slots[i]`` for ``i`` in this program's range (K, V, pos, score, and bias
+    with ``HAS_BIAS``)."""
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = offs_t < n
     offs_d = tl.arange(0, BLOCK_D)
@@ -205,6 +225,8 @@ def _compact_kernel(
     )
     tl.store(pos_cache_ptr + dst, tl.load(pos_cache_ptr + src, mask=mask_t), mask=mask_t)
     tl.store(score_ptr + dst, tl.load(score_ptr + src, mask=mask_t), mask=mask_t)
+    if HAS_BIAS:
+        tl.store(bias_ptr + dst, tl.load(bias_ptr + src, mask=mask_t), mask=mask_t)
 
 
 def write_kv_triton(
@@ -216,9 +238,10 @@ def write_kv_triton(
     k: torch.Tensor,
     v: torch.Tensor,
     pos: torch.Tensor,
+    slot_bias: torch.Tensor | None = None,
 ) -> None:
     """Triton implementation of :func:`write_kv`."""
-    block_size, head_dim = _check_write(k_cache, v_cache, slot_pos, slot_score, slots, k, v, pos)
+    block_size, head_dim = _check_write(k_cache, v_cache, slot_pos, slot_score, slots, k, v, pos, slot_bias)
     n = slots.shape[0]
     if n == 0:
         return
@@ -229,6 +252,7 @@ def write_kv_triton(
         v_cache,
         slot_pos,
         slot_score,
+        slot_score if slot_bias is None else slot_bias,  # dummy pointer without a bias
         slots.contiguous(),
         k,
         v,
@@ -244,6 +268,7 @@ def write_kv_triton(
         BLOCK_D=next_pow2(head_dim),
         BLOCK_T=_BLOCK_T,
         BLOCK_SIZE=block_size,
+        HAS_BIAS=slot_bias is not None,
     )
 
 
@@ -254,9 +279,10 @@ def compact_triton(
     slot_score: torch.Tensor,
     src_slots: torch.Tensor,
     dst_slots: torch.Tensor,
+    slot_bias: torch.Tensor | None = None,
 ) -> None:
     """Triton implementation of :func:`compact`."""
-    block_size, head_dim = _check_compact(k_cache, v_cache, slot_pos, slot_score, src_slots, dst_slots)
+    block_size, head_dim = _check_compact(k_cache, v_cache, slot_pos, slot_score, src_slots, dst_slots, slot_bias)
     n = src_slots.shape[0]
     if n == 0:
         return
@@ -265,6 +291,7 @@ def compact_triton(
         v_cache,
         slot_pos,
         slot_score,
+        slot_score if slot_bias is None else slot_bias,  # dummy pointer without a bias
         src_slots.contiguous(),
         dst_slots.contiguous(),
         n,
@@ -276,6 +303,7 @@ def compact_triton(
         BLOCK_D=next_pow2(head_dim),
         BLOCK_T=_BLOCK_T,
         BLOCK_SIZE=block_size,
+        HAS_BIAS=slot_bias is not None,
     )
 
 
@@ -288,6 +316,7 @@ def write_kv(
     k: torch.Tensor,
     v: torch.Tensor,
     pos: torch.Tensor,
+    slot_bias: torch.Tensor | None = None,
 ) -> None:
     """Scatter ``N`` new tokens (of any layers/heads: the slot ids say where) into the pool, in place.
 
@@ -297,9 +326,11 @@ def write_kv(
         slots: ``[N]`` int64 flat slot ids (``block * block_size + offset``), distinct.
         k, v: ``[N, D]`` rows to store (cast to the pool dtype).
         pos: ``[N]`` int32 token positions; the slots' scores are reset to 0 (new tokens start unscored).
+        slot_bias: optional float32 ``[num_blocks, block_size]`` logit biases of summary slots; reset to 0 at
+            the written slots (a new token stands for itself). None touches nothing.
     """
     impl = write_kv_triton if use_triton(k_cache.device) else write_kv_torch
-    impl(k_cache, v_cache, slot_pos, slot_score, slots, k, v, pos)
+    impl(k_cache, v_cache, slot_pos, slot_score, slots, k, v, pos, slot_bias)
 
 
 def compact(
@@ -309,12 +340,14 @@ def compact(
     slot_score: torch.Tensor,
     src_slots: torch.Tensor,
     dst_slots: torch.Tensor,
+    slot_bias: torch.Tensor | None = None,
 ) -> None:
     """Copy K, V, position and score of flat slots ``src_slots[i]`` to ``dst_slots[i]``, in place.
 
     Args:
         k_cache, v_cache, slot_pos, slot_score: the pool (see :func:`write_kv`).
         src_slots, dst_slots: ``[M]`` int64 flat slot ids; the two sets must be disjoint.
+        slot_bias: optional float32 ``[num_blocks, block_size]``, moved with the rest; None touches nothing.
     """
     impl = compact_triton if use_triton(k_cache.device) else compact_torch
-    impl(k_cache, v_cache, slot_pos, slot_score, src_slots, dst_slots)
+    impl(k_cache, v_cache, slot_pos, slot_score, src_slots, dst_slots, slot_bias)

@@ -402,7 +402,7 @@ class PagedKVCache:
 
     def write(self, layer: int, plan: StepPlan, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write one layer's packed new tokens (``keys``/``values`` ``[T_total, H, D]``, post-RoPE) into the slots
-        :meth:`plan_step` reserved; their scores start at 0."""
+        :meth:`plan_step` reserved; their scores (and summary biases) start at 0."""
         D = self.head_dim
         write_kv(
             self.k_cache,
@@ -413,9 +413,8 @@ class PagedKVCache:
             keys.reshape(-1, D).to(self.dtype),
             values.reshape(-1, D).to(self.dtype),
             plan.slot_positions,
+            self.slot_bias,
         )
-        if self.slot_bias is not None:  # a recycled slot may have held a summary
-            self.slot_bias.view(-1).index_fill_(0, plan.slots[layer].reshape(-1), 0.0)
 
     def _slot(self, layer: np.ndarray, seq: np.ndarray, head: np.ndarray, index: np.ndarray) -> np.ndarray:
         """Flat physical slot ids (block * block_size + offset) of logical slot ``index`` of (``layer``, ``seq``,
@@ -480,9 +479,7 @@ class PagedKVCache:
             dst = self._slot(h_rows[:, 0], sid[h_rows[:, 1]], h_rows[:, 2], h_rows[:, 3])
             src = self._slot(m_rows[:, 0], sid[m_rows[:, 1]], m_rows[:, 2], m_rows[:, 3])
             src_d, dst_d = self.upload(src, torch.long), self.upload(dst, torch.long)
-            compact(self.k_cache, self.v_cache, self.slot_pos, self.slot_score, src_d, dst_d)
-            if self.slot_bias is not None:
-                self.slot_bias.view(-1)[dst_d] = self.slot_bias.view(-1)[src_d]
+            compact(self.k_cache, self.v_cache, self.slot_pos, self.slot_score, src_d, dst_d, self.slot_bias)
         return self._shrink(sid, new_len)
 
     def truncate(self, seq_id: int, n: int) -> int:

@@ -91,6 +91,25 @@ def main() -> int:
             kc, vc, pos, score, slots, torch.zeros(3, d), torch.zeros(3, d), torch.zeros(3, dtype=torch.int32)
         )
         cache_ops.compact_triton(kc, vc, pos, score, slots, slots + 3)
+        bias = torch.zeros(nb, bs)  # summary slots' logit biases: the HAS_BIAS branch of every kernel
+        decode.paged_decode_triton(q, kc, vc, bt, lengths, 0.1, score_out=score, num_splits=4, slot_bias=bias)
+        prefill.paged_prefill_triton(
+            torch.zeros(20, 6, d, dtype=dtype),
+            kc,
+            vc,
+            pos,
+            bt,
+            lengths,
+            torch.zeros(20, dtype=torch.int32),
+            torch.tensor([0, 7, 20], dtype=torch.int32),
+            0.1,
+            obs_window=4,
+            slot_bias=bias,
+        )
+        cache_ops.write_kv_triton(
+            kc, vc, pos, score, slots, torch.zeros(3, d), torch.zeros(3, d), torch.zeros(3, dtype=torch.int32), bias
+        )
+        cache_ops.compact_triton(kc, vc, pos, score, slots, slots + 3, bias)
     failures = []
     for fn, args, kwargs, num_warps in launches:
         try:

@@ -23,16 +23,17 @@ from paged_case import make_case
 IMPLS = {"triton": (write_kv_triton, compact_triton), "torch": (write_kv_torch, compact_torch)}
 
 
-def _pool(num_blocks=12, block_size=16, head_dim=64, dtype=torch.float32, seed=0):
-    """(k_cache, v_cache ``[num_blocks, block_size, head_dim]``, slot_pos, slot_score ``[num_blocks, block_size]``),
-    random, on the CPU."""
+def _pool(num_blocks=12, block_size=16, head_dim=64, dtype=torch.float32, seed=0, bias=False):
+    """(k_cache, v_cache ``[num_blocks, block_size, head_dim]``, slot_pos, slot_score ``[num_blocks, block_size]``
+    and, with ``bias``, slot_bias ``[num_blocks, block_size]``), random, on the CPU."""
     gen = torch.Generator().manual_seed(seed)
-    return (
+    pool = (
         torch.randn(num_blocks, block_size, head_dim, generator=gen).to(dtype),
         torch.randn(num_blocks, block_size, head_dim, generator=gen).to(dtype),
         torch.randint(0, 1000, (num_blocks, block_size), generator=gen, dtype=torch.int32),
         torch.rand(num_blocks, block_size, generator=gen),
     )
+    return (*pool, torch.rand(num_blocks, block_size, generator=gen) * 5) if bias else pool
 
 
 def _clone(pool, device="cpu"):
@@ -42,8 +43,11 @@ def _clone(pool, device="cpu"):
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_write_kv_matches_loop(device, impl, dtype, head_dim):
-    pool = _pool(head_dim=head_dim, dtype=dtype)
+@pytest.mark.parametrize("bias", [False, True])
+def test_write_kv_matches_loop(device, impl, dtype, head_dim, bias):
+    """Written slots get their rows and position; their score, and their summary bias if the pool has one, are
+    zeroed; every other slot is untouched."""
+    pool = _pool(head_dim=head_dim, dtype=dtype, bias=bias)
     n = 37  # spans 3 programs of 16 rows, the last partial
     slots = torch.randperm(pool[0].shape[0] * pool[0].shape[1])[:n]
     k, v = torch.randn(n, head_dim), torch.randn(n, head_dim)  # fp32 rows, cast to the pool dtype
@@ -55,16 +59,20 @@ def test_write_kv_matches_loop(device, impl, dtype, head_dim):
         expected[1][s // bs, s % bs] = v[i].to(dtype)
         expected[2][s // bs, s % bs] = pos[i]
         expected[3][s // bs, s % bs] = 0.0
+        if bias:
+            expected[4][s // bs, s % bs] = 0.0
     got = _clone(pool, device)
-    IMPLS[impl][0](*got, slots.to(device), k.to(device), v.to(device), pos.to(device))
+    IMPLS[impl][0](*got[:4], slots.to(device), k.to(device), v.to(device), pos.to(device), *got[4:])
     for g, want in zip(got, expected, strict=True):
         torch.testing.assert_close(g.cpu(), want, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_compact_matches_loop(device, impl, dtype):
-    pool = _pool(dtype=dtype, seed=1)
+@pytest.mark.parametrize("bias", [False, True])
+def test_compact_matches_loop(device, impl, dtype, bias):
+    """Every per-slot tensor of the pool, the summary bias included when there is one, moves src -> dst."""
+    pool = _pool(dtype=dtype, seed=1, bias=bias)
     perm = torch.randperm(pool[0].shape[0] * pool[0].shape[1])
     src, dst = perm[:21], perm[21:42]  # disjoint
     expected = _clone(pool)
@@ -73,7 +81,7 @@ def test_compact_matches_loop(device, impl, dtype):
         for t in expected:
             t[d // bs, d % bs] = t[s // bs, s % bs]
     got = _clone(pool, device)
-    IMPLS[impl][1](*got, src.to(device), dst.to(device))
+    IMPLS[impl][1](*got[:4], src.to(device), dst.to(device), *got[4:])
     for g, want in zip(got, expected, strict=True):
         torch.testing.assert_close(g.cpu(), want, atol=0, rtol=0)
 
@@ -88,6 +96,10 @@ def test_empty_and_validation(device):
         compact_torch(*pool, empty.int(), empty.int())
     with pytest.raises(ValueError, match="slot_score"):
         write_kv_torch(*pool[:3], pool[3].double(), empty, rows, rows, empty.int())
+    with pytest.raises(ValueError, match="slot_bias must be None or contiguous float32"):
+        compact_triton(*pool, empty, empty, pool[3].double())
+    with pytest.raises(ValueError, match="slot_bias must be None or contiguous float32"):
+        write_kv_torch(*pool, empty, rows, rows, empty.int(), pool[3][:2])
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
