@@ -40,6 +40,7 @@ from collections import defaultdict, deque
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel
@@ -49,7 +50,7 @@ from kvcompress.cache.paged import PagedKVCache, PoolExhaustedError
 from kvcompress.compressor import Compressor
 from kvcompress.model_runner import ModelRunner, make_cache, paged_attention
 from kvcompress.policies.base import ReconstructionPass, pass_peak
-from kvcompress.sequence import Request, RequestOutput, Sequence, plan_chunks
+from kvcompress.sequence import Forcing, Request, RequestOutput, Sequence, plan_chunks
 
 
 def peak_tokens(request: Request, compressor: Compressor | None) -> int:
@@ -91,6 +92,7 @@ class _Queued:
     request: Request
     generated: list[int] = field(default_factory=list)
     preemptions: int = 0
+    forcing: Forcing | None = None
 
 
 @dataclass
@@ -188,6 +190,16 @@ class Engine:
                     f"request {rid!r} asks for budget.summary_slots={request.budget.summary_slots}, but the engine's "
                     "cache has no summary slots: give the engine's compressor a budget with summary_slots > 0"
                 )
+        forced = len(request.forced_ids)
+        if forced and request.max_new_tokens > forced:
+            raise ValueError(
+                f"request {rid!r}: max_new_tokens={request.max_new_tokens} but only {forced} forced_ids to emit; "
+                f"a teacher-forced request emits at most its forced tokens (set max_new_tokens <= {forced})"
+            )
+        vocab = int(self.model.config.vocab_size)
+        if any(not 0 <= t < vocab for t in request.forced_ids):
+            bad = next(t for t in request.forced_ids if not 0 <= t < vocab)
+            raise ValueError(f"request {rid!r}: forced token id {bad} is outside the model's vocabulary [0, {vocab})")
         known = [*self._all_requests()]
         if rid in self.finished or any(r.request_id == rid for r in known):
             raise ValueError(f"request id {rid!r} is already in the engine")
@@ -198,7 +210,7 @@ class Engine:
                     f"request {rid!r}: share_prefix {request.share_prefix!r} is already used by request "
                     f"{other.request_id!r} with a different prompt; requests sharing a prefix need identical prompts"
                 )
-        self.waiting.append(_Queued(request))
+        self.waiting.append(_Queued(request, forcing=Forcing() if forced else None))
 
     def _all_requests(self) -> Iterable[Request]:
         yield from (q.request for q in self.waiting)
@@ -350,6 +362,7 @@ class Engine:
         seq = Sequence(
             r, seq_id, budget, tokens, chunks, prompt if observes else None, self.step_no,
             generated=queued.generated, preemptions=queued.preemptions, reconstruct=self._reconstruction(r, observes),
+            forcing=queued.forcing,
         )  # fmt: skip
         self.running.append(seq)
 
@@ -380,7 +393,7 @@ class Engine:
         chunks = plan_chunks(prompt, len(tokens), self.prefill_chunk, 0)
         seq = Sequence(
             r, child_id, budget, tokens, chunks, None, self.step_no,
-            generated=queued.generated, preemptions=queued.preemptions,
+            generated=queued.generated, preemptions=queued.preemptions, forcing=queued.forcing,
         )  # fmt: skip
         seq.prefill_s = parent.prefill_s / parent.share_count
         seq.compress_s = parent.compress_s / parent.share_count
@@ -390,7 +403,9 @@ class Engine:
         if self._compresses(budget) and parent.compressed_for != budget:
             self._compress([seq])
         if not chunks:
-            seq.pending, seq.last_logits = parent.pending, parent.last_logits
+            assert parent.pending is not None and parent.last_logits is not None
+            self._pend([seq], parent.last_logits[None], [parent.pending])
+            seq.last_logits = parent.last_logits if self.keep_logits else None
             seq.memory = self.cache.memory([child_id])
 
     def _release_idle_parents(self, stuck: bool) -> None:
@@ -434,9 +449,9 @@ class Engine:
         self.stats.prefill_tokens += sum(counts)
         for s, n in zip(group, counts, strict=True):
             s.prefill_s += dt * n / sum(counts)
-        for i, tok in zip(done, sampled, strict=True):
-            group[i].pending = tok
-            if self.keep_logits:
+        self._pend([group[i] for i in done], logits[done], sampled)
+        for i in done:  # a parent's logits give the first token of its forks that have no suffix to prefill
+            if self.keep_logits or group[i].request is None:
                 group[i].last_logits = logits[i].clone()
         due = [s for s, (_, b, _) in zip(group, spans, strict=True) if s.compress_at == b]
         for parent in [s for s in due if s.request is None]:
@@ -473,6 +488,24 @@ class Engine:
     def _chunk_blocks(self, picked: list[Sequence]) -> int:
         return self.cache.blocks_needed([s.seq_id for s in picked], [s.chunks[0][1] - s.chunks[0][0] for s in picked])
 
+    def _pend(self, seqs: list[Sequence], logits: torch.Tensor, greedy: list[int]) -> None:
+        """Each of ``seqs`` takes its next token from its row of ``logits`` (``[len(seqs), vocab]``): the greedy one,
+        or for a teacher-forced request its next forced token, whose log-probability is gathered on the device (one
+        gather for every forced row; read back when the request finishes) beside the greedy token."""
+        rows = [i for i, s in enumerate(seqs) if s.forcing is not None]
+        for s, tok in zip(seqs, greedy, strict=True):
+            s.pending = tok
+        if not rows:
+            return
+        forced = [seqs[i].request.forced_ids[len(seqs[i].generated)] for i in rows]  # type: ignore[union-attr]
+        index = self.cache.upload(np.asarray([rows, forced], dtype=np.int64), torch.long)
+        logprobs = logits.float().log_softmax(-1)[index[0], index[1]]
+        for j, (i, tok) in enumerate(zip(rows, forced, strict=True)):
+            forcing = seqs[i].forcing
+            assert forcing is not None
+            seqs[i].pending = tok
+            forcing.pending_logprob, forcing.pending_greedy = logprobs[j], greedy[i]
+
     # ------------------------------------------------------------------ decode
     def _decode_step(self) -> None:
         t0 = time.perf_counter()
@@ -485,6 +518,8 @@ class Engine:
                 self._finish(s, "eos")
             else:
                 s.generated.append(tok)
+                if s.forcing is not None:
+                    s.forcing.emit()
                 self.stats.generated_tokens += 1
                 if len(s.generated) >= s.request.max_new_tokens:
                     self._finish(s, "length")
@@ -502,12 +537,12 @@ class Engine:
         observer = self.compressor if observes else None
         logits = self.runner.forward([s.seq_id for s in batch], [[s.generated[-1]] for s in batch], observer)
         sampled = ModelRunner.sample(logits)
+        self._pend(batch, logits, sampled)
         dt = time.perf_counter() - t0
         self.stats.decode_tokens += len(batch)
         self.stats.decode_s += dt
         due = []
-        for row, (s, tok) in enumerate(zip(batch, sampled, strict=True)):
-            s.pending = tok
+        for row, s in enumerate(batch):
             s.decode_s += dt / len(batch)
             s.decode_steps += 1
             if self.keep_logits:
@@ -602,7 +637,8 @@ class Engine:
         """Release a sequence's blocks and requeue its request first in line, keeping what it has generated."""
         self._drop(s)
         if s.request is not None:
-            self.waiting.appendleft(_Queued(s.request, s.generated, s.preemptions + 1))
+            forcing = s.forcing.requeued() if s.forcing is not None else None
+            self.waiting.appendleft(_Queued(s.request, s.generated, s.preemptions + 1, forcing))
             self.stats.preemptions += 1
 
     def _finish(self, s: Sequence, reason: str) -> None:

@@ -26,7 +26,13 @@ from kvcompress.policies.base import ReconstructionPass
 @dataclass
 class Request:
     """One generation request. ``arrival_step`` is the engine step from which it may be admitted; ``budget``
-    overrides the compressor's default budget for this request."""
+    overrides the compressor's default budget for this request.
+
+    ``forced_ids`` teacher-forces decoding: the request emits these tokens instead of its greedy ones (as many as
+    ``max_new_tokens``, which may not exceed their number), and its output records each one's log-probability and
+    the token greedy decoding would have emitted there. Everything else (compression, continual compression, the
+    policy's observation of decode steps) runs as it would for a generated answer, so forcing the full cache's
+    answer through a compressed cache measures, token by token, how much of that answer the compression keeps."""
 
     request_id: int | str
     prompt_ids: Seq[int]
@@ -36,6 +42,7 @@ class Request:
     question_ids: Seq[int] = ()
     budget: Budget | None = None
     share_prefix: Hashable | None = None
+    forced_ids: Seq[int] = ()
 
 
 @dataclass
@@ -47,7 +54,9 @@ class RequestOutput:
     split by tokens, a decode step and a compression call evenly over their sequences, a shared prompt over the
     requests that share it. ``reconstruct_s`` is the policy's reconstruction of the prompt before compression
     (KVzip: about one more prefill of it; 0 for other policies), counted in neither ``prefill_s`` nor
-    ``compress_s``. ``last_logits`` ``[vocab]`` is kept only when the engine was asked to.
+    ``compress_s``. ``last_logits`` ``[vocab]`` is kept only when the engine was asked to. A request with
+    ``forced_ids`` has ``forced_logprobs`` (natural log, one per emitted token) and ``greedy_tokens`` (the argmax
+    at each of those steps); others have None.
     """
 
     request_id: int | str
@@ -64,6 +73,36 @@ class RequestOutput:
     compress_s: float
     reconstruct_s: float = 0.0
     last_logits: torch.Tensor | None = None
+    forced_logprobs: list[float] | None = None
+    greedy_tokens: list[int] | None = None
+
+
+@dataclass
+class Forcing:
+    """A teacher-forced request's record (:attr:`Request.forced_ids`), aligned with its emitted tokens: each one's
+    log-probability (0-dim device tensors, read back once, when the request finishes) and the greedy token at its
+    step. The pending token's entries wait in ``pending_*`` until it is emitted, so that a preemption, which
+    recomputes the pending token, records it once."""
+
+    logprobs: list[torch.Tensor] = field(default_factory=list)
+    greedy: list[int] = field(default_factory=list)
+    pending_logprob: torch.Tensor | None = None
+    pending_greedy: int | None = None
+
+    def emit(self) -> None:
+        """The pending token was emitted: its entries join the record."""
+        assert self.pending_logprob is not None and self.pending_greedy is not None
+        self.logprobs.append(self.pending_logprob)
+        self.greedy.append(self.pending_greedy)
+        self.pending_logprob = self.pending_greedy = None
+
+    def requeued(self) -> Forcing:
+        """What a preempted request takes back to the queue: the emitted tokens' entries."""
+        return Forcing(list(self.logprobs), list(self.greedy))
+
+    def read(self) -> tuple[list[float], list[int]]:
+        """(log-probabilities, greedy tokens) of the emitted tokens; the one read-back of the log-probabilities."""
+        return (torch.stack(self.logprobs).tolist() if self.logprobs else []), list(self.greedy)
 
 
 def plan_chunks(start: int, end: int, size: int, window: int) -> deque[tuple[int, int, int]]:
@@ -85,8 +124,8 @@ class Sequence:
     ``tokens`` = prompt, then the question and any tokens generated before a preemption. ``chunks`` are the
     prefill spans left; ``compress_at`` is the token count after which the sequence is compressed (None: it is not,
     or already was). ``reconstruct`` are the passes of tokens the policy wants teacher-forced after the prompt before
-    it is compressed (KVzip; emptied once done). ``pending`` is the next token (argmax of the last logits), not yet
-    emitted.
+    it is compressed (KVzip; emptied once done). ``pending`` is the next token (argmax of the last logits, or the
+    request's next forced token), not yet emitted; ``forcing`` is a teacher-forced request's record (else None).
     """
 
     request: Request | None  # None for a parent that holds a shared prompt
@@ -111,6 +150,7 @@ class Sequence:
     share_key: Hashable | None = None
     share_count: int = 1
     compressed_for: Budget | None = None
+    forcing: Forcing | None = None
 
     @property
     def prefilling(self) -> bool:
@@ -127,6 +167,7 @@ class Sequence:
 
     def output(self, reason: str, finished_step: int, memory_end: MemoryStats) -> RequestOutput:
         assert self.request is not None
+        forced, greedy = self.forcing.read() if self.forcing is not None else (None, None)
         return RequestOutput(
             request_id=self.request.request_id,
             prompt_tokens=len(self.request.prompt_ids) + len(self.request.question_ids),
@@ -142,4 +183,6 @@ class Sequence:
             compress_s=self.compress_s,
             reconstruct_s=self.reconstruct_s,
             last_logits=self.last_logits,
+            forced_logprobs=forced,
+            greedy_tokens=greedy,
         )

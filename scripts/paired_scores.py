@@ -12,6 +12,10 @@ loss against its own full cache. A cell can be won through gains alone, on sampl
     python scripts/paired_scores.py \\
         'docs/results/dev-1k-kvzip-alloc-n20:kvzip+global' \\
         'docs/results/kvpress-dev-1k-kvzip-n20:kvpress/kvzip'
+
+``--metric nll`` (or ``match``) compares the two on answer fidelity instead (quality_table ``--fidelity``): each
+sample's NLL of the full cache's answer, shown negated so that "ahead" is the lower NLL, or its greedy match in %.
+A continuous measure splits samples that both score 0 or both 100, so it separates setups that scores cannot.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from kvcompress.experiment.fidelity import METRICS
 from kvcompress.experiment.paired import full_cells, load_cells, pair_cells, render, render_retained, retained_pairs
 
 
@@ -35,9 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("a", type=_side, help="PATH:LABEL of the setup counted as ahead when it scores higher")
     parser.add_argument("b", type=_side, help="PATH:LABEL of the setup it is compared with")
     parser.add_argument("--modes", default=None, help="comma-separated modes to keep (default: all)")
+    parser.add_argument(
+        "--metric",
+        choices=("score", *METRICS),
+        default="score",
+        help="score (rows.jsonl), or a fidelity metric from fidelity.jsonl: nll (shown negated), match (%%)",
+    )
     args = parser.parse_args(argv)
     try:
-        a, b = (load_cells(path, label) for path, label in (args.a, args.b))
+        a, b = (load_cells(path, label, args.metric) for path, label in (args.a, args.b))
     except ValueError as err:
         print(f"paired_scores: {err}", file=sys.stderr)
         return 2
@@ -48,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     if not pairs:
         print("paired_scores: the two sides share no (mode, ratio) cell with common sample ids", file=sys.stderr)
         return 2
-    print(render(pairs, args.a[1], args.b[1]))
+    print(render(pairs, args.a[1], args.b[1], samples=args.metric == "score"))
+    if args.metric != "score":
+        return 0
     try:
         full_a, full_b = (full_cells(path, label) for path, label in (args.a, args.b))
         retained = retained_pairs(a, b, full_a, full_b)

@@ -14,6 +14,12 @@ A setup (:mod:`kvcompress.experiment.setups`) is a named policy config, or ``<po
     --setups lfu+global,lfu+global_floor_normalized,lfu_avg+global,lfu+global:floor=0.2,normalize=sum,hybrid
     --setups kvzip+global:policy.prefix_keep=4
 
+``--fidelity`` also teacher-forces the full cache's answer to each sample through every setup and ratio
+(kvcompress.experiment.fidelity), into ``<out>/fidelity.jsonl``: per sample the answer's NLL per token, the share
+of its tokens greedy decoding would emit too, and where it first would not. Rows are resumed like the scores, so an
+existing results directory gets them by re-running its command with ``--fidelity``; compare two setups on them with
+``scripts/paired_scores.py --metric nll``.
+
 ``--ids`` runs a few samples of a suite by id, e.g. the ones a cell lost, to try a variant on them first:
 
     --task jsonl --path docs/results/suites/heldout-4k.jsonl --samples 40 \\
@@ -35,6 +41,7 @@ import torch
 from kvcompress.budget import Budget
 from kvcompress.compressor import Compressor
 from kvcompress.engine import Engine, peak_tokens
+from kvcompress.experiment.fidelity import FIDELITY_FILE, fidelity_row
 from kvcompress.experiment.paired import retained_percent
 from kvcompress.experiment.policy_config import load_policy
 from kvcompress.experiment.prompts import bind_tokenizer, build_prompt
@@ -63,11 +70,14 @@ def run_setup(
     allocator_args: dict | None = None,
     protected_fraction: float | None = None,
     budget_args: dict | None = None,
+    forced: dict[str, list[int]] | None = None,
 ) -> Iterator[tuple[str, list[dict]]]:
     """Every sample under every ratio through one engine; yields ``(sample_id, rows)`` as each sample completes.
 
     The requests of one sample share its prompt (query-aware) or context (query-agnostic): the engine prefills it
-    once, forks it per ratio and compresses each fork to its own budget."""
+    once, forks it per ratio and compresses each fork to its own budget. With ``forced`` (sample id -> the full
+    cache's answer tokens) each request teacher-forces its sample's answer instead of generating, and the rows hold
+    its fidelity (:func:`~kvcompress.experiment.fidelity.fidelity_row`) instead of a score."""
     policy = load_policy(policy_name, **(overrides or {}))
     bind_tokenizer(policy, tok)
     prompts = {s.sample_id: build_prompt(tok, s) for s in samples}
@@ -83,11 +93,12 @@ def run_setup(
             prompts[sample.sample_id].context_ids,
             prompts[sample.sample_id].question_ids,
             mode,
-            sample.max_new_tokens,
+            len(forced[sample.sample_id]) if forced else sample.max_new_tokens,
             [tok.eos_token_id],
             suffix=prompts[sample.sample_id].suffix_ids,
             budget=budget(r),
             share_prefix=sample.sample_id,
+            forced_ids=forced[sample.sample_id] if forced else (),
         )
         for sample in samples
         for r in ratios
@@ -98,11 +109,11 @@ def run_setup(
         engine.add_request(request)
     by_id = {s.sample_id: s for s in samples}
     with paged_attention(model):
-        yield from _collect(engine, by_id, ratios, tok)
+        yield from _collect(engine, by_id, ratios, tok, forced is not None)
 
 
-def _collect(engine: Engine, by_id: dict, ratios: list[float], tok) -> Iterator[tuple[str, list[dict]]]:
-    """Step the engine; yield each sample's rows once every ratio of it has finished."""
+def _collect(engine: Engine, by_id: dict, ratios: list[float], tok, forced: bool) -> Iterator[tuple[str, list[dict]]]:
+    """Step the engine; yield each sample's rows (fidelity rows when ``forced``) once every ratio has finished."""
     outputs: dict[str, dict[float, RequestOutput]] = defaultdict(dict)
     while engine.has_unfinished:
         for out in engine.step():
@@ -114,6 +125,9 @@ def _collect(engine: Engine, by_id: dict, ratios: list[float], tok) -> Iterator[
             rows = []
             for ratio in ratios:
                 o = finished[ratio]
+                if forced:
+                    rows.append({"ratio": ratio, **fidelity_row(o), "prompt_tokens": o.prompt_tokens})
+                    continue
                 pred = tok.decode(o.tokens, skip_special_tokens=True)
                 rows.append(
                     {
@@ -179,6 +193,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for the 135M model)")
     ap.add_argument("--head-bias", help="head-bias .npz for lfu-bias+global (scripts/calibrate_head_bias.py)")
     ap.add_argument(
+        "--fidelity",
+        action="store_true",
+        help="also teacher-force the full cache's answers through every setup, into OUT/fidelity.jsonl (see above)",
+    )
+    ap.add_argument(
         "--table-only",
         action="store_true",
         help="rewrite OUT/table.md from OUT/rows.jsonl and exit (runs nothing)",
@@ -186,7 +205,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    rows_path = out / "rows.jsonl"
+    rows_path, fidelity_path = out / "rows.jsonl", out / FIDELITY_FILE
     try:
         ratios = [float(r) for r in (args.ratios or "2,4,8,16").split(",")]
     except ValueError:
@@ -200,7 +219,7 @@ def main() -> None:
             ap.error(f"--table-only: no rows in {rows_path} to build the table from")
         if args.ratios is None:
             ratios = sorted({float(r["ratio"]) for r in rows} - {1.0})
-        write_table(rows_path, out / "table.md", ratios)
+        write_table(rows_path, out / "table.md", ratios, fidelity_path)
         return
     done = {(r["setup"], r["mode"], r["sample_id"]) for r in rows}
     try:  # bad setups fail before the model loads
@@ -215,7 +234,7 @@ def main() -> None:
             wanted = [(*w[:3], {**w[3], **with_bias} if "head_bias" in w[3] else w[3], *w[4:]) for w in wanted]
     except (ValueError, FileNotFoundError) as err:
         ap.error(str(err))
-    wanted.append(("full", "full", "uniform", {}, {}, {}))
+    wanted.insert(0, ("full", "full", "uniform", {}, {}, {}))  # first: fidelity forces its answers
     if args.task == "jsonl" and not args.path:
         ap.error("--task jsonl needs --path FILE.jsonl")
     out.mkdir(parents=True, exist_ok=True)
@@ -230,34 +249,51 @@ def main() -> None:
     except ValueError as err:
         ap.error(str(err))
     t0 = time.perf_counter()
-    with rows_path.open("a") as f:
-        for mode in args.modes.split(","):
-            for label, pol, alloc, overrides, allocator_args, budget_args in wanted:
-                pending = [s for s in samples if (label, mode, s.sample_id) not in done]
-                if not pending:
-                    continue
-                rs = [1.0] if label == "full" else ratios
-                for sample_id, rows in run_setup(
-                    lm.model,
-                    lm.tokenizer,
-                    pending,
-                    pol,
-                    alloc,
-                    rs,
-                    args.protected,
-                    mode,
-                    overrides,
-                    args.max_seqs,
-                    allocator_args,
-                    args.protected_fraction,
-                    budget_args,
-                ):
-                    for row in rows:
-                        f.write(json.dumps({"setup": label, "mode": mode, "sample_id": sample_id, **row}) + "\n")
-                    f.flush()
-                    os.fsync(f.fileno())
-                    print(f"{mode} {sample_id} {label} done at {time.perf_counter() - t0:.0f}s", flush=True)
-    write_table(rows_path, out / "table.md", ratios)
+
+    def run(path: Path, done: set, answers: dict[tuple[str, str], list[int]] | None) -> None:
+        """Every (mode, setup) of ``wanted`` on its samples not ``done``, appending rows to ``path`` as each sample
+        completes; with ``answers`` ((mode, sample id) -> the full cache's answer tokens), the fidelity pass."""
+        with path.open("a") as f:
+            for mode in args.modes.split(","):
+                for label, pol, alloc, overrides, allocator_args, budget_args in wanted:
+                    pending = [s for s in samples if (label, mode, s.sample_id) not in done]
+                    forced = None
+                    if answers is not None:  # samples whose full answer is empty have nothing to force
+                        forced = {s.sample_id: answers[mode, s.sample_id] for s in pending}
+                        pending = [s for s in pending if forced[s.sample_id]]
+                    if not pending:
+                        continue
+                    rs = [1.0] if label == "full" else ratios
+                    for sample_id, rows in run_setup(
+                        lm.model,
+                        lm.tokenizer,
+                        pending,
+                        pol,
+                        alloc,
+                        rs,
+                        args.protected,
+                        mode,
+                        overrides,
+                        args.max_seqs,
+                        allocator_args,
+                        args.protected_fraction,
+                        budget_args,
+                        forced,
+                    ):
+                        for row in rows:
+                            f.write(json.dumps({"setup": label, "mode": mode, "sample_id": sample_id, **row}) + "\n")
+                        f.flush()
+                        os.fsync(f.fileno())
+                        kind = "fidelity" if forced else "score"
+                        print(f"{mode} {sample_id} {label} {kind} done at {time.perf_counter() - t0:.0f}s", flush=True)
+
+    run(rows_path, done, None)
+    if args.fidelity:
+        full = {(r["mode"], r["sample_id"]): r["prediction"] for r in read_rows(rows_path) if r["setup"] == "full"}
+        answers = {key: lm.tokenizer.encode(text, add_special_tokens=False) for key, text in full.items()}
+        forced_done = {(r["setup"], r["mode"], r["sample_id"]) for r in read_fidelity(fidelity_path)}
+        run(fidelity_path, forced_done, answers)
+    write_table(rows_path, out / "table.md", ratios, fidelity_path)
 
 
 def read_rows(rows_path: Path) -> list[dict]:
@@ -276,12 +312,59 @@ def read_rows(rows_path: Path) -> list[dict]:
     return rows
 
 
-def write_table(rows_path: Path, table_path: Path, ratios: list[float]) -> None:
+def read_fidelity(path: Path) -> list[dict]:
+    """The rows of a ``fidelity.jsonl`` (none when it does not exist yet); ``ValueError`` naming a bad line."""
+    if not path.exists():
+        return []
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{n}: not JSON ({err.msg})") from None
+        if not isinstance(row, dict) or {"setup", "mode", "sample_id", "ratio", "nll", "match"} - set(row):
+            raise ValueError(f"{path}:{n}: not a fidelity row (setup, mode, sample_id, ratio, nll, match)")
+        rows.append(row)
+    return rows
+
+
+def fidelity_lines(rows: list[dict], mode: str, ratios: list[float]) -> list[str]:
+    """Markdown lines of ``mode``'s answer fidelity per setup and ratio: mean NLL per token of the full cache's
+    answer and the % of its tokens greedy decoding keeps, over the samples the full cache was forced on too."""
+    full = {r["sample_id"]: r["nll"] for r in rows if r["mode"] == mode and r["setup"] == "full"}
+    setups = sorted({r["setup"] for r in rows if r["mode"] == mode} - {"full"})
+    if not full or not setups:
+        return []
+    head = " | ".join(f"{r:g}x NLL (+ over full) / match" for r in ratios)
+    lines = [
+        f"\nAnswer fidelity (the full cache's answer forced; its own NLL {sum(full.values()) / len(full):.3f}, "
+        f"n={len(full)}):\n",
+        f"| policy | {head} |",
+        "|---|" + "---|" * len(ratios),
+    ]
+    for setup in setups:
+        cells = []
+        for ratio in ratios:
+            rs = [r for r in rows if (r["mode"], r["setup"], r["ratio"]) == (mode, setup, ratio)]
+            rs = [r for r in rs if r["sample_id"] in full]
+            if not rs:
+                cells.append("-")
+                continue
+            nll = sum(r["nll"] for r in rs) / len(rs)
+            base = sum(full[r["sample_id"]] for r in rs) / len(rs)
+            match = 100 * sum(r["match"] for r in rs) / len(rs)
+            cells.append(f"{nll:.3f} (+{nll - base:.3f}) / {match:.0f}%")
+        lines.append(f"| {setup} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_table(rows_path: Path, table_path: Path, ratios: list[float], fidelity_path: Path | None = None) -> None:
     """Markdown table of every setup's mean score per mode and ratio: the score; its % of the full cache's score
     and the % it *retained* (each sample capped at its full-cache score; the rest of the % of full was gained on
     samples the full cache misses), both over the samples the full cache scored too; and the mean logical /
-    physical compression."""
+    physical compression. With fidelity rows, each mode gets their table too (:func:`fidelity_lines`)."""
     rows = read_rows(rows_path)
+    forced = read_fidelity(fidelity_path) if fidelity_path is not None else []
     agg: dict[tuple, list] = defaultdict(list)
     for r in rows:
         agg[(r["mode"], r["setup"], r["ratio"])].append(r)
@@ -316,6 +399,7 @@ def write_table(rows_path: Path, table_path: Path, ratios: list[float]) -> None:
                     pct = "n/a"
                 cells.append(f"{s:.0f} ({pct}) [{lg:.1f}/{ph:.1f}]")
             lines.append(f"| {setup} | " + " | ".join(cells) + " |")
+        lines += fidelity_lines(forced, mode, ratios)
     table_path.write_text("\n".join(lines) + "\n")
     print(table_path.read_text())
 

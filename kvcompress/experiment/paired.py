@@ -7,7 +7,9 @@ behind every "ahead / behind, p" figure in docs/RESULTS.md. It reads both result
 * ``scripts/quality_table.py`` rows (one per sample: ``setup``, ``mode``, ``ratio``, ``sample_id``, ``score``),
   selected by their setup label;
 * ``scripts/compare_kvpress.py`` rows (one per cell: ``side``, ``mode``, ``policy``, ``ratio``, ``predictions``
-  with ``id`` and ``score``), selected by ``side/policy``, e.g. ``kvpress/kvzip``.
+  with ``id`` and ``score``), selected by ``side/policy``, e.g. ``kvpress/kvzip``;
+* quality_table's ``fidelity.jsonl`` rows, for a fidelity ``metric`` (:mod:`kvcompress.experiment.fidelity`):
+  minus the NLL of the full cache's answer, or its greedy match in %, so that higher is better there too.
 
 A compressed run can also score *above* its full cache, on samples the full cache misses (SmolLM2 loops on some
 passkeys with the whole context in view). Such gains count in the mean like any other point, so two setups can
@@ -23,6 +25,8 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from kvcompress.experiment.fidelity import FIDELITY_FILE, metric_value
 
 # (mode, ratio) -> sample id -> score in [0, 100]
 Cells = dict[tuple[str, float], dict[str, float]]
@@ -59,20 +63,26 @@ def prediction_scores(row: Mapping) -> dict[str, float]:
     return {p["id"]: float(p["score"]) for p in row["predictions"] if "id" in p}
 
 
-def load_cells(path: Path, label: str) -> Cells:
+def load_cells(path: Path, label: str, metric: str = "score") -> Cells:
     """The per-sample scores of ``label`` in ``path`` (a ``rows.jsonl`` or the directory holding one): a setup
-    label of quality_table rows, or ``side/policy`` of compare_kvpress rows. Raises ``ValueError`` naming the
-    labels the file does hold when ``label`` is not among them."""
-    path = path / "rows.jsonl" if path.is_dir() else path
+    label of quality_table rows, or ``side/policy`` of compare_kvpress rows. With a fidelity ``metric`` (``nll``,
+    ``match``) the values come from the directory's ``fidelity.jsonl`` instead (:func:`metric_value`). Raises
+    ``ValueError`` naming the labels the file does hold when ``label`` is not among them."""
+    name = "rows.jsonl" if metric == "score" else FIDELITY_FILE
+    path = path / name if path.is_dir() else path
     if not path.is_file():
-        raise ValueError(f"no results at {path}: give a rows.jsonl or the directory holding one")
+        hint = "" if metric == "score" else " (run its quality_table command again with --fidelity)"
+        raise ValueError(f"no results at {path}: give a {name} or the directory holding one{hint}")
     cells: Cells = {}
     labels: set[str] = set()
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         row = json.loads(line)
-        if "setup" in row:
+        if "setup" in row and metric != "score":
+            own = row["setup"]
+            scores = {row["sample_id"]: metric_value(row, metric)}
+        elif "setup" in row:
             own = row["setup"]
             scores = {row["sample_id"]: float(row["score"])}
         elif "side" in row and "predictions" in row:
@@ -184,19 +194,21 @@ def render_retained(cells: list[Retained], name_a: str, name_b: str) -> str:
     return "\n".join(lines)
 
 
-def render(pairs: list[Pair], name_a: str, name_b: str) -> str:
-    """Markdown table of ``pairs``, one row per cell, then the totals over every cell."""
+def render(pairs: list[Pair], name_a: str, name_b: str, samples: bool = True) -> str:
+    """Markdown table of ``pairs``, one row per cell, then the totals over every cell (with ``samples``, also the
+    summed difference in samples, which only scores in [0, 100] have)."""
     lines = [
         f"| mode | ratio | n | {name_a} | {name_b} | ahead / behind | p |",
         "|---|---:|---:|---:|---:|---|---:|",
     ]
+    digits = 1 if samples else 3
     for c in pairs:
         lines.append(
-            f"| {c.mode} | {c.ratio:g} | {c.n} | {c.mean_a:.1f} | {c.mean_b:.1f} | {c.ahead} / {c.behind} | {c.p:.2f} |"
+            f"| {c.mode} | {c.ratio:g} | {c.n} | {c.mean_a:.{digits}f} | {c.mean_b:.{digits}f} "
+            f"| {c.ahead} / {c.behind} | {c.p:.2f} |"
         )
     ahead, behind = sum(c.ahead for c in pairs), sum(c.behind for c in pairs)
     summed = sum((c.mean_a - c.mean_b) * c.n / 100 for c in pairs)
-    lines.append(
-        f"\nOver {len(pairs)} cells: ahead on {ahead} sample-cells, behind on {behind}; {summed:+.1f} samples."
-    )
+    total = f"; {summed:+.1f} samples." if samples else "."
+    lines.append(f"\nOver {len(pairs)} cells: ahead on {ahead} sample-cells, behind on {behind}{total}")
     return "\n".join(lines)

@@ -1,0 +1,84 @@
+"""Answer fidelity (kvcompress.experiment.fidelity): its per-sample fields, its table in quality_table, its paired
+comparison, and one real run of ``quality_table.py --fidelity`` on the embedded model."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvcompress.experiment.fidelity import fidelity_row, metric_value
+from kvcompress.experiment.paired import load_cells, pair_cells, render
+from kvcompress.sequence import RequestOutput
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _output(tokens: list[int], greedy: list[int] | None, logprobs: list[float] | None) -> RequestOutput:
+    return RequestOutput("r", 10, tokens, "length", 0, 0, 1, None, None, 0.0, 0.0, 0.0,
+                         forced_logprobs=logprobs, greedy_tokens=greedy)  # fmt: skip
+
+
+def test_fidelity_row_counts_the_nll_matches_and_first_miss() -> None:
+    row = fidelity_row(_output([5, 6, 7, 8], [5, 6, 9, 8], [math.log(0.5), math.log(0.25), -3.0, 0.0]))
+    assert row["tokens"] == 4 and row["match"] == 0.75 and row["first_miss"] == 2
+    assert row["nll"] == pytest.approx((math.log(2) + math.log(4) + 3.0) / 4)
+    assert fidelity_row(_output([5], [5], [-0.1]))["first_miss"] == 1  # none missed: the answer's length
+    assert metric_value(row, "nll") == -row["nll"] and metric_value(row, "match") == 75.0
+    with pytest.raises(ValueError, match="was not teacher-forced"):
+        fidelity_row(_output([5], None, None))
+    with pytest.raises(ValueError, match="unknown fidelity metric 'kl'; choose from nll, match"):
+        metric_value(row, "kl")
+
+
+def _fidelity(setup: str, sample: str, ratio: float, nll: float, match: float) -> dict:
+    return {"setup": setup, "mode": "query_agnostic", "sample_id": sample, "ratio": ratio, "tokens": 8,
+            "nll": nll, "match": match, "first_miss": 8}  # fmt: skip
+
+
+def test_table_and_pairs_read_fidelity_rows(script_module, tmp_path: Path) -> None:
+    """quality_table's fidelity table (NLL over the full cache's own, greedy match) and paired_scores' sign test
+    on NLL, where ahead means the lower NLL; a missing fidelity file says how to make one."""
+    qt = script_module("quality_table")
+    score = {"mode": "query_agnostic", "ratio": 1.0, "score": 100.0, "logical": 1.0, "physical": 1.0}
+    scores = [{**score, "setup": setup, "sample_id": "s0", "ratio": r} for setup, r in (("full", 1.0), ("a", 8.0))]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in scores))
+    rows = [_fidelity("full", "s0", 1.0, 0.5, 1.0), _fidelity("full", "s1", 1.0, 0.7, 1.0)]
+    rows += [_fidelity("a", "s0", 8.0, 0.9, 0.5), _fidelity("a", "s1", 8.0, 1.1, 1.0)]
+    rows += [_fidelity("b", "s0", 8.0, 1.0, 0.5), _fidelity("b", "s1", 8.0, 2.0, 0.25)]
+    (tmp_path / "fidelity.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    qt.write_table(tmp_path / "rows.jsonl", tmp_path / "table.md", [8.0], tmp_path / "fidelity.jsonl")
+    table = (tmp_path / "table.md").read_text()
+    assert "its own NLL 0.600, n=2" in table
+    assert "| a | 1.000 (+0.400) / 75% |" in table and "| b | 1.500 (+0.900) / 38% |" in table
+    (cell,) = pair_cells(load_cells(tmp_path, "a", "nll"), load_cells(tmp_path, "b", "nll"))
+    assert (cell.n, cell.ahead, cell.behind) == (2, 2, 0) and cell.mean_a == pytest.approx(-1.0)
+    assert "| query_agnostic | 8 | 2 | -1.000 | -1.500 | 2 / 0 | 0.50 |" in render([cell], "a", "b", samples=False)
+    with pytest.raises(ValueError, match="run its quality_table command again with --fidelity"):
+        load_cells(tmp_path / "elsewhere", "a", "match")
+    (tmp_path / "fidelity.jsonl").write_text(json.dumps({"setup": "a"}) + "\n")
+    with pytest.raises(ValueError, match=r"fidelity.jsonl:1: not a fidelity row"):
+        qt.read_fidelity(tmp_path / "fidelity.jsonl")
+
+
+@pytest.mark.slow
+def test_quality_table_fidelity_on_the_embedded_model(smollm2, tmp_path: Path) -> None:
+    """One dev-1k sample, query-agnostic, StreamingLLM at 4x: the full cache forced through itself matches its
+    own greedy answer token for token; the compressed cache scores it at a higher NLL; a rerun adds nothing."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "quality_table.py"), "--out", str(tmp_path), "--task", "jsonl",
+           "--path", str(ROOT / "docs" / "results" / "suites" / "dev-1k.jsonl"), "--samples", "40", "--first", "1",
+           "--setups", "streaming", "--modes", "query_agnostic", "--ratios", "4", "--fidelity"]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = {r["setup"]: r for r in map(json.loads, (tmp_path / "fidelity.jsonl").read_text().splitlines())}
+    assert set(rows) == {"full", "streaming"}
+    assert rows["full"]["match"] == 1.0 and rows["full"]["tokens"] > 0
+    assert rows["streaming"]["nll"] > rows["full"]["nll"] and rows["streaming"]["ratio"] == 4.0
+    assert "Answer fidelity (the full cache's answer forced" in (tmp_path / "table.md").read_text()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and "done at" not in again.stdout
+    assert len((tmp_path / "fidelity.jsonl").read_text().splitlines()) == 2
