@@ -25,7 +25,9 @@ class Budget:
     ``compress_every`` > 0 re-compresses every N decode steps (continual compression); 0 compresses only after
     the prompt. ``summary_slots`` > 0 folds what each kv head evicts into that many summary slots (mean key and
     value, weighted as the tokens they stand for; :mod:`kvcompress.cache.summary`) instead of dropping it; they
-    count inside the budget.
+    count inside the budget. ``summary_kmeans`` > 0 regroups each head's evicted tokens by key before folding
+    them (that many k-means iterations, starting from the groups by position), so that each slot's members have
+    similar keys and its mean key weighs them closer to their true attention mass.
     """
 
     ratio: float = 1.0
@@ -37,16 +39,16 @@ class Budget:
     compress_every: int = 0
     protected_fraction: float | None = None
     summary_slots: int = 0
+    summary_kmeans: int = 0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.ratio, (int, float)) and self.ratio >= 1):
             raise BudgetError(f"budget.ratio must be a number >= 1 (1 = no compression), got {self.ratio!r}")
         if self.max_cache_tokens is not None and self.max_cache_tokens < 1:
             raise BudgetError(f"budget.max_cache_tokens must be >= 1 tokens per kv head, got {self.max_cache_tokens}")
-        if self.protected_window < 0 or self.n_sinks < 0 or self.compress_every < 0 or self.summary_slots < 0:
-            raise BudgetError(
-                "budget.protected_window, budget.n_sinks, budget.compress_every and budget.summary_slots must be >= 0"
-            )
+        for name in ("protected_window", "n_sinks", "compress_every", "summary_slots", "summary_kmeans"):
+            if getattr(self, name) < 0:
+                raise BudgetError(f"budget.{name} must be >= 0, got {getattr(self, name)}")
         if self.protected_fraction is not None and not 0 <= self.protected_fraction <= 1:
             raise BudgetError(
                 f"budget.protected_fraction must be null (off) or in [0, 1] (a share of the per-head budget), "

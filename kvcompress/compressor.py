@@ -124,5 +124,5 @@ class Compressor:
             counts = torch.maximum(counts - budget.summary_slots, floor)
         keep = keep_top(ranks_t, counts)
         if budget.summary_slots:
-            keep = fold_evicted(cache, views, keep, budget.summary_slots)
+            keep = fold_evicted(cache, views, keep, budget.summary_slots, budget.summary_kmeans)
         return cache.evict(seq_ids, keep)

@@ -3,16 +3,22 @@
 Dropping ``n`` tokens from a head takes their share of its attention with them: every query's softmax then
 renormalises over what is left, so the kept tokens' outputs grow, and the evicted tokens' content is gone. A
 summary slot gives both back approximately. Each head's evicted tokens, in position order, form ``groups``
-consecutive groups of near-equal size; a group becomes one slot holding its members' mean key and mean value
-and a logit bias of ``log(n)`` (``PagedKVCache.slot_bias``). A query then weighs the slot exactly as it would weigh
-``n`` copies of the mean token: with the mean key, ``exp(q.k_mean)`` is the geometric mean of the members'
-``exp(q.k_i)``, a lower bound on their mean (Jensen), so the slot's mass is at most the group's.
+consecutive groups of near-equal size (optionally regrouped by key, below); a group becomes one slot holding its
+members' mean key and mean value and a logit bias of ``log(n)`` (``PagedKVCache.slot_bias``). A query then weighs
+the slot exactly as it would weigh ``n`` copies of the mean token: with the mean key, ``exp(q.k_mean)`` is the
+geometric mean of the members' ``exp(q.k_i)``, a lower bound on their mean (Jensen), so the slot's mass is at most
+the group's.
 
 Means and counts are mass-weighted: a slot already carrying bias ``b`` counts as ``exp(b)`` tokens, so a summary
 evicted by a later compression folds into the next one without losing its count. The slot is stored in its
 group's last member (by position), so it keeps that member's position and causality, and its score is the
 highest of its members' (policies rank a summary like its best member). Keys are post-RoPE, so a mean over many
 positions keeps mostly the low-frequency dimensions, the ones that vary slowly with position.
+
+The Jensen gap is what a slot loses: it grows with the spread of ``q.k_i`` over the slot's members, and groups by
+position mix keys as different as the tokens are. ``kmeans`` > 0 runs that many Lloyd iterations on the evicted
+keys (mass-weighted centroids, starting from the groups by position), so a slot's members are the tokens with the
+nearest keys. A slot then stands in its members' last position, which keeps it causal for every later query.
 """
 
 from __future__ import annotations
@@ -23,10 +29,13 @@ from kvcompress.cache.paged import HeadView, PagedKVCache
 
 
 @torch.no_grad()
-def fold_evicted(cache: PagedKVCache, views: list[HeadView], keep: torch.Tensor, groups: int) -> torch.Tensor:
+def fold_evicted(
+    cache: PagedKVCache, views: list[HeadView], keep: torch.Tensor, groups: int, kmeans: int = 0
+) -> torch.Tensor:
     """Fold what ``keep`` (``[L, S, H, N]`` over each layer's logical slots, :meth:`PagedKVCache.evict`'s mask)
     evicts from every head of ``views`` (one per layer, gathered with keys and values) into ``groups`` summary
-    slots per head, written into the cache in place; returns ``keep`` with the summary slots kept.
+    slots per head, written into the cache in place; returns ``keep`` with the summary slots kept. ``kmeans``:
+    Lloyd iterations that regroup each head's evicted tokens by key first (0: groups by position).
 
     Everything stays on the device: an empty group (a head that evicts fewer than ``groups`` tokens) writes into
     the cache's scratch slot and keeps nothing.
@@ -49,6 +58,8 @@ def fold_evicted(cache: PagedKVCache, views: list[HeadView], keep: torch.Tensor,
         mass = bias[view.slots].exp() * gone  # tokens each evicted slot stands for
         S, H = group.shape[:2]
         buckets = (S, H, groups + 1)  # the last bucket collects the kept slots and is dropped
+        if kmeans and groups > 1:
+            group = _regroup_by_key(view.keys.float(), mass, gone, group, groups, kmeans)
         total = torch.zeros(buckets, device=group.device).scatter_add(-1, group, mass)[..., :groups]
         denom = total.clamp_min(1e-30)[..., None]
         idx = group[..., None].expand(-1, -1, -1, D)
@@ -70,3 +81,23 @@ def fold_evicted(cache: PagedKVCache, views: list[HeadView], keep: torch.Tensor,
         kept = torch.zeros_like(rank).scatter_add(-1, rep, real.long()) > 0
         keep[layer, :, :, :n] |= kept
     return keep
+
+
+def _regroup_by_key(
+    keys: torch.Tensor, mass: torch.Tensor, gone: torch.Tensor, group: torch.Tensor, groups: int, iters: int
+) -> torch.Tensor:
+    """``iters`` Lloyd iterations of k-means over each head's evicted keys (``keys`` ``[S, H, n, D]``, ``mass`` and
+    ``gone`` ``[S, H, n]``), from the assignment ``group`` (``[S, H, n]``, ``groups`` for tokens kept); returns the
+    new assignment in the same form. Centroids are mass-weighted means; a group left empty keeps its last centroid
+    (and stays empty unless a token is nearest to it)."""
+    S, H, n, D = keys.shape
+    centroids = keys.new_zeros(S, H, groups, D)
+    for _ in range(iters):
+        idx = group[..., None].expand(-1, -1, -1, D)
+        sums = keys.new_zeros(S, H, groups + 1, D).scatter_add(-2, idx, keys * mass[..., None])[..., :groups, :]
+        total = keys.new_zeros(S, H, groups + 1).scatter_add(-1, group, mass)[..., :groups, None]
+        centroids = torch.where(total > 0, sums / total.clamp_min(1e-30), centroids)
+        # nearest centroid by squared distance; |k|^2 is the same for every centroid of a token
+        dist = (centroids * centroids).sum(-1)[:, :, None, :] - 2 * keys @ centroids.transpose(-1, -2)  # [S,H,n,G]
+        group = torch.where(gone, dist.argmin(-1), groups)
+    return group

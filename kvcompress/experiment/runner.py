@@ -82,8 +82,9 @@ def fingerprint(cfg: DictConfig) -> str:
     for key in ("logger", "baselines_dir", "progress", "threads", "engine"):
         data.pop(key, None)
     budget = data.get("budget") or {}
-    for key in ("allocator_args", "protected_fraction", "summary_slots"):  # added later: left unset (or 0), older
-        if budget.get(key) in (None, {}, 0):  # runs keep their hash
+    later = ("allocator_args", "protected_fraction", "summary_slots", "summary_kmeans")
+    for key in later:  # fields added later: left unset (or 0), older runs keep their hash
+        if budget.get(key) in (None, {}, 0):
             budget.pop(key, None)
     return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -311,6 +312,7 @@ def summarize(
         "protected_window": int(cfg.budget.protected_window),
         "protected_fraction": cfg.budget.get("protected_fraction"),
         "summary_slots": int(cfg.budget.get("summary_slots") or 0),
+        "summary_kmeans": int(cfg.budget.get("summary_kmeans") or 0),
         "seed": int(cfg.seed),
         "per_task": per_task,
         "kv_bytes_mean": total["kv_bytes"] / n,

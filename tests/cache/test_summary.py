@@ -12,22 +12,27 @@ from kvcompress.cache.summary import fold_evicted
 L, H, D, BS = 2, 3, 4, 4
 
 
-def filled(n: int, seed: int = 0) -> tuple[PagedKVCache, torch.Tensor, torch.Tensor]:
-    """A summaries cache holding ``n`` tokens of one sequence; returns it and the keys / values ``[L, n, H, D]``."""
+def filled(
+    n: int, seed: int = 0, spread: torch.Tensor | None = None
+) -> tuple[PagedKVCache, torch.Tensor, torch.Tensor]:
+    """A summaries cache holding ``n`` tokens of one sequence; returns it and the keys / values ``[L, n, H, D]``.
+    ``spread`` (broadcast to the keys) shifts the keys, which are then 0.1 x standard normal around it."""
     cache = PagedKVCache(L, H, D, 128, block_size=BS, max_seqs=2, max_tokens_per_head=64, summaries=True)
     seq = cache.add_sequence()
     gen = torch.Generator().manual_seed(seed)
     keys, values = torch.randn(L, n, H, D, generator=gen), torch.randn(L, n, H, D, generator=gen)
+    if spread is not None:
+        keys = keys * 0.1 + spread
     plan = cache.plan_step([seq], [n])
     for layer in range(L):
         cache.write(layer, plan, keys[layer], values[layer])
     return cache, keys, values
 
 
-def compress(cache: PagedKVCache, keep: torch.Tensor, groups: int) -> None:
+def compress(cache: PagedKVCache, keep: torch.Tensor, groups: int, kmeans: int = 0) -> None:
     """Fold then evict sequence 0 down to ``keep`` ``[L, 1, H, N]``, as the compressor does."""
     views = [cache.view(layer, [0]) for layer in range(L)]
-    cache.evict([0], fold_evicted(cache, views, keep, groups))
+    cache.evict([0], fold_evicted(cache, views, keep, groups, kmeans))
 
 
 def held(cache: PagedKVCache, layer: int, head: int) -> dict[int, tuple[torch.Tensor, torch.Tensor, float]]:
@@ -58,6 +63,30 @@ def test_each_group_becomes_one_slot_with_its_means_and_count() -> None:
             for p in (0, 7, 19):
                 k, v, count = slots[p]
                 assert count == 1 and torch.equal(k, keys[layer, p, h]) and torch.equal(v, values[layer, p, h])
+
+
+@pytest.mark.parametrize("kmeans", [0, 3])
+def test_kmeans_regroups_evicted_tokens_by_key(kmeans: int) -> None:
+    """Evicted keys from two clusters, interleaved in position: the groups by position mix them; a few k-means
+    iterations give one slot per cluster, at its last member's position, with that cluster's means and count."""
+    far = torch.where(torch.arange(20) % 2 == 0, 8.0, -8.0)[None, :, None, None]  # even near +8, odd near -8
+    cache, keys, values = filled(20, seed=4, spread=far)
+    keep = torch.zeros(L, 1, H, 20, dtype=torch.bool)
+    keep[..., [0, 19]] = True  # evicted: 1-18
+    compress(cache, keep, groups=2, kmeans=kmeans)
+    by_key = [list(range(2, 19, 2)), list(range(1, 18, 2))]  # even 2-18, odd 1-17
+    by_position = [list(range(1, 10)), list(range(10, 19))]
+    for layer in range(L):
+        for h in range(H):
+            slots = held(cache, layer, h)
+            groups = by_key if kmeans else by_position
+            assert sorted(slots) == sorted([0, 19] + [g[-1] for g in groups])
+            for members in groups:
+                k, v, count = slots[members[-1]]
+                assert count == pytest.approx(len(members))
+                torch.testing.assert_close(k, keys[layer, members, h].mean(0))
+                torch.testing.assert_close(v, values[layer, members, h].mean(0))
+                assert (k.abs().mean() > 6) == bool(kmeans)  # one cluster's keys, or a mix of both
 
 
 def test_a_summary_evicted_again_folds_in_by_its_count() -> None:
