@@ -296,36 +296,31 @@ def main() -> None:
     write_table(rows_path, out / "table.md", ratios, fidelity_path)
 
 
-def read_rows(rows_path: Path) -> list[dict]:
-    """The rows of a quality_table ``rows.jsonl``; ``ValueError`` naming the first line that is not one (a blank
-    line, broken JSON, another script's rows)."""
-    rows = []
-    for n, line in enumerate(rows_path.read_text(encoding="utf-8").splitlines(), 1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{rows_path}:{n}: not JSON ({err.msg})") from None
-        missing = {"setup", "mode", "sample_id", "ratio", "score"} - set(row) if isinstance(row, dict) else {"all"}
-        if missing:
-            raise ValueError(f"{rows_path}:{n}: not a quality_table row (missing {', '.join(sorted(missing))})")
-        rows.append(row)
-    return rows
-
-
-def read_fidelity(path: Path) -> list[dict]:
-    """The rows of a ``fidelity.jsonl`` (none when it does not exist yet); ``ValueError`` naming a bad line."""
-    if not path.exists():
-        return []
+def _read_jsonl(path: Path, required: set[str], kind: str) -> list[dict]:
+    """The rows of ``path``, each a JSON object holding the ``required`` keys; ``ValueError`` naming the first line
+    that is not one (a blank line, broken JSON, another script's rows) as not a ``kind`` row."""
     rows = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}:{n}: not JSON ({err.msg})") from None
-        if not isinstance(row, dict) or {"setup", "mode", "sample_id", "ratio", "nll", "match"} - set(row):
-            raise ValueError(f"{path}:{n}: not a fidelity row (setup, mode, sample_id, ratio, nll, match)")
+        missing = required - set(row) if isinstance(row, dict) else {"all"}
+        if missing:
+            raise ValueError(f"{path}:{n}: not a {kind} row (missing {', '.join(sorted(missing))})")
         rows.append(row)
     return rows
+
+
+def read_rows(rows_path: Path) -> list[dict]:
+    """The rows of a quality_table ``rows.jsonl`` (see :func:`_read_jsonl`)."""
+    return _read_jsonl(rows_path, {"setup", "mode", "sample_id", "ratio", "score"}, "quality_table")
+
+
+def read_fidelity(path: Path) -> list[dict]:
+    """The rows of a ``fidelity.jsonl``, none when it does not exist yet (see :func:`_read_jsonl`)."""
+    required = {"setup", "mode", "sample_id", "ratio", "nll", "match"}
+    return _read_jsonl(path, required, "fidelity") if path.exists() else []
 
 
 def fidelity_lines(rows: list[dict], mode: str, ratios: list[float]) -> list[str]:

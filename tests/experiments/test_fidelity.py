@@ -61,7 +61,8 @@ def test_table_and_pairs_read_fidelity_rows(script_module, tmp_path: Path) -> No
     with pytest.raises(ValueError, match="run its quality_table command again with --fidelity"):
         load_cells(tmp_path / "elsewhere", "a", "match")
     (tmp_path / "fidelity.jsonl").write_text(json.dumps({"setup": "a"}) + "\n")
-    with pytest.raises(ValueError, match=r"fidelity.jsonl:1: not a fidelity row"):
+    missing = r"fidelity.jsonl:1: not a fidelity row \(missing match, mode, nll, ratio, sample_id\)"
+    with pytest.raises(ValueError, match=missing):
         qt.read_fidelity(tmp_path / "fidelity.jsonl")
 
 

@@ -72,44 +72,28 @@ def main() -> int:
         pos, score = torch.zeros(nb, bs, dtype=torch.int32), torch.zeros(nb, bs)
         bt, lengths = torch.zeros(2, 2, 20, dtype=torch.int32), torch.full((2, 2), 300, dtype=torch.int32)
         q = torch.zeros(2, 8, d, dtype=dtype)
-        for splits in (1, 4):
-            decode.paged_decode_triton(q, kc, vc, bt, lengths, 0.1, score_out=score, num_splits=splits)
-        prefill.paged_prefill_triton(
-            torch.zeros(20, 6, d, dtype=dtype),
-            kc,
-            vc,
-            pos,
-            bt,
-            lengths,
-            torch.zeros(20, dtype=torch.int32),
-            torch.tensor([0, 7, 20], dtype=torch.int32),
-            0.1,
-            obs_window=4,
-        )
         slots = torch.arange(3)
-        cache_ops.write_kv_triton(
-            kc, vc, pos, score, slots, torch.zeros(3, d), torch.zeros(3, d), torch.zeros(3, dtype=torch.int32)
-        )
-        cache_ops.compact_triton(kc, vc, pos, score, slots, slots + 3)
-        bias = torch.zeros(nb, bs)  # summary slots' logit biases: the HAS_BIAS branch of every kernel
-        decode.paged_decode_triton(q, kc, vc, bt, lengths, 0.1, score_out=score, num_splits=4, slot_bias=bias)
-        prefill.paged_prefill_triton(
-            torch.zeros(20, 6, d, dtype=dtype),
-            kc,
-            vc,
-            pos,
-            bt,
-            lengths,
-            torch.zeros(20, dtype=torch.int32),
-            torch.tensor([0, 7, 20], dtype=torch.int32),
-            0.1,
-            obs_window=4,
-            slot_bias=bias,
-        )
-        cache_ops.write_kv_triton(
-            kc, vc, pos, score, slots, torch.zeros(3, d), torch.zeros(3, d), torch.zeros(3, dtype=torch.int32), bias
-        )
-        cache_ops.compact_triton(kc, vc, pos, score, slots, slots + 3, bias)
+        for bias in (None, torch.zeros(nb, bs)):  # and the summary slots' logit biases: every kernel's HAS_BIAS
+            for splits in (1, 4):
+                decode.paged_decode_triton(
+                    q, kc, vc, bt, lengths, 0.1, score_out=score, num_splits=splits, slot_bias=bias
+                )
+            prefill.paged_prefill_triton(
+                torch.zeros(20, 6, d, dtype=dtype),
+                kc,
+                vc,
+                pos,
+                bt,
+                lengths,
+                torch.zeros(20, dtype=torch.int32),
+                torch.tensor([0, 7, 20], dtype=torch.int32),
+                0.1,
+                obs_window=4,
+                slot_bias=bias,
+            )
+            rows, positions = torch.zeros(3, d), torch.zeros(3, dtype=torch.int32)
+            cache_ops.write_kv_triton(kc, vc, pos, score, slots, rows, rows, positions, bias)
+            cache_ops.compact_triton(kc, vc, pos, score, slots, slots + 3, bias)
     failures = []
     for fn, args, kwargs, num_warps in launches:
         try:
