@@ -13,8 +13,9 @@ loss against its own full cache. A cell can be won through gains alone, on sampl
         'docs/results/dev-1k-kvzip-alloc-n20:kvzip+global' \\
         'docs/results/kvpress-dev-1k-kvzip-n20:kvpress/kvzip'
 
-``--metric nll`` (or ``match``) compares the two on answer fidelity instead (quality_table ``--fidelity``): each
-sample's NLL of the full cache's answer, shown negated so that "ahead" is the lower NLL, or its greedy match in %.
+``--metric nll`` (or ``match``, ``worst``) compares the two on answer fidelity instead (quality_table
+``--fidelity``): each sample's NLL of the full cache's answer, shown negated so that "ahead" is the lower NLL, its
+greedy match in %, or its worst token's NLL (negated).
 A continuous measure splits samples that both score 0 or both 100, so it separates setups that scores cannot.
 """
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         "--metric",
         choices=("score", *METRICS),
         default="score",
-        help="score (rows.jsonl), or a fidelity metric from fidelity.jsonl: nll (shown negated), match (%%)",
+        help="score (rows.jsonl), or from fidelity.jsonl: nll, worst (both shown negated), match (%%)",
     )
     args = parser.parse_args(argv)
     try:

@@ -9,7 +9,11 @@ cannot be told apart. Fidelity teacher-forces the full cache's greedy answer thr
 * ``match``: the fraction of the answer's tokens that greedy decoding, given the answer so far, would emit too
   (1 under the full cache, up to re-tokenising its decoded text);
 * ``first_miss``: the first token where they differ (``tokens`` when none does): where a greedy answer would
-  have left the full cache's.
+  have left the full cache's;
+* ``worst``: the largest NLL of any one of its tokens. A retrieval answer turns on a few tokens (a passkey's
+  digits): a compression can make the answer's wording likelier, lowering ``nll``, and still flip one digit,
+  which ``worst`` and ``match`` see;
+* ``logprobs``: every token's log-probability (4 decimals), from which any other measure can be derived later.
 
 These are paired, continuous per-sample measures: :mod:`kvcompress.experiment.paired` compares two setups on them
 (``scripts/paired_scores.py --metric nll``) as it does on scores.
@@ -22,7 +26,7 @@ import math
 from kvcompress.sequence import RequestOutput
 
 FIDELITY_FILE = "fidelity.jsonl"
-METRICS = ("nll", "match")
+METRICS = ("nll", "match", "worst")
 
 
 def fidelity_row(out: RequestOutput) -> dict:
@@ -36,14 +40,18 @@ def fidelity_row(out: RequestOutput) -> dict:
         "nll": -math.fsum(out.forced_logprobs) / n if n else 0.0,
         "match": (n - len(misses)) / n if n else 1.0,
         "first_miss": misses[0] if misses else n,
+        "worst": -min(out.forced_logprobs, default=0.0),
+        "logprobs": [round(lp, 4) for lp in out.forced_logprobs],
     }
 
 
 def metric_value(row: dict, metric: str) -> float:
     """A fidelity row's ``metric`` oriented so that higher is better, as paired comparisons count "ahead": minus
-    the NLL, the match in %."""
-    if metric == "nll":
-        return -float(row["nll"])
+    the NLL or the worst token's NLL, the match in %."""
+    if metric in ("nll", "worst"):
+        if metric not in row:
+            raise ValueError(f"this fidelity row has no {metric!r} (written before it was recorded): {row}")
+        return -float(row[metric])
     if metric == "match":
         return 100 * float(row["match"])
     raise ValueError(f"unknown fidelity metric {metric!r}; choose from {', '.join(METRICS)}")

@@ -28,10 +28,14 @@ def test_fidelity_row_counts_the_nll_matches_and_first_miss() -> None:
     assert row["tokens"] == 4 and row["match"] == 0.75 and row["first_miss"] == 2
     assert row["nll"] == pytest.approx((math.log(2) + math.log(4) + 3.0) / 4)
     assert fidelity_row(_output([5], [5], [-0.1]))["first_miss"] == 1  # none missed: the answer's length
+    assert row["worst"] == 3.0 and row["logprobs"] == [-0.6931, -1.3863, -3.0, 0.0]
     assert metric_value(row, "nll") == -row["nll"] and metric_value(row, "match") == 75.0
+    assert metric_value(row, "worst") == -3.0
+    with pytest.raises(ValueError, match="has no 'worst' \\(written before it was recorded\\)"):
+        metric_value({"nll": 0.1, "match": 1.0}, "worst")
     with pytest.raises(ValueError, match="was not teacher-forced"):
         fidelity_row(_output([5], None, None))
-    with pytest.raises(ValueError, match="unknown fidelity metric 'kl'; choose from nll, match"):
+    with pytest.raises(ValueError, match="unknown fidelity metric 'kl'; choose from nll, match, worst"):
         metric_value(row, "kl")
 
 
