@@ -65,6 +65,9 @@ def _run(cfg: DictConfig) -> str:
     run_dir = Path(hc.runtime.output_dir)
     resolve_model(cfg)
     done = finished_summary(run_dir)
+    if done is not None and cfg.get("fidelity") and "answer_nll" not in done:
+        log.info("complete, but without answer fidelity: computing it (the predictions are kept)")
+        done = None
     if done is not None:
         if done.get("config_hash") not in (None, fingerprint(cfg)):
             raise ExperimentError(
@@ -73,7 +76,8 @@ def _run(cfg: DictConfig) -> str:
             )
         log.info("already complete, skipping: %s", summary_line(done))
         if cfg.logger.name == "wandb":  # a sweep first run without wandb can still be sent to it
-            from kvcompress.experiment.tracking import already_logged, read_records, wandb_run_id
+            from kvcompress.experiment.records import read_records
+            from kvcompress.experiment.tracking import already_logged, wandb_run_id
 
             if not already_logged(run_dir, wandb_run_id(run_dir, done), str(cfg.logger.mode)):
                 _log_wandb(cfg, run_dir, done, read_records(run_dir))

@@ -1,4 +1,5 @@
-"""Files a run leaves in its directory: ``predictions.jsonl`` (durable, resumable) and ``summary.json`` (atomic).
+"""Files a run leaves in its directory: ``predictions.jsonl`` (durable, resumable), ``summary.json`` (atomic) and,
+with ``fidelity=true``, ``fidelity.jsonl`` (as durable and resumable as the predictions).
 
 ``predictions.jsonl`` gets one line per finished sample, flushed and fsync'd at once, so a run killed at any
 point keeps every completed sample. Re-running the same config into the same directory reads it back and skips
@@ -19,6 +20,7 @@ from kvcompress.experiment.prompts import ExperimentError
 
 PREDICTIONS = "predictions.jsonl"
 SUMMARY = "summary.json"
+FIDELITY = "fidelity.jsonl"
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -46,15 +48,25 @@ def finished_summary(run_dir: Path) -> dict[str, Any] | None:
     return summary if summary and summary.get("complete") else None
 
 
+def read_records(run_dir: Path, name: str = PREDICTIONS) -> list[dict[str, Any]]:
+    """The per-sample records of ``run_dir/<name>`` (the last one per sample id), in file order; none when the
+    file does not exist."""
+    path = run_dir / name
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    by_id = {r["sample_id"]: r for r in (json.loads(line) for line in lines if line.strip())}
+    return list(by_id.values())
+
+
 class PredictionsLog:
-    """Append-only ``predictions.jsonl`` of one run, tagged with the run's config fingerprint.
+    """Append-only ``predictions.jsonl`` of one run (or another per-sample file ``name``: ``fidelity.jsonl``),
+    tagged with the run's config fingerprint.
 
     Opening an existing file loads its records (keyed by ``sample_id``); records written under a different
     fingerprint mean the directory belongs to another config, which is refused rather than mixed.
     """
 
-    def __init__(self, run_dir: Path, fingerprint: str) -> None:
-        self.path = run_dir / PREDICTIONS
+    def __init__(self, run_dir: Path, fingerprint: str, name: str = PREDICTIONS) -> None:
+        self.path = run_dir / name
         self.fingerprint = fingerprint
         self.records: dict[str, dict[str, Any]] = {}
         if self.path.exists():
@@ -113,6 +125,11 @@ class BaselineStore:
     def get(self, key: str) -> float | None:
         data = read_json(self._path(key))
         return None if data is None else data.get("score")
+
+    def source(self, key: str) -> Path | None:
+        """The run directory the stored score of ``key`` came from (its predictions are the full cache's answers)."""
+        data = read_json(self._path(key))
+        return Path(data["source"]) if data and data.get("source") else None
 
     def put(self, key: str, score: float, source: str) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)

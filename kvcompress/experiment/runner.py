@@ -4,7 +4,9 @@
 samples and their prompts, checks every prompt against the model context and the budget before generating
 anything, then evaluates the samples not yet in ``predictions.jsonl`` (see :mod:`kvcompress.experiment.records`)
 together through one :class:`~kvcompress.engine.Engine` (``engine.max_seqs`` at a time), writing each sample's
-record as it finishes, and finally writes ``summary.json``.
+record as it finishes, and finally writes ``summary.json``. With ``fidelity=true`` it then teacher-forces the full
+cache's answer to each sample through the run's cache (:mod:`kvcompress.experiment.fidelity`) into
+``fidelity.jsonl``, resumed like the predictions, and adds the means to the summary.
 
 Modes (docs/EXPERIMENTS.md, "Prompts and modes"): ``query_aware`` prefills context + question, compresses, decodes.
 ``query_agnostic`` prefills and compresses each distinct context once (samples sharing a ``context_id``),
@@ -35,8 +37,18 @@ from kvcompress.budget import Budget
 from kvcompress.cache.paged import MemoryStats
 from kvcompress.compressor import Compressor
 from kvcompress.engine import Engine, peak_tokens
+from kvcompress.experiment.fidelity import fidelity_row
 from kvcompress.experiment.prompts import ExperimentError, Prompt, bind_tokenizer, build_prompt, check_fits
-from kvcompress.experiment.records import SUMMARY, BaselineStore, PredictionsLog, write_json_atomic
+from kvcompress.experiment.records import (
+    FIDELITY,
+    PREDICTIONS,
+    SUMMARY,
+    BaselineStore,
+    PredictionsLog,
+    finished_summary,
+    read_records,
+    write_json_atomic,
+)
 from kvcompress.generate import MODES, as_request
 from kvcompress.model import LoadedModel, load_model
 from kvcompress.model_runner import paged_attention
@@ -79,7 +91,7 @@ def fingerprint(cfg: DictConfig) -> str:
     """Hash of everything that changes a run's predictions (the logger and bookkeeping paths do not)."""
     data = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(data, dict)
-    for key in ("logger", "baselines_dir", "progress", "threads", "engine"):
+    for key in ("logger", "baselines_dir", "progress", "threads", "engine", "fidelity"):
         data.pop(key, None)
     budget = data.get("budget") or {}
     later = ("allocator_args", "protected_fraction", "summary_slots", "summary_kmeans")
@@ -187,13 +199,19 @@ def memory_fields(before: MemoryStats, after: MemoryStats) -> dict[str, Any]:
 
 
 def evaluate(
-    loaded: LoadedModel, comp: Compressor, items: list[Item], mode: str, engine_cfg: dict[str, Any]
+    loaded: LoadedModel,
+    comp: Compressor,
+    items: list[Item],
+    mode: str,
+    engine_cfg: dict[str, Any],
+    forced: dict[str, list[int]] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Evaluate ``items`` together through one :class:`Engine` (batched up to ``engine_cfg["max_seqs"]``);
     yields one record per sample as soon as it finishes, in finishing order.
 
     Query-agnostic samples that share a context share one prefill of it (``share_prefix`` = the context id), and
-    the compressed context is forked per question.
+    the compressed context is forked per question. With ``forced`` (sample id -> answer tokens) each sample
+    teacher-forces its answer instead of generating, and the records are fidelity records (:func:`fidelity_record`).
     """
     eos = eos_ids(loaded)
     requests = [
@@ -202,10 +220,11 @@ def evaluate(
             it.prompt.context_ids,
             it.prompt.question_ids,
             mode,
-            it.max_new_tokens,
+            len(forced[it.sample.sample_id]) if forced else it.max_new_tokens,
             eos,
             suffix=it.prompt.suffix_ids,
             share_prefix=it.sample.context_id if mode == "query_agnostic" else None,
+            forced_ids=forced[it.sample.sample_id] if forced else (),
         )
         for it in items
     ]
@@ -218,7 +237,8 @@ def evaluate(
     with paged_attention(loaded.model):
         while engine.has_unfinished:
             for out in engine.step():
-                yield record(loaded, by_id[out.request_id], out)
+                it = by_id[out.request_id]
+                yield fidelity_record(it, out) if forced else record(loaded, it, out)
 
 
 def record(loaded: LoadedModel, it: Item, out: RequestOutput) -> dict[str, Any]:
@@ -237,6 +257,7 @@ def record(loaded: LoadedModel, it: Item, out: RequestOutput) -> dict[str, Any]:
         "prompt_tokens": len(it.prompt),
         "context_tokens": len(it.prompt.context_ids),
         "new_tokens": len(out.tokens),
+        "output_ids": list(out.tokens),
         **memory_fields(out.memory, out.memory_end),
         "prefill_s": out.prefill_s,
         "decode_s": out.decode_s,
@@ -244,6 +265,68 @@ def record(loaded: LoadedModel, it: Item, out: RequestOutput) -> dict[str, Any]:
         "reconstruct_s": out.reconstruct_s,
         "time_s": out.prefill_s + out.decode_s + out.compress_s + out.reconstruct_s,
     }
+
+
+def fidelity_record(it: Item, out: RequestOutput) -> dict[str, Any]:
+    """The ``fidelity.jsonl`` line of one sample whose full-cache answer was teacher-forced."""
+    return {"sample_id": it.sample.sample_id, "task": it.sample.task, **fidelity_row(out)}
+
+
+def full_answers(
+    cfg: DictConfig, ctx: RunContext, compressed: bool, records: list[dict[str, Any]], tokenizer: Any
+) -> tuple[dict[str, list[int]], Path | None]:
+    """The full cache's answer tokens to each sample and the run directory they come from: this run's own (None)
+    when nothing was compressed, else those of the full-cache run recorded under this run's baseline key (its
+    ``output_ids``, or its re-tokenised predictions when it predates them). Raises ``ExperimentError`` when there
+    is none."""
+
+    def tokens(r: dict[str, Any]) -> list[int]:
+        ids = r.get("output_ids")
+        return list(ids) if ids is not None else tokenizer.encode(r["prediction"], add_special_tokens=False)
+
+    if not compressed:
+        return {r["sample_id"]: tokens(r) for r in records}, None
+    key = baseline_key(cfg)
+    source = BaselineStore(ctx.baselines_dir).source(key) if ctx.baselines_dir is not None else None
+    if source is None or not (source / PREDICTIONS).exists():
+        raise ExperimentError(
+            f"fidelity=true forces the full cache's answers through this run's cache, but baselines_dir="
+            f"{ctx.baselines_dir} records no full-cache run of this model, task, mode and seed (key {key}); run "
+            "policy=full with the same task settings first (with fidelity=true it also records its own answer NLL)"
+        )
+    return {r["sample_id"]: tokens(r) for r in read_records(source)}, source
+
+
+def answer_fidelity(
+    cfg: DictConfig,
+    ctx: RunContext,
+    loaded: LoadedModel,
+    comp: Compressor,
+    items: list[Item],
+    records: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Force the full cache's answer to every sample (:func:`full_answers`; an empty answer is skipped) through
+    this run's cache, appending to ``fidelity.jsonl`` as samples finish (a rerun resumes); returns the summary's
+    fidelity fields: the means of ``answer_nll``, ``answer_match`` and ``answer_worst`` over ``answer_n`` samples,
+    and ``answer_nll_full``, the full cache's own mean NLL, when its run recorded one."""
+    forced, source = full_answers(cfg, ctx, comp.active, records, loaded.tokenizer)
+    missing = sorted({it.sample.sample_id for it in items} - forced.keys())
+    if missing:
+        raise ExperimentError(f"the full-cache run has no prediction for {len(missing)} samples ({missing[0]}, ...)")
+    done = PredictionsLog(ctx.run_dir, fingerprint(cfg), FIDELITY)
+    pending = [it for it in items if forced[it.sample.sample_id] and it.sample.sample_id not in done]
+    if pending:
+        engine_cfg = OmegaConf.to_container(cfg.engine, resolve=True) if "engine" in cfg else {}
+        bar = tqdm(total=len(pending), desc="fidelity", disable=not ctx.progress)
+        for rec in evaluate(loaded, comp, pending, str(cfg.task.mode), engine_cfg, forced):
+            done.append(rec)
+            bar.update(1)
+        bar.close()
+    rows = [done.records[it.sample.sample_id] for it in items if it.sample.sample_id in done]
+    fields = {f"answer_{k}": sum(r[k] for r in rows) / len(rows) if rows else None for k in ("nll", "match", "worst")}
+    full = finished_summary(source) if source is not None else None  # the full cache's run, when compressed
+    fields["answer_nll_full"] = (full or {}).get("answer_nll") if source is not None else fields["answer_nll"]
+    return {**fields, "answer_n": len(rows)}
 
 
 def _kill_hook() -> Callable[[int], None]:
@@ -367,7 +450,9 @@ def run_experiment(cfg: DictConfig, ctx: RunContext, policy: Policy) -> tuple[di
         bar.close()
 
     records = preds.ordered(ids)
+    fidelity = answer_fidelity(cfg, ctx, loaded, comp, items, records) if cfg.get("fidelity") else {}
     summary = summarize(cfg, ctx, loaded, records, time.perf_counter() - t_start, comp.active)
+    summary.update(fidelity)
     summary["n_resumed"] = len(items) - len(pending)
     attach_baseline(summary, cfg, ctx, uncompressed=not comp.active)
     write_json_atomic(ctx.run_dir / SUMMARY, summary)
@@ -394,11 +479,14 @@ def summary_line(summary: dict[str, Any]) -> str:
     """One human-readable line describing a finished run."""
     full = summary.get("full_cache_score")
     vs_full = f" ({summary['score_pct_of_full']:.0f}% of full {full:.1f})" if summary.get("score_pct_of_full") else ""
+    nll, nll_full = summary.get("answer_nll"), summary.get("answer_nll_full")
+    fidelity = f", answer NLL {nll:.3f}" if nll is not None else ""
+    fidelity += f" (full {nll_full:.3f})" if nll is not None and nll_full is not None else ""
     return (
         f"{summary['policy']} x{summary['compression_ratio']:g} [{summary['allocation']}, {summary['mode']}] "
         f"on {summary['task']}/{summary['model']}: compression logical {summary['logical_compression']:.2f}x "
         f"physical {summary['physical_compression']:.2f}x, score {summary['score']:.1f}{vs_full} "
-        f"over {summary['n_samples']} samples, {summary['wall_s']:.1f} s"
+        f"over {summary['n_samples']} samples{fidelity}, {summary['wall_s']:.1f} s"
     )
 
 

@@ -14,13 +14,12 @@ than adding a copy; :func:`log_finished_run` logs a run from its files alone (``
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from kvcompress.experiment.records import PREDICTIONS, finished_summary
+from kvcompress.experiment.records import finished_summary, read_records
 
 SUMMARY_METRICS = {
     "score": "score",
@@ -32,6 +31,9 @@ SUMMARY_METRICS = {
     "tokens_per_s": "tokens_per_s",
     "prefill_tokens_per_s": "prefill_tokens_per_s",
     "wall_s": "wall_s",
+    "answer/nll": "answer_nll",
+    "answer/match": "answer_match",
+    "answer/worst": "answer_worst",
 }
 TABLE_COLUMNS = (
     "sample_id",
@@ -121,14 +123,6 @@ def log_run(
     for task, entry in summary["per_task"].items():
         run.summary[f"per_task/{task}"] = entry["score"]
     return run
-
-
-def read_records(run_dir: Path) -> list[dict[str, Any]]:
-    """The per-sample records of ``run_dir/predictions.jsonl`` (the last one per sample id), in file order."""
-    path = run_dir / PREDICTIONS
-    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
-    by_id = {r["sample_id"]: r for r in (json.loads(line) for line in lines if line.strip())}
-    return list(by_id.values())
 
 
 def log_finished_run(

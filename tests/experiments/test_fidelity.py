@@ -87,3 +87,32 @@ def test_quality_table_fidelity_on_the_embedded_model(smollm2, tmp_path: Path) -
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and "done at" not in again.stdout
     assert len((tmp_path / "fidelity.jsonl").read_text().splitlines()) == 2
+
+
+def test_hydra_runs_record_fidelity_against_the_full_cache_run(run_cli, tiny: list[str], tmp_path: Path) -> None:
+    """``experiments/run.py fidelity=true``: a compressed run needs the full-cache run first (one error line); the
+    full run forces its own answers, the compressed run the full run's, each into fidelity.jsonl and the summary;
+    turning fidelity on for a finished run computes only the fidelity."""
+    from experiment_helpers import read_predictions, read_summary
+
+    full_dir, lfu_dir = tmp_path / "full", tmp_path / "lfu"
+    lfu = [*tiny, "policy=lfu", "budget.ratio=2", "budget.protected_window=16", f"hydra.run.dir={lfu_dir}"]
+    early = run_cli(*lfu, "fidelity=true")
+    assert early.returncode == 2 and "records no full-cache run of this model, task, mode and seed" in early.stderr
+    assert "Traceback" not in early.stderr
+    assert run_cli(*tiny, "policy=full", "fidelity=true", f"hydra.run.dir={full_dir}").returncode == 0
+    full = read_summary(full_dir)
+    assert full["answer_n"] == 3 and full["answer_nll_full"] == full["answer_nll"] > 0
+    assert full["answer_match"] == 1.0  # its own greedy tokens, forced back through the same cache
+    assert run_cli(*lfu).returncode == 0  # finished without fidelity
+    assert "answer_nll" not in read_summary(lfu_dir)
+    again = run_cli(*lfu, "fidelity=true")
+    assert again.returncode == 0, again.stderr
+    summary = read_summary(lfu_dir)
+    assert summary["answer_n"] == 3 and summary["answer_nll_full"] == full["answer_nll"]
+    assert 0 <= summary["answer_match"] <= 1 and summary["answer_worst"] >= summary["answer_nll"]
+    assert len(read_predictions(lfu_dir)) == 3  # the predictions were kept, not recomputed
+    rows = [json.loads(line) for line in (lfu_dir / "fidelity.jsonl").read_text().splitlines()]
+    answers = {r["sample_id"]: r["output_ids"] for r in read_predictions(full_dir)}
+    assert {r["sample_id"]: r["tokens"] for r in rows} == {k: len(v) for k, v in answers.items()}
+    assert "answer NLL" in again.stdout + again.stderr
