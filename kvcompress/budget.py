@@ -49,6 +49,11 @@ class Budget:
         for name in ("protected_window", "n_sinks", "compress_every", "summary_slots", "summary_kmeans"):
             if getattr(self, name) < 0:
                 raise BudgetError(f"budget.{name} must be >= 0, got {getattr(self, name)}")
+        if self.summary_kmeans and self.summary_slots < 2:
+            raise BudgetError(
+                f"budget.summary_kmeans={self.summary_kmeans} regroups a head's summary slots by key, which needs "
+                f"budget.summary_slots >= 2 (got {self.summary_slots}); set summary_kmeans=0 or more summary slots"
+            )
         if self.protected_fraction is not None and not 0 <= self.protected_fraction <= 1:
             raise BudgetError(
                 f"budget.protected_fraction must be null (off) or in [0, 1] (a share of the per-head budget), "

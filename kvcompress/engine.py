@@ -196,9 +196,9 @@ class Engine:
                 f"request {rid!r}: max_new_tokens={request.max_new_tokens} but only {forced} forced_ids to emit; "
                 f"a teacher-forced request emits at most its forced tokens (set max_new_tokens <= {forced})"
             )
-        vocab = int(self.model.config.vocab_size)
-        if any(not 0 <= t < vocab for t in request.forced_ids):
-            bad = next(t for t in request.forced_ids if not 0 <= t < vocab)
+        vocab = int(self.model.config.vocab_size) if forced else 0
+        bad = next((t for t in request.forced_ids if not 0 <= t < vocab), None)
+        if bad is not None:
             raise ValueError(f"request {rid!r}: forced token id {bad} is outside the model's vocabulary [0, {vocab})")
         known = [*self._all_requests()]
         if rid in self.finished or any(r.request_id == rid for r in known):
@@ -499,7 +499,8 @@ class Engine:
             return
         forced = [seqs[i].request.forced_ids[len(seqs[i].generated)] for i in rows]  # type: ignore[union-attr]
         index = self.cache.upload(np.asarray([rows, forced], dtype=np.int64), torch.long)
-        logprobs = logits.float().log_softmax(-1)[index[0], index[1]]
+        picked = logits[index[0]].float().log_softmax(-1)  # only the forced rows: [len(rows), vocab]
+        logprobs = picked.gather(-1, index[1][:, None])[:, 0]
         for j, (i, tok) in enumerate(zip(rows, forced, strict=True)):
             forcing = seqs[i].forcing
             assert forcing is not None

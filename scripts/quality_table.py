@@ -348,7 +348,7 @@ def fidelity_lines(rows: list[dict], mode: str, ratios: list[float]) -> list[str
             nll = sum(r["nll"] for r in rs) / len(rs)
             base = sum(full[r["sample_id"]] for r in rs) / len(rs)
             match = 100 * sum(r["match"] for r in rs) / len(rs)
-            cells.append(f"{nll:.3f} (+{nll - base:.3f}) / {match:.0f}%")
+            cells.append(f"{nll:.3f} ({nll - base:+.3f}) / {match:.0f}%")
         lines.append(f"| {setup} | " + " | ".join(cells) + " |")
     return lines
 

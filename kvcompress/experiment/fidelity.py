@@ -48,10 +48,8 @@ def fidelity_row(out: RequestOutput) -> dict:
 def metric_value(row: dict, metric: str) -> float:
     """A fidelity row's ``metric`` oriented so that higher is better, as paired comparisons count "ahead": minus
     the NLL or the worst token's NLL, the match in %."""
-    if metric in ("nll", "worst"):
-        if metric not in row:
-            raise ValueError(f"this fidelity row has no {metric!r} (written before it was recorded): {row}")
-        return -float(row[metric])
-    if metric == "match":
-        return 100 * float(row["match"])
-    raise ValueError(f"unknown fidelity metric {metric!r}; choose from {', '.join(METRICS)}")
+    if metric not in METRICS:
+        raise ValueError(f"unknown fidelity metric {metric!r}; choose from {', '.join(METRICS)}")
+    if metric not in row:
+        raise ValueError(f"this fidelity row has no {metric!r} (written before it was recorded): {row}")
+    return 100 * float(row[metric]) if metric == "match" else -float(row[metric])

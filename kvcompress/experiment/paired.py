@@ -79,7 +79,9 @@ def load_cells(path: Path, label: str, metric: str = "score") -> Cells:
         if not line.strip():
             continue
         row = json.loads(line)
-        if "setup" in row and metric != "score":
+        if metric != "score":
+            if "setup" not in row:
+                raise ValueError(f"{path}:{n}: --metric {metric} reads quality_table fidelity rows, not this row")
             own = row["setup"]
             scores = {row["sample_id"]: metric_value(row, metric)}
         elif "setup" in row:

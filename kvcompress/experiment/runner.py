@@ -434,6 +434,8 @@ def run_experiment(cfg: DictConfig, ctx: RunContext, policy: Policy) -> tuple[di
     if len(set(ids)) != len(ids):
         raise ExperimentError(f"task {cfg.task.name!r} yields duplicate sample ids; cannot resume safely")
 
+    if cfg.get("fidelity") and comp.active:  # no full-cache answers to force: stop before generating anything
+        full_answers(cfg, ctx, True, [], loaded.tokenizer)
     preds = PredictionsLog(ctx.run_dir, fingerprint(cfg))
     pending = [it for it in items if it.sample.sample_id not in preds]
     if len(pending) < len(items):

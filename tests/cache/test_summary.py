@@ -171,3 +171,13 @@ def test_a_cache_without_summaries_refuses_to_fold() -> None:
     cache = PagedKVCache(L, H, D, 8, block_size=BS)
     with pytest.raises(ValueError, match="summaries=True"):
         fold_evicted(cache, [], torch.zeros(L, 1, H, 0, dtype=torch.bool), 1)
+
+
+def test_kmeans_needs_several_summary_slots() -> None:
+    from kvcompress.budget import Budget, BudgetError
+
+    with pytest.raises(
+        BudgetError, match=r"budget.summary_kmeans=5 regroups .* needs budget.summary_slots >= 2 \(got 1\)"
+    ):
+        Budget(ratio=4, summary_slots=1, summary_kmeans=5)
+    Budget(ratio=4, summary_slots=2, summary_kmeans=5)

@@ -64,6 +64,12 @@ def test_table_and_pairs_read_fidelity_rows(script_module, tmp_path: Path) -> No
     assert "| query_agnostic | 8 | 2 | -1.000 | -1.500 | 2 / 0 | 0.50 |" in render([cell], "a", "b", samples=False)
     with pytest.raises(ValueError, match="run its quality_table command again with --fidelity"):
         load_cells(tmp_path / "elsewhere", "a", "match")
+    kvpress = tmp_path / "kvpress.jsonl"  # a compare_kvpress row holds scores, not fidelity
+    kvpress.write_text(json.dumps({"side": "kvpress", "mode": "query_agnostic", "policy": "kvzip", "ratio": 8.0}))
+    with pytest.raises(ValueError, match="--metric nll reads quality_table fidelity rows, not this row"):
+        load_cells(kvpress, "kvpress/kvzip", "nll")
+    with pytest.raises(ValueError, match="has no 'match'"):
+        load_cells(tmp_path / "rows.jsonl", "a", "match")
     (tmp_path / "fidelity.jsonl").write_text(json.dumps({"setup": "a"}) + "\n")
     missing = r"fidelity.jsonl:1: not a fidelity row \(missing match, mode, nll, ratio, sample_id\)"
     with pytest.raises(ValueError, match=missing):
