@@ -234,7 +234,7 @@ def main() -> None:
             wanted = [(*w[:3], {**w[3], **with_bias} if "head_bias" in w[3] else w[3], *w[4:]) for w in wanted]
     except (ValueError, FileNotFoundError) as err:
         ap.error(str(err))
-    wanted.insert(0, ("full", "full", "uniform", {}, {}, {}))  # first: fidelity forces its answers
+    wanted.append(("full", "full", "uniform", {}, {}, {}))
     if args.task == "jsonl" and not args.path:
         ap.error("--task jsonl needs --path FILE.jsonl")
     out.mkdir(parents=True, exist_ok=True)

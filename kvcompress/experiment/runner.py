@@ -272,20 +272,20 @@ def fidelity_record(it: Item, out: RequestOutput) -> dict[str, Any]:
     return {"sample_id": it.sample.sample_id, "task": it.sample.task, **fidelity_row(out)}
 
 
-def full_answers(
-    cfg: DictConfig, ctx: RunContext, compressed: bool, records: list[dict[str, Any]], tokenizer: Any
-) -> tuple[dict[str, list[int]], Path | None]:
-    """The full cache's answer tokens to each sample and the run directory they come from: this run's own (None)
-    when nothing was compressed, else those of the full-cache run recorded under this run's baseline key (its
-    ``output_ids``, or its re-tokenised predictions when it predates them). Raises ``ExperimentError`` when there
-    is none."""
+def answer_tokens(records: list[dict[str, Any]], tokenizer: Any) -> dict[str, list[int]]:
+    """Sample id -> the answer tokens of prediction ``records``: their ``output_ids``, or the re-tokenised
+    prediction for records that predate them."""
 
     def tokens(r: dict[str, Any]) -> list[int]:
         ids = r.get("output_ids")
         return list(ids) if ids is not None else tokenizer.encode(r["prediction"], add_special_tokens=False)
 
-    if not compressed:
-        return {r["sample_id"]: tokens(r) for r in records}, None
+    return {r["sample_id"]: tokens(r) for r in records}
+
+
+def full_answers(cfg: DictConfig, ctx: RunContext, tokenizer: Any) -> tuple[dict[str, list[int]], Path]:
+    """The answer tokens of the full-cache run recorded under this run's baseline key, and its run directory.
+    Raises ``ExperimentError`` when there is none."""
     key = baseline_key(cfg)
     source = BaselineStore(ctx.baselines_dir).source(key) if ctx.baselines_dir is not None else None
     if source is None or not (source / PREDICTIONS).exists():
@@ -294,7 +294,7 @@ def full_answers(
             f"{ctx.baselines_dir} records no full-cache run of this model, task, mode and seed (key {key}); run "
             "policy=full with the same task settings first (with fidelity=true it also records its own answer NLL)"
         )
-    return {r["sample_id"]: tokens(r) for r in read_records(source)}, source
+    return answer_tokens(read_records(source), tokenizer), source
 
 
 def answer_fidelity(
@@ -304,12 +304,14 @@ def answer_fidelity(
     comp: Compressor,
     items: list[Item],
     records: list[dict[str, Any]],
+    full: tuple[dict[str, list[int]], Path] | None,
 ) -> dict[str, Any]:
-    """Force the full cache's answer to every sample (:func:`full_answers`; an empty answer is skipped) through
-    this run's cache, appending to ``fidelity.jsonl`` as samples finish (a rerun resumes); returns the summary's
-    fidelity fields: the means of ``answer_nll``, ``answer_match`` and ``answer_worst`` over ``answer_n`` samples,
-    and ``answer_nll_full``, the full cache's own mean NLL, when its run recorded one."""
-    forced, source = full_answers(cfg, ctx, comp.active, records, loaded.tokenizer)
+    """Force the full cache's answer to every sample (an empty answer is skipped) through this run's cache,
+    appending to ``fidelity.jsonl`` as samples finish (a rerun resumes); returns the summary's fidelity fields: the
+    means of ``answer_nll``, ``answer_match`` and ``answer_worst`` over ``answer_n`` samples, and
+    ``answer_nll_full``, the full cache's own mean NLL, when its run recorded one. ``full`` is
+    :func:`full_answers` for a compressed run; None takes this uncompressed run's own ``records``."""
+    forced, source = full if full is not None else (answer_tokens(records, loaded.tokenizer), None)
     missing = sorted({it.sample.sample_id for it in items} - forced.keys())
     if missing:
         raise ExperimentError(f"the full-cache run has no prediction for {len(missing)} samples ({missing[0]}, ...)")
@@ -324,8 +326,8 @@ def answer_fidelity(
         bar.close()
     rows = [done.records[it.sample.sample_id] for it in items if it.sample.sample_id in done]
     fields = {f"answer_{k}": sum(r[k] for r in rows) / len(rows) if rows else None for k in ("nll", "match", "worst")}
-    full = finished_summary(source) if source is not None else None  # the full cache's run, when compressed
-    fields["answer_nll_full"] = (full or {}).get("answer_nll") if source is not None else fields["answer_nll"]
+    full_run = finished_summary(source) if source is not None else None  # the full cache's run, when compressed
+    fields["answer_nll_full"] = (full_run or {}).get("answer_nll") if source is not None else fields["answer_nll"]
     return {**fields, "answer_n": len(rows)}
 
 
@@ -434,8 +436,8 @@ def run_experiment(cfg: DictConfig, ctx: RunContext, policy: Policy) -> tuple[di
     if len(set(ids)) != len(ids):
         raise ExperimentError(f"task {cfg.task.name!r} yields duplicate sample ids; cannot resume safely")
 
-    if cfg.get("fidelity") and comp.active:  # no full-cache answers to force: stop before generating anything
-        full_answers(cfg, ctx, True, [], loaded.tokenizer)
+    # a compressed run's fidelity forces the full-cache run's answers: read (or miss) them before generating
+    full = full_answers(cfg, ctx, loaded.tokenizer) if cfg.get("fidelity") and comp.active else None
     preds = PredictionsLog(ctx.run_dir, fingerprint(cfg))
     pending = [it for it in items if it.sample.sample_id not in preds]
     if len(pending) < len(items):
@@ -452,7 +454,7 @@ def run_experiment(cfg: DictConfig, ctx: RunContext, policy: Policy) -> tuple[di
         bar.close()
 
     records = preds.ordered(ids)
-    fidelity = answer_fidelity(cfg, ctx, loaded, comp, items, records) if cfg.get("fidelity") else {}
+    fidelity = answer_fidelity(cfg, ctx, loaded, comp, items, records, full) if cfg.get("fidelity") else {}
     summary = summarize(cfg, ctx, loaded, records, time.perf_counter() - t_start, comp.active)
     summary.update(fidelity)
     summary["n_resumed"] = len(items) - len(pending)
