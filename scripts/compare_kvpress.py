@@ -22,6 +22,14 @@ which kvpress leaves in its uncompressed question part: a few tokens).
     python scripts/compare_kvpress.py --suite docs/results/suites/dev-1k.jsonl --policies tova,snapkv \\
         --ratios 2,4,8 --modes query_aware,query_agnostic --samples 40 --out outputs/compare_kvpress
 
+``--fidelity`` also measures kvpress's answer fidelity (kvcompress.experiment.fidelity): the worker teacher-forces
+the full cache's answer to each sample through each kvpress cell (``--force``) and ``DIR/fidelity.jsonl`` gets one
+quality_table-style row per sample, setup ``kvpress/<policy>``. The answers forced are kvpress's own full-cache
+predictions, or with ``--reference QDIR`` those of a quality_table results directory's ``full`` setup, the ones
+``quality_table.py --fidelity`` forced through our setups there: then both sides are forced the same token ids and
+``scripts/paired_scores.py 'QDIR:<setup>' 'DIR:kvpress/<policy>' --metric nll`` pairs them sample by sample. Our
+side's fidelity comes from quality_table (one path for it), so ``--fidelity`` adds nothing to ``ours`` cells.
+
 See docs/COMPARE_KVPRESS.md.
 """
 
@@ -38,6 +46,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from kvcompress.experiment.fidelity import FIDELITY_FILE, fidelity_fields, fidelity_lines
 from kvcompress.experiment.paired import prediction_scores, retained_percent, sign_test
 from kvcompress.tasks.base import spread
 
@@ -243,15 +252,8 @@ def run_ours(args: argparse.Namespace, subset: Path, mode: str, policy: str, rat
     return make_row("ours", mode, policy, ratio, preds, kept / max(seen, 1), wall_s=time.perf_counter() - t0)
 
 
-def run_kvpress(args: argparse.Namespace, subset: Path, mode: str, policy: str, ratio: float) -> dict[str, Any]:
-    """One cell through the kvpress worker; kept fraction from the prompt lengths it reports."""
-    records = _load_jsonl(subset)
-    work = args.out / "kvpress" / mode
-    work.mkdir(parents=True, exist_ok=True)
-    inp = work / "input.jsonl"
-    _write_jsonl(inp, kvpress_inputs(records, mode))
-    out = work / f"{policy}-x{ratio:g}.jsonl"
-    cr = 0.0 if policy == "full" else compression_ratio(ratio)
+def _worker(args: argparse.Namespace, inp: Path, out: Path, policy: str, cr: float, *extra: str) -> None:
+    """Run the kvpress worker on ``inp`` into ``out`` under the kvpress virtualenv's python."""
     cmd = [
         str(args.kvpress_python),
         str(WORKER),
@@ -271,10 +273,23 @@ def run_kvpress(args: argparse.Namespace, subset: Path, mode: str, policy: str, 
         args.dtype,
         "--threads",
         str(args.threads),
+        *extra,
     ]
-    t0 = time.perf_counter()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the venv must not see kvcompress
     subprocess.run(cmd, check=True, env=env)
+
+
+def run_kvpress(args: argparse.Namespace, subset: Path, mode: str, policy: str, ratio: float) -> dict[str, Any]:
+    """One cell through the kvpress worker; kept fraction from the prompt lengths it reports."""
+    records = _load_jsonl(subset)
+    work = args.out / "kvpress" / mode
+    work.mkdir(parents=True, exist_ok=True)
+    inp = work / "input.jsonl"
+    _write_jsonl(inp, kvpress_inputs(records, mode))
+    out = work / f"{policy}-x{ratio:g}.jsonl"
+    cr = 0.0 if policy == "full" else compression_ratio(ratio)
+    t0 = time.perf_counter()
+    _worker(args, inp, out, policy, cr)
     by_id = {r["id"]: r for r in records}
     preds = []
     total = held = 0
@@ -283,6 +298,61 @@ def run_kvpress(args: argparse.Namespace, subset: Path, mode: str, policy: str, 
         total += p["context_tokens"] + p["question_tokens"]
         held += int(p["context_tokens"] * (1 - cr)) + p["question_tokens"]
     return make_row("kvpress", mode, policy, ratio, preds, held / max(total, 1), wall_s=time.perf_counter() - t0)
+
+
+def reference_answers(
+    args: argparse.Namespace, mode: str, rows: Sequence[dict[str, Any]], tokenizer: Any
+) -> dict[str, list[int]]:
+    """Sample id -> the token ids forced in ``mode``'s fidelity cells: the ``full`` setup's predictions in
+    ``--reference`` (a quality_table results directory), else kvpress's own full-cache row's (``rows``), tokenised
+    by ``tokenizer`` as quality_table tokenises them (no special tokens)."""
+    if args.reference is not None:
+        path = args.reference / "rows.jsonl"
+        if not path.is_file():
+            sys.exit(f"error: --reference {args.reference}: no rows.jsonl there (a quality_table results directory)")
+        full_rows = (r for r in _load_jsonl(path) if (r.get("setup"), r["mode"]) == ("full", mode))
+        texts = {r["sample_id"]: r["prediction"] for r in full_rows}
+        where = f"--reference {args.reference} (setup full, mode {mode})"
+    else:
+        full = next((r for r in rows if r["key"] == cell_key("kvpress", mode, "full", 1.0)), None)
+        texts = {p["id"]: p["prediction"] for p in full["predictions"]} if full else {}
+        where = f"the kvpress full-cache row of mode {mode} in {args.out / 'rows.jsonl'}"
+    if not texts:
+        sys.exit(f"error: --fidelity needs the full cache's answers, and {where} has none")
+    return {i: tokenizer.encode(text, add_special_tokens=False) for i, text in texts.items()}
+
+
+def kvpress_fidelity(
+    args: argparse.Namespace, subset: Path, mode: str, policy: str, ratio: float, answers: dict[str, list[int]]
+) -> list[dict[str, Any]]:
+    """The fidelity rows of one kvpress cell: ``answers`` forced through it by the worker (``--force``), resuming
+    from the samples its output file already holds. Samples without an answer (an empty one, or none in the
+    reference) are left out."""
+    records = _load_jsonl(subset)
+    work = args.out / "kvpress" / mode
+    work.mkdir(parents=True, exist_ok=True)
+    out = work / f"fidelity-{policy}-x{ratio:g}.jsonl"
+    done = {p["id"] for p in _load_jsonl(out)} if out.is_file() else set()
+    todo = [
+        {**line, "forced_ids": answers[line["id"]]}
+        for line in kvpress_inputs(records, mode)
+        if line["id"] not in done and answers.get(line["id"])
+    ]
+    if todo:
+        inp = work / "fidelity-input.jsonl"
+        _write_jsonl(inp, todo)
+        _worker(args, inp, out, policy, 0.0 if policy == "full" else compression_ratio(ratio), "--force")
+    return [
+        {
+            "setup": f"kvpress/{policy}",
+            "mode": mode,
+            "ratio": ratio,
+            "sample_id": p["id"],
+            **fidelity_fields(answers[p["id"]], p["logprobs"], p["greedy"]),
+            "prompt_tokens": p["context_tokens"] + p["question_tokens"],
+        }
+        for p in _load_jsonl(out)
+    ]
 
 
 def _load_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -313,7 +383,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--ours-override", action="append", default=[], help="extra Hydra override for our runs (repeatable)"
     )
+    parser.add_argument(
+        "--fidelity", action="store_true", help="also force the full cache's answers through kvpress (see above)"
+    )
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        default=None,
+        help="with --fidelity: a quality_table results directory whose full setup's answers are forced",
+    )
     args = parser.parse_args(argv)
+    if args.reference is not None and not args.fidelity:
+        parser.error("--reference chooses the answers --fidelity forces; give --fidelity too")
     args.policies = [p for p in args.policies.split(",") if p]
     args.ratios = [float(r) for r in args.ratios.split(",") if r]
     args.modes = [m for m in args.modes.split(",") if m]
@@ -327,6 +408,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown mode(s) {bad}; accepted: {', '.join(MODES)}")
     args.out = args.out.resolve()
     args.suite = args.suite.resolve()
+    if args.reference is not None:
+        args.reference = args.reference.resolve()
     return args
 
 
@@ -350,13 +433,46 @@ def main(argv: Sequence[str] | None = None) -> None:
         append_row(rows_path, row)
         print(f"{side:8s} {mode} {policy} x{ratio:g}: score {row['score']:.1f} kept {row['kept_fraction']:.3f}")
         write_table(args.out)
+    if args.fidelity and "kvpress" in args.sides:
+        fidelity_pass(args, subset)
     print(write_table(args.out))
+
+
+def load_tokenizer(model: Path) -> Any:
+    """The tokenizer of the HF model directory both sides run."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model)
+
+
+def fidelity_pass(args: argparse.Namespace, subset: Path) -> None:
+    """Every kvpress cell's fidelity rows that ``DIR/fidelity.jsonl`` lacks (:func:`kvpress_fidelity`)."""
+    path = args.out / FIDELITY_FILE
+    have = {(r["setup"], r["mode"], r["ratio"], r["sample_id"]) for r in _load_jsonl(path)} if path.is_file() else set()
+    tokenizer = load_tokenizer(args.model)
+    rows = read_rows(args.out / "rows.jsonl")
+    for mode, policy, ratio in cells(args.policies, args.ratios, args.modes):
+        answers = reference_answers(args, mode, rows, tokenizer)
+        new = [
+            r
+            for r in kvpress_fidelity(args, subset, mode, policy, ratio, answers)
+            if (r["setup"], r["mode"], r["ratio"], r["sample_id"]) not in have
+        ]
+        for row in new:
+            append_row(path, row)
+        if new:
+            print(f"kvpress  {mode} {policy} x{ratio:g}: fidelity of {len(new)} samples", flush=True)
 
 
 def write_table(out: Path) -> str:
     """Rebuild ``out/table.md`` from every row in ``out/rows.jsonl`` (another side's process may have added some);
     returns the table."""
     table = render_table(read_rows(out / "rows.jsonl"))
+    forced = read_rows(out / FIDELITY_FILE)
+    for mode in sorted({r["mode"] for r in forced}):
+        ratios = sorted({r["ratio"] for r in forced if r["mode"] == mode} - {1.0})
+        lines = fidelity_lines(forced, mode, ratios, full_setup="kvpress/full")
+        table += "\n".join([f"\n{mode}:", *lines]) + "\n" if lines else ""
     (out / "table.md").write_text(table, encoding="utf-8")
     return table
 

@@ -9,6 +9,13 @@ sharing a context are answered in one pipeline call with ``questions=[...]``, as
 Output lines: ``{"id", "prediction", "context_tokens", "question_tokens"}``, the token counts being what the
 pipeline prefilled as the compressed context and as the uncompressed question part (chat template included).
 
+``--force``: every input line also carries ``forced_ids`` (an answer's token ids, e.g. the full cache's), and
+instead of decoding, the pipeline's answer step teacher-forces them: the question and the answer but its last token
+go through the compressed cache in one forward, at the positions kvpress's decoding would give them, and the line
+gets ``logprobs`` (each answer token's log-probability) and ``greedy`` (the argmax at each step) in place of
+``prediction``. Everything before that step (prefill, the press, the cache trimmed after each question) is kvpress's
+own. Output is appended, so a caller can resume by passing only the samples its file lacks.
+
     ~/.venvs/kvpress/bin/python scripts/kvpress_worker.py --model DIR --input in.jsonl --out preds.jsonl \\
         --press TOVAPress --compression-ratio 0.75
 """
@@ -37,6 +44,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--force", action="store_true", help="teacher-force each line's forced_ids (see above)")
     args = parser.parse_args()
 
     hf_logging.disable_progress_bar()
@@ -56,9 +64,11 @@ def main() -> None:
     for s in samples:  # one call per (context, generation length): the compressed context is shared
         groups.setdefault((s["context"], s["max_new_tokens"]), []).append(s)
 
-    with open(args.out, "w", encoding="utf-8") as out:
+    with open(args.out, "a" if args.force else "w", encoding="utf-8") as out:
         for (context, max_new), group in groups.items():
             questions = [s["question"] for s in group]
+            if args.force:
+                pipe.generate_answer = forced_answers(pipe, [s["forced_ids"] for s in group])
             t0 = time.perf_counter()
             answers = pipe(context, questions=questions, press=press, max_new_tokens=max_new)["answers"]
             elapsed = time.perf_counter() - t0
@@ -67,13 +77,38 @@ def main() -> None:
             for s, answer, q_ids in zip(group, answers, ids["questions_ids"], strict=True):
                 row = {
                     "id": s["id"],
-                    "prediction": answer.strip(),
+                    **(answer if args.force else {"prediction": answer.strip()}),
                     "context_tokens": context_tokens,
                     "question_tokens": int(q_ids.shape[1]),
                     "time_s": elapsed / len(group),
                 }
                 out.write(json.dumps(row) + "\n")
                 out.flush()
+
+
+def forced_answers(pipe, forced: list[list[int]]):
+    """A stand-in for ``pipe.generate_answer`` that teacher-forces ``forced`` (one answer per question, in the
+    order kvpress asks them): returns ``{"logprobs", "greedy"}`` per question instead of decoded text."""
+    queue = iter(forced)
+
+    @torch.no_grad()
+    def generate_answer(question_ids: torch.Tensor, cache, context_length: int, max_new_tokens: int) -> dict:
+        answer = torch.tensor([next(queue)], dtype=torch.long, device=question_ids.device)  # [1, T]
+        if answer.shape[1] == 0:
+            return {"logprobs": [], "greedy": []}
+        inputs = torch.cat([question_ids, answer[:, :-1]], dim=1)
+        positions = torch.arange(context_length, context_length + inputs.shape[1], device=inputs.device)
+        logits = (
+            pipe.model(
+                input_ids=inputs, past_key_values=cache, position_ids=positions[None], logits_to_keep=answer.shape[1]
+            )
+            .logits[0]
+            .float()
+        )  # [T, vocab]: the last question token predicts the first answer token
+        logprobs = logits.log_softmax(-1).gather(-1, answer[0, :, None])[:, 0]
+        return {"logprobs": logprobs.tolist(), "greedy": logits.argmax(-1).tolist()}
+
+    return generate_answer
 
 
 if __name__ == "__main__":

@@ -16,7 +16,12 @@ loss against its own full cache. A cell can be won through gains alone, on sampl
 ``--metric nll`` (or ``match``, ``worst``) compares the two on answer fidelity instead (quality_table
 ``--fidelity``): each sample's NLL of the full cache's answer, shown negated so that "ahead" is the lower NLL, its
 greedy match in %, or its worst token's NLL (negated).
-A continuous measure splits samples that both score 0 or both 100, so it separates setups that scores cannot.
+A continuous measure splits samples that both score 0 or both 100, so it separates setups that scores cannot; its
+table adds the Wilcoxon signed-rank test's p, which also weighs how far apart each sample's two values are. kvpress's
+fidelity rows (``compare_kvpress.py --fidelity``, label ``kvpress/<policy>``) pair with quality_table's:
+
+    python scripts/paired_scores.py 'docs/results/dev-1k-agnostic-fidelity-n40:kvzip+global' \\
+        'docs/results/kvpress-dev-1k-kvzip-agnostic-n40:kvpress/kvzip' --metric nll
 """
 
 from __future__ import annotations

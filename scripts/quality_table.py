@@ -41,7 +41,7 @@ import torch
 from kvcompress.budget import Budget
 from kvcompress.compressor import Compressor
 from kvcompress.engine import Engine, peak_tokens
-from kvcompress.experiment.fidelity import FIDELITY_FILE, fidelity_row
+from kvcompress.experiment.fidelity import FIDELITY_FILE, fidelity_lines, fidelity_row
 from kvcompress.experiment.paired import retained_percent
 from kvcompress.experiment.policy_config import load_policy
 from kvcompress.experiment.prompts import bind_tokenizer, build_prompt
@@ -221,7 +221,7 @@ def main() -> None:
             ratios = sorted({float(r["ratio"]) for r in rows} - {1.0})
         write_table(rows_path, out / "table.md", ratios, fidelity_path)
         return
-    done = {(r["setup"], r["mode"], r["sample_id"]) for r in rows}
+    done = {(r["setup"], r["mode"], r["sample_id"], float(r["ratio"])) for r in rows}
     try:  # bad setups fail before the model loads
         wanted = [resolve_setup(name) for name in split_setups(args.setups)]
         for setup in wanted:
@@ -251,26 +251,27 @@ def main() -> None:
     t0 = time.perf_counter()
 
     def run(path: Path, done: set, answers: dict[tuple[str, str], list[int]] | None) -> None:
-        """Every (mode, setup) of ``wanted`` on its samples not ``done``, appending rows to ``path`` as each sample
-        completes; with ``answers`` ((mode, sample id) -> the full cache's answer tokens), the fidelity pass."""
-        with path.open("a") as f:
-            for mode in args.modes.split(","):
-                for label, pol, alloc, overrides, allocator_args, budget_args in wanted:
-                    pending = [s for s in samples if (label, mode, s.sample_id) not in done]
-                    forced = None
-                    if answers is not None:  # samples whose full answer is empty have nothing to force
-                        forced = {s.sample_id: answers[mode, s.sample_id] for s in pending}
-                        pending = [s for s in pending if forced[s.sample_id]]
-                    if not pending:
-                        continue
-                    rs = [1.0] if label == "full" else ratios
-                    for sample_id, rows in run_setup(
+        """Every (mode, setup) of ``wanted`` at every ratio, on the samples whose (setup, mode, sample id, ratio)
+        is not ``done``, appending rows to ``path`` as each sample completes (a rerun with more ratios runs only
+        those); with ``answers`` ((mode, sample id) -> the full cache's answer tokens), the fidelity pass."""
+        for mode in args.modes.split(","):
+            for label, pol, alloc, overrides, allocator_args, budget_args in wanted:
+                missing: dict[tuple[float, ...], list] = {}  # the ratios a sample lacks -> those samples
+                for s in samples:
+                    lacks = tuple(
+                        r for r in ([1.0] if label == "full" else ratios) if (label, mode, s.sample_id, r) not in done
+                    )
+                    if lacks and (answers is None or answers[mode, s.sample_id]):  # an empty answer: nothing to force
+                        missing.setdefault(lacks, []).append(s)
+                for rs, pending in missing.items():
+                    forced = None if answers is None else {s.sample_id: answers[mode, s.sample_id] for s in pending}
+                    results = run_setup(
                         lm.model,
                         lm.tokenizer,
                         pending,
                         pol,
                         alloc,
-                        rs,
+                        list(rs),
                         args.protected,
                         mode,
                         overrides,
@@ -279,19 +280,25 @@ def main() -> None:
                         args.protected_fraction,
                         budget_args,
                         forced,
-                    ):
-                        for row in rows:
-                            f.write(json.dumps({"setup": label, "mode": mode, "sample_id": sample_id, **row}) + "\n")
-                        f.flush()
-                        os.fsync(f.fileno())
-                        kind = "fidelity" if forced else "score"
-                        print(f"{mode} {sample_id} {label} {kind} done at {time.perf_counter() - t0:.0f}s", flush=True)
+                    )
+                    with path.open("a") as f:
+                        for sample_id, rows in results:
+                            for row in rows:
+                                f.write(
+                                    json.dumps({"setup": label, "mode": mode, "sample_id": sample_id, **row}) + "\n"
+                                )
+                            f.flush()
+                            os.fsync(f.fileno())
+                            kind = "fidelity" if forced else "score"
+                            print(
+                                f"{mode} {sample_id} {label} {kind} done at {time.perf_counter() - t0:.0f}s", flush=True
+                            )
 
     run(rows_path, done, None)
     if args.fidelity:
         full = {(r["mode"], r["sample_id"]): r["prediction"] for r in read_rows(rows_path) if r["setup"] == "full"}
         answers = {key: lm.tokenizer.encode(text, add_special_tokens=False) for key, text in full.items()}
-        forced_done = {(r["setup"], r["mode"], r["sample_id"]) for r in read_fidelity(fidelity_path)}
+        forced_done = {(r["setup"], r["mode"], r["sample_id"], float(r["ratio"])) for r in read_fidelity(fidelity_path)}
         run(fidelity_path, forced_done, answers)
     write_table(rows_path, out / "table.md", ratios, fidelity_path)
 
@@ -321,36 +328,6 @@ def read_fidelity(path: Path) -> list[dict]:
     """The rows of a ``fidelity.jsonl``, none when it does not exist yet (see :func:`_read_jsonl`)."""
     required = {"setup", "mode", "sample_id", "ratio", "nll", "match"}
     return _read_jsonl(path, required, "fidelity") if path.exists() else []
-
-
-def fidelity_lines(rows: list[dict], mode: str, ratios: list[float]) -> list[str]:
-    """Markdown lines of ``mode``'s answer fidelity per setup and ratio: mean NLL per token of the full cache's
-    answer and the % of its tokens greedy decoding keeps, over the samples the full cache was forced on too."""
-    full = {r["sample_id"]: r["nll"] for r in rows if r["mode"] == mode and r["setup"] == "full"}
-    setups = sorted({r["setup"] for r in rows if r["mode"] == mode} - {"full"})
-    if not full or not setups:
-        return []
-    head = " | ".join(f"{r:g}x NLL (+ over full) / match" for r in ratios)
-    lines = [
-        f"\nAnswer fidelity (the full cache's answer forced; its own NLL {sum(full.values()) / len(full):.3f}, "
-        f"n={len(full)}):\n",
-        f"| policy | {head} |",
-        "|---|" + "---|" * len(ratios),
-    ]
-    for setup in setups:
-        cells = []
-        for ratio in ratios:
-            rs = [r for r in rows if (r["mode"], r["setup"], r["ratio"]) == (mode, setup, ratio)]
-            rs = [r for r in rs if r["sample_id"] in full]
-            if not rs:
-                cells.append("-")
-                continue
-            nll = sum(r["nll"] for r in rs) / len(rs)
-            base = sum(full[r["sample_id"]] for r in rs) / len(rs)
-            match = 100 * sum(r["match"] for r in rs) / len(rs)
-            cells.append(f"{nll:.3f} ({nll - base:+.3f}) / {match:.0f}%")
-        lines.append(f"| {setup} | " + " | ".join(cells) + " |")
-    return lines
 
 
 def write_table(rows_path: Path, table_path: Path, ratios: list[float], fidelity_path: Path | None = None) -> None:

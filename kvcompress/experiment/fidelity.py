@@ -22,6 +22,7 @@ These are paired, continuous per-sample measures: :mod:`kvcompress.experiment.pa
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from kvcompress.sequence import RequestOutput
 
@@ -33,15 +34,24 @@ def fidelity_row(out: RequestOutput) -> dict:
     """The fidelity fields of a teacher-forced request's output (see the module docstring)."""
     if out.forced_logprobs is None or out.greedy_tokens is None:
         raise ValueError(f"request {out.request_id!r} was not teacher-forced (no forced_ids): it has no fidelity")
-    n = len(out.tokens)
-    misses = [i for i, (g, t) in enumerate(zip(out.greedy_tokens, out.tokens, strict=True)) if g != t]
+    return fidelity_fields(out.tokens, out.forced_logprobs, out.greedy_tokens)
+
+
+def fidelity_fields(tokens: Sequence[int], logprobs: Sequence[float], greedy: Sequence[int]) -> dict:
+    """The fidelity fields of one forced answer: its ``tokens``, each one's log-probability under the compressed
+    cache, and the token greedy decoding would have emitted at each step (all three of the answer's length). Shared
+    by our engine's forced requests and the kvpress worker's (``scripts/compare_kvpress.py --fidelity``)."""
+    if not len(tokens) == len(logprobs) == len(greedy):
+        raise ValueError(f"{len(tokens)} tokens, {len(logprobs)} log-probs and {len(greedy)} greedy tokens differ")
+    n = len(tokens)
+    misses = [i for i, (g, t) in enumerate(zip(greedy, tokens, strict=True)) if g != t]
     return {
         "tokens": n,
-        "nll": -math.fsum(out.forced_logprobs) / n if n else 0.0,
+        "nll": -math.fsum(logprobs) / n if n else 0.0,
         "match": (n - len(misses)) / n if n else 1.0,
         "first_miss": misses[0] if misses else n,
-        "worst": -min(out.forced_logprobs, default=0.0),
-        "logprobs": [round(lp, 4) for lp in out.forced_logprobs],
+        "worst": -min(logprobs, default=0.0),
+        "logprobs": [round(lp, 4) for lp in logprobs],
     }
 
 
@@ -53,3 +63,34 @@ def metric_value(row: dict, metric: str) -> float:
     if metric not in row:
         raise ValueError(f"this fidelity row has no {metric!r} (written before it was recorded): {row}")
     return 100 * float(row[metric]) if metric == "match" else -float(row[metric])
+
+
+def fidelity_lines(rows: list[dict], mode: str, ratios: list[float], full_setup: str = "full") -> list[str]:
+    """Markdown lines of ``mode``'s answer fidelity per setup and ratio: mean NLL per token of the full cache's
+    answer and the % of its tokens greedy decoding keeps, over the samples the full cache (setup ``full_setup``)
+    was forced on too."""
+    full = {r["sample_id"]: r["nll"] for r in rows if r["mode"] == mode and r["setup"] == full_setup}
+    setups = sorted({r["setup"] for r in rows if r["mode"] == mode} - {full_setup})
+    if not full or not setups:
+        return []
+    head = " | ".join(f"{r:g}x NLL (+ over full) / match" for r in ratios)
+    lines = [
+        f"\nAnswer fidelity (the full cache's answer forced; its own NLL {sum(full.values()) / len(full):.3f}, "
+        f"n={len(full)}):\n",
+        f"| policy | {head} |",
+        "|---|" + "---|" * len(ratios),
+    ]
+    for setup in setups:
+        cells = []
+        for ratio in ratios:
+            rs = [r for r in rows if (r["mode"], r["setup"], r["ratio"]) == (mode, setup, ratio)]
+            rs = [r for r in rs if r["sample_id"] in full]
+            if not rs:
+                cells.append("-")
+                continue
+            nll = sum(r["nll"] for r in rs) / len(rs)
+            base = sum(full[r["sample_id"]] for r in rs) / len(rs)
+            match = 100 * sum(r["match"] for r in rs) / len(rs)
+            cells.append(f"{nll:.3f} ({nll - base:+.3f}) / {match:.0f}%")
+        lines.append(f"| {setup} | " + " | ".join(cells) + " |")
+    return lines

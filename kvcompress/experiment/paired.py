@@ -8,8 +8,9 @@ behind every "ahead / behind, p" figure in docs/RESULTS.md. It reads both result
   selected by their setup label;
 * ``scripts/compare_kvpress.py`` rows (one per cell: ``side``, ``mode``, ``policy``, ``ratio``, ``predictions``
   with ``id`` and ``score``), selected by ``side/policy``, e.g. ``kvpress/kvzip``;
-* quality_table's ``fidelity.jsonl`` rows, for a fidelity ``metric`` (:mod:`kvcompress.experiment.fidelity`):
-  minus the NLL of the full cache's answer, or its greedy match in %, so that higher is better there too.
+* ``fidelity.jsonl`` rows, quality_table's or compare_kvpress's (label ``kvpress/<policy>``), for a fidelity
+  ``metric`` (:mod:`kvcompress.experiment.fidelity`): minus the NLL of the full cache's answer, or its greedy
+  match in %, so that higher is better there too.
 
 A compressed run can also score *above* its full cache, on samples the full cache misses (SmolLM2 loops on some
 passkeys with the whole context in view). Such gains count in the mean like any other point, so two setups can
@@ -35,7 +36,9 @@ Cells = dict[tuple[str, float], dict[str, float]]
 @dataclass(frozen=True)
 class Pair:
     """One (mode, ratio) cell: the ``n`` samples both sides scored, each side's mean score over them, the samples
-    ``a`` scores above / below ``b`` and the sign test's two-sided p-value (1.0 when every sample ties)."""
+    ``a`` scores above / below ``b``, the sign test's two-sided p-value (1.0 when every sample ties) and the
+    Wilcoxon signed-rank test's (:func:`signed_rank_p`), which weighs each sample by how far apart the two are:
+    for continuous values (fidelity) it can see what the sign test cannot; on 0 / 100 scores it adds nothing."""
 
     mode: str
     ratio: float
@@ -45,6 +48,7 @@ class Pair:
     ahead: int
     behind: int
     p: float
+    p_ranks: float = 1.0
 
 
 def sign_test(a: Mapping[str, float], b: Mapping[str, float]) -> tuple[int, int, float]:
@@ -56,6 +60,16 @@ def sign_test(a: Mapping[str, float], b: Mapping[str, float]) -> tuple[int, int,
     ahead = sum(a[i] > b[i] for i in common)
     behind = sum(a[i] < b[i] for i in common)
     return ahead, behind, binomtest(ahead, ahead + behind).pvalue if ahead + behind else 1.0
+
+
+def signed_rank_p(a: Mapping[str, float], b: Mapping[str, float]) -> float:
+    """The two-sided p-value of the Wilcoxon signed-rank test on ``a - b`` over the sample ids both hold (ties, a
+    zero difference, left out as the sign test leaves them; 1.0 when every sample ties). Exact for small n and no
+    tied ranks, the normal approximation otherwise (scipy's choice)."""
+    from scipy.stats import wilcoxon
+
+    diffs = [a[i] - b[i] for i in sorted(a.keys() & b.keys()) if a[i] != b[i]]
+    return float(wilcoxon(diffs).pvalue) if diffs else 1.0
 
 
 def prediction_scores(row: Mapping) -> dict[str, float]:
@@ -81,7 +95,9 @@ def load_cells(path: Path, label: str, metric: str = "score") -> Cells:
         row = json.loads(line)
         if metric != "score":
             if "setup" not in row:
-                raise ValueError(f"{path}:{n}: --metric {metric} reads quality_table fidelity rows, not this row")
+                raise ValueError(
+                    f"{path}:{n}: --metric {metric} reads fidelity rows (quality_table, compare_kvpress), not this row"
+                )
             own = row["setup"]
             scores = {row["sample_id"]: metric_value(row, metric)}
         elif "setup" in row:
@@ -109,7 +125,8 @@ def pair_cells(a: Cells, b: Cells) -> list[Pair]:
             continue
         ahead, behind, p = sign_test(a[key], b[key])
         mean_a, mean_b = (sum(cell[i] for i in common) / len(common) for cell in (a[key], b[key]))
-        pairs.append(Pair(key[0], key[1], len(common), mean_a, mean_b, ahead, behind, p))
+        ranks = signed_rank_p(a[key], b[key])
+        pairs.append(Pair(key[0], key[1], len(common), mean_a, mean_b, ahead, behind, p, ranks))
     return pairs
 
 
@@ -198,16 +215,18 @@ def render_retained(cells: list[Retained], name_a: str, name_b: str) -> str:
 
 def render(pairs: list[Pair], name_a: str, name_b: str, samples: bool = True) -> str:
     """Markdown table of ``pairs``, one row per cell, then the totals over every cell (with ``samples``, also the
-    summed difference in samples, which only scores in [0, 100] have)."""
+    summed difference in samples, which only scores in [0, 100] have; without, continuous values, also the
+    signed-rank test's p)."""
+    ranks = "" if samples else " signed-rank p |"
     lines = [
-        f"| mode | ratio | n | {name_a} | {name_b} | ahead / behind | p |",
-        "|---|---:|---:|---:|---:|---|---:|",
+        f"| mode | ratio | n | {name_a} | {name_b} | ahead / behind | sign test p |{ranks}",
+        "|---|---:|---:|---:|---:|---|---:|" + ("" if samples else "---:|"),
     ]
     digits = 1 if samples else 3
     for c in pairs:
         lines.append(
             f"| {c.mode} | {c.ratio:g} | {c.n} | {c.mean_a:.{digits}f} | {c.mean_b:.{digits}f} "
-            f"| {c.ahead} / {c.behind} | {c.p:.2f} |"
+            f"| {c.ahead} / {c.behind} | {c.p:.2f} |" + ("" if samples else f" {c.p_ranks:.3g} |")
         )
     ahead, behind = sum(c.ahead for c in pairs), sum(c.behind for c in pairs)
     summed = sum((c.mean_a - c.mean_b) * c.n / 100 for c in pairs)

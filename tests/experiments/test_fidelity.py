@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kvcompress.experiment.fidelity import fidelity_row, metric_value
+from kvcompress.experiment.fidelity import fidelity_fields, fidelity_row, metric_value
 from kvcompress.experiment.paired import load_cells, pair_cells, render
 from kvcompress.sequence import RequestOutput
 
@@ -37,6 +37,8 @@ def test_fidelity_row_counts_the_nll_matches_and_first_miss() -> None:
         fidelity_row(_output([5], None, None))
     with pytest.raises(ValueError, match="unknown fidelity metric 'kl'; choose from nll, match, worst"):
         metric_value(row, "kl")
+    with pytest.raises(ValueError, match="2 tokens, 1 log-probs and 2 greedy tokens differ"):
+        fidelity_fields([5, 6], [-0.1], [5, 6])
 
 
 def _fidelity(setup: str, sample: str, ratio: float, nll: float, match: float) -> dict:
@@ -66,7 +68,7 @@ def test_table_and_pairs_read_fidelity_rows(script_module, tmp_path: Path) -> No
         load_cells(tmp_path / "elsewhere", "a", "match")
     kvpress = tmp_path / "kvpress.jsonl"  # a compare_kvpress row holds scores, not fidelity
     kvpress.write_text(json.dumps({"side": "kvpress", "mode": "query_agnostic", "policy": "kvzip", "ratio": 8.0}))
-    with pytest.raises(ValueError, match="--metric nll reads quality_table fidelity rows, not this row"):
+    with pytest.raises(ValueError, match="reads fidelity rows \\(quality_table, compare_kvpress\\), not this"):
         load_cells(kvpress, "kvpress/kvzip", "nll")
     with pytest.raises(ValueError, match="has no 'match'"):
         load_cells(tmp_path / "rows.jsonl", "a", "match")
@@ -79,7 +81,8 @@ def test_table_and_pairs_read_fidelity_rows(script_module, tmp_path: Path) -> No
 @pytest.mark.slow
 def test_quality_table_fidelity_on_the_embedded_model(smollm2, tmp_path: Path) -> None:
     """One dev-1k sample, query-agnostic, StreamingLLM at 4x: the full cache forced through itself matches its
-    own greedy answer token for token; the compressed cache scores it at a higher NLL; a rerun adds nothing."""
+    own greedy answer token for token; the compressed cache scores it at a higher NLL; a rerun adds nothing, and a
+    rerun with one ratio more runs only that ratio."""
     cmd = [sys.executable, str(ROOT / "scripts" / "quality_table.py"), "--out", str(tmp_path), "--task", "jsonl",
            "--path", str(ROOT / "docs" / "results" / "suites" / "dev-1k.jsonl"), "--samples", "40", "--first", "1",
            "--setups", "streaming", "--modes", "query_agnostic", "--ratios", "4", "--fidelity"]  # fmt: skip
@@ -93,6 +96,14 @@ def test_quality_table_fidelity_on_the_embedded_model(smollm2, tmp_path: Path) -
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and "done at" not in again.stdout
     assert len((tmp_path / "fidelity.jsonl").read_text().splitlines()) == 2
+    cmd[cmd.index("--ratios") + 1] = "4,8"  # a ratio more: only its score and fidelity run
+    more = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert more.stdout.count("streaming score done") == 1 and more.stdout.count("streaming fidelity done") == 1
+    assert " full score done" not in more.stdout and " full fidelity done" not in more.stdout
+    for name in ("rows.jsonl", "fidelity.jsonl"):
+        added = [json.loads(line) for line in (tmp_path / name).read_text().splitlines()[2:]]
+        assert [(r["setup"], r["ratio"]) for r in added] == [("streaming", 8.0)]
 
 
 def test_hydra_runs_record_fidelity_against_the_full_cache_run(run_cli, tiny: list[str], tmp_path: Path) -> None:

@@ -44,6 +44,9 @@ class WordTokenizer:
     def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
         return {"input_ids": [self.vocab.setdefault(t, len(self.vocab)) for t in re.findall(r"\S+|\s", text)]}
 
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self(text)["input_ids"]
+
 
 def test_press_names(compare):
     assert compare.press_for("tova") == "TOVAPress"
@@ -164,6 +167,104 @@ def test_sides_run_apart_into_one_table(compare, tmp_path, monkeypatch):
     )
     with pytest.raises(SystemExit):
         compare.parse_args([*base, "--sides", "ours,vllm"])
+
+
+def test_fidelity_forces_the_reference_answers_through_kvpress_and_resumes(compare, tmp_path, monkeypatch):
+    """--fidelity: each kvpress cell gets one fidelity row per sample with an answer (kvpress's own full-cache
+    answers, or a quality_table directory's with --reference), computed from the worker's forced log-probs as our
+    engine's are; a rerun forces only the samples the worker's output lacks."""
+    from kvcompress.experiment.fidelity import fidelity_fields
+
+    suite = tmp_path / "suite.jsonl"
+    suite.write_text(
+        "".join(
+            json.dumps({"id": f"s{i}", "context": "C", "question": "Q", "answers": ["x"]}) + "\n" for i in range(3)
+        ),
+        encoding="utf-8",
+    )
+    answers = {"s0": "the code 123", "s1": "", "s2": "no idea"}
+
+    def run_kvpress(args, subset, mode, policy, ratio):
+        preds = [{"id": i, "prediction": text, "score": 0.0} for i, text in answers.items()]
+        return compare.make_row("kvpress", mode, policy, ratio, preds, 1 / ratio)
+
+    forced: list[tuple[str, list[str]]] = []
+
+    def worker(args, inp, out, policy, cr, *extra):  # what scripts/kvpress_worker.py --force appends
+        assert extra == ("--force",)
+        lines = [json.loads(line) for line in inp.read_text(encoding="utf-8").splitlines()]
+        forced.append((policy, [line["id"] for line in lines]))
+        with out.open("a", encoding="utf-8") as handle:
+            for line in lines:
+                ids = line["forced_ids"]
+                row = {"id": line["id"], "logprobs": [-cr - 0.1] * len(ids), "greedy": [*ids[:-1], -1]}
+                handle.write(json.dumps({**row, "context_tokens": 5, "question_tokens": 2}) + "\n")
+
+    tokenizer = WordTokenizer()
+    monkeypatch.setattr(compare, "run_kvpress", run_kvpress)
+    monkeypatch.setattr(compare, "_worker", worker)
+    monkeypatch.setattr(compare, "load_tokenizer", lambda model: tokenizer)
+    out = tmp_path / "out"
+    base = ["--suite", str(suite), "--policies", "kvzip", "--ratios", "4", "--out", str(out), "--sides", "kvpress"]
+    compare.main([*base, "--fidelity"])
+    assert forced == [("full", ["s0", "s2"]), ("kvzip", ["s0", "s2"])]  # s1's answer is empty: nothing to force
+    rows = [json.loads(line) for line in (out / "fidelity.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [(r["setup"], r["ratio"], r["sample_id"]) for r in rows] == [
+        ("kvpress/full", 1.0, "s0"),
+        ("kvpress/full", 1.0, "s2"),
+        ("kvpress/kvzip", 4.0, "s0"),
+        ("kvpress/kvzip", 4.0, "s2"),
+    ]
+    ids = tokenizer.encode("the code 123")
+    expected = fidelity_fields(ids, [-0.85] * len(ids), [*ids[:-1], -1])
+    assert {k: rows[2][k] for k in expected} == expected
+    assert rows[2]["match"] < 1 and rows[2]["prompt_tokens"] == 7
+    assert "kvpress/kvzip" in (out / "table.md").read_text(encoding="utf-8")
+
+    # a cell cut short: the worker's file lost s2, fidelity.jsonl never got it; a rerun forces s2 alone
+    cell = out / "kvpress" / "query_aware" / "fidelity-kvzip-x4.jsonl"
+    cell.write_text(cell.read_text(encoding="utf-8").splitlines()[0] + "\n", encoding="utf-8")
+    (out / "fidelity.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]), encoding="utf-8")
+    compare.main([*base, "--fidelity"])
+    assert forced[2:] == [("kvzip", ["s2"])]
+    assert len((out / "fidelity.jsonl").read_text(encoding="utf-8").splitlines()) == 4
+
+    # --reference: a quality_table directory's full answers are forced instead
+    qdir = tmp_path / "q"
+    qdir.mkdir()
+    full = {"setup": "full", "mode": "query_aware", "ratio": 1.0, "score": 0.0}
+    (qdir / "rows.jsonl").write_text(json.dumps({**full, "sample_id": "s1", "prediction": "yes"}) + "\n")
+    compare.main([*base, "--out", str(tmp_path / "out2"), "--fidelity", "--reference", str(qdir)])
+    assert forced[3:] == [("full", ["s1"]), ("kvzip", ["s1"])]
+    with pytest.raises(SystemExit):
+        compare.parse_args([*base, "--reference", str(qdir)])  # --reference without --fidelity
+
+
+@pytest.mark.slow
+def test_kvpress_forced_full_cache_gives_our_engines_log_probs(compare, tmp_path):
+    """The real worker, where the kvpress virtualenv is installed (scripts/make_kvpress_venv.sh; CI has none):
+    kvpress's full cache, forced with the answers quality_table forced through ours, gives the same log-prob per
+    token as our engine did (recorded in the committed dev-1k fidelity run), and the same greedy tokens."""
+    if not (compare.DEFAULT_KVPRESS_PYTHON.is_file() and compare.DEFAULT_MODEL.is_dir()):
+        pytest.skip("no kvpress virtualenv or converted model (scripts/make_kvpress_venv.sh)")
+    results = SCRIPTS.parent / "docs" / "results"
+    reference = results / "dev-1k-agnostic-fidelity-n40"
+    out = tmp_path / "out"
+    compare.main(
+        ["--suite", str(results / "suites" / "dev-1k.jsonl"), "--policies", "full", "--modes", "query_agnostic"]
+        + ["--sides", "kvpress", "--samples", "2", "--out", str(out), "--fidelity", "--reference", str(reference)]
+    )
+    theirs = [json.loads(line) for line in (out / "fidelity.jsonl").read_text(encoding="utf-8").splitlines()]
+    ours = {}
+    for line in (reference / "fidelity.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        if row["setup"] == "full":
+            ours[row["sample_id"]] = row
+    assert len(theirs) == 2
+    for row in theirs:
+        mine = ours[row["sample_id"]]
+        assert row["tokens"] == mine["tokens"] and row["match"] == mine["match"] == 1.0
+        assert row["logprobs"] == pytest.approx(mine["logprobs"], abs=3e-4)
 
 
 def test_kvpress_inputs_fold_question_in_query_aware(compare):

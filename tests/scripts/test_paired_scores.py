@@ -14,6 +14,7 @@ from kvcompress.experiment.paired import (
     render,
     render_retained,
     retained_pairs,
+    signed_rank_p,
 )
 
 
@@ -142,3 +143,16 @@ def test_full_cells_of_an_empty_file_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "rows.jsonl").write_text("\n", encoding="utf-8")
     with pytest.raises(ValueError, match="rows.jsonl is empty"):
         full_cells(tmp_path, "kvzip+global")
+
+
+def test_signed_rank_weighs_how_far_apart_each_sample_is() -> None:
+    """Ten large wins and six tiny losses: the sign test sees 10 / 6 (p = 0.45), the signed-rank test sees that
+    every win outweighs every loss."""
+    a = {f"s{i}": (-0.1 if i < 10 else -0.501) for i in range(16)}
+    b = {f"s{i}": (-0.9 if i < 10 else -0.5) for i in range(16)}
+    ((pair,),) = [pair_cells({("query_agnostic", 8.0): a}, {("query_agnostic", 8.0): b})]
+    assert (pair.ahead, pair.behind) == (10, 6) and pair.p == pytest.approx(0.4545, abs=1e-3)
+    assert pair.p_ranks < 0.05 and pair.p_ranks == signed_rank_p(a, b)
+    assert signed_rank_p(a, a) == 1.0  # every sample ties
+    assert "signed-rank p" in render([pair], "a", "b", samples=False)
+    assert "signed-rank p" not in render([pair], "a", "b")
