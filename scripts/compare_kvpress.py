@@ -451,8 +451,11 @@ def fidelity_pass(args: argparse.Namespace, subset: Path) -> None:
     have = {(r["setup"], r["mode"], r["ratio"], r["sample_id"]) for r in _load_jsonl(path)} if path.is_file() else set()
     tokenizer = load_tokenizer(args.model)
     rows = read_rows(args.out / "rows.jsonl")
+    answers_of: dict[str, dict[str, list[int]]] = {}
     for mode, policy, ratio in cells(args.policies, args.ratios, args.modes):
-        answers = reference_answers(args, mode, rows, tokenizer)
+        if mode not in answers_of:
+            answers_of[mode] = reference_answers(args, mode, rows, tokenizer)
+        answers = answers_of[mode]
         new = [
             r
             for r in kvpress_fidelity(args, subset, mode, policy, ratio, answers)

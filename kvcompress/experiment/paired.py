@@ -224,9 +224,10 @@ def render(pairs: list[Pair], name_a: str, name_b: str, samples: bool = True) ->
     ]
     digits = 1 if samples else 3
     for c in pairs:
+        tests = f"{c.p:.2f} |" if samples else f"{c.p:.2g} | {c.p_ranks:.2g} |"
         lines.append(
             f"| {c.mode} | {c.ratio:g} | {c.n} | {c.mean_a:.{digits}f} | {c.mean_b:.{digits}f} "
-            f"| {c.ahead} / {c.behind} | {c.p:.2f} |" + ("" if samples else f" {c.p_ranks:.3g} |")
+            f"| {c.ahead} / {c.behind} | {tests}"
         )
     ahead, behind = sum(c.ahead for c in pairs), sum(c.behind for c in pairs)
     summed = sum((c.mean_a - c.mean_b) * c.n / 100 for c in pairs)
