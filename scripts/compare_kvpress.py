@@ -342,6 +342,7 @@ def kvpress_fidelity(
         inp = work / "fidelity-input.jsonl"
         _write_jsonl(inp, todo)
         _worker(args, inp, out, policy, 0.0 if policy == "full" else compression_ratio(ratio), "--force")
+        inp.unlink()  # transient: what was forced is the reference (QDIR or rows.jsonl), tokenised
     return [
         {
             "setup": f"kvpress/{policy}",

@@ -220,6 +220,7 @@ def test_fidelity_forces_the_reference_answers_through_kvpress_and_resumes(compa
     assert {k: rows[2][k] for k in expected} == expected
     assert rows[2]["match"] < 1 and rows[2]["prompt_tokens"] == 7
     assert "kvpress/kvzip" in (out / "table.md").read_text(encoding="utf-8")
+    assert not list(out.rglob("fidelity-input.jsonl"))  # the worker's input is not left beside the results
 
     # a cell cut short: the worker's file lost s2, fidelity.jsonl never got it; a rerun forces s2 alone
     cell = out / "kvpress" / "query_aware" / "fidelity-kvzip-x4.jsonl"
