@@ -22,13 +22,13 @@ which kvpress leaves in its uncompressed question part: a few tokens).
     python scripts/compare_kvpress.py --suite docs/results/suites/dev-1k.jsonl --policies tova,snapkv \\
         --ratios 2,4,8 --modes query_aware,query_agnostic --samples 40 --out outputs/compare_kvpress
 
-``--fidelity`` also measures kvpress's answer fidelity (kvcompress.experiment.fidelity): the worker teacher-forces
-the full cache's answer to each sample through each kvpress cell (``--force``) and ``DIR/fidelity.jsonl`` gets one
-quality_table-style row per sample, setup ``kvpress/<policy>``. The answers forced are kvpress's own full-cache
-predictions, or with ``--reference QDIR`` those of a quality_table results directory's ``full`` setup, the ones
-``quality_table.py --fidelity`` forced through our setups there: then both sides are forced the same token ids and
-``scripts/paired_scores.py 'QDIR:<setup>' 'DIR:kvpress/<policy>' --metric nll`` pairs them sample by sample. Our
-side's fidelity comes from quality_table (one path for it), so ``--fidelity`` adds nothing to ``ours`` cells.
+``--fidelity --reference QDIR`` also measures kvpress's answer fidelity (kvcompress.experiment.fidelity): the worker
+teacher-forces the full-cache answers of the quality_table results directory QDIR (its ``full`` setup, the answers
+``quality_table.py --fidelity`` forced through our setups there) through each kvpress cell (``--force``), and
+``DIR/fidelity.jsonl`` gets one quality_table-style row per sample, setup ``kvpress/<policy>``. Both sides are then
+forced the same token ids, and ``scripts/paired_scores.py 'QDIR:<setup>' 'DIR:kvpress/<policy>' --metric nll``
+pairs them sample by sample. Our side's fidelity comes from quality_table (one path for it), so ``--fidelity``
+runs only kvpress cells.
 
 See docs/COMPARE_KVPRESS.md.
 """
@@ -99,7 +99,8 @@ def cells(policies: Sequence[str], ratios: Sequence[float], modes: Sequence[str]
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows already in ``rows.jsonl`` (a torn last line from a crash is ignored)."""
+    """Rows already in a jsonl file such as ``rows.jsonl`` (none if it does not exist; a torn last line from a crash
+    is ignored)."""
     if not path.is_file():
         return []
     rows = []
@@ -282,12 +283,10 @@ def _worker(args: argparse.Namespace, inp: Path, out: Path, policy: str, cr: flo
 def run_kvpress(args: argparse.Namespace, subset: Path, mode: str, policy: str, ratio: float) -> dict[str, Any]:
     """One cell through the kvpress worker; kept fraction from the prompt lengths it reports."""
     records = _load_jsonl(subset)
-    work = args.out / "kvpress" / mode
-    work.mkdir(parents=True, exist_ok=True)
+    work, cr = _cell(args, mode, policy, ratio)
     inp = work / "input.jsonl"
     _write_jsonl(inp, kvpress_inputs(records, mode))
     out = work / f"{policy}-x{ratio:g}.jsonl"
-    cr = 0.0 if policy == "full" else compression_ratio(ratio)
     t0 = time.perf_counter()
     _worker(args, inp, out, policy, cr)
     by_id = {r["id"]: r for r in records}
@@ -300,49 +299,72 @@ def run_kvpress(args: argparse.Namespace, subset: Path, mode: str, policy: str, 
     return make_row("kvpress", mode, policy, ratio, preds, held / max(total, 1), wall_s=time.perf_counter() - t0)
 
 
-def reference_answers(
-    args: argparse.Namespace, mode: str, rows: Sequence[dict[str, Any]], tokenizer: Any
-) -> dict[str, list[int]]:
-    """Sample id -> the token ids forced in ``mode``'s fidelity cells: the ``full`` setup's predictions in
-    ``--reference`` (a quality_table results directory), else kvpress's own full-cache row's (``rows``), tokenised
-    by ``tokenizer`` as quality_table tokenises them (no special tokens)."""
-    if args.reference is not None:
-        path = args.reference / "rows.jsonl"
-        if not path.is_file():
-            sys.exit(f"error: --reference {args.reference}: no rows.jsonl there (a quality_table results directory)")
-        full_rows = (r for r in _load_jsonl(path) if (r.get("setup"), r["mode"]) == ("full", mode))
-        texts = {r["sample_id"]: r["prediction"] for r in full_rows}
-        where = f"--reference {args.reference} (setup full, mode {mode})"
-    else:
-        full = next((r for r in rows if r["key"] == cell_key("kvpress", mode, "full", 1.0)), None)
-        texts = {p["id"]: p["prediction"] for p in full["predictions"]} if full else {}
-        where = f"the kvpress full-cache row of mode {mode} in {args.out / 'rows.jsonl'}"
+def reference_answers(reference: Path, mode: str, ids: Sequence[str], tokenizer: Any) -> dict[str, list[int]]:
+    """Sample id -> the token ids forced in ``mode``'s fidelity cells: the ``full`` setup's predictions in the
+    quality_table results directory ``reference`` (the answers ``quality_table.py --fidelity`` forced through our
+    setups there), tokenised by ``tokenizer`` as quality_table tokenises them (no special tokens). Exits with one
+    line when ``reference`` holds no full-cache answer for any of ``ids`` (this run's samples)."""
+    path = reference / "rows.jsonl"
+    if not path.is_file():
+        sys.exit(f"error: --reference {reference}: no rows.jsonl there (give a quality_table results directory)")
+    full_rows = (r for r in read_rows(path) if (r.get("setup"), r.get("mode")) == ("full", mode))
+    texts = {r["sample_id"]: r["prediction"] for r in full_rows if r.get("sample_id") in set(ids)}
     if not texts:
-        sys.exit(f"error: --fidelity needs the full cache's answers, and {where} has none")
+        sys.exit(
+            f"error: --reference {reference} has no full-cache answer (setup full, mode {mode}) for any of this "
+            "run's samples: give the quality_table directory of the same suite, samples and mode"
+        )
+    if len(texts) < len(ids):
+        print(f"note: --reference has full-cache answers for {len(texts)} of {len(ids)} samples ({mode})", flush=True)
     return {i: tokenizer.encode(text, add_special_tokens=False) for i, text in texts.items()}
+
+
+def _cell(args: argparse.Namespace, mode: str, policy: str, ratio: float) -> tuple[Path, float]:
+    """A kvpress cell's work directory (made if missing) and its ``compression_ratio`` (0 for ``full``)."""
+    work = args.out / "kvpress" / mode
+    work.mkdir(parents=True, exist_ok=True)
+    return work, 0.0 if policy == "full" else compression_ratio(ratio)
+
+
+def forced_lines(path: Path, answers: dict[str, list[int]]) -> list[dict[str, Any]]:
+    """The worker's ``--force`` lines already in ``path`` (none if it does not exist). A torn last line (the worker
+    stopped mid-write) is cut off so that the next append starts clean; a line that forced other token ids than
+    ``answers`` holds now (the reference changed) stops the run with one error line."""
+    if not path.is_file():
+        return []
+    text = path.read_text(encoding="utf-8")
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+        path.write_text(text, encoding="utf-8")
+    lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+    for line in lines:
+        if line.get("forced_ids", answers.get(line["id"])) != answers.get(line["id"]):
+            sys.exit(
+                f"error: {path} forced other answers for {line['id']} than --reference holds now; "
+                "use another --out, or delete that file to force the new ones"
+            )
+    return lines
 
 
 def kvpress_fidelity(
     args: argparse.Namespace, subset: Path, mode: str, policy: str, ratio: float, answers: dict[str, list[int]]
 ) -> list[dict[str, Any]]:
     """The fidelity rows of one kvpress cell: ``answers`` forced through it by the worker (``--force``), resuming
-    from the samples its output file already holds. Samples without an answer (an empty one, or none in the
-    reference) are left out."""
-    records = _load_jsonl(subset)
-    work = args.out / "kvpress" / mode
-    work.mkdir(parents=True, exist_ok=True)
+    from the samples its output file already holds (:func:`forced_lines`). Samples without an answer (an empty
+    one, or none in the reference) are left out."""
+    work, cr = _cell(args, mode, policy, ratio)
     out = work / f"fidelity-{policy}-x{ratio:g}.jsonl"
-    done = {p["id"] for p in _load_jsonl(out)} if out.is_file() else set()
+    done = {line["id"] for line in forced_lines(out, answers)}
     todo = [
         {**line, "forced_ids": answers[line["id"]]}
-        for line in kvpress_inputs(records, mode)
+        for line in kvpress_inputs(_load_jsonl(subset), mode)
         if line["id"] not in done and answers.get(line["id"])
     ]
     if todo:
         inp = work / "fidelity-input.jsonl"
         _write_jsonl(inp, todo)
-        _worker(args, inp, out, policy, 0.0 if policy == "full" else compression_ratio(ratio), "--force")
-        inp.unlink()  # transient: what was forced is the reference (QDIR or rows.jsonl), tokenised
+        _worker(args, inp, out, policy, cr, "--force")
+        inp.unlink()  # transient: the worker echoes each line's forced ids into its output
     return [
         {
             "setup": f"kvpress/{policy}",
@@ -352,7 +374,7 @@ def kvpress_fidelity(
             **fidelity_fields(answers[p["id"]], p["logprobs"], p["greedy"]),
             "prompt_tokens": p["context_tokens"] + p["question_tokens"],
         }
-        for p in _load_jsonl(out)
+        for p in forced_lines(out, answers)
     ]
 
 
@@ -394,8 +416,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="with --fidelity: a quality_table results directory whose full setup's answers are forced",
     )
     args = parser.parse_args(argv)
+    if args.fidelity and args.reference is None:
+        parser.error("--fidelity forces a quality_table directory's full-cache answers: give it as --reference DIR")
     if args.reference is not None and not args.fidelity:
         parser.error("--reference chooses the answers --fidelity forces; give --fidelity too")
+    if args.fidelity and "kvpress" not in args.sides:
+        parser.error(
+            "--fidelity forces answers through kvpress's cells: --sides must include kvpress (ours: quality_table)"
+        )
     args.policies = [p for p in args.policies.split(",") if p]
     args.ratios = [float(r) for r in args.ratios.split(",") if r]
     args.modes = [m for m in args.modes.split(",") if m]
@@ -434,7 +462,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         append_row(rows_path, row)
         print(f"{side:8s} {mode} {policy} x{ratio:g}: score {row['score']:.1f} kept {row['kept_fraction']:.3f}")
         write_table(args.out)
-    if args.fidelity and "kvpress" in args.sides:
+    if args.fidelity:
         fidelity_pass(args, subset)
     print(write_table(args.out))
 
@@ -449,17 +477,16 @@ def load_tokenizer(model: Path) -> Any:
 def fidelity_pass(args: argparse.Namespace, subset: Path) -> None:
     """Every kvpress cell's fidelity rows that ``DIR/fidelity.jsonl`` lacks (:func:`kvpress_fidelity`)."""
     path = args.out / FIDELITY_FILE
-    have = {(r["setup"], r["mode"], r["ratio"], r["sample_id"]) for r in _load_jsonl(path)} if path.is_file() else set()
+    have = {(r["setup"], r["mode"], r["ratio"], r["sample_id"]) for r in read_rows(path)}
     tokenizer = load_tokenizer(args.model)
-    rows = read_rows(args.out / "rows.jsonl")
+    ids = [r["id"] for r in _load_jsonl(subset)]
     answers_of: dict[str, dict[str, list[int]]] = {}
     for mode, policy, ratio in cells(args.policies, args.ratios, args.modes):
         if mode not in answers_of:
-            answers_of[mode] = reference_answers(args, mode, rows, tokenizer)
-        answers = answers_of[mode]
+            answers_of[mode] = reference_answers(args.reference, mode, ids, tokenizer)
         new = [
             r
-            for r in kvpress_fidelity(args, subset, mode, policy, ratio, answers)
+            for r in kvpress_fidelity(args, subset, mode, policy, ratio, answers_of[mode])
             if (r["setup"], r["mode"], r["ratio"], r["sample_id"]) not in have
         ]
         for row in new:

@@ -10,11 +10,12 @@ Output lines: ``{"id", "prediction", "context_tokens", "question_tokens"}``, the
 pipeline prefilled as the compressed context and as the uncompressed question part (chat template included).
 
 ``--force``: every input line also carries ``forced_ids`` (an answer's token ids, e.g. the full cache's), and
-instead of decoding, the pipeline's answer step teacher-forces them: the question and the answer but its last token
-go through the compressed cache in one forward, at the positions kvpress's decoding would give them, and the line
-gets ``logprobs`` (each answer token's log-probability) and ``greedy`` (the argmax at each step) in place of
-``prediction``. Everything before that step (prefill, the press, the cache trimmed after each question) is kvpress's
-own. Output is appended, so a caller can resume by passing only the samples its file lacks.
+instead of decoding, the pipeline's answer step teacher-forces them, forward for forward as kvpress decodes (the
+question in one forward, then one per answer token, the forced token fed where greedy decoding feeds its own).
+The line gets ``forced_ids`` (echoed, so a caller can tell what was forced), ``logprobs`` (each answer token's
+log-probability) and ``greedy`` (the argmax at each step) in place of ``prediction``. Everything before that step
+(prefill, the press, the cache trimmed after each question) is kvpress's own. Output is appended, so a caller can
+resume by passing only the samples its file lacks.
 
     ~/.venvs/kvpress/bin/python scripts/kvpress_worker.py --model DIR --input in.jsonl --out preds.jsonl \\
         --press TOVAPress --compression-ratio 0.75
@@ -88,25 +89,30 @@ def main() -> None:
 
 def forced_answers(pipe, forced: list[list[int]]):
     """A stand-in for ``pipe.generate_answer`` that teacher-forces ``forced`` (one answer per question, in the
-    order kvpress asks them): returns ``{"logprobs", "greedy"}`` per question instead of decoded text."""
+    order kvpress asks them): returns ``{"forced_ids", "logprobs", "greedy"}`` per question instead of decoded text.
+
+    It steps as kvpress's own ``generate_answer`` does, forward for forward: the question in one forward at the
+    positions after the context, then one forward per answer token, each feeding the forced token where greedy
+    decoding feeds its argmax. Presses that mask instead of evicting (KVzip's ``masked_key_indices``) build their
+    fake keys from the queries of each forward, so the queries must come as kvpress's decoding brings them."""
     queue = iter(forced)
 
     @torch.no_grad()
     def generate_answer(question_ids: torch.Tensor, cache, context_length: int, max_new_tokens: int) -> dict:
-        answer = torch.tensor([next(queue)], dtype=torch.long, device=question_ids.device)  # [1, T]
-        if answer.shape[1] == 0:
-            return {"logprobs": [], "greedy": []}
-        inputs = torch.cat([question_ids, answer[:, :-1]], dim=1)
-        positions = torch.arange(context_length, context_length + inputs.shape[1], device=inputs.device)
-        logits = (
-            pipe.model(
-                input_ids=inputs, past_key_values=cache, position_ids=positions[None], logits_to_keep=answer.shape[1]
+        answer = next(queue)
+        positions = torch.arange(context_length, context_length + question_ids.shape[1], device=question_ids.device)
+        inputs, logprobs, greedy = question_ids, [], []
+        for token in answer:
+            logits = (
+                pipe.model(input_ids=inputs, past_key_values=cache, position_ids=positions[None], logits_to_keep=1)
+                .logits[0, -1]
+                .float()
             )
-            .logits[0]
-            .float()
-        )  # [T, vocab]: the last question token predicts the first answer token
-        logprobs = logits.log_softmax(-1).gather(-1, answer[0, :, None])[:, 0]
-        return {"logprobs": logprobs.tolist(), "greedy": logits.argmax(-1).tolist()}
+            logprobs.append(float(logits.log_softmax(-1)[token]))
+            greedy.append(int(logits.argmax()))
+            inputs = torch.tensor([[token]], dtype=torch.long, device=question_ids.device)
+            positions = positions[-1:] + 1
+        return {"forced_ids": answer, "logprobs": logprobs, "greedy": greedy}
 
     return generate_answer
 

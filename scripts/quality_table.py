@@ -142,6 +142,21 @@ def _collect(engine: Engine, by_id: dict, ratios: list[float], tok, forced: bool
             yield sample_id, rows
 
 
+def missing_ratios(
+    samples: list, label: str, mode: str, ratios: list[float], done: set, answers: dict | None = None
+) -> dict[tuple[float, ...], list]:
+    """What is left to run of setup ``label`` in ``mode``: the ratios a sample lacks (``[1.0]`` for ``full``) ->
+    the samples lacking exactly those, given ``done`` ((setup, mode, sample id, ratio) already written). With
+    ``answers`` ((mode, sample id) -> the full cache's answer tokens: the fidelity pass), a sample whose answer is
+    empty has nothing to force and is left out."""
+    missing: dict[tuple[float, ...], list] = {}
+    for s in samples:
+        lacks = tuple(r for r in ([1.0] if label == "full" else ratios) if (label, mode, s.sample_id, r) not in done)
+        if lacks and (answers is None or answers[mode, s.sample_id]):
+            missing.setdefault(lacks, []).append(s)
+    return missing
+
+
 def select_samples(samples: list, first: int | None, ids: str | None) -> list:
     """The first ``first`` samples (all: None), then only those whose ``sample_id`` is in the comma-separated
     ``ids`` (all: None), in suite order; ``ValueError`` naming any id that is not among them."""
@@ -256,14 +271,7 @@ def main() -> None:
         those); with ``answers`` ((mode, sample id) -> the full cache's answer tokens), the fidelity pass."""
         for mode in args.modes.split(","):
             for label, pol, alloc, overrides, allocator_args, budget_args in wanted:
-                missing: dict[tuple[float, ...], list] = {}  # the ratios a sample lacks -> those samples
-                for s in samples:
-                    lacks = tuple(
-                        r for r in ([1.0] if label == "full" else ratios) if (label, mode, s.sample_id, r) not in done
-                    )
-                    if lacks and (answers is None or answers[mode, s.sample_id]):  # an empty answer: nothing to force
-                        missing.setdefault(lacks, []).append(s)
-                for rs, pending in missing.items():
+                for rs, pending in missing_ratios(samples, label, mode, ratios, done, answers).items():
                     forced = None if answers is None else {s.sample_id: answers[mode, s.sample_id] for s in pending}
                     results = run_setup(
                         lm.model,

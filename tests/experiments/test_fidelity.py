@@ -8,6 +8,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -63,7 +64,7 @@ def test_table_and_pairs_read_fidelity_rows(script_module, tmp_path: Path) -> No
     assert "| a | 1.000 (+0.400) / 75% |" in table and "| b | 1.500 (+0.900) / 38% |" in table
     (cell,) = pair_cells(load_cells(tmp_path, "a", "nll"), load_cells(tmp_path, "b", "nll"))
     assert (cell.n, cell.ahead, cell.behind) == (2, 2, 0) and cell.mean_a == pytest.approx(-1.0)
-    assert "| query_agnostic | 8 | 2 | -1.000 | -1.500 | 2 / 0 | 0.50 |" in render([cell], "a", "b", samples=False)
+    assert "| query_agnostic | 8 | 2 | -1.000 | -1.500 | 2 / 0 | 0.5 | 0.5 |" in render([cell], "a", "b", samples=False)
     with pytest.raises(ValueError, match="run its quality_table command again with --fidelity"):
         load_cells(tmp_path / "elsewhere", "a", "match")
     kvpress = tmp_path / "kvpress.jsonl"  # a compare_kvpress row holds scores, not fidelity
@@ -133,3 +134,17 @@ def test_hydra_runs_record_fidelity_against_the_full_cache_run(run_cli, tiny: li
     answers = {r["sample_id"]: r["output_ids"] for r in read_predictions(full_dir)}
     assert {r["sample_id"]: r["tokens"] for r in rows} == {k: len(v) for k, v in answers.items()}
     assert "answer NLL" in again.stdout + again.stderr
+
+
+def test_missing_ratios_groups_samples_by_the_ratios_they_lack(script_module) -> None:
+    """quality_table's resume: a rerun with one ratio more runs only that ratio; a sample cut short runs all of its
+    own; the full cache has ratio 1 only; the fidelity pass leaves out samples whose full answer is empty."""
+    qt = script_module("quality_table")
+    samples = [SimpleNamespace(sample_id=i) for i in ("s0", "s1", "s2")]
+    done = {("a", "m", "s0", 4.0), ("a", "m", "s1", 4.0), ("full", "m", "s0", 1.0)}
+    assert qt.missing_ratios(samples, "a", "m", [4.0, 8.0], done) == {(8.0,): samples[:2], (4.0, 8.0): samples[2:]}
+    assert qt.missing_ratios(samples, "a", "m", [4.0], done) == {(4.0,): samples[2:]}
+    assert qt.missing_ratios(samples, "full", "m", [4.0, 8.0], done) == {(1.0,): samples[1:]}
+    answers = {("m", "s0"): [5], ("m", "s1"): [], ("m", "s2"): [7]}
+    assert qt.missing_ratios(samples, "a", "m", [8.0], done, answers) == {(8.0,): [samples[0], samples[2]]}
+    assert qt.missing_ratios(samples, "a", "other", [4.0], done) == {(4.0,): samples}

@@ -170,9 +170,10 @@ def test_sides_run_apart_into_one_table(compare, tmp_path, monkeypatch):
 
 
 def test_fidelity_forces_the_reference_answers_through_kvpress_and_resumes(compare, tmp_path, monkeypatch):
-    """--fidelity: each kvpress cell gets one fidelity row per sample with an answer (kvpress's own full-cache
-    answers, or a quality_table directory's with --reference), computed from the worker's forced log-probs as our
-    engine's are; a rerun forces only the samples the worker's output lacks."""
+    """--fidelity --reference QDIR: each kvpress cell gets one fidelity row per sample that QDIR's full cache
+    answered (an empty answer is not forced), computed from the worker's forced log-probs as our engine's are; a
+    rerun forces only what the worker's output lacks (a torn last line included); a changed reference stops the
+    run instead of mixing answers; bad arguments get one-line errors."""
     from kvcompress.experiment.fidelity import fidelity_fields
 
     suite = tmp_path / "suite.jsonl"
@@ -182,11 +183,16 @@ def test_fidelity_forces_the_reference_answers_through_kvpress_and_resumes(compa
         ),
         encoding="utf-8",
     )
-    answers = {"s0": "the code 123", "s1": "", "s2": "no idea"}
+    qdir = tmp_path / "q"
+    qdir.mkdir()
+
+    def reference(answers: dict[str, str]) -> None:
+        full = {"setup": "full", "mode": "query_aware", "ratio": 1.0, "score": 0.0}
+        rows = [{**full, "sample_id": i, "prediction": text} for i, text in answers.items()]
+        (qdir / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
     def run_kvpress(args, subset, mode, policy, ratio):
-        preds = [{"id": i, "prediction": text, "score": 0.0} for i, text in answers.items()]
-        return compare.make_row("kvpress", mode, policy, ratio, preds, 1 / ratio)
+        return compare.make_row("kvpress", mode, policy, ratio, [{"id": "s0", "score": 0.0}], 1 / ratio)
 
     forced: list[tuple[str, list[str]]] = []
 
@@ -197,7 +203,12 @@ def test_fidelity_forces_the_reference_answers_through_kvpress_and_resumes(compa
         with out.open("a", encoding="utf-8") as handle:
             for line in lines:
                 ids = line["forced_ids"]
-                row = {"id": line["id"], "logprobs": [-cr - 0.1] * len(ids), "greedy": [*ids[:-1], -1]}
+                row = {
+                    "id": line["id"],
+                    "forced_ids": ids,
+                    "logprobs": [-cr - 0.1] * len(ids),
+                    "greedy": [*ids[:-1], -1],
+                }
                 handle.write(json.dumps({**row, "context_tokens": 5, "question_tokens": 2}) + "\n")
 
     tokenizer = WordTokenizer()
@@ -206,7 +217,8 @@ def test_fidelity_forces_the_reference_answers_through_kvpress_and_resumes(compa
     monkeypatch.setattr(compare, "load_tokenizer", lambda model: tokenizer)
     out = tmp_path / "out"
     base = ["--suite", str(suite), "--policies", "kvzip", "--ratios", "4", "--out", str(out), "--sides", "kvpress"]
-    compare.main([*base, "--fidelity"])
+    reference({"s0": "the code 123", "s1": "", "s2": "no idea", "elsewhere": "x"})
+    compare.main([*base, "--fidelity", "--reference", str(qdir)])
     assert forced == [("full", ["s0", "s2"]), ("kvzip", ["s0", "s2"])]  # s1's answer is empty: nothing to force
     rows = [json.loads(line) for line in (out / "fidelity.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [(r["setup"], r["ratio"], r["sample_id"]) for r in rows] == [
@@ -222,23 +234,31 @@ def test_fidelity_forces_the_reference_answers_through_kvpress_and_resumes(compa
     assert "kvpress/kvzip" in (out / "table.md").read_text(encoding="utf-8")
     assert not list(out.rglob("fidelity-input.jsonl"))  # the worker's input is not left beside the results
 
-    # a cell cut short: the worker's file lost s2, fidelity.jsonl never got it; a rerun forces s2 alone
+    # a cell cut short mid-line: s2's line torn, fidelity.jsonl never got it; a rerun forces s2 alone
     cell = out / "kvpress" / "query_aware" / "fidelity-kvzip-x4.jsonl"
-    cell.write_text(cell.read_text(encoding="utf-8").splitlines()[0] + "\n", encoding="utf-8")
+    first, second = cell.read_text(encoding="utf-8").splitlines()
+    cell.write_text(first + "\n" + second[:10], encoding="utf-8")
     (out / "fidelity.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]), encoding="utf-8")
-    compare.main([*base, "--fidelity"])
+    compare.main([*base, "--fidelity", "--reference", str(qdir)])
     assert forced[2:] == [("kvzip", ["s2"])]
     assert len((out / "fidelity.jsonl").read_text(encoding="utf-8").splitlines()) == 4
+    assert len(cell.read_text(encoding="utf-8").splitlines()) == 2
 
-    # --reference: a quality_table directory's full answers are forced instead
-    qdir = tmp_path / "q"
-    qdir.mkdir()
-    full = {"setup": "full", "mode": "query_aware", "ratio": 1.0, "score": 0.0}
-    (qdir / "rows.jsonl").write_text(json.dumps({**full, "sample_id": "s1", "prediction": "yes"}) + "\n")
-    compare.main([*base, "--out", str(tmp_path / "out2"), "--fidelity", "--reference", str(qdir)])
-    assert forced[3:] == [("full", ["s1"]), ("kvzip", ["s1"])]
-    with pytest.raises(SystemExit):
-        compare.parse_args([*base, "--reference", str(qdir)])  # --reference without --fidelity
+    reference({"s0": "another answer", "s2": "no idea"})  # the reference changed under a finished directory
+    with pytest.raises(SystemExit, match="forced other answers for s0 than --reference holds now"):
+        compare.main([*base, "--fidelity", "--reference", str(qdir)])
+    reference({"other": "yes"})
+    with pytest.raises(SystemExit, match="no full-cache answer .* for any of this run's samples"):
+        compare.main([*base, "--out", str(tmp_path / "out2"), "--fidelity", "--reference", str(qdir)])
+    with pytest.raises(SystemExit, match="no rows.jsonl there"):
+        compare.main([*base, "--out", str(tmp_path / "out3"), "--fidelity", "--reference", str(tmp_path)])
+    for bad in (
+        ["--reference", str(qdir)],
+        ["--fidelity"],
+        ["--fidelity", "--reference", str(qdir), "--sides", "ours"],
+    ):
+        with pytest.raises(SystemExit):
+            compare.parse_args([*base, *bad])
 
 
 @pytest.mark.slow
