@@ -46,7 +46,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from kvcompress.experiment.fidelity import FIDELITY_FILE, fidelity_fields, fidelity_lines
+from kvcompress.experiment.fidelity import FIDELITY_FILE, answer_ids, fidelity_fields, fidelity_lines
 from kvcompress.experiment.paired import prediction_scores, retained_percent, sign_test
 from kvcompress.tasks.base import spread
 
@@ -302,21 +302,23 @@ def run_kvpress(args: argparse.Namespace, subset: Path, mode: str, policy: str, 
 def reference_answers(reference: Path, mode: str, ids: Sequence[str], tokenizer: Any) -> dict[str, list[int]]:
     """Sample id -> the token ids forced in ``mode``'s fidelity cells: the ``full`` setup's predictions in the
     quality_table results directory ``reference`` (the answers ``quality_table.py --fidelity`` forced through our
-    setups there), tokenised by ``tokenizer`` as quality_table tokenises them (no special tokens). Exits with one
+    setups there), as quality_table forces them (:func:`~kvcompress.experiment.fidelity.answer_ids`). Exits with one
     line when ``reference`` holds no full-cache answer for any of ``ids`` (this run's samples)."""
     path = reference / "rows.jsonl"
     if not path.is_file():
         sys.exit(f"error: --reference {reference}: no rows.jsonl there (give a quality_table results directory)")
-    full_rows = (r for r in read_rows(path) if (r.get("setup"), r.get("mode")) == ("full", mode))
-    texts = {r["sample_id"]: r["prediction"] for r in full_rows if r.get("sample_id") in set(ids)}
-    if not texts:
+    wanted = set(ids)
+    full = [
+        r for r in read_rows(path) if (r.get("setup"), r.get("mode")) == ("full", mode) and r.get("sample_id") in wanted
+    ]
+    if not full:
         sys.exit(
             f"error: --reference {reference} has no full-cache answer (setup full, mode {mode}) for any of this "
             "run's samples: give the quality_table directory of the same suite, samples and mode"
         )
-    if len(texts) < len(ids):
-        print(f"note: --reference has full-cache answers for {len(texts)} of {len(ids)} samples ({mode})", flush=True)
-    return {i: tokenizer.encode(text, add_special_tokens=False) for i, text in texts.items()}
+    if len(full) < len(ids):
+        print(f"note: --reference has full-cache answers for {len(full)} of {len(ids)} samples ({mode})", flush=True)
+    return {r["sample_id"]: answer_ids(r, tokenizer) for r in full}
 
 
 def _cell(args: argparse.Namespace, mode: str, policy: str, ratio: float) -> tuple[Path, float]:

@@ -41,7 +41,7 @@ import torch
 from kvcompress.budget import Budget
 from kvcompress.compressor import Compressor
 from kvcompress.engine import Engine, peak_tokens
-from kvcompress.experiment.fidelity import FIDELITY_FILE, fidelity_lines, fidelity_row
+from kvcompress.experiment.fidelity import FIDELITY_FILE, answer_ids, fidelity_lines, fidelity_row
 from kvcompress.experiment.paired import retained_percent
 from kvcompress.experiment.policy_config import load_policy
 from kvcompress.experiment.prompts import bind_tokenizer, build_prompt
@@ -142,6 +142,11 @@ def _collect(engine: Engine, by_id: dict, ratios: list[float], tok, forced: bool
             yield sample_id, rows
 
 
+def written(rows: list[dict]) -> set[tuple[str, str, str, float]]:
+    """The (setup, mode, sample id, ratio) of ``rows`` already written, as :func:`missing_ratios` takes them."""
+    return {(r["setup"], r["mode"], r["sample_id"], float(r["ratio"])) for r in rows}
+
+
 def missing_ratios(
     samples: list, label: str, mode: str, ratios: list[float], done: set, answers: dict | None = None
 ) -> dict[tuple[float, ...], list]:
@@ -236,7 +241,7 @@ def main() -> None:
             ratios = sorted({float(r["ratio"]) for r in rows} - {1.0})
         write_table(rows_path, out / "table.md", ratios, fidelity_path)
         return
-    done = {(r["setup"], r["mode"], r["sample_id"], float(r["ratio"])) for r in rows}
+    done = written(rows)
     try:  # bad setups fail before the model loads
         wanted = [resolve_setup(name) for name in split_setups(args.setups)]
         for setup in wanted:
@@ -304,9 +309,9 @@ def main() -> None:
 
     run(rows_path, done, None)
     if args.fidelity:
-        full = {(r["mode"], r["sample_id"]): r["prediction"] for r in read_rows(rows_path) if r["setup"] == "full"}
-        answers = {key: lm.tokenizer.encode(text, add_special_tokens=False) for key, text in full.items()}
-        forced_done = {(r["setup"], r["mode"], r["sample_id"], float(r["ratio"])) for r in read_fidelity(fidelity_path)}
+        full = [r for r in read_rows(rows_path) if r["setup"] == "full"]
+        answers = {(r["mode"], r["sample_id"]): answer_ids(r, lm.tokenizer) for r in full}
+        forced_done = written(read_fidelity(fidelity_path))
         run(fidelity_path, forced_done, answers)
     write_table(rows_path, out / "table.md", ratios, fidelity_path)
 

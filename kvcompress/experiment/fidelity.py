@@ -22,12 +22,22 @@ These are paired, continuous per-sample measures: :mod:`kvcompress.experiment.pa
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from kvcompress.sequence import RequestOutput
 
 FIDELITY_FILE = "fidelity.jsonl"
 METRICS = ("nll", "match", "worst")
+
+
+def answer_ids(record: Mapping[str, Any], tokenizer: Any) -> list[int]:
+    """The answer tokens forced for one full-cache prediction record (a ``predictions.jsonl`` record or a
+    quality_table row): its ``output_ids``, or its ``prediction`` text re-tokenised without special tokens for
+    records that hold no ids. One rule for every caller, so that what our setups and kvpress's presses are forced
+    is the same token ids."""
+    ids = record.get("output_ids")
+    return list(ids) if ids is not None else tokenizer.encode(record["prediction"], add_special_tokens=False)
 
 
 def fidelity_row(out: RequestOutput) -> dict:

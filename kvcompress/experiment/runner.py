@@ -37,7 +37,7 @@ from kvcompress.budget import Budget
 from kvcompress.cache.paged import MemoryStats
 from kvcompress.compressor import Compressor
 from kvcompress.engine import Engine, peak_tokens
-from kvcompress.experiment.fidelity import fidelity_row
+from kvcompress.experiment.fidelity import answer_ids, fidelity_row
 from kvcompress.experiment.prompts import ExperimentError, Prompt, bind_tokenizer, build_prompt, check_fits
 from kvcompress.experiment.records import (
     FIDELITY,
@@ -272,17 +272,6 @@ def fidelity_record(it: Item, out: RequestOutput) -> dict[str, Any]:
     return {"sample_id": it.sample.sample_id, "task": it.sample.task, **fidelity_row(out)}
 
 
-def answer_tokens(records: list[dict[str, Any]], tokenizer: Any) -> dict[str, list[int]]:
-    """Sample id -> the answer tokens of prediction ``records``: their ``output_ids``, or the re-tokenised
-    prediction for records that predate them."""
-
-    def tokens(r: dict[str, Any]) -> list[int]:
-        ids = r.get("output_ids")
-        return list(ids) if ids is not None else tokenizer.encode(r["prediction"], add_special_tokens=False)
-
-    return {r["sample_id"]: tokens(r) for r in records}
-
-
 def full_answers(cfg: DictConfig, ctx: RunContext, tokenizer: Any) -> tuple[dict[str, list[int]], Path]:
     """The answer tokens of the full-cache run recorded under this run's baseline key, and its run directory.
     Raises ``ExperimentError`` when there is none."""
@@ -294,7 +283,7 @@ def full_answers(cfg: DictConfig, ctx: RunContext, tokenizer: Any) -> tuple[dict
             f"{ctx.baselines_dir} records no full-cache run of this model, task, mode and seed (key {key}); run "
             "policy=full with the same task settings first (with fidelity=true it also records its own answer NLL)"
         )
-    return answer_tokens(read_records(source), tokenizer), source
+    return {r["sample_id"]: answer_ids(r, tokenizer) for r in read_records(source)}, source
 
 
 def answer_fidelity(
@@ -311,7 +300,9 @@ def answer_fidelity(
     means of ``answer_nll``, ``answer_match`` and ``answer_worst`` over ``answer_n`` samples, and
     ``answer_nll_full``, the full cache's own mean NLL, when its run recorded one. ``full`` is
     :func:`full_answers` for a compressed run; None takes this uncompressed run's own ``records``."""
-    forced, source = full if full is not None else (answer_tokens(records, loaded.tokenizer), None)
+    forced, source = (
+        full if full is not None else ({r["sample_id"]: answer_ids(r, loaded.tokenizer) for r in records}, None)
+    )
     missing = sorted({it.sample.sample_id for it in items} - forced.keys())
     if missing:
         raise ExperimentError(f"the full-cache run has no prediction for {len(missing)} samples ({missing[0]}, ...)")
