@@ -133,6 +133,7 @@ def _collect(engine: Engine, by_id: dict, ratios: list[float], tok, forced: bool
                     {
                         "ratio": ratio,
                         "prediction": pred,
+                        "output_ids": list(o.tokens),
                         "score": score(sample.metric, pred, sample.answers, sample),
                         "logical": o.memory.logical_compression,
                         "physical": o.memory.physical_compression,

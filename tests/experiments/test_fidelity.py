@@ -81,9 +81,9 @@ def test_table_and_pairs_read_fidelity_rows(script_module, tmp_path: Path) -> No
 
 @pytest.mark.slow
 def test_quality_table_fidelity_on_the_embedded_model(smollm2, tmp_path: Path) -> None:
-    """One dev-1k sample, query-agnostic, StreamingLLM at 4x: the full cache forced through itself matches its
-    own greedy answer token for token; the compressed cache scores it at a higher NLL; a rerun adds nothing, and a
-    rerun with one ratio more runs only that ratio."""
+    """One dev-1k sample, query-agnostic, StreamingLLM at 4x: the full cache forced through itself (the token ids
+    its row records) matches its own greedy answer token for token; the compressed cache scores it at a higher
+    NLL; a rerun adds nothing, and a rerun with one ratio more runs only that ratio."""
     cmd = [sys.executable, str(ROOT / "scripts" / "quality_table.py"), "--out", str(tmp_path), "--task", "jsonl",
            "--path", str(ROOT / "docs" / "results" / "suites" / "dev-1k.jsonl"), "--samples", "40", "--first", "1",
            "--setups", "streaming", "--modes", "query_agnostic", "--ratios", "4", "--fidelity"]  # fmt: skip
@@ -92,6 +92,8 @@ def test_quality_table_fidelity_on_the_embedded_model(smollm2, tmp_path: Path) -
     rows = {r["setup"]: r for r in map(json.loads, (tmp_path / "fidelity.jsonl").read_text().splitlines())}
     assert set(rows) == {"full", "streaming"}
     assert rows["full"]["match"] == 1.0 and rows["full"]["tokens"] > 0
+    scored = {r["setup"]: r for r in map(json.loads, (tmp_path / "rows.jsonl").read_text().splitlines())}
+    assert rows["full"]["tokens"] == len(scored["full"]["output_ids"])  # its own tokens forced, not re-tokenised
     assert rows["streaming"]["nll"] > rows["full"]["nll"] and rows["streaming"]["ratio"] == 4.0
     assert "Answer fidelity (the full cache's answer forced" in (tmp_path / "table.md").read_text()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
