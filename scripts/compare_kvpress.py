@@ -46,7 +46,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from kvcompress.experiment.fidelity import FIDELITY_FILE, answer_ids, fidelity_fields, fidelity_lines
+from kvcompress.experiment.fidelity import FIDELITY_FILE, answers_by_sample, fidelity_fields, fidelity_lines
 from kvcompress.experiment.paired import prediction_scores, retained_percent, sign_test
 from kvcompress.tasks.base import spread
 
@@ -318,7 +318,7 @@ def reference_answers(reference: Path, mode: str, ids: Sequence[str], tokenizer:
         )
     if len(full) < len(ids):
         print(f"note: --reference has full-cache answers for {len(full)} of {len(ids)} samples ({mode})", flush=True)
-    return {r["sample_id"]: answer_ids(r, tokenizer) for r in full}
+    return answers_by_sample(full, tokenizer)
 
 
 def _cell(args: argparse.Namespace, mode: str, policy: str, ratio: float) -> tuple[Path, float]:

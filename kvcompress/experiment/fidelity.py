@@ -22,7 +22,7 @@ These are paired, continuous per-sample measures: :mod:`kvcompress.experiment.pa
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from kvcompress.sequence import RequestOutput
@@ -38,6 +38,11 @@ def answer_ids(record: Mapping[str, Any], tokenizer: Any) -> list[int]:
     is the same token ids."""
     ids = record.get("output_ids")
     return list(ids) if ids is not None else tokenizer.encode(record["prediction"], add_special_tokens=False)
+
+
+def answers_by_sample(records: Iterable[Mapping[str, Any]], tokenizer: Any) -> dict[str, list[int]]:
+    """Sample id -> :func:`answer_ids` of each full-cache record (records of one mode, keyed by ``sample_id``)."""
+    return {r["sample_id"]: answer_ids(r, tokenizer) for r in records}
 
 
 def fidelity_row(out: RequestOutput) -> dict:

@@ -37,7 +37,7 @@ from kvcompress.budget import Budget
 from kvcompress.cache.paged import MemoryStats
 from kvcompress.compressor import Compressor
 from kvcompress.engine import Engine, peak_tokens
-from kvcompress.experiment.fidelity import answer_ids, fidelity_row
+from kvcompress.experiment.fidelity import answers_by_sample, fidelity_row
 from kvcompress.experiment.prompts import ExperimentError, Prompt, bind_tokenizer, build_prompt, check_fits
 from kvcompress.experiment.records import (
     FIDELITY,
@@ -283,7 +283,7 @@ def full_answers(cfg: DictConfig, ctx: RunContext, tokenizer: Any) -> tuple[dict
             f"{ctx.baselines_dir} records no full-cache run of this model, task, mode and seed (key {key}); run "
             "policy=full with the same task settings first (with fidelity=true it also records its own answer NLL)"
         )
-    return {r["sample_id"]: answer_ids(r, tokenizer) for r in read_records(source)}, source
+    return answers_by_sample(read_records(source), tokenizer), source
 
 
 def answer_fidelity(
@@ -300,9 +300,7 @@ def answer_fidelity(
     means of ``answer_nll``, ``answer_match`` and ``answer_worst`` over ``answer_n`` samples, and
     ``answer_nll_full``, the full cache's own mean NLL, when its run recorded one. ``full`` is
     :func:`full_answers` for a compressed run; None takes this uncompressed run's own ``records``."""
-    forced, source = (
-        full if full is not None else ({r["sample_id"]: answer_ids(r, loaded.tokenizer) for r in records}, None)
-    )
+    forced, source = full if full is not None else (answers_by_sample(records, loaded.tokenizer), None)
     missing = sorted({it.sample.sample_id for it in items} - forced.keys())
     if missing:
         raise ExperimentError(f"the full-cache run has no prediction for {len(missing)} samples ({missing[0]}, ...)")

@@ -93,7 +93,7 @@ def test_quality_table_fidelity_on_the_embedded_model(smollm2, tmp_path: Path) -
     assert set(rows) == {"full", "streaming"}
     assert rows["full"]["match"] == 1.0 and rows["full"]["tokens"] > 0
     scored = {r["setup"]: r for r in map(json.loads, (tmp_path / "rows.jsonl").read_text().splitlines())}
-    assert rows["full"]["tokens"] == len(scored["full"]["output_ids"])  # its own tokens forced, not re-tokenised
+    assert rows["full"]["tokens"] == len(scored["full"]["output_ids"])  # as many tokens as its row's ids
     assert rows["streaming"]["nll"] > rows["full"]["nll"] and rows["streaming"]["ratio"] == 4.0
     assert "Answer fidelity (the full cache's answer forced" in (tmp_path / "table.md").read_text()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
