@@ -27,7 +27,10 @@ class Budget:
     value, weighted as the tokens they stand for; :mod:`kvcompress.cache.summary`) instead of dropping it; they
     count inside the budget. ``summary_kmeans`` > 0 regroups each head's evicted tokens by key before folding
     them (that many k-means iterations, starting from the groups by position), so that each slot's members have
-    similar keys and its mean key weighs them closer to their true attention mass.
+    similar keys and its mean key weighs them closer to their true attention mass. ``summary_fit`` = m > 0 fits
+    each slot's bias and value to m queries per query head that the policy observed asking about the prompt (the
+    last m of its observation window, or the first m of a reconstruction pass: KVzip's repeat request), instead
+    of the ``log(n)`` bias and the mean value; the policy must observe some queries.
     """
 
     ratio: float = 1.0
@@ -40,19 +43,25 @@ class Budget:
     protected_fraction: float | None = None
     summary_slots: int = 0
     summary_kmeans: int = 0
+    summary_fit: int = 0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.ratio, (int, float)) and self.ratio >= 1):
             raise BudgetError(f"budget.ratio must be a number >= 1 (1 = no compression), got {self.ratio!r}")
         if self.max_cache_tokens is not None and self.max_cache_tokens < 1:
             raise BudgetError(f"budget.max_cache_tokens must be >= 1 tokens per kv head, got {self.max_cache_tokens}")
-        for name in ("protected_window", "n_sinks", "compress_every", "summary_slots", "summary_kmeans"):
+        for name in ("protected_window", "n_sinks", "compress_every", "summary_slots", "summary_kmeans", "summary_fit"):
             if getattr(self, name) < 0:
                 raise BudgetError(f"budget.{name} must be >= 0, got {getattr(self, name)}")
         if self.summary_kmeans and self.summary_slots < 2:
             raise BudgetError(
                 f"budget.summary_kmeans={self.summary_kmeans} regroups a head's summary slots by key, which needs "
                 f"budget.summary_slots >= 2 (got {self.summary_slots}); set summary_kmeans=0 or more summary slots"
+            )
+        if self.summary_fit and not self.summary_slots:
+            raise BudgetError(
+                f"budget.summary_fit={self.summary_fit} fits the summary slots to observed queries, which needs "
+                "budget.summary_slots >= 1 (got 0)"
             )
         if self.protected_fraction is not None and not 0 <= self.protected_fraction <= 1:
             raise BudgetError(

@@ -29,6 +29,9 @@ class Compressor:
     policy: Policy
     budget: Budget = field(default_factory=Budget)
     allocator: Allocator | None = None
+    # budget.summary_fit's queries: seq id -> per layer [H_q, <= m, D], the first observation's that ask about the
+    # prompt (kept with the sequence, as the policy's scores are)
+    fit_queries: dict[int, list[torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.check_budget(self.budget)
@@ -44,6 +47,13 @@ class Compressor:
                 f"{budget.allocation!r}: it supports {', '.join(allowed)}"
             )
         build_allocator(budget.allocation, budget.allocator_args)
+        observes = self.policy.window != 0 or type(self.policy).reconstruction is not Policy.reconstruction
+        if budget.summary_fit and not observes:
+            raise ValueError(
+                f"budget.summary_fit={budget.summary_fit} fits summary slots to the queries the policy observes, "
+                f"but {type(self.policy).__name__} observes none: use a policy with an observation window or a "
+                "reconstruction (kvzip, snapkv, tova, ...), or set budget.summary_fit=0"
+            )
 
     @property
     def active(self) -> bool:
@@ -72,6 +82,11 @@ class Compressor:
 
     def observe_prefill(self, cache: PagedKVCache, obs: PrefillObservation) -> None:
         self.policy.observe_prefill(cache, obs)
+        m = self.budget.summary_fit
+        layers = self.fit_queries.setdefault(obs.seq_id, []) if m else None
+        if layers is not None and len(layers) == obs.layer:  # this layer's first observation of the sequence
+            q = obs.queries[0]  # [H_q, w, D]: a reconstruction pass opens with its repeat request, a window ends
+            layers.append((q[:, :m] if obs.every_query else q[:, -m:]).clone())  # with the prompt's question
 
     def observe_decode(self, cache: PagedKVCache, obs: DecodeObservation) -> None:
         self.policy.observe_decode(cache, obs)
@@ -80,10 +95,13 @@ class Compressor:
     def fork(self, parent: int, child: int) -> None:
         """A cache sequence was forked: the policy copies whatever it keeps per sequence."""
         self.policy.fork(parent, child)
+        if parent in self.fit_queries:
+            self.fit_queries[child] = list(self.fit_queries[parent])
 
     def release(self, seq_id: int) -> None:
         """A cache sequence was released: the policy drops what it kept for it."""
         self.policy.release(seq_id)
+        self.fit_queries.pop(seq_id, None)
 
     # ------------------------------------------------------------------ compression
     @torch.no_grad()
@@ -124,5 +142,24 @@ class Compressor:
             counts = torch.maximum(counts - budget.summary_slots, floor)
         keep = keep_top(ranks_t, counts)
         if budget.summary_slots:
-            keep = fold_evicted(cache, views, keep, budget.summary_slots, budget.summary_kmeans)
+            queries = self._queries_to_fit(seq_ids, cache.num_layers) if budget.summary_fit else None
+            keep = fold_evicted(cache, views, keep, budget.summary_slots, budget.summary_kmeans, queries)
         return cache.evict(seq_ids, keep)
+
+    def _queries_to_fit(self, seq_ids: list[int], num_layers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the kept queries of ``seq_ids`` padded to one length: ``(q [S, H_q, M, D], valid [S, M])``."""
+        missing = [s for s in seq_ids if len(self.fit_queries.get(s, [])) < num_layers]
+        if missing:
+            raise ValueError(
+                f"budget.summary_fit={self.budget.summary_fit} fits summary slots to observed queries, but policy "
+                f"{type(self.policy).__name__} observed none for sequence(s) {missing}: use a policy with an "
+                "observation window or a reconstruction (kvzip, snapkv, tova, ...), or set budget.summary_fit=0"
+            )
+        out = []
+        for layer in range(num_layers):
+            qs = [self.fit_queries[s][layer] for s in seq_ids]
+            M = max(q.shape[1] for q in qs)
+            valid = torch.stack([torch.arange(M, device=qs[0].device) < q.shape[1] for q in qs])
+            padded = torch.stack([torch.nn.functional.pad(q, (0, 0, 0, M - q.shape[1])) for q in qs])
+            out.append((padded, valid))
+        return out

@@ -19,6 +19,13 @@ The Jensen gap is what a slot loses: it grows with the spread of ``q.k_i`` over 
 position mix keys as different as the tokens are. ``kmeans`` > 0 runs that many Lloyd iterations on the evicted
 keys (mass-weighted centroids, starting from the groups by position), so a slot's members are the tokens with the
 nearest keys. A slot then stands in its members' last position, which keeps it causal for every later query.
+
+``queries`` (the compressor's, with ``budget.summary_fit``) fits each slot to queries that read the context instead
+of leaving the Jensen gap: for a query ``q`` a group's exact contribution is its mass ``Σ_i exp(s q.k_i + b_i)``
+(``s`` = ``head_dim ** -0.5``, ``b_i`` a member's own bias) times its softmax-weighted value. The fitted slot keeps
+the mean key and takes the bias ``mean_q [logsumexp_i(s q.k_i + b_i) - s q.k_mean]`` (at least ``log(n)``: the gap
+is closed on average, in log space) and the value ``mean_q Σ_i softmax_i(s q.k_i + b_i) v_i``, the group's output
+averaged over the queries. With one query the slot gives that query exactly the full group's share and output.
 """
 
 from __future__ import annotations
@@ -30,12 +37,19 @@ from kvcompress.cache.paged import HeadView, PagedKVCache
 
 @torch.no_grad()
 def fold_evicted(
-    cache: PagedKVCache, views: list[HeadView], keep: torch.Tensor, groups: int, kmeans: int = 0
+    cache: PagedKVCache,
+    views: list[HeadView],
+    keep: torch.Tensor,
+    groups: int,
+    kmeans: int = 0,
+    queries: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """Fold what ``keep`` (``[L, S, H, N]`` over each layer's logical slots, :meth:`PagedKVCache.evict`'s mask)
     evicts from every head of ``views`` (one per layer, gathered with keys and values) into ``groups`` summary
     slots per head, written into the cache in place; returns ``keep`` with the summary slots kept. ``kmeans``:
-    Lloyd iterations that regroup each head's evicted tokens by key first (0: groups by position).
+    Lloyd iterations that regroup each head's evicted tokens by key first (0: groups by position). ``queries``:
+    per layer, ``(q [S, H_q, M, D] post-RoPE, valid [S, M])`` to fit each slot's bias and value to (None: the
+    ``log(n)`` bias and the mean value).
 
     Everything stays on the device: an empty group (a head that evicts fewer than ``groups`` tokens) writes into
     the cache's scratch slot and keeps nothing.
@@ -74,9 +88,17 @@ def fold_evicted(
         rep = order.gather(-1, last[..., :groups].clamp_min(0))  # [S, H, groups]: logical index of the last member
         real = total > 0
         slots = torch.where(real, view.slots.gather(-1, rep), cache.scratch_slot).reshape(-1)
-        k_flat[slots] = (keys[..., :groups, :] / denom).reshape(-1, D).to(k_flat.dtype)
-        v_flat[slots] = (values[..., :groups, :] / denom).reshape(-1, D).to(v_flat.dtype)
-        bias[slots] = torch.where(real, total.clamp_min(1).log(), 0.0).reshape(-1)
+        mean_keys, mean_values = keys[..., :groups, :] / denom, values[..., :groups, :] / denom
+        slot_bias = total.clamp_min(1).log()
+        if queries is not None:
+            q, q_valid = queries[layer]
+            own = bias[view.slots].masked_fill(~view.valid, 0.0)
+            slot_bias, mean_values = _fit_to_queries(
+                q.float(), q_valid, view.keys.float(), view.values.float(), own, group, mean_keys, groups
+            )
+        k_flat[slots] = mean_keys.reshape(-1, D).to(k_flat.dtype)
+        v_flat[slots] = mean_values.reshape(-1, D).to(v_flat.dtype)
+        bias[slots] = torch.where(real, slot_bias, 0.0).reshape(-1)
         score[slots] = best[..., :groups].reshape(-1)
         kept = torch.zeros_like(rank).scatter_add(-1, rep, real.long()) > 0
         keep[layer, :, :, :n] |= kept
@@ -101,3 +123,38 @@ def _regroup_by_key(
         dist = (centroids * centroids).sum(-1)[:, :, None, :] - 2 * keys @ centroids.transpose(-1, -2)  # [S,H,n,G]
         group = torch.where(gone, dist.argmin(-1), groups)
     return group
+
+
+def _fit_to_queries(
+    q: torch.Tensor,
+    q_valid: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    own_bias: torch.Tensor,
+    group: torch.Tensor,
+    mean_keys: torch.Tensor,
+    groups: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each slot's bias and value fitted to the queries ``q`` ``[S, H_q, M, D]`` (``q_valid`` ``[S, M]``; query
+    head h reads kv head ``h // (H_q / H)``) over the members ``group`` assigns it (``[S, H, n]``, ``groups`` for
+    the kept), whose keys, values ``[S, H, n, D]`` and biases ``[S, H, n]`` are given, with the slots' mean keys
+    ``[S, H, groups, D]``; returns the biases ``[S, H, groups]`` and values ``[S, H, groups, D]`` (module
+    docstring). Every sequence needs at least one valid query; a group with no member gets bias 0 and a zero
+    value, which the caller writes to the scratch slot."""
+    S, Hq, M, D = q.shape
+    H = keys.shape[1]
+    scale = D**-0.5
+    q = q.view(S, H, Hq // H * M, D)  # a kv head's queries: its GQA group's, each head's M in turn
+    w = q_valid.float().repeat(1, Hq // H)[:, None, :]  # [S, 1, G*M]: which of a kv head's queries count
+    n_q = w.sum(-1, keepdim=True).clamp_min(1)  # [S, 1, 1]
+    logits = scale * q @ keys.transpose(-1, -2) + own_bias[:, :, None, :]  # [S, H, G*M, n]
+    member = group[:, :, None, :] == torch.arange(groups, device=group.device)[:, None, None, None, None]
+    masked = logits.masked_fill(~member, -torch.inf)  # [groups, S, H, G*M, n]
+    lse = masked.logsumexp(-1)  # [groups, S, H, G*M]; -inf for an empty group
+    probs = (masked - lse[..., None]).exp().nan_to_num(0.0)  # softmax within each group; 0 for an empty one
+    base = scale * (q @ mean_keys.transpose(-1, -2)).movedim(-1, 0)  # [groups, S, H, G*M]: the slot's logit
+    gap = (lse - base).nan_to_num(0.0, neginf=0.0) * w  # [groups, S, H, G*M]
+    slot_bias = (gap.sum(-1) / n_q[..., 0]).movedim(0, -1)  # [S, H, groups]
+    out = probs @ values[None]  # [groups, S, H, G*M, D]: each query's output from each group alone
+    fitted = ((out * w[..., None]).sum(-2) / n_q[..., None]).movedim(0, 2)  # [S, H, groups, D]
+    return slot_bias, fitted

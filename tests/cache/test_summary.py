@@ -181,3 +181,113 @@ def test_kmeans_needs_several_summary_slots() -> None:
     ):
         Budget(ratio=4, summary_slots=1, summary_kmeans=5)
     Budget(ratio=4, summary_slots=2, summary_kmeans=5)
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """One query ``[D]`` over ``keys``/``values`` ``[n, D]`` with logit biases ``[n]``: its output ``[D]``."""
+    return torch.softmax(q @ keys.T * D**-0.5 + bias, -1) @ values
+
+
+def fit_queries(q: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``q`` ``[H_q, M, D]`` as every layer's queries of one sequence, all valid."""
+    return [(q[None], torch.ones(1, q.shape[1], dtype=torch.bool))] * L
+
+
+def held_tensors(cache: PagedKVCache, layer: int, head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows = held(cache, layer, head).values()
+    keys, values, counts = zip(*rows, strict=True)
+    return torch.stack(keys), torch.stack(values), torch.tensor(counts).log()
+
+
+def test_a_slot_fitted_to_one_query_gives_it_the_full_heads_output() -> None:
+    """With one query per head the fitted slot holds the evicted group's exact share of that query's attention and
+    its exact output, so the compressed head answers that query as the full head does; the ``log(n)`` slot does
+    not (its mean key's Jensen gap and mean value)."""
+    cache, keys, values = filled(24, seed=6)
+    q = torch.randn(H, 1, D, generator=torch.Generator().manual_seed(7)) * 3
+    keep = torch.zeros(L, 1, H, 24, dtype=torch.bool)
+    keep[..., [0, 5, 22, 23]] = True
+    views = [cache.view(layer, [0]) for layer in range(L)]
+    cache.evict([0], fold_evicted(cache, views, keep, 1, queries=fit_queries(q)))
+    plain, _, _ = filled(24, seed=6)
+    compress(plain, keep, groups=1)
+    for layer in range(L):
+        for h in range(H):
+            full = attend(q[h, 0], keys[layer, :, h], values[layer, :, h], torch.zeros(24))
+            torch.testing.assert_close(attend(q[h, 0], *held_tensors(cache, layer, h)), full)
+            assert not torch.allclose(attend(q[h, 0], *held_tensors(plain, layer, h)), full, atol=1e-3)
+
+
+def test_a_slot_fitted_to_several_queries_weighs_at_least_its_count() -> None:
+    """Over several queries of a GQA group the fitted bias is the mean log gap, at least ``log(n)`` (Jensen), and
+    the value is the group's mean output: the queries' outputs come closer to the full head's than with the
+    ``log(n)`` slot."""
+    cache, keys, values = filled(30, seed=8)
+    q = torch.randn(2 * H, 5, D, generator=torch.Generator().manual_seed(9)) * 2  # two query heads per kv head
+    keep = torch.zeros(L, 1, H, 30, dtype=torch.bool)
+    keep[..., [1, 2, 28, 29]] = True
+    views = [cache.view(layer, [0]) for layer in range(L)]
+    cache.evict([0], fold_evicted(cache, views, keep, 1, queries=fit_queries(q)))
+    plain, _, _ = filled(30, seed=8)
+    compress(plain, keep, groups=1)
+    for layer in range(L):
+        for h in range(H):
+            count = held(cache, layer, h)[27][2]
+            assert count >= 26 * (1 - 1e-5)
+            group = q[2 * h : 2 * h + 2].flatten(0, 1)  # the kv head's 10 queries
+            full = torch.stack([attend(x, keys[layer, :, h], values[layer, :, h], torch.zeros(30)) for x in group])
+            errors = {}
+            for name, c in (("fitted", cache), ("log(n)", plain)):
+                got = torch.stack([attend(x, *held_tensors(c, layer, h)) for x in group])
+                errors[name] = (got - full).norm(dim=-1).mean()
+            assert errors["fitted"] < errors["log(n)"]
+
+
+def test_the_compressor_fits_slots_to_the_queries_it_observed() -> None:
+    """``budget.summary_fit`` = m: the compressor keeps, per layer, the first m queries of a reconstruction pass
+    (its repeat request) or the last m of a prompt window, follows forks and releases, and fits the slots to them;
+    a policy that observed nothing is refused with what to do."""
+    from kvcompress.budget import Budget
+    from kvcompress.cache.step import PrefillObservation
+    from kvcompress.compressor import Compressor
+    from kvcompress.policies.knorm import KnormPolicy
+    from kvcompress.policies.snapkv import SnapKVPolicy
+
+    class WindowedKnorm(KnormPolicy):  # Knorm's ranks, with a window of observed queries to fit to
+        window = 6
+
+    q = torch.randn(1, H, 6, D, generator=torch.Generator().manual_seed(10))
+    for every_query, kept in ((True, q[0, :, :2]), (False, q[0, :, -2:])):
+        cache, _, _ = filled(40, seed=11)
+        comp = Compressor(WindowedKnorm(), Budget(ratio=4, protected_window=2, summary_slots=1, summary_fit=2))
+        for layer in range(L):
+            comp.observe_prefill(cache, PrefillObservation(layer, 0, 6, 34, None, q, every_query=every_query))
+            comp.observe_prefill(cache, PrefillObservation(layer, 0, 6, 40, None, q * 0, every_query=every_query))
+        assert all(torch.equal(x, kept) for x in comp.fit_queries[0])
+        comp.fork(0, 1)
+        comp.release(0)
+        assert 0 not in comp.fit_queries and all(torch.equal(x, kept) for x in comp.fit_queries[1])
+        comp.fit_queries[0] = comp.fit_queries.pop(1)
+        comp.compress(cache, [0])
+        plain, _, _ = filled(40, seed=11)
+        Compressor(KnormPolicy(), Budget(ratio=4, protected_window=2, summary_slots=1)).compress(plain, [0])
+        for layer in range(L):
+            for h in range(H):
+                fitted, unfitted = held(cache, layer, h), held(plain, layer, h)
+                assert fitted.keys() == unfitted.keys()  # the same tokens kept, the same slot position
+                (slot,) = [p for p, (_, _, c) in unfitted.items() if c > 1]
+                torch.testing.assert_close(fitted[slot][0], unfitted[slot][0])  # the mean key
+                assert fitted[slot][2] > unfitted[slot][2]  # the fitted count closes the Jensen gap
+    cache, _, _ = filled(40, seed=11)
+    comp = Compressor(SnapKVPolicy(), Budget(ratio=4, protected_window=2, summary_slots=1, summary_fit=2))
+    with pytest.raises(ValueError, match=r"summary_fit=2 .* SnapKVPolicy observed none for sequence\(s\) \[0\]"):
+        comp.compress(cache, [0])  # a window policy whose sequence was never observed
+    with pytest.raises(ValueError, match=r"summary_fit=2 fits .* but KnormPolicy observes none: use a policy"):
+        Compressor(KnormPolicy(), Budget(ratio=4, summary_slots=1, summary_fit=2))
+
+
+def test_fitting_needs_summary_slots() -> None:
+    from kvcompress.budget import Budget, BudgetError
+
+    with pytest.raises(BudgetError, match=r"budget.summary_fit=16 .* needs budget.summary_slots >= 1 \(got 0\)"):
+        Budget(ratio=4, summary_fit=16)
