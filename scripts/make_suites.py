@@ -30,6 +30,11 @@ crew, call signs, sampling stations; questions ending in "Answer:"), names, citi
 haystack, none of it heldout's. SmolLM2's full cache answers about as much of tune-4k as of heldout-4k, so a 4k
 choice is made on tune-4k and checked on heldout-4k, as dev-1k and heldout-1k are used at 1k.
 
+"heldout2" is a second draw of heldout: its wording, haystack and name/city pools, with seeds of its own (new
+passkeys, keys, values, people and needle orders; the same depth sweep). Nothing is tuned on it, and nothing was
+looked at on it before the presets were fixed: it tells whether what the presets keep of heldout-4k is that
+draw's luck or the setting's.
+
 Prompts are sized in tokens of the SmolLM2 tokenizer (``context + question``, no chat template, as
 ``kvcompress.tasks.synthetic.SyntheticTask`` does) and are deterministic per suite, token target and seed::
 
@@ -39,6 +44,7 @@ Prompts are sized in tokens of the SmolLM2 tokenizer (``context + question``, no
     python scripts/make_suites.py --tokens 4000 --suites varied   # varied-4k.jsonl
     python scripts/make_suites.py --tokens 4000 --suites devprose # devprose-4k.jsonl
     python scripts/make_suites.py --tokens 4000 --suites tune     # tune-4k.jsonl
+    python scripts/make_suites.py --tokens 4000 --suites heldout2 # heldout2-4k.jsonl
 
     python experiments/run.py task=jsonl task.path=docs/results/suites/dev-1k.jsonl policy=tova budget.ratio=4
 """
@@ -60,7 +66,8 @@ FAMILIES = ("passkey", "multikey", "person", "word", "two_needles")
 PER_FAMILY = 8
 QUESTIONS_PER_CONTEXT = {"multikey": 2, "person": 2}  # the others: one question per context
 MAX_NEW_TOKENS = {"passkey": 16, "multikey": 24, "person": 16, "word": 16, "two_needles": 40}
-SUITE_SEEDS = {"dev": 0, "heldout": 1000, "tune": 2000}  # added to --seed (a suite in NEEDLES_OF takes its source's)
+# added to --seed (a suite in NEEDLES_OF takes its source's)
+SUITE_SEEDS = {"dev": 0, "heldout": 1000, "tune": 2000, "heldout2": 3000}
 
 _HELDOUT_FILLER = (
     "The morning train left the station a few minutes late, as it usually did on market days.",
@@ -285,7 +292,7 @@ TUNE = Style(
     cities=("Valparaiso", "Dakar", "Gdansk", "Halifax", "Reykjavik", "Manila", "Durban", "Hobart", "Montevideo"),
 )
 
-STYLES = {"dev": DEV, "heldout": HELDOUT, "varied": VARIED, "devprose": DEVPROSE, "tune": TUNE}
+STYLES = {"dev": DEV, "heldout": HELDOUT, "varied": VARIED, "devprose": DEVPROSE, "tune": TUNE, "heldout2": HELDOUT}
 NEEDLES_OF = {"varied": "heldout", "devprose": "dev"}  # a suite drawing another's needles, questions and depths
 
 
@@ -402,8 +409,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=1000, help="target tokens of context + question (1000)")
     parser.add_argument("--out", type=Path, default=Path("docs/results/suites"), help="output directory")
-    parser.add_argument("--seed", type=int, default=0, help="base seed (heldout and varied add 1000, tune 2000)")
-    parser.add_argument("--suites", default="dev,heldout", help="comma-separated: dev,heldout,varied,devprose,tune")
+    parser.add_argument("--seed", type=int, default=0, help="base seed (suites add SUITE_SEEDS: heldout 1000, ...)")
+    parser.add_argument("--suites", default="dev,heldout", help=f"comma-separated, of: {','.join(STYLES)}")
     parser.add_argument("--model", default="smollm2", help="tokenizer: 'smollm2' or a local HF directory")
     args = parser.parse_args(argv)
 

@@ -320,6 +320,11 @@ def test_suites(suites, tmp_path):
         assert not {r["question"] for r in a} & {r["question"] for r in b}
     assert not set(suites.TUNE.names) & set(suites.HELDOUT.names)
     assert not set(suites.TUNE.cities) & set(suites.HELDOUT.cities)
+    again = suites.suite_records("heldout2", tok, 300)  # heldout's wording and haystack, drawn anew
+    assert [r["id"].replace("heldout2-", "heldout-") for r in again] == [r["id"] for r in held]
+    assert {r["question"].split()[0] for r in again} == {r["question"].split()[0] for r in held}
+    assert not {r["context"] for r in again} & {r["context"] for r in held}
+    assert sum(a["answers"] == h["answers"] for a, h in zip(again, held, strict=True)) <= 2
     path = tmp_path / "dev.jsonl"
     suites.write_jsonl(path, dev)
     samples = JsonlTask(path).samples()
@@ -338,7 +343,9 @@ def test_suite_asks_its_sources_questions_in_another_haystack(suites, suite):
         assert (s["question"], s["answers"]) == (n["question"], n["answers"])
         assert s["context"] != n["context"] and all(a in n["context"] for a in n["answers"])
         assert "The grass is green." not in n["context"]  # RULER's noise: dev's haystack only
-    with pytest.raises(ValueError, match="unknown suite 'essays'; accepted: dev, heldout, varied, devprose, tune"):
+    with pytest.raises(
+        ValueError, match="unknown suite 'essays'; accepted: dev, heldout, varied, devprose, tune, heldout2"
+    ):
         suites.suite_records("essays", WordTokenizer(), 600)
 
 
