@@ -29,10 +29,12 @@ def filled(
     return cache, keys, values
 
 
-def compress(cache: PagedKVCache, keep: torch.Tensor, groups: int, kmeans: int = 0) -> None:
+def compress(
+    cache: PagedKVCache, keep: torch.Tensor, groups: int, kmeans: int = 0, queries: list | None = None
+) -> None:
     """Fold then evict sequence 0 down to ``keep`` ``[L, 1, H, N]``, as the compressor does."""
     views = [cache.view(layer, [0]) for layer in range(L)]
-    cache.evict([0], fold_evicted(cache, views, keep, groups, kmeans))
+    cache.evict([0], fold_evicted(cache, views, keep, groups, kmeans, queries))
 
 
 def held(cache: PagedKVCache, layer: int, head: int) -> dict[int, tuple[torch.Tensor, torch.Tensor, float]]:
@@ -199,18 +201,26 @@ def held_tensors(cache: PagedKVCache, layer: int, head: int) -> tuple[torch.Tens
     return torch.stack(keys), torch.stack(values), torch.tensor(counts).log()
 
 
+def fitted_and_plain(
+    n: int, seed: int, q: torch.Tensor, kept: list[int]
+) -> tuple[PagedKVCache, PagedKVCache, torch.Tensor, torch.Tensor]:
+    """Two caches of ``n`` tokens that keep positions ``kept`` and fold the rest into one slot per head, fitted to
+    ``q`` (``[H_q, M, D]``) in the first and with the ``log(n)`` bias in the second; and the keys / values."""
+    keep = torch.zeros(L, 1, H, n, dtype=torch.bool)
+    keep[..., kept] = True
+    cache, keys, values = filled(n, seed=seed)
+    compress(cache, keep, 1, queries=fit_queries(q))
+    plain, _, _ = filled(n, seed=seed)
+    compress(plain, keep, 1)
+    return cache, plain, keys, values
+
+
 def test_a_slot_fitted_to_one_query_gives_it_the_full_heads_output() -> None:
     """With one query per head the fitted slot holds the evicted group's exact share of that query's attention and
     its exact output, so the compressed head answers that query as the full head does; the ``log(n)`` slot does
     not (its mean key's Jensen gap and mean value)."""
-    cache, keys, values = filled(24, seed=6)
     q = torch.randn(H, 1, D, generator=torch.Generator().manual_seed(7)) * 3
-    keep = torch.zeros(L, 1, H, 24, dtype=torch.bool)
-    keep[..., [0, 5, 22, 23]] = True
-    views = [cache.view(layer, [0]) for layer in range(L)]
-    cache.evict([0], fold_evicted(cache, views, keep, 1, queries=fit_queries(q)))
-    plain, _, _ = filled(24, seed=6)
-    compress(plain, keep, groups=1)
+    cache, plain, keys, values = fitted_and_plain(24, 6, q, [0, 5, 22, 23])
     for layer in range(L):
         for h in range(H):
             full = attend(q[h, 0], keys[layer, :, h], values[layer, :, h], torch.zeros(24))
@@ -222,14 +232,8 @@ def test_a_slot_fitted_to_several_queries_weighs_at_least_its_count() -> None:
     """Over several queries of a GQA group the fitted bias is the mean log gap, at least ``log(n)`` (Jensen), and
     the value is the group's mean output: the queries' outputs come closer to the full head's than with the
     ``log(n)`` slot."""
-    cache, keys, values = filled(30, seed=8)
     q = torch.randn(2 * H, 5, D, generator=torch.Generator().manual_seed(9)) * 2  # two query heads per kv head
-    keep = torch.zeros(L, 1, H, 30, dtype=torch.bool)
-    keep[..., [1, 2, 28, 29]] = True
-    views = [cache.view(layer, [0]) for layer in range(L)]
-    cache.evict([0], fold_evicted(cache, views, keep, 1, queries=fit_queries(q)))
-    plain, _, _ = filled(30, seed=8)
-    compress(plain, keep, groups=1)
+    cache, plain, keys, values = fitted_and_plain(30, 8, q, [1, 2, 28, 29])
     for layer in range(L):
         for h in range(H):
             count = held(cache, layer, h)[27][2]
