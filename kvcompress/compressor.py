@@ -142,16 +142,20 @@ class Compressor:
             counts = torch.maximum(counts - budget.summary_slots, floor)
         keep = keep_top(ranks_t, counts)
         if budget.summary_slots:
-            queries = self._queries_to_fit(seq_ids, cache.num_layers) if budget.summary_fit else None
+            queries = self._queries_to_fit(seq_ids, cache.num_layers, budget) if budget.summary_fit else None
             keep = fold_evicted(cache, views, keep, budget.summary_slots, budget.summary_kmeans, queries)
         return cache.evict(seq_ids, keep)
 
-    def _queries_to_fit(self, seq_ids: list[int], num_layers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer, the kept queries of ``seq_ids`` padded to one length: ``(q [S, H_q, M, D], valid [S, M])``."""
+    def _queries_to_fit(
+        self, seq_ids: list[int], num_layers: int, budget: Budget
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the kept queries of ``seq_ids`` padded to one length: ``(q [S, H_q, M, D], valid [S, M])``.
+        How many were kept per sequence is the default budget's ``summary_fit``, which observes before any
+        request's budget is known."""
         missing = [s for s in seq_ids if len(self.fit_queries.get(s, [])) < num_layers]
         if missing:
             raise ValueError(
-                f"budget.summary_fit={self.budget.summary_fit} fits summary slots to observed queries, but policy "
+                f"budget.summary_fit={budget.summary_fit} fits summary slots to observed queries, but policy "
                 f"{type(self.policy).__name__} observed none for sequence(s) {missing}: use a policy with an "
                 "observation window or a reconstruction (kvzip, snapkv, tova, ...), or set budget.summary_fit=0"
             )
