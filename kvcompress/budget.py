@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +31,9 @@ class Budget:
     similar keys and its mean key weighs them closer to their true attention mass. ``summary_fit`` = m > 0 fits
     each slot's bias and value to m queries per query head that the policy observed asking about the prompt (the
     last m of its observation window, or the first m of a reconstruction pass: KVzip's repeat request), instead
-    of the ``log(n)`` bias and the mean value; the policy must observe some queries.
+    of the ``log(n)`` bias and the mean value; the policy must observe some queries. ``summary_max_ratio`` (None:
+    every ratio) folds only for a sequence compressed at most that much (its tokens seen over its per-head target,
+    :meth:`folds`); one compressed harder drops what it evicts, as without summary slots.
     """
 
     ratio: float = 1.0
@@ -44,6 +47,7 @@ class Budget:
     summary_slots: int = 0
     summary_kmeans: int = 0
     summary_fit: int = 0
+    summary_max_ratio: float | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.ratio, (int, float)) and self.ratio >= 1):
@@ -63,6 +67,17 @@ class Budget:
                 f"budget.summary_fit={self.summary_fit} fits the summary slots to observed queries, which needs "
                 "budget.summary_slots >= 1 (got 0)"
             )
+        if self.summary_max_ratio is not None:
+            if not (isinstance(self.summary_max_ratio, (int, float)) and self.summary_max_ratio >= 1):
+                raise BudgetError(
+                    f"budget.summary_max_ratio must be null (summary slots at every ratio) or a ratio >= 1, got "
+                    f"{self.summary_max_ratio!r}"
+                )
+            if not self.summary_slots:
+                raise BudgetError(
+                    f"budget.summary_max_ratio={self.summary_max_ratio} limits the summary slots to light "
+                    "compression, which needs budget.summary_slots >= 1 (got 0)"
+                )
         if self.protected_fraction is not None and not 0 <= self.protected_fraction <= 1:
             raise BudgetError(
                 f"budget.protected_fraction must be null (off) or in [0, 1] (a share of the per-head budget), "
@@ -80,6 +95,27 @@ class Budget:
             return float(self.max_cache_tokens)
         return seen / self.ratio
 
+    def folds(self, seen: int) -> bool:
+        """Whether a sequence that has seen ``seen`` tokens folds what it evicts into summary slots: it has some,
+        and it is compressed (``seen`` over :meth:`per_head_target`) at most ``summary_max_ratio``."""
+        if not self.summary_slots:
+            return False
+        if self.summary_max_ratio is None:
+            return True
+        return seen <= self.summary_max_ratio * self.per_head_target(seen) * (1 + 1e-9)
+
+    @property
+    def ever_folds(self) -> bool:
+        """Whether some sequence held to this budget may fold into summary slots, so its cache needs them: with a
+        ratio, :meth:`folds` is the same for every length; with ``max_cache_tokens``, it depends on the length."""
+        if not self.summary_slots or self.summary_max_ratio is None or self.max_cache_tokens is not None:
+            return bool(self.summary_slots)
+        return self.ratio <= self.summary_max_ratio * (1 + 1e-9)
+
+    def without_summaries(self) -> Budget:
+        """This budget with no summary slots: what a sequence compressed past ``summary_max_ratio`` is held to."""
+        return dataclasses.replace(self, summary_slots=0, summary_kmeans=0, summary_fit=0, summary_max_ratio=None)
+
     def protected(self, seen: int) -> int:
         """Recent tokens never evicted for a sequence that has seen ``seen`` tokens: ``protected_window``, capped at
         ``floor(protected_fraction × per_head_target(seen))`` when ``protected_fraction`` is set."""
@@ -90,14 +126,15 @@ class Budget:
     def check(self, seen: int, extra_protected: int = 0) -> None:
         """Raise :class:`BudgetError` when the budget is smaller than what is always kept."""
         window = self.protected(seen)
-        floor = window + self.n_sinks + extra_protected + self.summary_slots
+        slots = self.summary_slots if self.folds(seen) else 0
+        floor = window + self.n_sinks + extra_protected + slots
         target = self.per_head_target(seen)
         if seen > floor and math.floor(target) < floor:
             raise BudgetError(
                 f"the budget ({target:.1f} tokens per kv head for a {seen}-token sequence"
                 f"{f' at ratio {self.ratio:g}' if self.max_cache_tokens is None else ''}) is smaller than the "
                 f"protected tokens ({window} recent + {self.n_sinks + extra_protected} sinks"
-                f"{f' + {self.summary_slots} summary slots' if self.summary_slots else ''}). Lower "
+                f"{f' + {slots} summary slots' if slots else ''}). Lower "
                 "budget.protected_window / budget.n_sinks / budget.summary_slots, use a smaller ratio, or use longer "
                 "inputs."
             )

@@ -125,7 +125,7 @@ class Engine:
         if self.max_prefill_tokens < 1 or self.prefill_chunk < 1 or self.max_seqs < 1:
             raise ValueError("max_seqs, prefill_chunk and max_prefill_tokens must be >= 1")
         max_tokens = self.max_tokens_per_head or int(self.model.config.max_position_embeddings)
-        summaries = self.compressor is not None and self.compressor.budget.summary_slots > 0
+        summaries = self.compressor is not None and self.compressor.budget.ever_folds
         self.cache: PagedKVCache = make_cache(
             self.model, self.max_seqs, max_tokens, self.num_blocks, self.block_size, summaries
         )
@@ -185,10 +185,11 @@ class Engine:
             if self.compressor is None:
                 raise ValueError(f"request {rid!r} brings a budget, but the engine has no compressor to apply it")
             self.compressor.check_budget(request.budget)
-            if request.budget.summary_slots and self.cache.slot_bias is None:
+            if request.budget.ever_folds and self.cache.slot_bias is None:
                 raise ValueError(
                     f"request {rid!r} asks for budget.summary_slots={request.budget.summary_slots}, but the engine's "
-                    "cache has no summary slots: give the engine's compressor a budget with summary_slots > 0"
+                    "cache has no summary slots: give the engine's compressor a budget with summary_slots > 0 (and "
+                    "a ratio at most its summary_max_ratio)"
                 )
         forced = len(request.forced_ids)
         if forced and request.max_new_tokens > forced:

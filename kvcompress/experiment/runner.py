@@ -94,7 +94,14 @@ def fingerprint(cfg: DictConfig) -> str:
     for key in ("logger", "baselines_dir", "progress", "threads", "engine", "fidelity"):
         data.pop(key, None)
     budget = data.get("budget") or {}
-    later = ("allocator_args", "protected_fraction", "summary_slots", "summary_kmeans", "summary_fit")
+    later = (
+        "allocator_args",
+        "protected_fraction",
+        "summary_slots",
+        "summary_kmeans",
+        "summary_fit",
+        "summary_max_ratio",
+    )
     for key in later:  # fields added later: left unset (or 0), older runs keep their hash
         if budget.get(key) in (None, {}, 0):
             budget.pop(key, None)
@@ -388,6 +395,7 @@ def summarize(
         "summary_slots": int(cfg.budget.get("summary_slots") or 0),
         "summary_kmeans": int(cfg.budget.get("summary_kmeans") or 0),
         "summary_fit": int(cfg.budget.get("summary_fit") or 0),
+        "summary_max_ratio": cfg.budget.get("summary_max_ratio"),
         "seed": int(cfg.seed),
         "per_task": per_task,
         "kv_bytes_mean": total["kv_bytes"] / n,

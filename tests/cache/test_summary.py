@@ -295,3 +295,53 @@ def test_fitting_needs_summary_slots() -> None:
 
     with pytest.raises(BudgetError, match=r"budget.summary_fit=16 .* needs budget.summary_slots >= 1 \(got 0\)"):
         Budget(ratio=4, summary_fit=16)
+
+
+def test_summary_max_ratio_folds_only_for_lightly_compressed_sequences() -> None:
+    """One compression of two sequences held to 8 tokens per head: the one that saw 24 tokens (3x) folds its
+    evictions into a slot, the one that saw 64 (8x, past ``summary_max_ratio=4``) drops them, keeping what a
+    budget without summary slots keeps."""
+    from kvcompress.budget import Budget
+    from kvcompress.compressor import Compressor
+    from kvcompress.policies.knorm import KnormPolicy
+
+    def two_sequences() -> PagedKVCache:
+        cache = PagedKVCache(L, H, D, 256, block_size=BS, max_seqs=2, max_tokens_per_head=64, summaries=True)
+        seqs = [cache.add_sequence(), cache.add_sequence()]
+        gen = torch.Generator().manual_seed(6)
+        plan = cache.plan_step(seqs, [24, 64])
+        for layer in range(L):
+            cache.write(layer, plan, torch.randn(88, H, D, generator=gen), torch.randn(88, H, D, generator=gen))
+        return cache
+
+    def held_by(cache: PagedKVCache, seq: int) -> list[tuple[list[int], list[float]]]:
+        out = []
+        for layer in range(L):
+            v = cache.view(layer, [seq])
+            for h in range(H):
+                ok = v.valid[0, h]
+                counts = cache.slot_bias.view(-1)[v.slots[0, h][ok]].exp()
+                out.append((v.positions[0, h][ok].tolist(), counts.tolist()))
+        return out
+
+    budget = Budget(max_cache_tokens=8, protected_window=2, summary_slots=1, summary_max_ratio=4)
+    assert budget.folds(24) and not budget.folds(64) and budget.folds(32)  # 4x is still light
+    cache = two_sequences()
+    Compressor(KnormPolicy(), budget).compress(cache, [0, 1])
+    plain = two_sequences()
+    Compressor(KnormPolicy(), budget.without_summaries()).compress(plain, [1])
+    for positions, counts in held_by(cache, 0):
+        assert len(positions) == 8 and sum(c > 1 for c in counts) == 1 and sum(counts) == pytest.approx(24)
+    assert held_by(cache, 1) == held_by(plain, 1)
+    assert all(len(p) == 8 and c == [1.0] * 8 for p, c in held_by(cache, 1))
+
+
+def test_summary_max_ratio_is_a_ratio_over_summary_slots() -> None:
+    from kvcompress.budget import Budget, BudgetError
+
+    with pytest.raises(BudgetError, match=r"summary_max_ratio must be null .* or a ratio >= 1, got 0.5"):
+        Budget(ratio=4, summary_slots=1, summary_max_ratio=0.5)
+    with pytest.raises(BudgetError, match=r"summary_max_ratio=4 .* needs budget.summary_slots >= 1 \(got 0\)"):
+        Budget(ratio=4, summary_max_ratio=4)
+    assert Budget(ratio=4, summary_slots=1, summary_max_ratio=4).folds(4000)
+    assert not Budget(ratio=8, summary_slots=1, summary_max_ratio=4).folds(4000)

@@ -130,6 +130,22 @@ def test_bad_requests_are_refused_with_reasons(tiny_llama):
         Engine(tiny_llama, _lfu(), max_seqs=1, max_tokens_per_head=128).add_request(summaries)
 
 
+def test_summary_max_ratio_gives_harder_compression_a_plain_cache(tiny_llama):
+    """Past ``summary_max_ratio`` the engine's cache carries no summary slots (no bias bytes), and a request
+    generates what the same budget without summary slots generates; at or under it, the cache has them."""
+
+    def engine(budget: Budget) -> Engine:
+        return Engine(tiny_llama, Compressor(LFUPolicy(window=8), budget), max_seqs=1, max_tokens_per_head=128)
+
+    limited = Budget(ratio=4, protected_window=8, summary_slots=1, summary_max_ratio=2)
+    assert engine(Budget(ratio=2, protected_window=8, summary_slots=1, summary_max_ratio=2)).cache.slot_bias is not None
+    assert engine(limited).cache.slot_bias is None
+    prompt = [random.Random(3).randrange(5, 200) for _ in range(64)]
+    runs = [engine(b).run([Request("r", prompt, 6)])[0] for b in (limited, limited.without_summaries())]
+    assert runs[0].tokens == runs[1].tokens
+    assert runs[0].memory.physical_compression == runs[1].memory.physical_compression
+
+
 @pytest.mark.slow
 def test_engine_equals_single_path_on_embedded_model(smollm2):
     """SmolLM2, lfu + global at 4x, prompts of 200-500 tokens arriving over time, chunked packed prefill."""

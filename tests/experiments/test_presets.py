@@ -10,9 +10,11 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from kvcompress.allocators import build_allocator
 from kvcompress.allocators.global_threshold import GlobalAllocator
+from kvcompress.budget import Budget
 from kvcompress.experiment.policy_config import register_policy_configs
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -39,6 +41,7 @@ def test_preset_composes_and_the_ratio_is_the_users(preset: str) -> None:
     assert cfg.budget.ratio == 8
     assert cfg.task == plain.task and cfg.engine == plain.engine  # the task and the run stay the user's
     instantiate(cfg.policy)  # the recommended policy builds
+    Budget(**OmegaConf.to_container(cfg.budget, resolve=True))  # and so does its budget
 
 
 @pytest.mark.parametrize("name", BUDGETS)
