@@ -320,11 +320,15 @@ def test_suites(suites, tmp_path):
         assert not {r["question"] for r in a} & {r["question"] for r in b}
     assert not set(suites.TUNE.names) & set(suites.HELDOUT.names)
     assert not set(suites.TUNE.cities) & set(suites.HELDOUT.cities)
-    again = suites.suite_records("heldout2", tok, 300)  # heldout's wording and haystack, drawn anew
-    assert [r["id"].replace("heldout2-", "heldout-") for r in again] == [r["id"] for r in held]
-    assert {r["question"].split()[0] for r in again} == {r["question"].split()[0] for r in held}
-    assert not {r["context"] for r in again} & {r["context"] for r in held}
-    assert sum(a["answers"] == h["answers"] for a, h in zip(again, held, strict=True)) <= 2
+    draws = [held]
+    for name in ("heldout2", "heldout3"):  # heldout's wording and haystack, drawn anew
+        again = suites.suite_records(name, tok, 300)
+        assert [r["id"].replace(f"{name}-", "heldout-") for r in again] == [r["id"] for r in held]
+        assert {r["question"].split()[0] for r in again} == {r["question"].split()[0] for r in held}
+        for earlier in draws:
+            assert not {r["context"] for r in again} & {r["context"] for r in earlier}
+            assert sum(a["answers"] == h["answers"] for a, h in zip(again, earlier, strict=True)) <= 2
+        draws.append(again)
     path = tmp_path / "dev.jsonl"
     suites.write_jsonl(path, dev)
     samples = JsonlTask(path).samples()
