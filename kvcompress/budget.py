@@ -98,19 +98,18 @@ class Budget:
     def folds(self, seen: int) -> bool:
         """Whether a sequence that has seen ``seen`` tokens folds what it evicts into summary slots: it has some,
         and it is compressed (``seen`` over :meth:`per_head_target`) at most ``summary_max_ratio``."""
-        if not self.summary_slots:
-            return False
-        if self.summary_max_ratio is None:
-            return True
-        return seen <= self.summary_max_ratio * self.per_head_target(seen) * (1 + 1e-9)
+        return bool(self.summary_slots) and self._light(seen, self.per_head_target(seen))
 
     @property
     def ever_folds(self) -> bool:
         """Whether some sequence held to this budget may fold into summary slots, so its cache needs them: with a
         ratio, :meth:`folds` is the same for every length; with ``max_cache_tokens``, it depends on the length."""
-        if not self.summary_slots or self.summary_max_ratio is None or self.max_cache_tokens is not None:
-            return bool(self.summary_slots)
-        return self.ratio <= self.summary_max_ratio * (1 + 1e-9)
+        light = self.max_cache_tokens is not None or self._light(self.ratio, 1.0)
+        return bool(self.summary_slots) and light
+
+    def _light(self, seen: float, kept: float) -> bool:
+        """Whether keeping ``kept`` of ``seen`` compresses at most ``summary_max_ratio`` (None: always)."""
+        return self.summary_max_ratio is None or seen <= self.summary_max_ratio * kept * (1 + 1e-9)
 
     def without_summaries(self) -> Budget:
         """This budget with no summary slots: what a sequence compressed past ``summary_max_ratio`` is held to."""

@@ -111,9 +111,10 @@ class Compressor:
         if not self.compresses(budget) or not seq_ids:
             return 0
         seen_h = cache.seen[seq_ids]  # host copy: [S]
-        if budget.summary_slots and not all(budget.folds(s) for s in seen_h.tolist()):  # past summary_max_ratio
-            folding = [q for q, s in zip(seq_ids, seen_h.tolist(), strict=True) if budget.folds(s)]
-            dropping = [q for q in seq_ids if q not in folding]
+        folds = [budget.folds(s) for s in seen_h.tolist()]
+        if budget.summary_slots and not all(folds):  # some are past summary_max_ratio: they drop what they evict
+            folding = [q for q, f in zip(seq_ids, folds, strict=True) if f]
+            dropping = [q for q, f in zip(seq_ids, folds, strict=True) if not f]
             return self.compress(cache, folding, budget) + self.compress(cache, dropping, budget.without_summaries())
         for s in seen_h.tolist():
             budget.check(s, self.policy.sinks)

@@ -37,9 +37,11 @@ def compress(
     cache.evict([0], fold_evicted(cache, views, keep, groups, kmeans, queries))
 
 
-def held(cache: PagedKVCache, layer: int, head: int) -> dict[int, tuple[torch.Tensor, torch.Tensor, float]]:
-    """``{position: (key, value, count)}`` of what a head holds."""
-    v = cache.view(layer, [0])
+def held(
+    cache: PagedKVCache, layer: int, head: int, seq: int = 0
+) -> dict[int, tuple[torch.Tensor, torch.Tensor, float]]:
+    """``{position: (key, value, count)}`` of what a head of sequence ``seq`` holds."""
+    v = cache.view(layer, [seq])
     ok = v.valid[0, head]
     bias = cache.slot_bias.view(-1)[v.slots[0, head][ok]]
     rows = zip(v.positions[0, head][ok], v.keys[0, head][ok], v.values[0, head][ok], bias, strict=True)
@@ -314,15 +316,9 @@ def test_summary_max_ratio_folds_only_for_lightly_compressed_sequences() -> None
             cache.write(layer, plan, torch.randn(88, H, D, generator=gen), torch.randn(88, H, D, generator=gen))
         return cache
 
-    def held_by(cache: PagedKVCache, seq: int) -> list[tuple[list[int], list[float]]]:
-        out = []
-        for layer in range(L):
-            v = cache.view(layer, [seq])
-            for h in range(H):
-                ok = v.valid[0, h]
-                counts = cache.slot_bias.view(-1)[v.slots[0, h][ok]].exp()
-                out.append((v.positions[0, h][ok].tolist(), counts.tolist()))
-        return out
+    def counts_by_position(cache: PagedKVCache, seq: int) -> list[dict[int, float]]:
+        """Per (layer, head) of ``seq``: ``{position: tokens it stands for}``."""
+        return [{p: c for p, (_, _, c) in held(cache, layer, h, seq).items()} for layer in range(L) for h in range(H)]
 
     budget = Budget(max_cache_tokens=8, protected_window=2, summary_slots=1, summary_max_ratio=4)
     assert budget.folds(24) and not budget.folds(64) and budget.folds(32)  # 4x is still light
@@ -330,10 +326,11 @@ def test_summary_max_ratio_folds_only_for_lightly_compressed_sequences() -> None
     Compressor(KnormPolicy(), budget).compress(cache, [0, 1])
     plain = two_sequences()
     Compressor(KnormPolicy(), budget.without_summaries()).compress(plain, [1])
-    for positions, counts in held_by(cache, 0):
-        assert len(positions) == 8 and sum(c > 1 for c in counts) == 1 and sum(counts) == pytest.approx(24)
-    assert held_by(cache, 1) == held_by(plain, 1)
-    assert all(len(p) == 8 and c == [1.0] * 8 for p, c in held_by(cache, 1))
+    for counts in counts_by_position(cache, 0):
+        assert len(counts) == 8 and sum(c > 1 for c in counts.values()) == 1
+        assert sum(counts.values()) == pytest.approx(24)
+    assert counts_by_position(cache, 1) == counts_by_position(plain, 1)
+    assert all(list(c.values()) == [1.0] * 8 for c in counts_by_position(cache, 1))
 
 
 def test_summary_max_ratio_is_a_ratio_over_summary_slots() -> None:
