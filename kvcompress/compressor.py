@@ -111,15 +111,16 @@ class Compressor:
         if not self.compresses(budget) or not seq_ids:
             return 0
         seen_h = cache.seen[seq_ids]  # host copy: [S]
-        folds = [budget.folds(s) for s in seen_h.tolist()]
+        seen_list = seen_h.tolist()
+        folds = [budget.folds(s) for s in seen_list]
         if budget.summary_slots and not all(folds):  # some are past summary_max_ratio: they drop what they evict
             folding = [q for q, f in zip(seq_ids, folds, strict=True) if f]
             dropping = [q for q, f in zip(seq_ids, folds, strict=True) if not f]
             return self.compress(cache, folding, budget) + self.compress(cache, dropping, budget.without_summaries())
-        for s in seen_h.tolist():
+        for s in seen_list:
             budget.check(s, self.policy.sinks)
         seen = torch.as_tensor(seen_h, device=cache.device)
-        recent = seen - torch.tensor([budget.protected(s) for s in seen_h.tolist()], device=cache.device)  # [S]
+        recent = seen - torch.tensor([budget.protected(s) for s in seen_list], device=cache.device)  # [S]
         with_kv = self.policy.needs_kv or budget.summary_slots > 0
         views = [cache.view(layer, seq_ids, with_kv=with_kv) for layer in range(cache.num_layers)]
         N = max(v.valid.shape[-1] for v in views)
@@ -137,7 +138,7 @@ class Compressor:
         floor = torch.isposinf(ranks_t).sum(-1)
         per_seq = cache.num_layers * cache.num_kv_heads
         target = torch.tensor(
-            [budget.per_head_target(s) * per_seq for s in seen_h.tolist()], dtype=torch.float64, device=cache.device
+            [budget.per_head_target(s) * per_seq for s in seen_list], dtype=torch.float64, device=cache.device
         )
         same = (budget.allocation, budget.allocator_args) == (self.budget.allocation, self.budget.allocator_args)
         allocator = self.allocator if same else build_allocator(budget.allocation, budget.allocator_args)
