@@ -34,7 +34,8 @@ choice is made on tune-4k and checked on heldout-4k, as dev-1k and heldout-1k ar
 passkeys, keys, values, people and needle orders; the same depth sweep). Nothing is tuned on it, and nothing was
 looked at on it before the presets were fixed: it tells whether what the presets keep of heldout-4k is that
 draw's luck or the setting's. "heldout3" is a third draw, made to test a change chosen after heldout2 had been
-looked at (the query-agnostic preset's summary slot up to 4x, docs/RESULTS.md).
+looked at (the query-agnostic preset's summary slot up to 4x, docs/RESULTS.md). "heldout4" is a fourth, made on
+2026-12-06 after heldout3 had been read in both modes, to check whatever is chosen next at 4k.
 
 Prompts are sized in tokens of the SmolLM2 tokenizer (``context + question``, no chat template, as
 ``kvcompress.tasks.synthetic.SyntheticTask`` does) and are deterministic per suite, token target and seed::
@@ -47,6 +48,7 @@ Prompts are sized in tokens of the SmolLM2 tokenizer (``context + question``, no
     python scripts/make_suites.py --tokens 4000 --suites tune     # tune-4k.jsonl
     python scripts/make_suites.py --tokens 4000 --suites heldout2 # heldout2-4k.jsonl
     python scripts/make_suites.py --tokens 4000 --suites heldout3 # heldout3-4k.jsonl
+    python scripts/make_suites.py --tokens 4000 --suites heldout4 # heldout4-4k.jsonl
 
     python experiments/run.py task=jsonl task.path=docs/results/suites/dev-1k.jsonl policy=tova budget.ratio=4
 """
@@ -69,7 +71,7 @@ PER_FAMILY = 8
 QUESTIONS_PER_CONTEXT = {"multikey": 2, "person": 2}  # the others: one question per context
 MAX_NEW_TOKENS = {"passkey": 16, "multikey": 24, "person": 16, "word": 16, "two_needles": 40}
 # added to --seed (a suite in NEEDLES_OF takes its source's)
-SUITE_SEEDS = {"dev": 0, "heldout": 1000, "tune": 2000, "heldout2": 3000, "heldout3": 4000}
+SUITE_SEEDS = {"dev": 0, "heldout": 1000, "tune": 2000, "heldout2": 3000, "heldout3": 4000, "heldout4": 5000}
 
 _HELDOUT_FILLER = (
     "The morning train left the station a few minutes late, as it usually did on market days.",
@@ -302,6 +304,7 @@ STYLES = {
     "tune": TUNE,
     "heldout2": HELDOUT,
     "heldout3": HELDOUT,
+    "heldout4": HELDOUT,
 }
 NEEDLES_OF = {"varied": "heldout", "devprose": "dev"}  # a suite drawing another's needles, questions and depths
 

@@ -321,7 +321,7 @@ def test_suites(suites, tmp_path):
     assert not set(suites.TUNE.names) & set(suites.HELDOUT.names)
     assert not set(suites.TUNE.cities) & set(suites.HELDOUT.cities)
     draws = [held]
-    for name in ("heldout2", "heldout3"):  # heldout's wording and haystack, drawn anew
+    for name in ("heldout2", "heldout3", "heldout4"):  # heldout's wording and haystack, drawn anew
         again = suites.suite_records(name, tok, 300)
         assert [r["id"].replace(f"{name}-", "heldout-") for r in again] == [r["id"] for r in held]
         assert {r["question"].split()[0] for r in again} == {r["question"].split()[0] for r in held}
@@ -348,7 +348,7 @@ def test_suite_asks_its_sources_questions_in_another_haystack(suites, suite):
         assert s["context"] != n["context"] and all(a in n["context"] for a in n["answers"])
         assert "The grass is green." not in n["context"]  # RULER's noise: dev's haystack only
     with pytest.raises(
-        ValueError, match="unknown suite 'essays'; accepted: dev, heldout, varied, devprose, tune, heldout2, heldout3"
+        ValueError, match="unknown suite 'essays'; accepted: dev, heldout, varied, devprose, tune, heldout2, heldout3, heldout4"
     ):
         suites.suite_records("essays", WordTokenizer(), 600)
 
