@@ -348,7 +348,8 @@ def test_suite_asks_its_sources_questions_in_another_haystack(suites, suite):
         assert s["context"] != n["context"] and all(a in n["context"] for a in n["answers"])
         assert "The grass is green." not in n["context"]  # RULER's noise: dev's haystack only
     with pytest.raises(
-        ValueError, match="unknown suite 'essays'; accepted: dev, heldout, varied, devprose, tune, heldout2, heldout3, heldout4"
+        ValueError,
+        match="unknown suite 'essays'; accepted: dev, heldout, varied, devprose, tune, heldout2, heldout3, heldout4",
     ):
         suites.suite_records("essays", WordTokenizer(), 600)
 
