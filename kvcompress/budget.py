@@ -33,7 +33,10 @@ class Budget:
     last m of its observation window, or the first m of a reconstruction pass: KVzip's repeat request), instead
     of the ``log(n)`` bias and the mean value; the policy must observe some queries. ``summary_max_ratio`` (None:
     every ratio) folds only for a sequence compressed at most that much (its tokens seen over its per-head target,
-    :meth:`folds`); one compressed harder drops what it evicts, as without summary slots.
+    :meth:`folds`); one compressed harder drops what it evicts, as without summary slots. ``summary_layers`` = k
+    (None: every layer) folds in the first k layers only; the layers above drop what they evict. It asks where a
+    head's evicted average matters (docs/RESULTS.md, "Which layers lose a multikey binding at 4k" and "Summary slots
+    in the first layers only"; no preset sets it).
     """
 
     ratio: float = 1.0
@@ -48,6 +51,7 @@ class Budget:
     summary_kmeans: int = 0
     summary_fit: int = 0
     summary_max_ratio: float | None = None
+    summary_layers: int | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.ratio, (int, float)) and self.ratio >= 1):
@@ -77,6 +81,17 @@ class Budget:
                 raise BudgetError(
                     f"budget.summary_max_ratio={self.summary_max_ratio} limits the summary slots to light "
                     "compression, which needs budget.summary_slots >= 1 (got 0)"
+                )
+        if self.summary_layers is not None:
+            if not (isinstance(self.summary_layers, int) and self.summary_layers >= 1):
+                raise BudgetError(
+                    f"budget.summary_layers must be null (summary slots in every layer) or a number of layers >= 1 "
+                    f"(the first ones fold), got {self.summary_layers!r}"
+                )
+            if not self.summary_slots:
+                raise BudgetError(
+                    f"budget.summary_layers={self.summary_layers} limits the summary slots to the first layers, "
+                    "which needs budget.summary_slots >= 1 (got 0)"
                 )
         if self.protected_fraction is not None and not 0 <= self.protected_fraction <= 1:
             raise BudgetError(
@@ -113,7 +128,9 @@ class Budget:
 
     def without_summaries(self) -> Budget:
         """This budget with no summary slots: what a sequence compressed past ``summary_max_ratio`` is held to."""
-        return dataclasses.replace(self, summary_slots=0, summary_kmeans=0, summary_fit=0, summary_max_ratio=None)
+        return dataclasses.replace(
+            self, summary_slots=0, summary_kmeans=0, summary_fit=0, summary_max_ratio=None, summary_layers=None
+        )
 
     def protected(self, seen: int) -> int:
         """Recent tokens never evicted for a sequence that has seen ``seen`` tokens: ``protected_window``, capped at

@@ -101,6 +101,7 @@ def fingerprint(cfg: DictConfig) -> str:
         "summary_kmeans",
         "summary_fit",
         "summary_max_ratio",
+        "summary_layers",
     )
     for key in later:  # fields added later: left unset (or 0), older runs keep their hash
         if budget.get(key) in (None, {}, 0):
@@ -396,6 +397,7 @@ def summarize(
         "summary_kmeans": int(cfg.budget.get("summary_kmeans") or 0),
         "summary_fit": int(cfg.budget.get("summary_fit") or 0),
         "summary_max_ratio": cfg.budget.get("summary_max_ratio"),
+        "summary_layers": cfg.budget.get("summary_layers"),
         "seed": int(cfg.seed),
         "per_task": per_task,
         "kv_bytes_mean": total["kv_bytes"] / n,

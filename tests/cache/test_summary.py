@@ -342,3 +342,34 @@ def test_summary_max_ratio_is_a_ratio_over_summary_slots() -> None:
         Budget(ratio=4, summary_max_ratio=4)
     assert Budget(ratio=4, summary_slots=1, summary_max_ratio=4).folds(4000)
     assert not Budget(ratio=8, summary_slots=1, summary_max_ratio=4).folds(4000)
+
+
+def test_summary_layers_fold_in_the_first_layers_only() -> None:
+    """``summary_layers=1`` of two layers: layer 0 folds what it evicts into a slot, layer 1 drops it and keeps
+    exactly what a budget without summary slots keeps there (the same tokens, each standing for itself)."""
+    from kvcompress.budget import Budget
+    from kvcompress.compressor import Compressor
+    from kvcompress.policies.knorm import KnormPolicy
+
+    budget = Budget(ratio=4, protected_window=2, summary_slots=1, summary_layers=1)
+    cache, _, _ = filled(40, seed=7)
+    Compressor(KnormPolicy(), budget).compress(cache, [0])
+    plain, _, _ = filled(40, seed=7)
+    Compressor(KnormPolicy(), budget.without_summaries()).compress(plain, [0])
+    for h in range(H):
+        counts = [c for _, _, c in held(cache, 0, h).values()]
+        assert len(counts) == 10 and sum(c > 1 for c in counts) == 1
+        assert sum(counts) == pytest.approx(40)
+        top = {p: c for p, (_, _, c) in held(cache, 1, h).items()}
+        assert top == {p: c for p, (_, _, c) in held(plain, 1, h).items()}
+        assert list(top.values()) == [1.0] * 10
+
+
+def test_summary_layers_is_a_layer_count_over_summary_slots() -> None:
+    from kvcompress.budget import Budget, BudgetError
+
+    with pytest.raises(BudgetError, match=r"summary_layers must be null .* or a number of layers >= 1 .*, got 0"):
+        Budget(ratio=4, summary_slots=1, summary_layers=0)
+    with pytest.raises(BudgetError, match=r"summary_layers=7 .* needs budget.summary_slots >= 1 \(got 0\)"):
+        Budget(ratio=4, summary_layers=7)
+    assert Budget(ratio=4, summary_slots=1, summary_layers=7).without_summaries().summary_layers is None
