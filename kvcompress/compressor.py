@@ -143,15 +143,15 @@ class Compressor:
         same = (budget.allocation, budget.allocator_args) == (self.budget.allocation, self.budget.allocator_args)
         allocator = self.allocator if same else build_allocator(budget.allocation, budget.allocator_args)
         counts = allocator.allocate(ranks_t, lengths, floor, target, cache.block_size)
-        folding = views[: budget.summary_layers] if budget.summary_slots else []  # the layers that fold
-        if folding:  # the summaries take the places of each head's lowest-ranked kept tokens, so a head holds what
-            # its allocator gave it (the global allocator's whole freed blocks stay whole)
-            k = len(folding)
+        fold_views = views[: budget.summary_layers] if budget.summary_slots else []  # the layers that fold
+        if fold_views:  # the summaries take the places of each head's lowest-ranked kept tokens, so a head holds
+            # what its allocator gave it (the global allocator's whole freed blocks stay whole)
+            k = len(fold_views)
             counts = torch.cat([torch.maximum(counts[:k] - budget.summary_slots, floor[:k]), counts[k:]])
         keep = keep_top(ranks_t, counts)
-        if folding:
+        if fold_views:
             queries = self._queries_to_fit(seq_ids, cache.num_layers, budget) if budget.summary_fit else None
-            keep = fold_evicted(cache, folding, keep, budget.summary_slots, budget.summary_kmeans, queries)
+            keep = fold_evicted(cache, fold_views, keep, budget.summary_slots, budget.summary_kmeans, queries)
         return cache.evict(seq_ids, keep)
 
     def _queries_to_fit(
