@@ -17,7 +17,7 @@ class AdaKVAllocator(Allocator):
     alpha: float = 0.2
     name = "adakv"
 
-    def allocate(self, ranks, lengths, floor, target, block_size) -> torch.Tensor:
+    def allocate(self, ranks, lengths, floor, target, block_size, depth=None) -> torch.Tensor:
         L, S, H, N = ranks.shape
         C = target.double() / (L * H)  # [S]
         safe = clamp_counts((self.alpha * C)[None, :, None].expand(L, S, H), floor, lengths)

@@ -6,6 +6,8 @@ Every allocator receives, for the sequences being compressed,
   sinks), ``-inf`` past the head's length;
 * ``lengths`` ``[L, S, H]`` tokens each head holds, ``floor`` ``[L, S, H]`` protected tokens per head;
 * ``target``  ``[S]`` tokens the whole sequence may keep, summed over layers and heads;
+* ``depth``   ``[S]`` (keyword, optional) how hard each sequence is compressed: tokens seen over the per-head
+  target (the budget's ratio at a first compression); an allocator whose rule changes with it needs it;
 
 and returns keep counts ``[L, S, H]`` with ``floor <= count <= length``. The compressor keeps each head's
 ``count`` top-ranked slots.
@@ -23,7 +25,13 @@ class Allocator:
     name = "base"
 
     def allocate(
-        self, ranks: torch.Tensor, lengths: torch.Tensor, floor: torch.Tensor, target: torch.Tensor, block_size: int
+        self,
+        ranks: torch.Tensor,
+        lengths: torch.Tensor,
+        floor: torch.Tensor,
+        target: torch.Tensor,
+        block_size: int,
+        depth: torch.Tensor | None = None,
     ) -> torch.Tensor:
         raise NotImplementedError
 

@@ -41,11 +41,15 @@ class GlobalAllocator(Allocator):
     the ceiling: every head gives up whole blocks until it keeps at most ``ceil(beta × target / (L × H))`` tokens
     (never below its protected tokens or the floor), and the budget this frees goes to the other heads by the
     global threshold. It stops a few heads that attend to nearly every token (a copying head's reconstruction
-    attention) from taking most of the budget at high ratios. ``normalize`` (see :func:`normalize_heads`)
+    attention) from taking most of the budget at high ratios. ``floor_from`` (0 = always) applies the floor only to
+    sequences compressed at least that much (``depth``: tokens seen over the per-head target), so one config can
+    hold heads up where the threshold starves them (at 16x on ~4k tokens a few copying heads take most of the
+    budget) and leave lighter compression to the threshold alone. ``normalize`` (see :func:`normalize_heads`)
     rescales each head's scores before the global comparison.
     """
 
     floor: float = 0.0
+    floor_from: float = 0.0
     cap: float = 0.0
     normalize: str = "none"
     name = "global"
@@ -54,6 +58,11 @@ class GlobalAllocator(Allocator):
         if not 0.0 <= self.floor <= 1.0:
             raise ValueError(
                 f"global allocator floor must be in [0, 1] (a share of the uniform share), got {self.floor}"
+            )
+        if self.floor_from != 0.0 and (self.floor_from < 1.0 or self.floor == 0.0):
+            raise ValueError(
+                "global allocator floor_from must be 0 (the floor at every ratio) or a ratio >= 1, and it needs a "
+                f"floor > 0; got floor_from={self.floor_from}, floor={self.floor}"
             )
         if self.cap != 0.0 and self.cap < max(self.floor, 1.0):
             raise ValueError(
@@ -65,13 +74,17 @@ class GlobalAllocator(Allocator):
                 f"global allocator normalize must be one of {', '.join(NORMALIZE)}; got {self.normalize!r}"
             )
 
-    def allocate(self, ranks, lengths, floor, target, block_size) -> torch.Tensor:
+    def allocate(self, ranks, lengths, floor, target, block_size, depth=None) -> torch.Tensor:
         L, S, H, N = ranks.shape
         heads = normalize_heads(ranks, self.normalize).permute(1, 0, 2, 3).reshape(S, L * H, N)
         lens = lengths.permute(1, 0, 2).reshape(S, L * H).long()
         keep_min = floor.permute(1, 0, 2).reshape(S, L * H).long()
         if self.floor > 0:
             share = torch.ceil(self.floor * target.double() / (L * H)).long()  # [S]
+            if self.floor_from:
+                if depth is None:
+                    raise ValueError("global allocator floor_from needs each sequence's depth (the Compressor's)")
+                share = torch.where(depth * (1 + 1e-9) >= self.floor_from, share, 0)
             keep_min = torch.maximum(keep_min, share[:, None])
         evictable = (lens - keep_min).clamp_min(0)
         units = evictable // block_size  # blocks each head may give up

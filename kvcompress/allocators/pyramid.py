@@ -18,7 +18,7 @@ class PyramidAllocator(Allocator):
     beta: float = 20.0
     name = "pyramid"
 
-    def allocate(self, ranks, lengths, floor, target, block_size) -> torch.Tensor:
+    def allocate(self, ranks, lengths, floor, target, block_size, depth=None) -> torch.Tensor:
         L, S, H = lengths.shape
         C = target.double() / (L * H)  # [S]
         w = floor.amax(dim=(0, 2)).double()  # [S]

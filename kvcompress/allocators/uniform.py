@@ -16,7 +16,7 @@ class UniformAllocator(Allocator):
 
     name = "uniform"
 
-    def allocate(self, ranks, lengths, floor, target, block_size) -> torch.Tensor:
+    def allocate(self, ranks, lengths, floor, target, block_size, depth=None) -> torch.Tensor:
         L, S, H = lengths.shape
         per_head = torch.ceil(target.double() / (L * H))
         return clamp_counts(per_head[None, :, None].expand(L, S, H), floor, lengths)

@@ -27,7 +27,8 @@ def _assert_clean_error(proc, expected: str, run_dir: Path) -> None:
         (["budget.allocation=nope"], "unknown budget.allocation 'nope'; accepted: uniform"),
         (
             ["budget.allocation=global", "budget.allocator_args={alpha:0.2}"],
-            "budget.allocator_args: allocation 'global' has no field 'alpha'; its fields: floor, cap, normalize",
+            "budget.allocator_args: allocation 'global' has no field 'alpha'; "
+            "its fields: floor, floor_from, cap, normalize",
         ),
     ],
     ids=[

@@ -46,6 +46,25 @@ def test_global_allocator_floor_keeps_a_share_of_the_uniform_budget() -> None:
     assert counts.sum() <= target.item()
 
 
+def test_global_allocator_floor_from_applies_the_floor_to_hard_compressions_only() -> None:
+    """Two sequences, one compressed 8x and one 16x (``depth``), both with a worthless head: with floor_from=12 only
+    the 16x one holds that head at the floor; the 8x one is allocated as with no floor at all."""
+    L, H, N, bs = 1, 4, 64, 8
+    ranks = torch.ones(L, 2, H, N)
+    ranks[0, :, 0] = 1e-3
+    lengths = torch.full((L, 2, H), N)
+    target = torch.tensor([L * H * N / 4] * 2, dtype=torch.float64)  # uniform share: 16 tokens per head
+    zero = torch.zeros_like(lengths)
+    depth = torch.tensor([8.0, 16.0], dtype=torch.float64)
+    plain = GlobalAllocator().allocate(ranks, lengths, zero, target, bs)
+    both = GlobalAllocator(floor=0.5).allocate(ranks, lengths, zero, target, bs)
+    counts = GlobalAllocator(floor=0.5, floor_from=12).allocate(ranks, lengths, zero, target, bs, depth=depth)
+    assert plain[0, 0, 0] == 0 and both[0, 0, 0] == 8
+    assert torch.equal(counts[:, 0], plain[:, 0]) and torch.equal(counts[:, 1], both[:, 1])
+    with pytest.raises(ValueError, match="floor_from needs each sequence's depth"):
+        GlobalAllocator(floor=0.5, floor_from=12).allocate(ranks, lengths, zero, target, bs)
+
+
 def test_global_allocator_cap_hands_a_dominant_heads_budget_to_the_others() -> None:
     """One head outranks every token of the others: KV-Compress gives it its whole length. With cap=2 it keeps at
     most twice the uniform share, and the blocks this frees go to the others by rank, still as whole blocks."""
@@ -85,11 +104,53 @@ def test_global_allocator_normalize_compares_heads_by_their_own_mass() -> None:
 
 
 def test_allocator_args_errors() -> None:
-    with pytest.raises(ValueError, match="allocation 'global' has no field 'alpha'; its fields: floor, cap, normalize"):
+    fields = "floor, floor_from, cap, normalize"
+    with pytest.raises(ValueError, match=f"allocation 'global' has no field 'alpha'; its fields: {fields}"):
         build_allocator("global", {"alpha": 0.2})
     with pytest.raises(ValueError, match="normalize must be one of none, sum, max"):
         build_allocator("global", {"normalize": "rank"})
+    for bad in ({"floor": 0.5, "floor_from": 0.5}, {"floor_from": 16}):
+        with pytest.raises(ValueError, match="floor_from must be 0 .the floor at every ratio. or a ratio >= 1"):
+            build_allocator("global", bad)
     with pytest.raises(ValueError, match="cap must be 0 .none. or at least 1 and the floor"):
         build_allocator("global", {"cap": 0.5})
     with pytest.raises(ValueError, match="its fields: none"):
         build_allocator("uniform", {"floor": 0.1})
+
+
+def test_the_compressor_gives_floor_from_each_sequences_depth() -> None:
+    """Two sequences held to 8 tokens per head in one compression: the one that saw 64 tokens (8x) is past
+    floor_from=5, so floor=1 holds every head at its uniform share; the one that saw 24 (3x) is allocated by the
+    threshold alone, exactly as without a floor."""
+    from kvcompress.budget import Budget
+    from kvcompress.cache.paged import PagedKVCache
+    from kvcompress.compressor import Compressor
+    from kvcompress.policies.knorm import KnormPolicy
+
+    L, H, D = 2, 3, 4
+
+    def two_sequences() -> PagedKVCache:
+        cache = PagedKVCache(L, H, D, 256, block_size=4, max_seqs=2, max_tokens_per_head=64)
+        seqs = [cache.add_sequence(), cache.add_sequence()]
+        gen = torch.Generator().manual_seed(3)
+        plan = cache.plan_step(seqs, [24, 64])
+        for layer in range(L):
+            scale = torch.rand(1, H, 1, generator=gen) * 4  # heads of unequal key norms
+            keys = torch.randn(88, H, D, generator=gen) * scale
+            cache.write(layer, plan, keys, torch.randn(88, H, D, generator=gen))
+        return cache
+
+    def kept(cache: PagedKVCache, seq: int) -> list[int]:
+        return [int(n) for layer in range(L) for n in cache.view(layer, [seq]).lengths[0]]
+
+    args = {"floor": 1.0, "floor_from": 5}
+    cache, plain = two_sequences(), two_sequences()
+    Compressor(
+        KnormPolicy(), Budget(max_cache_tokens=8, protected_window=1, allocation="global", allocator_args=args)
+    ).compress(cache, [0, 1])
+    Compressor(KnormPolicy(), Budget(max_cache_tokens=8, protected_window=1, allocation="global")).compress(
+        plain, [0, 1]
+    )
+    assert kept(cache, 1) == [8] * (L * H)
+    assert kept(cache, 0) == kept(plain, 0) and len(set(kept(plain, 0))) > 1
+    assert kept(plain, 1) != kept(cache, 1)
