@@ -7,6 +7,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+RATIO_TOLERANCE = 1e-9
+"""Relative slack when a sequence's compression (tokens seen over the per-head target) meets a configured ratio
+(``summary_max_ratio``, the global allocator's ``floor_from``), so float rounding at the ratio itself does not
+flip the comparison."""
+
 
 class BudgetError(ValueError):
     """A budget that cannot be honoured (ratio < 1, budget below the protected window, ...)."""
@@ -124,7 +129,7 @@ class Budget:
 
     def _light(self, seen: float, kept: float) -> bool:
         """Whether keeping ``kept`` of ``seen`` compresses at most ``summary_max_ratio`` (None: always)."""
-        return self.summary_max_ratio is None or seen <= self.summary_max_ratio * kept * (1 + 1e-9)
+        return self.summary_max_ratio is None or seen <= self.summary_max_ratio * kept * (1 + RATIO_TOLERANCE)
 
     def without_summaries(self) -> Budget:
         """This budget with no summary slots: what a sequence compressed past ``summary_max_ratio`` is held to."""

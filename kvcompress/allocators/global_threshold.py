@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from kvcompress.allocators.base import Allocator
+from kvcompress.budget import RATIO_TOLERANCE
 
 NORMALIZE = ("none", "sum", "max")
 
@@ -84,7 +85,7 @@ class GlobalAllocator(Allocator):
             if self.floor_from:
                 if depth is None:
                     raise ValueError("global allocator floor_from needs each sequence's depth (the Compressor's)")
-                share = torch.where(depth * (1 + 1e-9) >= self.floor_from, share, 0)
+                share = torch.where(depth * (1 + RATIO_TOLERANCE) >= self.floor_from, share, 0)
             keep_min = torch.maximum(keep_min, share[:, None])
         evictable = (lens - keep_min).clamp_min(0)
         units = evictable // block_size  # blocks each head may give up
