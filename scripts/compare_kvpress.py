@@ -8,7 +8,8 @@ For every mode x policy x ratio (plus each side's full-cache baseline) this runs
   kvpress's own ``kv-press-text-generation`` pipeline, greedy, with ``compression_ratio = 1 - 1/ratio``;
 
 scores both sides' predictions with the same ``kvcompress.tasks.metrics`` metric (each line's ``metric``), appends
-one row per side and cell to ``DIR/rows.jsonl`` as it finishes (a re-run skips the cells already there) and
+one row per side and cell to ``DIR/rows.jsonl`` as it finishes (a re-run skips the cells already there, and a
+kvpress cell cut short runs only the samples its worker output under ``DIR/kvpress/`` lacks) and
 writes ``DIR/table.md``: per mode x policy x ratio, each side's score, its % of that side's own full cache and
 its kept fraction (share of the prompt's KV entries held when decoding starts: ours from the run's
 ``tokens_kept / tokens_seen``; kvpress's from the prompt lengths, ``int(context * (1 - compression_ratio))``
@@ -281,18 +282,25 @@ def _worker(args: argparse.Namespace, inp: Path, out: Path, policy: str, cr: flo
 
 
 def run_kvpress(args: argparse.Namespace, subset: Path, mode: str, policy: str, ratio: float) -> dict[str, Any]:
-    """One cell through the kvpress worker; kept fraction from the prompt lengths it reports."""
+    """One cell through the kvpress worker; kept fraction from the prompt lengths it reports. The worker appends a
+    line per sample, so a cell cut short resumes: only the samples its output file lacks are run again
+    (:func:`worker_lines`), and ``wall_s`` is then the resumed part's time."""
     records = _load_jsonl(subset)
     work, cr = _cell(args, mode, policy, ratio)
-    inp = work / "input.jsonl"
-    _write_jsonl(inp, kvpress_inputs(records, mode))
     out = work / f"{policy}-x{ratio:g}.jsonl"
+    done = {line["id"] for line in worker_lines(out)}
+    todo = [line for line in kvpress_inputs(records, mode) if line["id"] not in done]
     t0 = time.perf_counter()
-    _worker(args, inp, out, policy, cr)
+    if todo:
+        inp = work / "input.jsonl"
+        _write_jsonl(inp, todo)
+        _worker(args, inp, out, policy, cr)
     by_id = {r["id"]: r for r in records}
     preds = []
     total = held = 0
-    for p in _load_jsonl(out):
+    for p in worker_lines(out):
+        if p["id"] not in by_id:  # a line of another --samples choice run into the same directory
+            continue
         preds.append({"id": p["id"], "prediction": p["prediction"], "score": _score(by_id[p["id"]], p["prediction"])})
         total += p["context_tokens"] + p["question_tokens"]
         held += int(p["context_tokens"] * (1 - cr)) + p["question_tokens"]
@@ -328,17 +336,22 @@ def _cell(args: argparse.Namespace, mode: str, policy: str, ratio: float) -> tup
     return work, 0.0 if policy == "full" else compression_ratio(ratio)
 
 
-def forced_lines(path: Path, answers: dict[str, list[int]]) -> list[dict[str, Any]]:
-    """The worker's ``--force`` lines already in ``path`` (none if it does not exist). A torn last line (the worker
-    stopped mid-write) is cut off so that the next append starts clean; a line that forced other token ids than
-    ``answers`` holds now (the reference changed) stops the run with one error line."""
+def worker_lines(path: Path) -> list[dict[str, Any]]:
+    """The worker's lines already in ``path`` (none if it does not exist). A torn last line (the worker stopped
+    mid-write) is cut off so that the next append starts clean."""
     if not path.is_file():
         return []
     text = path.read_text(encoding="utf-8")
     if text and not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]
         path.write_text(text, encoding="utf-8")
-    lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def forced_lines(path: Path, answers: dict[str, list[int]]) -> list[dict[str, Any]]:
+    """The worker's ``--force`` lines already in ``path`` (:func:`worker_lines`); a line that forced other token ids
+    than ``answers`` holds now (the reference changed) stops the run with one error line."""
+    lines = worker_lines(path)
     for line in lines:
         if line.get("forced_ids", answers.get(line["id"])) != answers.get(line["id"]):
             sys.exit(

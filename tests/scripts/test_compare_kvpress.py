@@ -99,6 +99,43 @@ def test_resume_skips_rows_present(compare, tmp_path):
     assert compare.pending(todo, rows) == [("kvpress", "query_aware", "tova", 4.0)]
 
 
+def test_kvpress_cell_cut_short_resumes_with_the_samples_it_lacks(compare, tmp_path, monkeypatch):
+    """The worker appends a line per sample; a cell stopped mid-write (s1's line torn) reruns s1 and s2 only, and its
+    row counts each sample once (before, a rerun appended the whole cell again and scored s0 twice)."""
+    import argparse
+
+    suite = tmp_path / "suite.jsonl"
+    suite.write_text(
+        "".join(
+            json.dumps({"id": f"s{i}", "context": "C", "question": "Q", "answers": [f"a{i}"]}) + "\n" for i in range(3)
+        ),
+        encoding="utf-8",
+    )
+    asked: list[list[str]] = []
+
+    def worker(args, inp, out, policy, cr, *extra):  # what scripts/kvpress_worker.py appends, one line a sample
+        ids = [json.loads(line)["id"] for line in inp.read_text(encoding="utf-8").splitlines()]
+        asked.append(ids)
+        with out.open("a", encoding="utf-8") as handle:
+            for i in ids:
+                line = json.dumps({"id": i, "prediction": f"a{i[1:]}", "context_tokens": 8, "question_tokens": 2})
+                if i == "s1" and len(asked) == 1:
+                    handle.write(line[:12])  # stopped mid-write
+                    raise KeyboardInterrupt
+                handle.write(line + "\n")
+
+    monkeypatch.setattr(compare, "_worker", worker)
+    args = argparse.Namespace(out=tmp_path / "out")
+    with pytest.raises(KeyboardInterrupt):
+        compare.run_kvpress(args, suite, "query_agnostic", "kvzip", 4.0)
+    row = compare.run_kvpress(args, suite, "query_agnostic", "kvzip", 4.0)
+    assert asked == [["s0", "s1", "s2"], ["s1", "s2"]]
+    assert [p["id"] for p in row["predictions"]] == ["s0", "s1", "s2"]
+    assert row["n_samples"] == 3 and row["score"] == 100.0
+    assert compare.run_kvpress(args, suite, "query_agnostic", "kvzip", 4.0)["n_samples"] == 3
+    assert asked[2:] == []  # a finished cell runs nothing again
+
+
 def test_table(compare):
     preds = lambda *scores: [{"id": f"s{i}", "score": s} for i, s in enumerate(scores)]
     rows = [
