@@ -65,7 +65,7 @@ def main() -> None:
     for s in samples:  # one call per (context, generation length): the compressed context is shared
         groups.setdefault((s["context"], s["max_new_tokens"]), []).append(s)
 
-    with open(args.out, "a" if args.force else "w", encoding="utf-8") as out:
+    with open(args.out, "a", encoding="utf-8") as out:  # appended: the caller resumes a cell cut short
         for (context, max_new), group in groups.items():
             questions = [s["question"] for s in group]
             if args.force:

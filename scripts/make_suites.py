@@ -35,7 +35,9 @@ passkeys, keys, values, people and needle orders; the same depth sweep). Nothing
 looked at on it before the presets were fixed: it tells whether what the presets keep of heldout-4k is that
 draw's luck or the setting's. "heldout3" is a third draw, made to test a change chosen after heldout2 had been
 looked at (the query-agnostic preset's summary slot up to 4x, docs/RESULTS.md). "heldout4" is a fourth, made on
-2026-12-06 after heldout3 had been read in both modes, to check whatever is chosen next at 4k.
+2026-12-06 after heldout3 had been read in both modes, to check whatever is chosen next at 4k. "heldout5" is a
+fifth, made on 2026-12-06 after the query-aware preset took its floor from 16x, to check the presets as they
+stand on a draw nothing was chosen on or read from.
 
 Prompts are sized in tokens of the SmolLM2 tokenizer (``context + question``, no chat template, as
 ``kvcompress.tasks.synthetic.SyntheticTask`` does) and are deterministic per suite, token target and seed::
@@ -49,6 +51,7 @@ Prompts are sized in tokens of the SmolLM2 tokenizer (``context + question``, no
     python scripts/make_suites.py --tokens 4000 --suites heldout2 # heldout2-4k.jsonl
     python scripts/make_suites.py --tokens 4000 --suites heldout3 # heldout3-4k.jsonl
     python scripts/make_suites.py --tokens 4000 --suites heldout4 # heldout4-4k.jsonl
+    python scripts/make_suites.py --tokens 4000 --suites heldout5 # heldout5-4k.jsonl
 
     python experiments/run.py task=jsonl task.path=docs/results/suites/dev-1k.jsonl policy=tova budget.ratio=4
 """
@@ -71,7 +74,15 @@ PER_FAMILY = 8
 QUESTIONS_PER_CONTEXT = {"multikey": 2, "person": 2}  # the others: one question per context
 MAX_NEW_TOKENS = {"passkey": 16, "multikey": 24, "person": 16, "word": 16, "two_needles": 40}
 # added to --seed (a suite in NEEDLES_OF takes its source's)
-SUITE_SEEDS = {"dev": 0, "heldout": 1000, "tune": 2000, "heldout2": 3000, "heldout3": 4000, "heldout4": 5000}
+SUITE_SEEDS = {
+    "dev": 0,
+    "heldout": 1000,
+    "tune": 2000,
+    "heldout2": 3000,
+    "heldout3": 4000,
+    "heldout4": 5000,
+    "heldout5": 6000,
+}
 
 _HELDOUT_FILLER = (
     "The morning train left the station a few minutes late, as it usually did on market days.",
@@ -305,6 +316,7 @@ STYLES = {
     "heldout2": HELDOUT,
     "heldout3": HELDOUT,
     "heldout4": HELDOUT,
+    "heldout5": HELDOUT,
 }
 NEEDLES_OF = {"varied": "heldout", "devprose": "dev"}  # a suite drawing another's needles, questions and depths
 
@@ -426,6 +438,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--suites", default="dev,heldout", help=f"comma-separated, of: {','.join(STYLES)}")
     parser.add_argument("--model", default="smollm2", help="tokenizer: 'smollm2' or a local HF directory")
     args = parser.parse_args(argv)
+    unknown = [s for s in args.suites.split(",") if s not in STYLES]
+    if unknown:
+        parser.error(f"--suites: unknown suite {unknown[0]!r}; accepted: {', '.join(STYLES)}")
 
     from transformers import AutoTokenizer
 

@@ -7,12 +7,14 @@ goes to ``<out>/table.md``.
 
     python scripts/quality_table.py --out results/quality --samples 3 --tokens 1000
 
-A setup (:mod:`kvcompress.experiment.setups`) is a named policy config, or ``<policy>+<allocation>`` with any
-``conf/policy`` name and an allocator or a named ``conf/budget`` config. It may carry arguments after a colon, each
-``key=value`` for the allocator (``budget.allocator_args``) or ``policy.key=value`` for the policy's fields:
+A setup (:mod:`kvcompress.experiment.setups`) is a named policy config, ``<policy>+<allocation>`` with any
+``conf/policy`` name and an allocator or a named ``conf/budget`` config, or a preset (``conf/experiment``, run as
+``experiment=<name>`` runs it). It may carry arguments after a colon, each ``key=value`` for the allocator
+(``budget.allocator_args``), ``policy.key=value`` for the policy's fields or ``budget.key=value`` for the budget's:
 
     --setups lfu+global,lfu+global_floor_normalized,lfu_avg+global,lfu+global:floor=0.2,normalize=sum,hybrid
     --setups kvzip+global:policy.prefix_keep=4
+    --setups recommended_query_aware,recommended_query_agnostic:budget.summary_slots=0
 
 ``--fidelity`` also teacher-forces the full cache's answer to each sample through every setup and ratio
 (kvcompress.experiment.fidelity), into ``<out>/fidelity.jsonl``: per sample the answer's NLL per token, the share

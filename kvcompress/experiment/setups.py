@@ -1,11 +1,12 @@
 """Named evaluation setups: a policy config, an allocation and their arguments, under one label.
 
 ``scripts/quality_table.py`` runs setups side by side and ``scripts/inspect_allocation.py`` looks inside one. A
-label is one of :data:`SETUPS` / :data:`VARIANTS`, or ``<policy>+<allocation>`` with any ``conf/policy`` name and
-an allocator or a named ``conf/budget`` config. It may carry arguments after a colon, each ``key=value`` for the
-allocator (``budget.allocator_args``), ``policy.key=value`` for the policy's fields or ``budget.key=value`` for the
-budget's (:data:`BUDGET_FIELDS`): ``lfu+global:floor=0.2,normalize=sum``, ``kvzip+global:policy.window=32``,
-``kvzip+global:budget.summary_slots=1``.
+label is one of :data:`SETUPS` / :data:`VARIANTS`, ``<policy>+<allocation>`` with any ``conf/policy`` name and an
+allocator or a named ``conf/budget`` config, or a preset (``conf/experiment/<name>.yaml`` that sets only the policy
+and the budget: ``recommended_query_aware``, ``kv_compress``), run exactly as ``experiment=<name>`` runs it. It may
+carry arguments after a colon, each ``key=value`` for the allocator (``budget.allocator_args``),
+``policy.key=value`` for the policy's fields or ``budget.key=value`` for the budget's (:data:`BUDGET_FIELDS`):
+``lfu+global:floor=0.2,normalize=sum``, ``kvzip+global:policy.window=32``, ``kvzip+global:budget.summary_slots=1``.
 """
 
 from __future__ import annotations
@@ -81,15 +82,41 @@ def budget_allocation(name: str) -> tuple[str, dict]:
     return budget.get("allocation", "uniform"), budget.get("allocator_args") or {}
 
 
+def preset(name: str) -> tuple[str, str, dict, dict, dict] | None:
+    """``(policy config, allocation, policy fields, allocator args, budget fields)`` that the experiment config
+    ``conf/experiment/<name>.yaml`` sets, or ``None`` if there is no such file. Raises ``ValueError`` if it sets
+    anything a setup cannot (a task, a sweep, a model): such an experiment is not a preset."""
+    path = config_dir("experiment") / f"{name}.yaml"
+    if not path.is_file():
+        return None
+    cfg = OmegaConf.to_container(OmegaConf.load(path)) or {}
+    policy = None
+    for entry in cfg.pop("defaults", []):
+        key, value = next(iter(entry.items())) if isinstance(entry, dict) else (entry, None)
+        if key != "override /policy":
+            raise ValueError(f"{path}: defaults entry {entry!r} is not a preset's; accepted: override /policy")
+        policy = value
+    budget = dict(cfg.pop("budget", None) or {})
+    overrides = dict(cfg.pop("policy", None) or {})
+    allocation = budget.pop("allocation", "uniform")
+    allocator_args = dict(budget.pop("allocator_args", None) or {})
+    extra = sorted(cfg) + [f"budget.{k}" for k in budget if k not in BUDGET_FIELDS]
+    if extra:
+        raise ValueError(f"{path} sets {', '.join(extra)}: not a preset (a setup sets only the policy and budget)")
+    if policy is None:
+        raise ValueError(f"{path} names no policy: a preset's defaults hold '- override /policy: <name>'")
+    return policy, allocation, overrides, allocator_args, budget
+
+
 def resolve_setup(name: str) -> tuple[str, str, str, dict, dict, dict]:
     """``label[:key=value,...]`` -> ``(name, policy config, allocation, policy overrides, allocator args, budget
     fields)``.
 
-    A label is one of :data:`SETUPS` / :data:`VARIANTS`, or ``<policy>+<allocation>`` with any ``policy=`` name
-    (``conf/policy``) and an allocator or named budget config (``lfu_avg+global``, ``lfu+global_floor``);
-    ``key=value`` arguments after the colon override the budget config's, ``policy.key=value`` ones set the
-    policy's fields (over a variant's), ``budget.key=value`` ones the budget's. Raises ``ValueError`` naming what is
-    accepted."""
+    A label is one of :data:`SETUPS` / :data:`VARIANTS`, a preset (:func:`preset`), or ``<policy>+<allocation>``
+    with any ``policy=`` name (``conf/policy``) and an allocator or named budget config (``lfu_avg+global``,
+    ``lfu+global_floor``); ``key=value`` arguments after the colon override the budget config's or preset's,
+    ``policy.key=value`` ones set the policy's fields (over a variant's), ``budget.key=value`` ones the
+    budget's. Raises ``ValueError`` naming what is accepted."""
     label, _, arg_text = name.partition(":")
     known = {s[0]: (s[1], s[2], {}) for s in SETUPS} | VARIANTS
     allocator_args: dict = {}
@@ -98,12 +125,14 @@ def resolve_setup(name: str) -> tuple[str, str, str, dict, dict, dict]:
     if label in known:
         policy, allocation, variant_overrides = known[label]
         overrides.update(variant_overrides)  # a copy: the colon's policy fields must not change VARIANTS
+    elif (fixed := preset(label)) is not None:
+        policy, allocation, overrides, allocator_args, budget_args = fixed
     else:
         policy, plus, allocation = label.partition("+")
         if not plus or policy not in policy_names():
             raise ValueError(
-                f"unknown setup {label!r}; accepted: {', '.join(known)}, or <policy>+<allocation> with a policy "
-                f"of {', '.join(policy_names())}"
+                f"unknown setup {label!r}; accepted: {', '.join(known)}, a preset of conf/experiment, or "
+                f"<policy>+<allocation> with a policy of {', '.join(policy_names())}"
             )
         allocation, allocator_args = budget_allocation(allocation)
     for pair in filter(None, arg_text.split(",")):

@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 from kvcompress.allocators import build_allocator
 from kvcompress.allocators.global_threshold import GlobalAllocator
 from kvcompress.budget import Budget
-from kvcompress.experiment.policy_config import register_policy_configs
+from kvcompress.experiment.policy_config import load_policy, register_policy_configs
+from kvcompress.experiment.setups import resolve_setup
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 PRESETS = ["recommended_query_aware", "recommended_query_agnostic", "kv_compress"]
@@ -42,6 +43,35 @@ def test_preset_composes_and_the_ratio_is_the_users(preset: str) -> None:
     assert cfg.task == plain.task and cfg.engine == plain.engine  # the task and the run stay the user's
     instantiate(cfg.policy)  # the recommended policy builds
     Budget(**OmegaConf.to_container(cfg.budget, resolve=True))  # and so does its budget
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_a_preset_as_a_setup_runs_what_experiment_equals_runs(preset: str) -> None:
+    """``quality_table.py --setups recommended_query_aware`` builds the policy and budget that ``experiment=`` composes
+    (so a table's preset row cannot drift from the preset), and the colon's arguments still override it."""
+    register_policy_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"experiment={preset}", "budget.ratio=8"])
+    _, policy, allocation, overrides, allocator_args, budget_args = resolve_setup(preset)
+    assert load_policy(policy, **overrides) == instantiate(cfg.policy)
+    setup = Budget(ratio=8, allocation=allocation, allocator_args=allocator_args, **budget_args)
+    composed = Budget(**OmegaConf.to_container(cfg.budget, resolve=True))
+    assert (setup.allocation, setup.allocator_args) == (composed.allocation, composed.allocator_args)
+    assert {k: getattr(composed, k) for k in budget_args} == budget_args
+    assert resolve_setup(f"{preset}:budget.summary_slots=2")[5]["summary_slots"] == 2
+
+
+def test_an_experiment_that_is_not_a_preset_is_no_setup(tmp_path, monkeypatch) -> None:
+    from kvcompress.experiment import setups
+
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "sweep.yaml").write_text("defaults:\n  - override /policy: lfu\ntask:\n  name: x\n")
+    (tmp_path / "experiment" / "bare.yaml").write_text("budget:\n  allocation: global\n")
+    monkeypatch.setattr(setups, "config_dir", lambda group: tmp_path / group)
+    with pytest.raises(ValueError, match="sweep.yaml sets task: not a preset"):
+        resolve_setup("sweep")
+    with pytest.raises(ValueError, match="bare.yaml names no policy"):
+        resolve_setup("bare")
 
 
 @pytest.mark.parametrize("name", BUDGETS)

@@ -136,6 +136,46 @@ def test_kvpress_cell_cut_short_resumes_with_the_samples_it_lacks(compare, tmp_p
     assert asked[2:] == []  # a finished cell runs nothing again
 
 
+def test_kvpress_worker_appends_so_a_resumed_cell_keeps_its_finished_samples(tmp_path, monkeypatch):
+    """The worker itself (kvpress, the model and its pipeline stood in) appends to ``--out``: a second call with the
+    samples a cut-short cell lacks keeps the first call's lines (it used to reopen the file with "w" and drop them)."""
+    import types
+
+    import torch
+
+    monkeypatch.setitem(sys.modules, "kvpress", types.SimpleNamespace())
+    worker = _load("kvpress_worker")
+
+    class Pipe:
+        def __call__(self, context, questions, press, max_new_tokens):
+            return {"answers": [f" answer to {q}" for q in questions]}
+
+        def preprocess(self, context, questions, answer_prefix, max_context_length):
+            return {"context_ids": torch.zeros(1, 7), "questions_ids": [torch.zeros(1, 2) for _ in questions]}
+
+    model = types.SimpleNamespace(device="cpu", to=lambda device: model)
+    monkeypatch.setattr(worker.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: model)
+    monkeypatch.setattr(worker.AutoTokenizer, "from_pretrained", lambda *a, **k: None)
+    monkeypatch.setattr(worker, "pipeline", lambda *a, **k: Pipe())
+    out = tmp_path / "preds.jsonl"
+    for ids in (["s0"], ["s1", "s2"]):
+        inp = tmp_path / "in.jsonl"
+        inp.write_text(
+            "".join(json.dumps({"id": i, "context": "C", "question": i, "max_new_tokens": 4}) + "\n" for i in ids),
+            encoding="utf-8",
+        )
+        argv = ["kvpress_worker", "--model", "M", "--input", str(inp), "--out", str(out), "--threads", "0"]
+        monkeypatch.setattr(sys, "argv", argv)
+        worker.main()
+    lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [(line["id"], line["prediction"]) for line in lines] == [
+        ("s0", "answer to s0"),
+        ("s1", "answer to s1"),
+        ("s2", "answer to s2"),
+    ]
+    assert lines[0]["context_tokens"] == 7 and lines[0]["question_tokens"] == 2
+
+
 def test_table(compare):
     preds = lambda *scores: [{"id": f"s{i}", "score": s} for i, s in enumerate(scores)]
     rows = [
@@ -358,7 +398,7 @@ def test_suites(suites, tmp_path):
     assert not set(suites.TUNE.names) & set(suites.HELDOUT.names)
     assert not set(suites.TUNE.cities) & set(suites.HELDOUT.cities)
     draws = [held]
-    for name in ("heldout2", "heldout3", "heldout4"):  # heldout's wording and haystack, drawn anew
+    for name in ("heldout2", "heldout3", "heldout4", "heldout5"):  # heldout's wording and haystack, drawn anew
         again = suites.suite_records(name, tok, 300)
         assert [r["id"].replace(f"{name}-", "heldout-") for r in again] == [r["id"] for r in held]
         assert {r["question"].split()[0] for r in again} == {r["question"].split()[0] for r in held}
@@ -374,7 +414,7 @@ def test_suites(suites, tmp_path):
 
 
 @pytest.mark.parametrize("suite", ["varied", "devprose"])
-def test_suite_asks_its_sources_questions_in_another_haystack(suites, suite):
+def test_suite_asks_its_sources_questions_in_another_haystack(suites, suite, capsys):
     """varied and devprose ask heldout's / dev's questions about the same needles at the same depths
     (``NEEDLES_OF``); only the haystack differs."""
     tok, source = WordTokenizer(), suites.NEEDLES_OF[suite]
@@ -386,9 +426,13 @@ def test_suite_asks_its_sources_questions_in_another_haystack(suites, suite):
         assert "The grass is green." not in n["context"]  # RULER's noise: dev's haystack only
     with pytest.raises(
         ValueError,
-        match="unknown suite 'essays'; accepted: dev, heldout, varied, devprose, tune, heldout2, heldout3, heldout4",
+        match="unknown suite 'essays'; accepted: dev, heldout, varied, devprose, tune, heldout2, heldout3, heldout4, "
+        "heldout5",
     ):
         suites.suite_records("essays", WordTokenizer(), 600)
+    with pytest.raises(SystemExit):  # the command line says so in one line, before loading a tokenizer
+        suites.main(["--suites", "heldout,essays"])
+    assert "--suites: unknown suite 'essays'" in capsys.readouterr().err
 
 
 def test_haystacks_varied_never_repeats_heldout_and_devprose_cycle_their_own(suites):
