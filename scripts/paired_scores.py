@@ -28,23 +28,23 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from kvcompress.experiment.fidelity import METRICS
-from kvcompress.experiment.paired import full_cells, load_cells, pair_cells, render, render_retained, retained_pairs
-
-
-def _side(text: str) -> tuple[Path, str]:
-    path, sep, label = text.partition(":")
-    if not sep or not label:
-        raise argparse.ArgumentTypeError(f"expected PATH:LABEL (e.g. docs/results/x:kvzip+global), got {text!r}")
-    return Path(path), label
+from kvcompress.experiment.paired import (
+    full_cells,
+    load_cells,
+    pair_cells,
+    render,
+    render_retained,
+    retained_pairs,
+    side_arg,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("a", type=_side, help="PATH:LABEL of the setup counted as ahead when it scores higher")
-    parser.add_argument("b", type=_side, help="PATH:LABEL of the setup it is compared with")
+    parser.add_argument("a", type=side_arg, help="PATH:LABEL of the setup counted as ahead when it scores higher")
+    parser.add_argument("b", type=side_arg, help="PATH:LABEL of the setup it is compared with")
     parser.add_argument("--modes", default=None, help="comma-separated modes to keep (default: all)")
     parser.add_argument(
         "--metric",

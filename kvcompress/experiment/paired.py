@@ -51,6 +51,17 @@ class Pair:
     p_ranks: float = 1.0
 
 
+def side_arg(text: str) -> tuple[Path, str]:
+    """A command line's ``PATH:LABEL`` (the path holds no colon; the label may: ``kvzip+global:policy.window=32``);
+    raises ``argparse.ArgumentTypeError``, which argparse reports in one line naming the argument."""
+    import argparse
+
+    path, sep, label = text.partition(":")
+    if not sep or not label or not path:
+        raise argparse.ArgumentTypeError(f"expected PATH:LABEL (e.g. docs/results/x:kvzip+global), got {text!r}")
+    return Path(path), label
+
+
 def sign_test(a: Mapping[str, float], b: Mapping[str, float]) -> tuple[int, int, float]:
     """``(ahead, behind, p)`` over the sample ids both hold: ``a`` above / below ``b``, and the exact binomial
     two-sided p-value of that split under no difference."""
@@ -234,3 +245,60 @@ def render(pairs: list[Pair], name_a: str, name_b: str, samples: bool = True) ->
     total = f"; {summed:+.1f} samples." if samples else "."
     lines.append(f"\nOver {len(pairs)} cells: ahead on {ahead} sample-cells, behind on {behind}{total}")
     return "\n".join(lines)
+
+
+def merge_cells(sides: list[tuple[str, Cells]]) -> Cells:
+    """One set of cells holding every ``(name, cells)`` side's samples: draws of a suite pooled, or one draw's
+    results kept in several directories. A sample id two sides hold in the same cell must have the same value
+    there (the full cache's rows copied beside each run do); a conflict raises ``ValueError`` naming both sides."""
+    merged: Cells = {}
+    where: dict[tuple[tuple[str, float], str], str] = {}
+    for name, cells in sides:
+        for key, scores in cells.items():
+            cell = merged.setdefault(key, {})
+            for sample, value in scores.items():
+                if sample in cell and cell[sample] != value:
+                    raise ValueError(
+                        f"sample {sample} ({key[0]}, {key[1]:g}x) scores {cell[sample]:g} in {where[key, sample]} "
+                        f"and {value:g} in {name}: pool distinct draws, or the same run's rows"
+                    )
+                cell[sample] = value
+                where.setdefault((key, sample), name)
+    return merged
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """One compressed (mode, ratio) cell over the samples its full cache (ratio 1, same mode) also scored: their
+    number, the two mean scores, the cell's summed score in % of the full cache's summed score (a sum over samples
+    before dividing, so each sample weighs the same whatever draw it comes from), and what it retained of the full
+    cache's answers in the same unit (:func:`retained_percent`)."""
+
+    mode: str
+    ratio: float
+    n: int
+    full: float
+    score: float
+    percent: float
+    retained: float
+
+
+def pooled_cells(cells: Cells, full: Cells) -> list[Pooled]:
+    """One :class:`Pooled` per compressed cell of ``cells`` whose mode ``full`` covers and whose full cache scores
+    something on its samples, in (mode, ratio) order."""
+    out = []
+    for key in sorted(cells):
+        mode, ratio = key
+        ref = full.get((mode, 1.0))
+        if ratio == 1.0 or ref is None:
+            continue
+        common = sorted(cells[key].keys() & ref.keys())
+        total = sum(ref[i] for i in common)
+        if not total:
+            continue
+        summed = sum(cells[key][i] for i in common)
+        retained = retained_percent(cells[key], ref)
+        assert retained is not None  # total > 0
+        n = len(common)
+        out.append(Pooled(mode, ratio, n, total / n, summed / n, 100 * summed / total, retained))
+    return out

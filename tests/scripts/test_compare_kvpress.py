@@ -3,7 +3,6 @@ scripts/make_suites.py (with a word-level stand-in tokenizer: sizes, families, s
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import sys
@@ -16,23 +15,14 @@ from kvcompress.tasks.jsonl import JsonlTask
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve string annotations through it
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture(scope="module")
+def compare(script_module):
+    return script_module("compare_kvpress")
 
 
 @pytest.fixture(scope="module")
-def compare():
-    return _load("compare_kvpress")
-
-
-@pytest.fixture(scope="module")
-def suites():
-    return _load("make_suites")
+def suites(script_module):
+    return script_module("make_suites")
 
 
 class WordTokenizer:
@@ -136,7 +126,7 @@ def test_kvpress_cell_cut_short_resumes_with_the_samples_it_lacks(compare, tmp_p
     assert asked[2:] == []  # a finished cell runs nothing again
 
 
-def test_kvpress_worker_appends_so_a_resumed_cell_keeps_its_finished_samples(tmp_path, monkeypatch):
+def test_kvpress_worker_appends_so_a_resumed_cell_keeps_its_finished_samples(script_module, tmp_path, monkeypatch):
     """The worker itself (kvpress, the model and its pipeline stood in) appends to ``--out``: a second call with the
     samples a cut-short cell lacks keeps the first call's lines (it used to reopen the file with "w" and drop them)."""
     import types
@@ -144,7 +134,7 @@ def test_kvpress_worker_appends_so_a_resumed_cell_keeps_its_finished_samples(tmp
     import torch
 
     monkeypatch.setitem(sys.modules, "kvpress", types.SimpleNamespace())
-    worker = _load("kvpress_worker")
+    worker = script_module("kvpress_worker")
 
     class Pipe:
         def __call__(self, context, questions, press, max_new_tokens):

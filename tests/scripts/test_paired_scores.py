@@ -156,3 +156,41 @@ def test_signed_rank_weighs_how_far_apart_each_sample_is() -> None:
     assert signed_rank_p(a, a) == 1.0  # every sample ties
     assert "signed-rank p" in render([pair], "a", "b", samples=False)
     assert "signed-rank p" not in render([pair], "a", "b")
+
+
+def _draw(tmp_path: Path, name: str, full: list[float], cut: list[float], label: str = "kvzip+global") -> Path:
+    """A quality_table directory of one draw: its full cache and ``label`` at 8x, one sample per score."""
+    rows = [
+        {"setup": setup, "mode": "query_aware", "sample_id": f"{name}-{i}", "ratio": ratio, "score": s}
+        for setup, ratio, scores in (("full", 1.0, full), (label, 8.0, cut))
+        for i, s in enumerate(scores)
+    ]
+    return _write(tmp_path / name, rows)
+
+
+def test_pooled_scores_sum_over_every_sample_before_dividing(script_module, tmp_path: Path, capsys) -> None:
+    """Two draws, 100% of a full score of 50 and 0% of one of 150: pooled 25%, not the 50% a mean of the two
+    percentages gives; retained caps each sample at its full score (a gain above it does not count)."""
+    pooled = script_module("pooled_scores")
+    a = _draw(tmp_path, "d1", [100.0, 0.0], [0.0, 100.0])  # one answer lost, one gained: 100%, retained 0%
+    b = _draw(tmp_path, "d2", [100.0, 100.0, 100.0], [0.0, 0.0, 0.0], label="kvzip+global:floor=0.5")
+    assert pooled.main([f"{a}:kvzip+global", f"{b}:kvzip+global:floor=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "| query_aware | 8 | **pooled, 2 directories** | 5 | 80.0 | 20.0 | 25.0% | 0.0% |" in out
+    assert f"| query_aware | 8 | {a}:kvzip+global | 2 | 50.0 | 50.0 | 100.0% | 0.0% |" in out
+
+    c = _draw(tmp_path / "other", "d1", [100.0, 0.0], [100.0, 0.0])  # the first draw under another setup
+    assert pooled.main([f"{a}:kvzip+global", f"{b}:kvzip+global:floor=0.5", "--against", f"{c}:kvzip+global"]) == 0
+    out = capsys.readouterr().out
+    assert "| query_aware | 8 | 2 | 50.0 | 50.0 | 1 / 1 | 1.00 |" in out  # d1's samples only: d2 has no match
+
+
+def test_pooled_scores_refuse_a_sample_scored_twice_differently(script_module, tmp_path: Path, capsys) -> None:
+    pooled = script_module("pooled_scores")
+    a = _draw(tmp_path, "d1", [100.0], [100.0])
+    b = _draw(tmp_path / "again", "d1", [100.0], [0.0])  # the same sample id, another score
+    assert pooled.main([f"{a}:kvzip+global", f"{b}:kvzip+global"]) == 2
+    assert "sample d1-0 (query_aware, 8x) scores 100 in" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        pooled.main(["no-label-here"])
+    assert "expected PATH:LABEL" in capsys.readouterr().err
