@@ -115,21 +115,27 @@ class Budget:
             return float(self.max_cache_tokens)
         return seen / self.ratio
 
+    def depth(self, seen: int) -> float:
+        """How hard a sequence that has seen ``seen`` tokens is compressed: ``seen`` over :meth:`per_head_target`
+        (the ratio itself, or more under ``max_cache_tokens``). ``summary_max_ratio`` and the global allocator's
+        ``floor_from`` compare it with a ratio."""
+        return seen / self.per_head_target(seen)
+
     def folds(self, seen: int) -> bool:
         """Whether a sequence that has seen ``seen`` tokens folds what it evicts into summary slots: it has some,
-        and it is compressed (``seen`` over :meth:`per_head_target`) at most ``summary_max_ratio``."""
-        return bool(self.summary_slots) and self._light(seen, self.per_head_target(seen))
+        and its :meth:`depth` is at most ``summary_max_ratio``."""
+        return bool(self.summary_slots) and self._light(self.depth(seen))
 
     @property
     def ever_folds(self) -> bool:
         """Whether some sequence held to this budget may fold into summary slots, so its cache needs them: with a
         ratio, :meth:`folds` is the same for every length; with ``max_cache_tokens``, it depends on the length."""
-        light = self.max_cache_tokens is not None or self._light(self.ratio, 1.0)
+        light = self.max_cache_tokens is not None or self._light(self.ratio)
         return bool(self.summary_slots) and light
 
-    def _light(self, seen: float, kept: float) -> bool:
-        """Whether keeping ``kept`` of ``seen`` compresses at most ``summary_max_ratio`` (None: always)."""
-        return self.summary_max_ratio is None or seen <= self.summary_max_ratio * kept * (1 + RATIO_TOLERANCE)
+    def _light(self, depth: float) -> bool:
+        """Whether a :meth:`depth` is at most ``summary_max_ratio`` (None: always)."""
+        return self.summary_max_ratio is None or depth <= self.summary_max_ratio * (1 + RATIO_TOLERANCE)
 
     def without_summaries(self) -> Budget:
         """This budget with no summary slots: what a sequence compressed past ``summary_max_ratio`` is held to."""

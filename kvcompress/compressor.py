@@ -142,7 +142,7 @@ class Compressor:
         )
         same = (budget.allocation, budget.allocator_args) == (self.budget.allocation, self.budget.allocator_args)
         allocator = self.allocator if same else build_allocator(budget.allocation, budget.allocator_args)
-        depth = seen.double() * per_seq / target  # [S] tokens seen over the per-head target: how hard, not how much
+        depth = torch.tensor([budget.depth(s) for s in seen_list], dtype=torch.float64, device=cache.device)  # [S]
         counts = allocator.allocate(ranks_t, lengths, floor, target, cache.block_size, depth=depth)
         fold_views = views[: budget.summary_layers] if budget.summary_slots else []  # the layers that fold
         if fold_views:  # the summaries take the places of each head's lowest-ranked kept tokens, so a head holds
