@@ -410,10 +410,15 @@ def family_records(
     return out
 
 
-def suite_records(suite: str, tokenizer: Tokenizer, tokens: int, seed: int = 0) -> list[dict[str, object]]:
-    """Every record of ``suite`` (a key of :data:`STYLES`), family by family."""
+def check_suite(suite: str) -> None:
+    """Raises ``ValueError`` naming the accepted suites unless ``suite`` is a key of :data:`STYLES`."""
     if suite not in STYLES:
         raise ValueError(f"unknown suite {suite!r}; accepted: {', '.join(STYLES)}")
+
+
+def suite_records(suite: str, tokenizer: Tokenizer, tokens: int, seed: int = 0) -> list[dict[str, object]]:
+    """Every record of ``suite`` (a key of :data:`STYLES`), family by family."""
+    check_suite(suite)
     style, seed = STYLES[suite], seed + SUITE_SEEDS[NEEDLES_OF.get(suite, suite)]
     return [r for f in FAMILIES for r in family_records(style, suite, f, tokenizer, tokens, seed)]
 
@@ -438,9 +443,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--suites", default="dev,heldout", help=f"comma-separated, of: {','.join(STYLES)}")
     parser.add_argument("--model", default="smollm2", help="tokenizer: 'smollm2' or a local HF directory")
     args = parser.parse_args(argv)
-    unknown = [s for s in args.suites.split(",") if s not in STYLES]
-    if unknown:
-        parser.error(f"--suites: unknown suite {unknown[0]!r}; accepted: {', '.join(STYLES)}")
+    try:  # before the tokenizer loads
+        for suite in args.suites.split(","):
+            check_suite(suite)
+    except ValueError as err:
+        parser.error(f"--suites: {err}")
 
     from transformers import AutoTokenizer
 

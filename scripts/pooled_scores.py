@@ -45,7 +45,7 @@ def load_pool(sides: list[tuple[Path, str]], modes: list[str] | None, ratios: li
         cells = {
             key: scores
             for key, scores in load_cells(path, label).items()
-            if (modes is None or key[0] in modes) and (ratios is None or key[1] in ratios or key[1] == 1.0)
+            if (modes is None or key[0] in modes) and (ratios is None or key[1] in ratios)
         }
         out.append((f"{path}:{label}", cells, full_cells(path, label)))
     return out
@@ -97,7 +97,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{title}{table}\n")
     if len(tables) == 2:
         (_, a, full_a), (_, b, full_b) = tables
-        a, b = ({k: v for k, v in cells.items() if k[1] != 1.0} for cells in (a, b))
         print("Pooled, sample by sample (first pool against --against):\n")
         print(render(pair_cells(a, b), "pool", "--against"))
         print("\nAgainst each side's full cache, per sample (retained: capped at the full cache's score):\n")
