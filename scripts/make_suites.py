@@ -37,7 +37,8 @@ draw's luck or the setting's. "heldout3" is a third draw, made to test a change 
 looked at (the query-agnostic preset's summary slot up to 4x, docs/RESULTS.md). "heldout4" is a fourth, made on
 2026-12-06 after heldout3 had been read in both modes, to check whatever is chosen next at 4k. "heldout5" is a
 fifth, made on 2026-12-06 after the query-aware preset took its floor from 16x, to check the presets as they
-stand on a draw nothing was chosen on or read from.
+stand on a draw nothing was chosen on or read from. "heldout6" is a sixth, made on 2026-12-06 before anything ran on
+it, to check a change chosen on the earlier draws' lost answers (a summary slot in the first layers, query-aware).
 
 Prompts are sized in tokens of the SmolLM2 tokenizer (``context + question``, no chat template, as
 ``kvcompress.tasks.synthetic.SyntheticTask`` does) and are deterministic per suite, token target and seed::
@@ -52,6 +53,7 @@ Prompts are sized in tokens of the SmolLM2 tokenizer (``context + question``, no
     python scripts/make_suites.py --tokens 4000 --suites heldout3 # heldout3-4k.jsonl
     python scripts/make_suites.py --tokens 4000 --suites heldout4 # heldout4-4k.jsonl
     python scripts/make_suites.py --tokens 4000 --suites heldout5 # heldout5-4k.jsonl
+    python scripts/make_suites.py --tokens 4000 --suites heldout6 # heldout6-4k.jsonl
 
     python experiments/run.py task=jsonl task.path=docs/results/suites/dev-1k.jsonl policy=tova budget.ratio=4
 """
@@ -82,6 +84,7 @@ SUITE_SEEDS = {
     "heldout3": 4000,
     "heldout4": 5000,
     "heldout5": 6000,
+    "heldout6": 7000,
 }
 
 _HELDOUT_FILLER = (
@@ -317,6 +320,7 @@ STYLES = {
     "heldout3": HELDOUT,
     "heldout4": HELDOUT,
     "heldout5": HELDOUT,
+    "heldout6": HELDOUT,
 }
 NEEDLES_OF = {"varied": "heldout", "devprose": "dev"}  # a suite drawing another's needles, questions and depths
 
