@@ -45,12 +45,17 @@ class GlobalAllocator(Allocator):
     attention) from taking most of the budget at high ratios. ``floor_from`` (0 = always) applies the floor only to
     sequences compressed at least that much (``depth``: tokens seen over the per-head target), so one config can
     hold heads up where the threshold starves them (at 16x on ~4k tokens a few copying heads take most of the
-    budget) and leave lighter compression to the threshold alone. ``normalize`` (see :func:`normalize_heads`)
-    rescales each head's scores before the global comparison.
+    budget) and leave lighter compression to the threshold alone. ``floor_layers`` (0 = every layer) applies the
+    floor to the first that many layers only, where the generated tokens read the context as an average of it
+    rather than look a fact up (docs/RESULTS.md, "Which layers lose a multikey binding at 4k"; held at their
+    uniform share, those layers brought back none of the 4k answers the preset loses: "A floor in the first
+    layers"). ``normalize`` (see :func:`normalize_heads`) rescales each head's scores before the global
+    comparison.
     """
 
     floor: float = 0.0
     floor_from: float = 0.0
+    floor_layers: int = 0
     cap: float = 0.0
     normalize: str = "none"
     name = "global"
@@ -64,6 +69,11 @@ class GlobalAllocator(Allocator):
             raise ValueError(
                 "global allocator floor_from must be 0 (the floor at every ratio) or a ratio >= 1, and it needs a "
                 f"floor > 0; got floor_from={self.floor_from}, floor={self.floor}"
+            )
+        if self.floor_layers < 0 or (self.floor_layers and self.floor == 0.0):
+            raise ValueError(
+                "global allocator floor_layers must be 0 (the floor in every layer) or a number of leading layers, "
+                f"and it needs a floor > 0; got floor_layers={self.floor_layers}, floor={self.floor}"
             )
         if self.cap != 0.0 and self.cap < max(self.floor, 1.0):
             raise ValueError(
@@ -86,7 +96,11 @@ class GlobalAllocator(Allocator):
                 if depth is None:
                     raise ValueError("global allocator floor_from needs each sequence's depth (the Compressor's)")
                 share = torch.where(depth * (1 + RATIO_TOLERANCE) >= self.floor_from, share, 0)
-            keep_min = torch.maximum(keep_min, share[:, None])
+            share = share[:, None].expand(S, L * H)
+            if self.floor_layers:
+                leading = torch.arange(L * H, device=ranks.device) // H < self.floor_layers  # heads are layer-major
+                share = torch.where(leading, share, 0)
+            keep_min = torch.maximum(keep_min, share)
         evictable = (lens - keep_min).clamp_min(0)
         units = evictable // block_size  # blocks each head may give up
         J = max(int(units.max()), 1)

@@ -302,3 +302,16 @@ def pooled_cells(cells: Cells, full: Cells) -> list[Pooled]:
         n = len(common)
         out.append(Pooled(mode, ratio, n, total / n, summed / n, 100 * summed / total, retained))
     return out
+
+
+def lost_samples(cells: Cells, full: Cells) -> dict[tuple[str, float], list[str]]:
+    """Per compressed (mode, ratio) cell of ``cells`` whose mode ``full`` covers: the ids (sorted) of the samples
+    scored below the full cache's score on them, the answers the compression lost. A cell that lost none maps to
+    an empty list."""
+    out: dict[tuple[str, float], list[str]] = {}
+    for key in sorted(cells):
+        ref = full.get((key[0], 1.0))
+        if key[1] == 1.0 or ref is None:
+            continue
+        out[key] = sorted(i for i in cells[key].keys() & ref.keys() if cells[key][i] < ref[i])
+    return out

@@ -28,7 +28,7 @@ def _assert_clean_error(proc, expected: str, run_dir: Path) -> None:
         (
             ["budget.allocation=global", "budget.allocator_args={alpha:0.2}"],
             "budget.allocator_args: allocation 'global' has no field 'alpha'; "
-            "its fields: floor, floor_from, cap, normalize",
+            "its fields: floor, floor_from, floor_layers, cap, normalize",
         ),
     ],
     ids=[

@@ -65,6 +65,22 @@ def test_global_allocator_floor_from_applies_the_floor_to_hard_compressions_only
         GlobalAllocator(floor=0.5, floor_from=12).allocate(ranks, lengths, zero, target, bs)
 
 
+def test_global_allocator_floor_layers_holds_up_the_leading_layers_only() -> None:
+    """Two layers, each with a worthless head: floor_layers=1 holds layer 0's at the floor and leaves layer 1's to
+    the threshold, which gives it nothing, as with no floor at all."""
+    L, H, N, bs = 2, 2, 64, 8
+    ranks = torch.ones(L, 1, H, N)
+    ranks[:, 0, 0] = 1e-3
+    lengths = torch.full((L, 1, H), N)
+    target = torch.tensor([L * H * N / 4], dtype=torch.float64)  # uniform share: 16 tokens per head
+    zero = torch.zeros_like(lengths)
+    counts = GlobalAllocator(floor=0.5, floor_layers=1).allocate(ranks, lengths, zero, target, bs)
+    assert counts[0, 0, 0] == 8 and counts[1, 0, 0] == 0
+    assert counts.sum() <= target.item() and ((lengths - counts) % bs == 0).all()
+    with pytest.raises(ValueError, match="floor_layers must be 0 .the floor in every layer. or a number"):
+        build_allocator("global", {"floor_layers": 7})
+
+
 def test_global_allocator_cap_hands_a_dominant_heads_budget_to_the_others() -> None:
     """One head outranks every token of the others: KV-Compress gives it its whole length. With cap=2 it keeps at
     most twice the uniform share, and the blocks this frees go to the others by rank, still as whole blocks."""
@@ -104,7 +120,7 @@ def test_global_allocator_normalize_compares_heads_by_their_own_mass() -> None:
 
 
 def test_allocator_args_errors() -> None:
-    fields = "floor, floor_from, cap, normalize"
+    fields = "floor, floor_from, floor_layers, cap, normalize"
     with pytest.raises(ValueError, match=f"allocation 'global' has no field 'alpha'; its fields: {fields}"):
         build_allocator("global", {"alpha": 0.2})
     with pytest.raises(ValueError, match="normalize must be one of none, sum, max"):

@@ -10,6 +10,7 @@ import pytest
 from kvcompress.experiment.paired import (
     full_cells,
     load_cells,
+    lost_samples,
     pair_cells,
     render,
     render_retained,
@@ -194,3 +195,32 @@ def test_pooled_scores_refuse_a_sample_scored_twice_differently(script_module, t
     with pytest.raises(SystemExit):
         pooled.main(["no-label-here"])
     assert "expected PATH:LABEL" in capsys.readouterr().err
+
+
+def test_lost_samples_lists_what_each_cell_lost_against_its_full_cache(script_module, tmp_path: Path, capsys) -> None:
+    """s1 lost whole and s3 by half at 8x, s2 gained (not lost), s0 kept; 16x lost only s0. ``--ids-only`` prints
+    one cell's ids to pass to quality_table's --ids, and refuses two cells in one line naming them."""
+    full = [100.0, 100.0, 0.0, 100.0]
+    scores = {8.0: [100.0, 0.0, 100.0, 50.0], 16.0: [0.0, 100.0, 0.0, 100.0]}
+    rows = [
+        {"setup": "full", "mode": "query_aware", "sample_id": f"s{i}", "ratio": 1.0, "score": s}
+        for i, s in enumerate(full)
+    ] + [
+        {"setup": "kvzip+global", "mode": "query_aware", "sample_id": f"s{i}", "ratio": r, "score": s}
+        for r, cell in scores.items()
+        for i, s in enumerate(cell)
+    ]
+    path = _write(tmp_path / "run", rows)
+    assert lost_samples(load_cells(path, "kvzip+global"), full_cells(path, "kvzip+global")) == {
+        ("query_aware", 8.0): ["s1", "s3"],
+        ("query_aware", 16.0): ["s0"],
+    }
+    ls = script_module("lost_samples")
+    assert ls.main([f"{path}:kvzip+global", "--ratios", "8", "--ids-only"]) == 0
+    assert capsys.readouterr().out == "s1,s3\n"
+    assert ls.main([f"{path}:kvzip+global"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"{path} query_aware 8x 2 s1,s3", f"{path} query_aware 16x 1 s0"]
+    assert ls.main([f"{path}:kvzip+global", "--ids-only"]) == 2
+    assert "--ids-only needs one cell; these results hold 2" in capsys.readouterr().err
+    assert ls.main([f"{path}:kvzip", "--ratios", "8"]) == 2
+    assert "has no rows for 'kvzip'; it holds: full, kvzip+global" in capsys.readouterr().err
