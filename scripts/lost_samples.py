@@ -20,28 +20,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kvcompress.experiment.paired import full_cells, load_cells, lost_samples, side_arg
+from kvcompress.experiment.paired import add_cell_filters, full_cells, keep_cells, load_cells, lost_samples, side_arg
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sides", nargs="+", type=side_arg, help="PATH:LABEL, one per results directory")
-    parser.add_argument("--modes", default=None, help="comma-separated modes to keep (default: all)")
-    parser.add_argument("--ratios", default=None, help="comma-separated ratios to keep (default: all)")
+    add_cell_filters(parser)
     parser.add_argument("--ids-only", action="store_true", help="only the ids, for one directory and one cell")
     args = parser.parse_args(argv)
-    modes = args.modes.split(",") if args.modes else None
-    try:
-        ratios = [float(r) for r in args.ratios.split(",")] if args.ratios else None
-    except ValueError:
-        parser.error(f"--ratios: expected comma-separated numbers, got {args.ratios!r}")
     lines: list[tuple[str, tuple[str, float], list[str]]] = []
     try:
         for path, label in args.sides:
-            lost = lost_samples(load_cells(path, label), full_cells(path, label))
-            for key, ids in lost.items():
-                if (modes is None or key[0] in modes) and (ratios is None or key[1] in ratios):
-                    lines.append((str(path), key, ids))
+            cells = keep_cells(load_cells(path, label), args.modes, args.ratios)
+            lines += [(str(path), key, ids) for key, ids in lost_samples(cells, full_cells(path, label)).items()]
     except ValueError as err:
         print(f"lost_samples: {err}", file=sys.stderr)
         return 2

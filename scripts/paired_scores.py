@@ -31,7 +31,9 @@ import sys
 
 from kvcompress.experiment.fidelity import METRICS
 from kvcompress.experiment.paired import (
+    add_cell_filters,
     full_cells,
+    keep_cells,
     load_cells,
     pair_cells,
     render,
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("a", type=side_arg, help="PATH:LABEL of the setup counted as ahead when it scores higher")
     parser.add_argument("b", type=side_arg, help="PATH:LABEL of the setup it is compared with")
-    parser.add_argument("--modes", default=None, help="comma-separated modes to keep (default: all)")
+    add_cell_filters(parser)
     parser.add_argument(
         "--metric",
         choices=("score", *METRICS),
@@ -58,9 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"paired_scores: {err}", file=sys.stderr)
         return 2
-    if args.modes:
-        modes = args.modes.split(",")
-        a, b = ({key: cell for key, cell in side.items() if key[0] in modes} for side in (a, b))
+    a, b = (keep_cells(side, args.modes, args.ratios) for side in (a, b))
     pairs = pair_cells(a, b)
     if not pairs:
         print("paired_scores: the two sides share no (mode, ratio) cell with common sample ids", file=sys.stderr)

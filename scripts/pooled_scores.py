@@ -26,7 +26,9 @@ from pathlib import Path
 from kvcompress.experiment.paired import (
     Cells,
     Pooled,
+    add_cell_filters,
     full_cells,
+    keep_cells,
     load_cells,
     merge_cells,
     pair_cells,
@@ -42,11 +44,7 @@ def load_pool(sides: list[tuple[Path, str]], modes: list[str] | None, ratios: li
     """Per side ``(name, cells, full)``, cells kept to ``modes`` / ``ratios`` (None: all); raises ``ValueError``."""
     out = []
     for path, label in sides:
-        cells = {
-            key: scores
-            for key, scores in load_cells(path, label).items()
-            if (modes is None or key[0] in modes) and (ratios is None or key[1] in ratios)
-        }
+        cells = keep_cells(load_cells(path, label), modes, ratios)
         out.append((f"{path}:{label}", cells, full_cells(path, label)))
     return out
 
@@ -76,16 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sides", nargs="+", type=side_arg, help="PATH:LABEL, one per draw (or part of one)")
     parser.add_argument("--against", nargs="+", type=side_arg, default=[], help="PATH:LABEL of a second pool")
-    parser.add_argument("--modes", default=None, help="comma-separated modes to keep (default: all)")
-    parser.add_argument("--ratios", default=None, help="comma-separated ratios to keep (default: all)")
+    add_cell_filters(parser)
     args = parser.parse_args(argv)
-    modes = args.modes.split(",") if args.modes else None
     try:
-        ratios = [float(r) for r in args.ratios.split(",")] if args.ratios else None
-    except ValueError:
-        parser.error(f"--ratios: expected comma-separated numbers, got {args.ratios!r}")
-    try:
-        pools = [load_pool(sides, modes, ratios) for sides in (args.sides, args.against) if sides]
+        pools = [load_pool(sides, args.modes, args.ratios) for sides in (args.sides, args.against) if sides]
         tables = [render_pool(pool) for pool in pools]
     except ValueError as err:
         print(f"pooled_scores: {err}", file=sys.stderr)

@@ -48,9 +48,9 @@ class GlobalAllocator(Allocator):
     budget) and leave lighter compression to the threshold alone. ``floor_layers`` (0 = every layer) applies the
     floor to the first that many layers only, where the generated tokens read the context as an average of it
     rather than look a fact up (docs/RESULTS.md, "Which layers lose a multikey binding at 4k"; held at their
-    uniform share, those layers brought back none of the 4k answers the preset loses: "A floor in the first
-    layers"). ``normalize`` (see :func:`normalize_heads`) rescales each head's scores before the global
-    comparison.
+    uniform share, those layers brought back none of seven 4k answers the query-aware preset loses at 8x: "A
+    floor in the first layers, and a summary slot there"). ``normalize`` (see :func:`normalize_heads`) rescales
+    each head's scores before the global comparison.
     """
 
     floor: float = 0.0

@@ -22,6 +22,7 @@ cache's score.
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -54,12 +55,37 @@ class Pair:
 def side_arg(text: str) -> tuple[Path, str]:
     """A command line's ``PATH:LABEL`` (the path holds no colon; the label may: ``kvzip+global:policy.window=32``);
     raises ``argparse.ArgumentTypeError``, which argparse reports in one line naming the argument."""
-    import argparse
-
     path, sep, label = text.partition(":")
     if not sep or not label or not path:
         raise argparse.ArgumentTypeError(f"expected PATH:LABEL (e.g. docs/results/x:kvzip+global), got {text!r}")
     return Path(path), label
+
+
+def add_cell_filters(parser: argparse.ArgumentParser) -> None:
+    """``--modes`` and ``--ratios`` on a results script's command line, each comma-separated and parsed into a list
+    (None: every cell); a ratio that is not a number is argparse's one-line error naming ``--ratios``. Apply them
+    with :func:`keep_cells`."""
+    parser.add_argument(
+        "--modes", type=lambda text: text.split(","), default=None, help="comma-separated modes to keep (default: all)"
+    )
+    parser.add_argument("--ratios", type=ratio_list, default=None, help="comma-separated ratios to keep (default: all)")
+
+
+def ratio_list(text: str) -> list[float]:
+    """``"8,16"`` -> ``[8.0, 16.0]``; raises ``argparse.ArgumentTypeError`` for anything else."""
+    try:
+        return [float(r) for r in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def keep_cells(cells: Cells, modes: list[str] | None, ratios: list[float] | None) -> Cells:
+    """The cells of ``cells`` in ``modes`` and at ``ratios`` (None: any)."""
+    return {
+        key: scores
+        for key, scores in cells.items()
+        if (modes is None or key[0] in modes) and (ratios is None or key[1] in ratios)
+    }
 
 
 def sign_test(a: Mapping[str, float], b: Mapping[str, float]) -> tuple[int, int, float]:

@@ -224,3 +224,6 @@ def test_lost_samples_lists_what_each_cell_lost_against_its_full_cache(script_mo
     assert "--ids-only needs one cell; these results hold 2" in capsys.readouterr().err
     assert ls.main([f"{path}:kvzip", "--ratios", "8"]) == 2
     assert "has no rows for 'kvzip'; it holds: full, kvzip+global" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ls.main([f"{path}:kvzip+global", "--ratios", "eight"])
+    assert "argument --ratios: expected comma-separated numbers, got 'eight'" in capsys.readouterr().err
