@@ -198,6 +198,12 @@ def full_cells(path: Path, label: str) -> Cells:
     return load_cells(path, "full" if "setup" in json.loads(first) else f"{label.split('/', 1)[0]}/full")
 
 
+def reference(full: Cells, key: tuple[str, float]) -> dict[str, float] | None:
+    """The full-cache scores that the compressed cell ``key`` is measured against (the same mode at ratio 1); None
+    when ``key`` is itself a ratio-1 cell or ``full`` lacks its mode."""
+    return None if key[1] == 1.0 else full.get((key[0], 1.0))
+
+
 def retained_percent(scores: Mapping[str, float], full: Mapping[str, float]) -> float | None:
     """The % of the full cache's summed score, over the sample ids both hold, that ``scores`` retained: each sample
     capped at its full-cache score. None when the full cache scores nothing on those samples."""
@@ -212,9 +218,8 @@ def retained_pairs(a: Cells, b: Cells, full_a: Cells, full_b: Cells) -> list[Ret
     nothing there (no % of zero), are left out."""
     out = []
     for key in sorted(a.keys() & b.keys()):
-        mode, ratio = key
-        ref_a, ref_b = full_a.get((mode, 1.0)), full_b.get((mode, 1.0))
-        if ratio == 1.0 or ref_a is None or ref_b is None:
+        ref_a, ref_b = reference(full_a, key), reference(full_b, key)
+        if ref_a is None or ref_b is None:
             continue
         common = a[key].keys() & b[key].keys() & ref_a.keys() & ref_b.keys()
         sum_a, sum_b = sum(ref_a[i] for i in common), sum(ref_b[i] for i in common)
@@ -314,9 +319,8 @@ def pooled_cells(cells: Cells, full: Cells) -> list[Pooled]:
     something on its samples, in (mode, ratio) order."""
     out = []
     for key in sorted(cells):
-        mode, ratio = key
-        ref = full.get((mode, 1.0))
-        if ratio == 1.0 or ref is None:
+        ref = reference(full, key)
+        if ref is None:
             continue
         common = sorted(cells[key].keys() & ref.keys())
         total = sum(ref[i] for i in common)
@@ -326,7 +330,7 @@ def pooled_cells(cells: Cells, full: Cells) -> list[Pooled]:
         retained = retained_percent(cells[key], ref)
         assert retained is not None  # total > 0
         n = len(common)
-        out.append(Pooled(mode, ratio, n, total / n, summed / n, 100 * summed / total, retained))
+        out.append(Pooled(*key, n, total / n, summed / n, 100 * summed / total, retained))
     return out
 
 
@@ -336,8 +340,8 @@ def lost_samples(cells: Cells, full: Cells) -> dict[tuple[str, float], list[str]
     an empty list."""
     out: dict[tuple[str, float], list[str]] = {}
     for key in sorted(cells):
-        ref = full.get((key[0], 1.0))
-        if key[1] == 1.0 or ref is None:
+        ref = reference(full, key)
+        if ref is None:
             continue
         out[key] = sorted(i for i in cells[key].keys() & ref.keys() if cells[key][i] < ref[i])
     return out
