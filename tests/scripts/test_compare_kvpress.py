@@ -389,13 +389,16 @@ def test_suites(suites, tmp_path):
     assert not set(suites.TUNE.cities) & set(suites.HELDOUT.cities)
     draws = [held]
     # heldout's wording and haystack, drawn anew
-    for name in ("heldout2", "heldout3", "heldout4", "heldout5", "heldout6"):
+    for name in ("heldout2", "heldout3", "heldout4", "heldout5", "heldout6", "heldout7"):
         again = suites.suite_records(name, tok, 300)
         assert [r["id"].replace(f"{name}-", "heldout-") for r in again] == [r["id"] for r in held]
         assert {r["question"].split()[0] for r in again} == {r["question"].split()[0] for r in held}
         for earlier in draws:
             assert not {r["context"] for r in again} & {r["context"] for r in earlier}
-            assert sum(a["answers"] == h["answers"] for a, h in zip(again, earlier, strict=True)) <= 2
+            # a person's city comes from a pool of about ten, so two draws share some by chance (heldout7 and
+            # heldout6 share four); passkeys, references, words and numbers are drawn fresh
+            drawn = [(a, h) for a, h in zip(again, earlier, strict=True) if "-person-" not in a["id"]]
+            assert sum(a["answers"] == h["answers"] for a, h in drawn) <= 2
         draws.append(again)
     path = tmp_path / "dev.jsonl"
     suites.write_jsonl(path, dev)
@@ -418,7 +421,7 @@ def test_suite_asks_its_sources_questions_in_another_haystack(suites, suite, cap
     with pytest.raises(
         ValueError,
         match="unknown suite 'essays'; accepted: dev, heldout, varied, devprose, tune, heldout2, heldout3, heldout4, "
-        "heldout5, heldout6",
+        "heldout5, heldout6, heldout7",
     ):
         suites.suite_records("essays", WordTokenizer(), 600)
     with pytest.raises(SystemExit):  # the command line says so in one line, before loading a tokenizer
