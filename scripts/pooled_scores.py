@@ -66,7 +66,8 @@ def render_pool(pool: list[tuple]) -> tuple[str, Cells, Cells]:
         lines += [row(c, name) for c in pooled_cells(cells, full)]
     merged = merge_cells([(name, cells) for name, cells, _ in pool])
     full = merge_cells([(name, f) for name, _, f in pool])
-    lines += [row(c, f"**pooled, {len(pool)} directories**") for c in pooled_cells(merged, full)]
+    label = f"**pooled, {len(pool)} {'directory' if len(pool) == 1 else 'directories'}**"
+    lines += [row(c, label) for c in pooled_cells(merged, full)]
     return "\n".join(lines), merged, full
 
 

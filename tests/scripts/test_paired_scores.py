@@ -179,6 +179,8 @@ def test_pooled_scores_sum_over_every_sample_before_dividing(script_module, tmp_
     out = capsys.readouterr().out
     assert "| query_aware | 8 | **pooled, 2 directories** | 5 | 80.0 | 20.0 | 25.0% | 0.0% |" in out
     assert f"| query_aware | 8 | {a}:kvzip+global | 2 | 50.0 | 50.0 | 100.0% | 0.0% |" in out
+    assert pooled.main([f"{a}:kvzip+global"]) == 0  # one draw: its own row and the pool's, in the singular
+    assert "| query_aware | 8 | **pooled, 1 directory** | 2 | 50.0 | 50.0 | 100.0% | 0.0% |" in capsys.readouterr().out
 
     c = _draw(tmp_path / "other", "d1", [100.0, 0.0], [100.0, 0.0])  # the first draw under another setup
     assert pooled.main([f"{a}:kvzip+global", f"{b}:kvzip+global:floor=0.5", "--against", f"{c}:kvzip+global"]) == 0
