@@ -40,7 +40,9 @@ fifth, made on 2026-12-06 after the query-aware preset took its floor from 16x, 
 stand on a draw nothing was chosen on or read from. "heldout6" is a sixth, made on 2026-12-06 before anything ran on
 it, to check a change chosen on the earlier draws' lost answers (a summary slot in the first layers, query-aware).
 "heldout7" is a seventh, made on 2026-12-06 before anything ran on it: the presets over more draws, and a check of
-whatever is chosen next on the earlier draws' lost query-agnostic answers.
+whatever is chosen next on the earlier draws' lost query-agnostic answers. "heldout8" is an eighth, made on
+2026-12-07 before anything ran on it: the presets as they stand on one more draw, where the query-aware 8x target is
+met by less than an answer and the query-agnostic 4x one missed by a point over seven.
 
 Prompts are sized in tokens of the SmolLM2 tokenizer (``context + question``, no chat template, as
 ``kvcompress.tasks.synthetic.SyntheticTask`` does) and are deterministic per suite, token target and seed::
@@ -57,6 +59,7 @@ Prompts are sized in tokens of the SmolLM2 tokenizer (``context + question``, no
     python scripts/make_suites.py --tokens 4000 --suites heldout5 # heldout5-4k.jsonl
     python scripts/make_suites.py --tokens 4000 --suites heldout6 # heldout6-4k.jsonl
     python scripts/make_suites.py --tokens 4000 --suites heldout7 # heldout7-4k.jsonl
+    python scripts/make_suites.py --tokens 4000 --suites heldout8 # heldout8-4k.jsonl
 
     python experiments/run.py task=jsonl task.path=docs/results/suites/dev-1k.jsonl policy=tova budget.ratio=4
 """
@@ -89,6 +92,7 @@ SUITE_SEEDS = {
     "heldout5": 6000,
     "heldout6": 7000,
     "heldout7": 8000,
+    "heldout8": 9000,
 }
 
 _HELDOUT_FILLER = (
@@ -326,6 +330,7 @@ STYLES = {
     "heldout5": HELDOUT,
     "heldout6": HELDOUT,
     "heldout7": HELDOUT,
+    "heldout8": HELDOUT,
 }
 NEEDLES_OF = {"varied": "heldout", "devprose": "dev"}  # a suite drawing another's needles, questions and depths
 
