@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kvcompress.experiment.paired import add_cell_filters, full_cells, keep_cells, load_cells, lost_samples, side_arg
+from kvcompress.experiment.paired import add_cell_filters, load_sides, lost_samples, side_arg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,9 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     lines: list[tuple[str, tuple[str, float], list[str]]] = []
     try:
-        for path, label in args.sides:
-            cells = keep_cells(load_cells(path, label), args.modes, args.ratios)
-            lines += [(str(path), key, ids) for key, ids in lost_samples(cells, full_cells(path, label)).items()]
+        for path, _, cells, full in load_sides(args.sides, args.modes, args.ratios):
+            lines += [(str(path), key, ids) for key, ids in lost_samples(cells, full).items()]
     except ValueError as err:
         print(f"lost_samples: {err}", file=sys.stderr)
         return 2

@@ -27,9 +27,7 @@ from kvcompress.experiment.paired import (
     Cells,
     Pooled,
     add_cell_filters,
-    full_cells,
-    keep_cells,
-    load_cells,
+    load_sides,
     merge_cells,
     pair_cells,
     pooled_cells,
@@ -41,12 +39,9 @@ from kvcompress.experiment.paired import (
 
 
 def load_pool(sides: list[tuple[Path, str]], modes: list[str] | None, ratios: list[float] | None) -> list[tuple]:
-    """Per side ``(name, cells, full)``, cells kept to ``modes`` / ``ratios`` (None: all); raises ``ValueError``."""
-    out = []
-    for path, label in sides:
-        cells = keep_cells(load_cells(path, label), modes, ratios)
-        out.append((f"{path}:{label}", cells, full_cells(path, label)))
-    return out
+    """Per side ``(PATH:LABEL, cells, full)``, cells kept to ``modes`` / ``ratios`` (None: all); raises
+    ``ValueError``."""
+    return [(f"{path}:{label}", cells, full) for path, label, cells, full in load_sides(sides, modes, ratios)]
 
 
 def render_pool(pool: list[tuple]) -> tuple[str, Cells, Cells]:

@@ -26,6 +26,10 @@ existing results directory gets them by re-running its command with ``--fidelity
 
     --task jsonl --path docs/results/suites/heldout-4k.jsonl --samples 40 \\
         --ids heldout-4000-multikey-01,heldout-4000-person-00
+
+``--full-from DIR`` takes the full cache's rows of those samples from an earlier run's ``DIR/rows.jsonl`` (the
+draw's own results) instead of running the full cache again: they are copied into ``<out>/rows.jsonl``, so a screen
+of a variant on a few lost samples costs only the variant. Samples DIR has no full row for run the full cache.
 """
 
 from __future__ import annotations
@@ -183,6 +187,14 @@ def select_samples(samples: list, first: int | None, ids: str | None) -> list:
     return [s for s in samples if s.sample_id in wanted]
 
 
+def full_rows_from(source: list[dict], samples: list, modes: list[str], done: set) -> list[dict]:
+    """The full-cache rows of ``source`` (an earlier run's rows) for ``samples`` in ``modes`` that ``done`` does
+    not hold yet, in ``source``'s order."""
+    wanted = {(m, s.sample_id) for m in modes for s in samples}
+    full = [r for r in source if r["setup"] == "full" and (r["mode"], r["sample_id"]) in wanted]
+    return [r for r in full if written([r]).isdisjoint(done)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="results/quality")
@@ -216,6 +228,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for the 135M model)")
     ap.add_argument("--head-bias", help="head-bias .npz for lfu-bias+global (scripts/calibrate_head_bias.py)")
     ap.add_argument(
+        "--full-from",
+        metavar="DIR",
+        help="copy the full cache's rows of the chosen samples from DIR/rows.jsonl instead of running it (see above)",
+    )
+    ap.add_argument(
         "--fidelity",
         action="store_true",
         help="also teacher-force the full cache's answers through every setup, into OUT/fidelity.jsonl (see above)",
@@ -233,8 +250,12 @@ def main() -> None:
         ratios = [float(r) for r in (args.ratios or "2,4,8,16").split(",")]
     except ValueError:
         ap.error(f"--ratios takes comma-separated numbers, got {args.ratios!r}")
+    source = Path(args.full_from or ".") / "rows.jsonl"
+    if args.full_from and not source.is_file():
+        ap.error(f"--full-from: no {source} (give the results directory of an earlier run, e.g. the draw's own)")
     try:
         rows = read_rows(rows_path) if rows_path.exists() else []
+        source_rows = read_rows(source) if args.full_from else []
     except ValueError as err:
         ap.error(str(err))
     if args.table_only:
@@ -269,8 +290,14 @@ def main() -> None:
         samples = task.samples()
     try:
         samples = select_samples(samples, args.first, args.ids)
+        copied = full_rows_from(source_rows, samples, args.modes.split(","), done)
     except ValueError as err:
         ap.error(str(err))
+    if copied:
+        with rows_path.open("a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in copied)
+        done |= written(copied)
+        print(f"{len(copied)} full-cache rows copied from {args.full_from}", flush=True)
     t0 = time.perf_counter()
 
     def run(path: Path, done: set, answers: dict[tuple[str, str], list[int]] | None) -> None:

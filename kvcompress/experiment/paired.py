@@ -345,3 +345,14 @@ def lost_samples(cells: Cells, full: Cells) -> dict[tuple[str, float], list[str]
             continue
         out[key] = sorted(i for i in cells[key].keys() & ref.keys() if cells[key][i] < ref[i])
     return out
+
+
+def load_sides(
+    sides: list[tuple[Path, str]], modes: list[str] | None, ratios: list[float] | None
+) -> list[tuple[Path, str, Cells, Cells]]:
+    """Per ``PATH:LABEL`` side ``(path, label, cells, full)``: the label's cells kept to ``modes`` / ``ratios``
+    (None: all) and the full-cache cells stored beside them (:func:`full_cells`); raises ``ValueError``."""
+    return [
+        (path, label, keep_cells(load_cells(path, label), modes, ratios), full_cells(path, label))
+        for path, label in sides
+    ]

@@ -87,3 +87,24 @@ def test_ids_pick_samples_by_id_in_suite_order(script_module) -> None:
         with pytest.raises(ValueError, match=named) as err:
             qt.select_samples(samples, first, ids)
         assert "s0, s1" in str(err.value)
+
+
+def test_full_from_takes_the_chosen_samples_full_rows_once(script_module, tmp_path: Path) -> None:
+    """``--full-from``: a screen copies the full cache's rows of its samples from the draw's own results instead of
+    running the full cache again; rows already in the screen's file, other samples and other setups stay out."""
+    from types import SimpleNamespace
+
+    qt = script_module("quality_table")
+    rows = [_row("full", f"s{i}", 1.0, 100.0 * i) for i in range(3)] + [_row("kvzip+global", "s1", 4.0, 0.0)]
+    samples = [SimpleNamespace(sample_id=i) for i in ("s1", "s2")]
+    assert qt.full_rows_from(rows, samples, ["query_aware"], set()) == rows[1:3]
+    assert qt.full_rows_from(rows, samples, ["query_aware"], qt.written(rows[1:2])) == rows[2:3]
+    assert qt.full_rows_from(rows, samples, ["query_agnostic"], set()) == []
+
+
+def test_full_from_a_directory_without_rows_is_refused_before_the_model_loads(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parents[2] / "scripts" / "quality_table.py"
+    cmd = [sys.executable, str(script), "--out", str(tmp_path / "out"), "--full-from", str(tmp_path / "nowhere")]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert f"--full-from: no {tmp_path / 'nowhere' / 'rows.jsonl'} (give the results directory" in run.stderr
