@@ -128,8 +128,8 @@ class Compressor:
             return 0
         n_sinks = budget.n_sinks + self.policy.sinks
         ranks = []
-        for v in views:
-            r = finite_ranks(self.policy.rank(v, seen))
+        for v, r in zip(views, self.policy.rank_layers(views, seen), strict=True):
+            r = finite_ranks(r)
             protected = (v.positions >= recent[:, None, None]) | (v.positions < n_sinks)
             r = torch.where(protected, torch.inf, r).masked_fill(~v.valid, -torch.inf)
             ranks.append(torch.nn.functional.pad(r, (0, N - r.shape[-1]), value=-torch.inf))

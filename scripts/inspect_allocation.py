@@ -81,14 +81,15 @@ class RecordingCompressor(Compressor):
     def compress(self, cache: PagedKVCache, seq_ids: list[int], budget: Budget | None = None) -> int:
         if self.before or not self.compresses(budget or self.budget) or not seq_ids:
             return super().compress(cache, seq_ids, budget)
-        rank = self.policy.rank  # wrapped, not called twice: a policy may draw its ranks (random)
+        rank_layers = self.policy.rank_layers  # wrapped, not called twice: a policy may draw its ranks (random)
 
-        def recording(view: HeadView, seen: torch.Tensor) -> torch.Tensor:
-            ranks = rank(view, seen)
-            self.before.append(
-                (finite_ranks(ranks)[0].masked_fill(~view.valid[0], torch.nan).cpu(), view.positions[0].cpu())
-            )
-            return self.oracle(view, ranks)
+        def recording(views: list[HeadView], seen: torch.Tensor) -> list[torch.Tensor]:
+            ranks = rank_layers(views, seen)
+            for view, r in zip(views, ranks, strict=True):
+                self.before.append(
+                    (finite_ranks(r)[0].masked_fill(~view.valid[0], torch.nan).cpu(), view.positions[0].cpu())
+                )
+            return [self.oracle(view, r) for view, r in zip(views, ranks, strict=True)]
 
         evict = cache.evict
 
@@ -100,13 +101,13 @@ class RecordingCompressor(Compressor):
                 stand_in(cache, v, v.valid & ~kept, self.mass, self.mass_groups)
             return evict(ids, torch.ones_like(keep))
 
-        self.policy.rank = recording
+        self.policy.rank_layers = recording
         if self.mass:
             cache.evict = standing_in
         try:
             freed = super().compress(cache, seq_ids, budget)
         finally:
-            del self.policy.rank
+            del self.policy.rank_layers
             if self.mass:
                 del cache.evict
         for layer in range(cache.num_layers if not self.mass else 0):

@@ -85,6 +85,11 @@ class Policy:
         """Ranking scores ``[S, H, L]`` for the slots of ``view`` (``seen``: ``[S]`` tokens seen per sequence)."""
         return view.scores
 
+    def rank_layers(self, views: list[HeadView], seen: torch.Tensor) -> list[torch.Tensor]:
+        """Ranking scores of every layer at once, one ``[S, H, L_l]`` per view of ``views`` (one per layer, in
+        order): :meth:`rank` of each. A policy whose ranking in one layer draws on the others overrides this."""
+        return [self.rank(v, seen) for v in views]
+
     def fork(self, parent: int, child: int) -> None:
         """Cache sequence ``child`` was forked from ``parent``: copy any state kept per sequence."""
 

@@ -104,8 +104,16 @@ class HybridPolicy(Policy):
         self.b.release(seq_id)
 
     def rank(self, view: HeadView, seen: torch.Tensor) -> torch.Tensor:
-        qa = head_quantiles(self.a.rank(view, seen), view.valid)
-        qb = head_quantiles(self.b.rank(view, seen), view.valid)
+        return self.fuse(self.a.rank(view, seen), self.b.rank(view, seen), view.valid)
+
+    def rank_layers(self, views: list[HeadView], seen: torch.Tensor) -> list[torch.Tensor]:
+        """Each side ranks every layer as it would alone (a side's cross-layer rule included), then they fuse."""
+        ra, rb = self.a.rank_layers(views, seen), self.b.rank_layers(views, seen)
+        return [self.fuse(a, b, v.valid) for a, b, v in zip(ra, rb, views, strict=True)]
+
+    def fuse(self, ra: torch.Tensor, rb: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The two sides' ranking scores ``[S, H, L]``, each turned to quantiles within its head, then fused."""
+        qa, qb = head_quantiles(ra, valid), head_quantiles(rb, valid)
         if self.mode == "product":
             return qa * qb
         return self.weight * qa + (1 - self.weight) * qb

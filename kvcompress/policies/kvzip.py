@@ -58,6 +58,16 @@ end; those m tokens are scored by the passes after it (by the next one, whose ch
 preset sets it: ahead on the held-out 4k suite, it lost five of twenty samples in each of two cells of the 4k
 tuning suite (query-agnostic 4x and 8x; docs/RESULTS.md, "A 4k tuning suite").
 
+``token_prior`` = λ > 0 lets the other layers vote on each token: a head's score for a token is at least λ times
+that token's mean score over every layer and kv head that holds it, ``max(score(l, h, k), λ · mean_{l', h'}
+score(l', h', k))``, as a layer-shared selection (GemFilter, arXiv 2409.17422) keeps one token set for all layers,
+while a head that singles out tokens of its own still keeps them. Reconstruction attention in the first layers is
+mostly local, so there the context's own scores say little of what deeper layers read: at ~4000 tokens
+query-agnostic, KVzip keeps a person's city in no head of the first seven layers. With λ = 1 the mean lifts most
+heads' scores, so the global split comes close to uniform (at 4x on 4005 tokens the thinnest head keeps 725
+tokens instead of 53). Template-prefix positions keep their own rank under ``prefix_keep``. 0 (the default):
+each head by its own scores; no preset sets it (docs/RESULTS.md, "The other layers' vote").
+
 kvpress's ``chunk_size`` differs: each of its passes sees the whole context and leaves the other chunks out of
 the softmax.
 
@@ -119,6 +129,7 @@ class KVzipPolicy(Policy):
     pool_kernel: int = 1
     local_chunk: int = 0
     local_lookahead: int = 0
+    token_prior: float = 0.0
     window_reduce: ClassVar[str] = "max"
 
     def __post_init__(self) -> None:
@@ -154,6 +165,11 @@ class KVzipPolicy(Policy):
             )
         if self.local_lookahead and not self.local_chunk:
             raise ValueError("kvzip policy.local_lookahead needs policy.local_chunk > 0 (passes to look ahead of)")
+        t = self.token_prior
+        if isinstance(t, bool) or not isinstance(t, int | float) or not t >= 0:
+            raise ValueError(
+                f"kvzip policy.token_prior must be a number >= 0 (0: each head ranks by its own scores), got {t!r}"
+            )
         if self.prefix_renorm and k is None:
             raise ValueError(
                 "kvzip policy.prefix_renorm=true needs policy.prefix_keep (the sinks kept in the softmax), e.g. 4"
@@ -210,3 +226,32 @@ class KVzipPolicy(Policy):
         sink = view.positions < self.prefix_keep
         scores = pool_by_position(view.scores.masked_fill(in_prefix, 0.0), view.positions, view.valid, self.pool_kernel)
         return torch.where(in_prefix, torch.where(sink, torch.inf, 0.0), scores)  # the compressor clamps inf
+
+    def rank_layers(self, views: list[HeadView], seen: torch.Tensor) -> list[torch.Tensor]:
+        """:meth:`rank` per layer; with ``token_prior`` = λ each valid slot's rank is raised to at least λ times
+        its token's :func:`token_means` (template-prefix positions keep theirs under ``prefix_keep``)."""
+        ranks = super().rank_layers(views, seen)
+        if not self.token_prior:
+            return ranks
+        means = token_means(views, int(seen.max()))  # [S, P]
+        prefix = len(self.prefix_ids or []) if self.prefix_keep is not None else 0
+        out = []
+        for v, r in zip(views, ranks, strict=True):
+            at = v.positions.clamp(0, means.shape[1] - 1).masked_fill(~v.valid, 0)
+            prior = means.gather(1, at.flatten(1)).view_as(r)
+            lift = v.valid & (v.positions >= prefix)
+            out.append(torch.where(lift, torch.maximum(r, self.token_prior * prior), r))
+        return out
+
+
+def token_means(views: list[HeadView], n_positions: int) -> torch.Tensor:
+    """``[S, n_positions]``: each position's mean stored score over every (layer, kv head) slot that holds it (0
+    where none does), over the layers' ``views`` (each ``[S, H, L_l]``, slots in any order)."""
+    S = views[0].scores.shape[0]
+    sums = torch.zeros(S, n_positions, dtype=torch.float32, device=views[0].scores.device)
+    counts = torch.zeros_like(sums)
+    for v in views:
+        at = v.positions.clamp(0, n_positions - 1).masked_fill(~v.valid, 0).flatten(1)
+        sums.scatter_add_(1, at, v.scores.float().masked_fill(~v.valid, 0.0).flatten(1))
+        counts.scatter_add_(1, at, v.valid.float().flatten(1))
+    return sums / counts.clamp(min=1.0)

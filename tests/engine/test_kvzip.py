@@ -361,3 +361,57 @@ def test_pooling_leaves_the_template_prefix_out():
     view = HeadView(0, [0], torch.empty(0), torch.empty(0), positions, scores, valid, positions, valid.sum(-1))
     ranks = KVzipPolicy(pool_kernel=3, prefix_ids=[1, 2], prefix_keep=1).rank(view, torch.tensor([6]))
     assert ranks[0, 0].tolist() == pytest.approx([float("inf"), 0.0, 0.2, 0.2, 0.3, 0.3])
+
+
+def _view(layer: int, positions: list[list[int]], scores: list[list[float]], length: list[int]) -> HeadView:
+    """One sequence's view of ``layer``: per head its positions and scores, valid up to ``length``."""
+    pos, sc = torch.tensor([positions]), torch.tensor([scores])
+    valid = torch.arange(pos.shape[-1]) < torch.tensor(length)[:, None]
+    return HeadView(layer, [0], torch.empty(0), torch.empty(0), pos, sc, valid[None], pos, valid.sum(-1)[None])
+
+
+def test_token_prior_floors_each_head_at_its_tokens_mean_over_every_layer_and_head():
+    """``token_prior`` = λ: a slot ranks by max(its own score, λ x its position's mean score over every (layer,
+    head) slot holding it), whatever the slot order; padding neither votes nor is lifted; 0 leaves the ranks."""
+    views = [
+        _view(0, [[0, 1, 2, 3], [3, 2, 1, 0]], [[0.0, 0.1, 0.0, 0.2], [0.0, 0.0, 0.1, 0.0]], [4, 4]),
+        _view(1, [[0, 1, 2, 3], [2, 0, 1, 9]], [[1.0, 0.9, 0.3, 0.6], [0.9, 0.3, 0.1, 5.0]], [4, 3]),
+    ]
+    seen = torch.tensor([4])
+    mean = {0: (0.0 + 0.0 + 1.0 + 0.3) / 4, 1: (0.1 + 0.1 + 0.9 + 0.1) / 4, 2: (0.0 + 0.0 + 0.3 + 0.9) / 4}
+    mean[3] = (0.2 + 0.0 + 0.6) / 3  # head 1 of layer 1 does not hold position 3 (its last slot is padding)
+    ranks = KVzipPolicy(token_prior=2).rank_layers(views, seen)
+    for v, r in zip(views, ranks, strict=True):
+        for h in range(2):
+            for i in range(int(v.lengths[0, h])):
+                want = max(float(v.scores[0, h, i]), 2 * mean[int(v.positions[0, h, i])])
+                assert float(r[0, h, i]) == pytest.approx(want), (v.layer, h, i)
+    assert float(ranks[1][0, 1, 3]) == 5.0  # padding keeps its stored value (the compressor masks it)
+    plain = KVzipPolicy().rank_layers(views, seen)
+    assert all(torch.equal(p, v.scores) for p, v in zip(plain, views, strict=True))
+
+
+def test_token_prior_leaves_the_template_prefix_its_own_rank():
+    views = [
+        _view(0, [[0, 1, 2, 3]], [[0.9, 0.8, 0.1, 0.0]], [4]),
+        _view(1, [[0, 1, 2, 3]], [[0.9, 0.8, 0.9, 0.8]], [4]),
+    ]
+    policy = KVzipPolicy(prefix_ids=[7, 8], prefix_keep=1, token_prior=1)
+    ranks = policy.rank_layers(views, torch.tensor([4]))
+    assert ranks[0][0, 0].tolist() == pytest.approx([float("inf"), 0.0, 0.5, 0.4])
+
+
+def test_a_dominant_token_prior_keeps_one_token_set_in_every_head(tiny_llama):
+    """Through the engine and compressor: with λ far above any score each head ranks by its tokens' mean over
+    every layer and head, so under the uniform split every (layer, kv head) keeps the same positions, where each
+    head's own scores keep different ones."""
+    shared = _kept_positions(tiny_llama, KVzipPolicy(repeat_ids=REPEAT, token_prior=1e6), "uniform")
+    assert len(shared) > 2 and all(held == shared[0] for held in shared)
+    own = _kept_positions(tiny_llama, KVzipPolicy(repeat_ids=REPEAT), "uniform")
+    assert len({frozenset(held) for held in own}) > 1
+
+
+@pytest.mark.parametrize("bad", [-0.5, True, "1"])
+def test_token_prior_must_be_a_number_at_least_zero(bad):
+    with pytest.raises(ValueError, match=f"token_prior must be a number >= 0.*got {bad!r}"):
+        KVzipPolicy(token_prior=bad)

@@ -80,6 +80,26 @@ def test_head_quantiles_are_scale_free_with_shared_ties() -> None:
     assert torch.equal(head_quantiles(-1000 * ranks, valid), head_quantiles(-ranks, valid))
 
 
+def test_each_child_ranks_every_layer_as_it_would_alone() -> None:
+    """A child whose ranking of a layer draws on the other layers (KVzip's ``token_prior``) keeps that rule in a
+    hybrid: the hybrid fuses the children's :meth:`rank_layers`, not their per-layer :meth:`rank`."""
+    from kvcompress.cache.paged import HeadView
+    from kvcompress.policies.kvzip import KVzipPolicy
+
+    pos, valid = torch.arange(4).view(1, 1, 4), torch.ones(1, 1, 4, dtype=torch.bool)
+    views = [
+        HeadView(layer, [0], torch.empty(0), torch.empty(0), pos, torch.tensor([[s]]), valid, pos, valid.sum(-1))
+        for layer, s in enumerate([[0.4, 0.3, 0.2, 0.1], [0.0, 0.0, 1.0, 0.9]])
+    ]
+    seen = torch.tensor([4])
+    prior, plain = KVzipPolicy(token_prior=1.0), KVzipPolicy()
+    hybrid = HybridPolicy(prior, StreamingPolicy(), weight=0.5)
+    fused = hybrid.rank_layers(views, seen)
+    for v, f, a in zip(views, fused, prior.rank_layers(views, seen), strict=True):
+        assert torch.equal(f, hybrid.fuse(a, StreamingPolicy().rank(v, seen), v.valid))
+    assert not torch.equal(fused[0], hybrid.fuse(plain.rank(views[0], seen), pos.float(), valid))
+
+
 def test_weight_one_keeps_exactly_what_the_first_child_keeps(tiny_llama) -> None:
     budget = Budget(ratio=3, protected_window=8)
     alone = kept_after_compress(tiny_llama, LFUPolicy(), budget)
