@@ -189,10 +189,14 @@ def select_samples(samples: list, first: int | None, ids: str | None) -> list:
 
 def full_rows_from(source: list[dict], samples: list, modes: list[str], done: set) -> list[dict]:
     """The full-cache rows of ``source`` (an earlier run's rows) for ``samples`` in ``modes`` that ``done`` does
-    not hold yet, in ``source``'s order."""
+    not hold yet, in ``source``'s order, each (mode, sample id, ratio) once."""
     wanted = {(m, s.sample_id) for m in modes for s in samples}
-    full = [r for r in source if r["setup"] == "full" and (r["mode"], r["sample_id"]) in wanted]
-    return [r for r in full if written([r]).isdisjoint(done)]
+    taken, out = set(done), []
+    for r in source:
+        if r["setup"] == "full" and (r["mode"], r["sample_id"]) in wanted and written([r]).isdisjoint(taken):
+            taken |= written([r])
+            out.append(r)
+    return out
 
 
 def main() -> None:
@@ -251,11 +255,11 @@ def main() -> None:
     except ValueError:
         ap.error(f"--ratios takes comma-separated numbers, got {args.ratios!r}")
     source = Path(args.full_from or ".") / "rows.jsonl"
-    if args.full_from and not source.is_file():
+    if args.full_from and not args.table_only and not source.is_file():
         ap.error(f"--full-from: no {source} (give the results directory of an earlier run, e.g. the draw's own)")
     try:
         rows = read_rows(rows_path) if rows_path.exists() else []
-        source_rows = read_rows(source) if args.full_from else []
+        source_rows = read_rows(source) if args.full_from and not args.table_only else []
     except ValueError as err:
         ap.error(str(err))
     if args.table_only:

@@ -82,6 +82,7 @@ maxima (pooling happens at ranking), so later observations fold in as before.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -166,9 +167,10 @@ class KVzipPolicy(Policy):
         if self.local_lookahead and not self.local_chunk:
             raise ValueError("kvzip policy.local_lookahead needs policy.local_chunk > 0 (passes to look ahead of)")
         t = self.token_prior
-        if isinstance(t, bool) or not isinstance(t, int | float) or not t >= 0:
+        if isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t < math.inf:
             raise ValueError(
-                f"kvzip policy.token_prior must be a number >= 0 (0: each head ranks by its own scores), got {t!r}"
+                f"kvzip policy.token_prior must be a finite number >= 0 (0: each head ranks by its own scores), "
+                f"got {t!r}"
             )
         if self.prefix_renorm and k is None:
             raise ValueError(
@@ -229,7 +231,9 @@ class KVzipPolicy(Policy):
 
     def rank_layers(self, views: list[HeadView], seen: torch.Tensor) -> list[torch.Tensor]:
         """:meth:`rank` per layer; with ``token_prior`` = λ each valid slot's rank is raised to at least λ times
-        its token's :func:`token_means` (template-prefix positions keep theirs under ``prefix_keep``)."""
+        its token's :func:`token_means` (template-prefix positions keep theirs under ``prefix_keep``). Sizing the
+        means reads ``seen``'s maximum back to the host, once per compression: KVzip compresses a sequence once,
+        after its reconstruction pass, not in decode steps."""
         ranks = super().rank_layers(views, seen)
         if not self.token_prior:
             return ranks
@@ -246,7 +250,8 @@ class KVzipPolicy(Policy):
 
 def token_means(views: list[HeadView], n_positions: int) -> torch.Tensor:
     """``[S, n_positions]``: each position's mean stored score over every (layer, kv head) slot that holds it (0
-    where none does), over the layers' ``views`` (each ``[S, H, L_l]``, slots in any order)."""
+    where none does), over the layers' ``views`` (each ``[S, H, L_l]``, slots in any order). A summary slot left by
+    an earlier compression sits at a position of its own and votes there like a token."""
     S = views[0].scores.shape[0]
     sums = torch.zeros(S, n_positions, dtype=torch.float32, device=views[0].scores.device)
     counts = torch.zeros_like(sums)

@@ -411,7 +411,7 @@ def test_a_dominant_token_prior_keeps_one_token_set_in_every_head(tiny_llama):
     assert len({frozenset(held) for held in own}) > 1
 
 
-@pytest.mark.parametrize("bad", [-0.5, True, "1"])
-def test_token_prior_must_be_a_number_at_least_zero(bad):
-    with pytest.raises(ValueError, match=f"token_prior must be a number >= 0.*got {bad!r}"):
+@pytest.mark.parametrize("bad", [-0.5, True, "1", float("inf"), float("nan")])
+def test_token_prior_must_be_a_finite_number_at_least_zero(bad):
+    with pytest.raises(ValueError, match=f"token_prior must be a finite number >= 0.*got {bad!r}"):
         KVzipPolicy(token_prior=bad)

@@ -100,6 +100,7 @@ def test_full_from_takes_the_chosen_samples_full_rows_once(script_module, tmp_pa
     assert qt.full_rows_from(rows, samples, ["query_aware"], set()) == rows[1:3]
     assert qt.full_rows_from(rows, samples, ["query_aware"], qt.written(rows[1:2])) == rows[2:3]
     assert qt.full_rows_from(rows, samples, ["query_agnostic"], set()) == []
+    assert qt.full_rows_from(rows + rows[1:2], samples, ["query_aware"], set()) == rows[1:3]  # a row copied once
 
 
 def test_full_from_a_directory_without_rows_is_refused_before_the_model_loads(tmp_path: Path) -> None:
