@@ -193,8 +193,9 @@ def full_rows_from(source: list[dict], samples: list, modes: list[str], done: se
     wanted = {(m, s.sample_id) for m in modes for s in samples}
     taken, out = set(done), []
     for r in source:
-        if r["setup"] == "full" and (r["mode"], r["sample_id"]) in wanted and written([r]).isdisjoint(taken):
-            taken |= written([r])
+        key = written([r])
+        if r["setup"] == "full" and (r["mode"], r["sample_id"]) in wanted and key.isdisjoint(taken):
+            taken |= key
             out.append(r)
     return out
 
@@ -254,12 +255,12 @@ def main() -> None:
         ratios = [float(r) for r in (args.ratios or "2,4,8,16").split(",")]
     except ValueError:
         ap.error(f"--ratios takes comma-separated numbers, got {args.ratios!r}")
-    source = Path(args.full_from or ".") / "rows.jsonl"
-    if args.full_from and not args.table_only and not source.is_file():
+    source = Path(args.full_from) / "rows.jsonl" if args.full_from and not args.table_only else None
+    if source is not None and not source.is_file():
         ap.error(f"--full-from: no {source} (give the results directory of an earlier run, e.g. the draw's own)")
     try:
         rows = read_rows(rows_path) if rows_path.exists() else []
-        source_rows = read_rows(source) if args.full_from and not args.table_only else []
+        source_rows = read_rows(source) if source is not None else []
     except ValueError as err:
         ap.error(str(err))
     if args.table_only:

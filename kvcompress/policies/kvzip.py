@@ -241,8 +241,7 @@ class KVzipPolicy(Policy):
         prefix = len(self.prefix_ids or []) if self.prefix_keep is not None else 0
         out = []
         for v, r in zip(views, ranks, strict=True):
-            at = v.positions.clamp(0, means.shape[1] - 1).masked_fill(~v.valid, 0)
-            prior = means.gather(1, at.flatten(1)).view_as(r)
+            prior = means.gather(1, held_positions(v, means.shape[1])).view_as(r)
             lift = v.valid & (v.positions >= prefix)
             out.append(torch.where(lift, torch.maximum(r, self.token_prior * prior), r))
         return out
@@ -256,7 +255,13 @@ def token_means(views: list[HeadView], n_positions: int) -> torch.Tensor:
     sums = torch.zeros(S, n_positions, dtype=torch.float32, device=views[0].scores.device)
     counts = torch.zeros_like(sums)
     for v in views:
-        at = v.positions.clamp(0, n_positions - 1).masked_fill(~v.valid, 0).flatten(1)
+        at = held_positions(v, n_positions)
         sums.scatter_add_(1, at, v.scores.float().masked_fill(~v.valid, 0.0).flatten(1))
         counts.scatter_add_(1, at, v.valid.float().flatten(1))
     return sums / counts.clamp(min=1.0)
+
+
+def held_positions(view: HeadView, n_positions: int) -> torch.Tensor:
+    """``[S, H * L]``: each slot's position as an index into ``n_positions`` columns (padding points at 0; callers
+    mask it with ``view.valid``)."""
+    return view.positions.clamp(0, n_positions - 1).masked_fill(~view.valid, 0).flatten(1)
