@@ -2,7 +2,8 @@
 (or one part of a draw): per draw and pooled, per compressed (mode, ratio) cell, the % of full and what it retained
 of the full cache's own answers (kvcompress.experiment.paired). Pooling sums the scores over every sample before
 dividing, so each sample weighs the same whatever draw it comes from; this is how docs/RESULTS.md pools the
-held-out 4k draws.
+held-out 4k draws. Each figure comes with its 95% bootstrap interval over the samples (seeded, 10,000
+resamples): a target inside it is not decided by these samples, however many draws they come from.
 
 Each argument is ``PATH:LABEL`` as in ``scripts/paired_scores.py`` (a results directory and a quality_table setup
 label, or a compare_kvpress ``side/policy``); each directory's own full-cache rows are its reference. A draw
@@ -47,14 +48,14 @@ def load_pool(sides: list[tuple[Path, str]], modes: list[str] | None, ratios: li
 def render_pool(pool: list[tuple]) -> tuple[str, Cells, Cells]:
     """Markdown table of each draw's cells and of the pooled ones, with the merged cells and full caches."""
     lines = [
-        "| mode | ratio | results | n | full | score | % of full | retained |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        "| mode | ratio | results | n | full | score | % of full | 95% interval | retained |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
 
     def row(c: Pooled, name: str) -> str:
         return (
             f"| {c.mode} | {c.ratio:g} | {name} | {c.n} | {c.full:.1f} | {c.score:.1f} | {c.percent:.1f}% "
-            f"| {c.retained:.1f}% |"
+            f"| {c.low:.1f}–{c.high:.1f}% | {c.retained:.1f}% |"
         )
 
     for name, cells, full in pool:

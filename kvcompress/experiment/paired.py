@@ -28,6 +28,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from kvcompress.experiment.fidelity import FIDELITY_FILE, metric_value
 
 # (mode, ratio) -> sample id -> score in [0, 100]
@@ -302,8 +304,9 @@ def merge_cells(sides: list[tuple[str, Cells]]) -> Cells:
 class Pooled:
     """One compressed (mode, ratio) cell over the samples its full cache (ratio 1, same mode) also scored: their
     number, the two mean scores, the cell's summed score in % of the full cache's summed score (a sum over samples
-    before dividing, so each sample weighs the same whatever draw it comes from), and what it retained of the full
-    cache's answers in the same unit (:func:`retained_percent`)."""
+    before dividing, so each sample weighs the same whatever draw it comes from), what it retained of the full
+    cache's answers in the same unit (:func:`retained_percent`), and ``percent``'s 95% bootstrap interval
+    (``low``, ``high``; :func:`bootstrap_percent`)."""
 
     mode: str
     ratio: float
@@ -312,6 +315,29 @@ class Pooled:
     score: float
     percent: float
     retained: float
+    low: float
+    high: float
+
+
+def bootstrap_percent(
+    scores: list[float], full: list[float], draws: int = 10_000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``100 * sum(scores) / sum(full)``, the samples (paired: ``scores[i]`` and
+    ``full[i]`` are one sample's compressed and full-cache scores) drawn with replacement ``draws`` times. A
+    resample whose full cache scores nothing is left out. Seeded, so a table is reproducible.
+
+    This is how far the pooled figure could move with another set of samples like these: a target inside the
+    interval is not yet decided either way by these samples."""
+    if len(scores) != len(full) or not scores:
+        raise ValueError(f"bootstrap_percent needs paired, non-empty scores (got {len(scores)} and {len(full)})")
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(scores), size=(draws, len(scores)))
+    num = np.asarray(scores, dtype=float)[pick].sum(1)
+    den = np.asarray(full, dtype=float)[pick].sum(1)
+    ratios = 100 * num[den > 0] / den[den > 0]
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(ratios, [tail, 100 - tail])
+    return float(low), float(high)
 
 
 def pooled_cells(cells: Cells, full: Cells) -> list[Pooled]:
@@ -330,7 +356,8 @@ def pooled_cells(cells: Cells, full: Cells) -> list[Pooled]:
         retained = retained_percent(cells[key], ref)
         assert retained is not None  # total > 0
         n = len(common)
-        out.append(Pooled(*key, n, total / n, summed / n, 100 * summed / total, retained))
+        low, high = bootstrap_percent([cells[key][i] for i in common], [ref[i] for i in common])
+        out.append(Pooled(*key, n, total / n, summed / n, 100 * summed / total, retained, low, high))
     return out
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from kvcompress.experiment.paired import (
+    bootstrap_percent,
     full_cells,
     load_cells,
     lost_samples,
@@ -177,15 +178,37 @@ def test_pooled_scores_sum_over_every_sample_before_dividing(script_module, tmp_
     b = _draw(tmp_path, "d2", [100.0, 100.0, 100.0], [0.0, 0.0, 0.0], label="kvzip+global:floor=0.5")
     assert pooled.main([f"{a}:kvzip+global", f"{b}:kvzip+global:floor=0.5"]) == 0
     out = capsys.readouterr().out
-    assert "| query_aware | 8 | **pooled, 2 directories** | 5 | 80.0 | 20.0 | 25.0% | 0.0% |" in out
-    assert f"| query_aware | 8 | {a}:kvzip+global | 2 | 50.0 | 50.0 | 100.0% | 0.0% |" in out
+
+    def interval(scores: list[float], full: list[float]) -> str:
+        low, high = bootstrap_percent(scores, full)
+        return f"{low:.1f}–{high:.1f}%"
+
+    pooled_ci = interval([0.0, 100.0, 0.0, 0.0, 0.0], [100.0, 0.0, 100.0, 100.0, 100.0])
+    first_ci = interval([0.0, 100.0], [100.0, 0.0])
+    assert f"| query_aware | 8 | **pooled, 2 directories** | 5 | 80.0 | 20.0 | 25.0% | {pooled_ci} | 0.0% |" in out
+    assert f"| query_aware | 8 | {a}:kvzip+global | 2 | 50.0 | 50.0 | 100.0% | {first_ci} | 0.0% |" in out
     assert pooled.main([f"{a}:kvzip+global"]) == 0  # one draw: its own row and the pool's, in the singular
-    assert "| query_aware | 8 | **pooled, 1 directory** | 2 | 50.0 | 50.0 | 100.0% | 0.0% |" in capsys.readouterr().out
+    row = f"| query_aware | 8 | **pooled, 1 directory** | 2 | 50.0 | 50.0 | 100.0% | {first_ci} | 0.0% |"
+    assert row in capsys.readouterr().out
 
     c = _draw(tmp_path / "other", "d1", [100.0, 0.0], [100.0, 0.0])  # the first draw under another setup
     assert pooled.main([f"{a}:kvzip+global", f"{b}:kvzip+global:floor=0.5", "--against", f"{c}:kvzip+global"]) == 0
     out = capsys.readouterr().out
     assert "| query_aware | 8 | 2 | 50.0 | 50.0 | 1 / 1 | 1.00 |" in out  # d1's samples only: d2 has no match
+
+
+def test_bootstrap_interval_holds_the_pooled_figure_and_narrows_with_more_samples() -> None:
+    """Samples that all keep the same share give a point interval; a 3-of-4 split's interval holds 75% and is
+    wider than the same split over ten times the samples; a resample with no full-cache score is left out."""
+    assert bootstrap_percent([50.0] * 8, [100.0] * 8) == (50.0, 50.0)
+    small = bootstrap_percent([100.0, 100.0, 100.0, 0.0], [100.0] * 4)
+    large = bootstrap_percent([100.0, 100.0, 100.0, 0.0] * 10, [100.0] * 40)
+    assert small[0] < 75.0 < small[1] and large[0] < 75.0 < large[1]
+    assert large[1] - large[0] < small[1] - small[0]
+    # resamples: the first sample twice 50%, one of each 150%, the second twice none (left out, not infinite)
+    assert bootstrap_percent([50.0, 100.0], [100.0, 0.0]) == (50.0, 150.0)
+    with pytest.raises(ValueError, match="paired, non-empty"):
+        bootstrap_percent([1.0], [1.0, 2.0])
 
 
 def test_pooled_scores_refuse_a_sample_scored_twice_differently(script_module, tmp_path: Path, capsys) -> None:
