@@ -144,7 +144,7 @@ def _fit_to_queries(
     S, Hq, M, D = q.shape
     H = keys.shape[1]
     scale = D**-0.5
-    q = q.view(S, H, Hq // H * M, D)  # a kv head's queries: its GQA group's, each head's M in turn
+    q = q.reshape(S, H, Hq // H * M, D)  # a kv head's queries: its GQA group's, each head's M in turn
     w = q_valid.float().repeat(1, Hq // H)[:, None, :]  # [S, 1, G*M]: which of a kv head's queries count
     n_q = w.sum(-1, keepdim=True).clamp_min(1)  # [S, 1, 1]
     logits = scale * q @ keys.transpose(-1, -2) + own_bias[:, :, None, :]  # [S, H, G*M, n]
@@ -156,5 +156,5 @@ def _fit_to_queries(
     gap = (lse - base).nan_to_num(0.0, neginf=0.0) * w  # [groups, S, H, G*M]
     slot_bias = (gap.sum(-1) / n_q[..., 0]).movedim(0, -1)  # [S, H, groups]
     out = probs @ values[None]  # [groups, S, H, G*M, D]: each query's output from each group alone
-    fitted = ((out * w[..., None]).sum(-2) / n_q[..., None]).movedim(0, 2)  # [S, H, groups, D]
+    fitted = ((out * w[..., None]).sum(-2) / n_q[None]).movedim(0, 2)  # [S, H, groups, D]
     return slot_bias, fitted

@@ -197,8 +197,10 @@ def fit_queries(q: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(q[None], torch.ones(1, q.shape[1], dtype=torch.bool))] * L
 
 
-def held_tensors(cache: PagedKVCache, layer: int, head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    rows = held(cache, layer, head).values()
+def held_tensors(
+    cache: PagedKVCache, layer: int, head: int, seq: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows = held(cache, layer, head, seq).values()
     keys, values, counts = zip(*rows, strict=True)
     return torch.stack(keys), torch.stack(values), torch.tensor(counts).log()
 
@@ -247,6 +249,46 @@ def test_a_slot_fitted_to_several_queries_weighs_at_least_its_count() -> None:
                 got = torch.stack([attend(x, *held_tensors(c, layer, h)) for x in group])
                 errors[name] = (got - full).norm(dim=-1).mean()
             assert errors["fitted"] < errors["log(n)"]
+
+
+def add_filled_sequence(cache: PagedKVCache, n: int, seed: int) -> None:
+    """One more sequence of ``n`` tokens in ``cache``: keys standard normal from ``seed``, values their negation."""
+    seq = cache.add_sequence()
+    data = torch.randn(L, n, H, D, generator=torch.Generator().manual_seed(seed))
+    plan = cache.plan_step([seq], [n])
+    for layer in range(L):
+        cache.write(layer, plan, data[layer], -data[layer])
+
+
+def test_slots_fitted_for_two_sequences_at_once_are_each_sequences_own_fit() -> None:
+    """A compression folds every due sequence in one call: each sequence's slots are fitted to its own queries (the
+    second has fewer, padded), exactly as when it is folded alone. (A count broadcast over the wrong axis once made
+    every call with two sequences fail.)"""
+    n, seeds = 24, (1, 2)
+    q = torch.randn(2, 2 * H, 3, D, generator=torch.Generator().manual_seed(11)) * 2  # [S, H_q, M, D]
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    keep = torch.zeros(L, 2, H, n, dtype=torch.bool)
+    keep[..., [0, 3, 22, 23]] = True
+
+    def new_cache() -> PagedKVCache:
+        return PagedKVCache(L, H, D, 128, block_size=BS, max_seqs=2, max_tokens_per_head=64, summaries=True)
+
+    both = new_cache()
+    for seed in seeds:
+        add_filled_sequence(both, n, seed)
+    views = [both.view(layer, [0, 1]) for layer in range(L)]
+    both.evict([0, 1], fold_evicted(both, views, keep, 1, queries=[(q, valid)] * L))
+    for s, seed in enumerate(seeds):
+        alone = new_cache()
+        add_filled_sequence(alone, n, seed)
+        m = int(valid[s].sum())
+        own = [(q[s : s + 1, :, :m], valid[s : s + 1, :m])] * L
+        views = [alone.view(layer, [0]) for layer in range(L)]
+        alone.evict([0], fold_evicted(alone, views, keep[:, s : s + 1], 1, queries=own))
+        for layer in range(L):
+            for h in range(H):
+                for got, want in zip(held_tensors(both, layer, h, s), held_tensors(alone, layer, h), strict=True):
+                    torch.testing.assert_close(got, want)
 
 
 def test_the_compressor_fits_slots_to_the_queries_it_observed() -> None:
