@@ -36,7 +36,8 @@ class Budget:
     similar keys and its mean key weighs them closer to their true attention mass. ``summary_fit`` = m > 0 fits
     each slot's bias and value to m queries per query head that the policy observed asking about the prompt (the
     last m of its observation window, or the first m of a reconstruction pass: KVzip's repeat request), instead
-    of the ``log(n)`` bias and the mean value; the policy must observe some queries. ``summary_max_ratio`` (None:
+    of the ``log(n)`` bias and the mean value; the policy must observe some queries. ``summary_fit_value=false``
+    fits the bias only and keeps the members' mean value. ``summary_max_ratio`` (None:
     every ratio) folds only for a sequence compressed at most that much (its tokens seen over its per-head target,
     :meth:`folds`); one compressed harder drops what it evicts, as without summary slots. ``summary_layers`` = k
     (None: every layer) folds in the first k layers only; the layers above drop what they evict. It asks where a
@@ -55,6 +56,7 @@ class Budget:
     summary_slots: int = 0
     summary_kmeans: int = 0
     summary_fit: int = 0
+    summary_fit_value: bool = True
     summary_max_ratio: float | None = None
     summary_layers: int | None = None
 
@@ -75,6 +77,13 @@ class Budget:
             raise BudgetError(
                 f"budget.summary_fit={self.summary_fit} fits the summary slots to observed queries, which needs "
                 "budget.summary_slots >= 1 (got 0)"
+            )
+        if not isinstance(self.summary_fit_value, bool):
+            raise BudgetError(f"budget.summary_fit_value must be true or false, got {self.summary_fit_value!r}")
+        if not self.summary_fit_value and not self.summary_fit:
+            raise BudgetError(
+                "budget.summary_fit_value=false keeps the mean value of slots fitted to observed queries, which "
+                "needs budget.summary_fit >= 1 (got 0)"
             )
         if self.summary_max_ratio is not None:
             if not (isinstance(self.summary_max_ratio, (int, float)) and self.summary_max_ratio >= 1):
@@ -140,7 +149,13 @@ class Budget:
     def without_summaries(self) -> Budget:
         """This budget with no summary slots: what a sequence compressed past ``summary_max_ratio`` is held to."""
         return dataclasses.replace(
-            self, summary_slots=0, summary_kmeans=0, summary_fit=0, summary_max_ratio=None, summary_layers=None
+            self,
+            summary_slots=0,
+            summary_kmeans=0,
+            summary_fit=0,
+            summary_fit_value=True,
+            summary_max_ratio=None,
+            summary_layers=None,
         )
 
     def protected(self, seen: int) -> int:

@@ -152,7 +152,9 @@ class Compressor:
         keep = keep_top(ranks_t, counts)
         if fold_views:
             queries = self._queries_to_fit(seq_ids, cache.num_layers, budget) if budget.summary_fit else None
-            keep = fold_evicted(cache, fold_views, keep, budget.summary_slots, budget.summary_kmeans, queries)
+            keep = fold_evicted(
+                cache, fold_views, keep, budget.summary_slots, budget.summary_kmeans, queries, budget.summary_fit_value
+            )
         return cache.evict(seq_ids, keep)
 
     def _queries_to_fit(

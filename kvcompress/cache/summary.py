@@ -43,13 +43,14 @@ def fold_evicted(
     groups: int,
     kmeans: int = 0,
     queries: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    fit_value: bool = True,
 ) -> torch.Tensor:
     """Fold what ``keep`` (``[L, S, H, N]`` over each layer's logical slots, :meth:`PagedKVCache.evict`'s mask)
     evicts from every head of ``views`` (one per layer, gathered with keys and values) into ``groups`` summary
     slots per head, written into the cache in place; returns ``keep`` with the summary slots kept. ``kmeans``:
     Lloyd iterations that regroup each head's evicted tokens by key first (0: groups by position). ``queries``:
     per layer, ``(q [S, H_q, M, D] post-RoPE, valid [S, M])`` to fit each slot's bias and value to (None: the
-    ``log(n)`` bias and the mean value).
+    ``log(n)`` bias and the mean value). ``fit_value`` False fits the bias only and keeps the mean value.
 
     Everything stays on the device: an empty group (a head that evicts fewer than ``groups`` tokens) writes into
     the cache's scratch slot and keeps nothing.
@@ -93,9 +94,10 @@ def fold_evicted(
         if queries is not None:
             q, q_valid = queries[layer]
             own = bias[view.slots].masked_fill(~view.valid, 0.0)
-            slot_bias, mean_values = _fit_to_queries(
+            slot_bias, fitted_values = _fit_to_queries(
                 q.float(), q_valid, view.keys.float(), view.values.float(), own, group, mean_keys, groups
             )
+            mean_values = fitted_values if fit_value else mean_values
         k_flat[slots] = mean_keys.reshape(-1, D).to(k_flat.dtype)
         v_flat[slots] = mean_values.reshape(-1, D).to(v_flat.dtype)
         bias[slots] = torch.where(real, slot_bias, 0.0).reshape(-1)

@@ -106,6 +106,8 @@ def fingerprint(cfg: DictConfig) -> str:
     for key in later:  # fields added later: left unset (or 0), older runs keep their hash
         if budget.get(key) in (None, {}, 0):
             budget.pop(key, None)
+    if budget.get("summary_fit_value", True) is True:  # added later, default true
+        budget.pop("summary_fit_value", None)
     return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -396,6 +398,7 @@ def summarize(
         "summary_slots": int(cfg.budget.get("summary_slots") or 0),
         "summary_kmeans": int(cfg.budget.get("summary_kmeans") or 0),
         "summary_fit": int(cfg.budget.get("summary_fit") or 0),
+        "summary_fit_value": bool(cfg.budget.get("summary_fit_value", True)),
         "summary_max_ratio": cfg.budget.get("summary_max_ratio"),
         "summary_layers": cfg.budget.get("summary_layers"),
         "seed": int(cfg.seed),

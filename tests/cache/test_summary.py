@@ -291,6 +291,26 @@ def test_slots_fitted_for_two_sequences_at_once_are_each_sequences_own_fit() -> 
                     torch.testing.assert_close(got, want)
 
 
+def test_fitting_the_bias_only_keeps_the_mean_value() -> None:
+    """``fit_value=False`` (``budget.summary_fit_value=false``): the slot takes the fitted bias, as a full fit does,
+    and keeps its members' mean value, as the ``log(n)`` slot does."""
+    n, kept = 24, [0, 5, 22, 23]
+    q = torch.randn(H, 3, D, generator=torch.Generator().manual_seed(12)) * 2
+    keep = torch.zeros(L, 1, H, n, dtype=torch.bool)
+    keep[..., kept] = True
+    fitted, plain, _, _ = fitted_and_plain(n, 13, q, kept)
+    bias_only, _, _ = filled(n, seed=13)
+    views = [bias_only.view(layer, [0]) for layer in range(L)]
+    bias_only.evict([0], fold_evicted(bias_only, views, keep, 1, queries=fit_queries(q), fit_value=False))
+    for layer in range(L):
+        for h in range(H):
+            got, full_fit, mean = (held(c, layer, h)[21] for c in (bias_only, fitted, plain))
+            torch.testing.assert_close(got[0], mean[0])  # the mean key, in all three
+            torch.testing.assert_close(got[1], mean[1])  # the members' mean value
+            assert not torch.allclose(got[1], full_fit[1])
+            assert got[2] == pytest.approx(full_fit[2], rel=1e-5) and got[2] > mean[2]  # the fitted count
+
+
 def test_the_compressor_fits_slots_to_the_queries_it_observed() -> None:
     """``budget.summary_fit`` = m: the compressor keeps, per layer, the first m queries of a reconstruction pass
     (its repeat request) or the last m of a prompt window, follows forks and releases, and fits the slots to them;
@@ -339,6 +359,10 @@ def test_fitting_needs_summary_slots() -> None:
 
     with pytest.raises(BudgetError, match=r"budget.summary_fit=16 .* needs budget.summary_slots >= 1 \(got 0\)"):
         Budget(ratio=4, summary_fit=16)
+    with pytest.raises(BudgetError, match=r"summary_fit_value=false keeps .* needs budget.summary_fit >= 1 \(got 0\)"):
+        Budget(ratio=4, summary_slots=1, summary_fit_value=False)
+    with pytest.raises(BudgetError, match=r"budget.summary_fit_value must be true or false, got 'no'"):
+        Budget(ratio=4, summary_slots=1, summary_fit=2, summary_fit_value="no")
 
 
 def test_summary_max_ratio_folds_only_for_lightly_compressed_sequences() -> None:
