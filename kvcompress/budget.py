@@ -37,7 +37,9 @@ class Budget:
     each slot's bias and value to m queries per query head that the policy observed asking about the prompt (the
     last m of its observation window, or the first m of a reconstruction pass: KVzip's repeat request), instead
     of the ``log(n)`` bias and the mean value; the policy must observe some queries. ``summary_fit_value=false``
-    fits the bias only and keeps the members' mean value. ``summary_max_ratio`` (None:
+    fits the bias only and keeps the members' mean value. ``summary_spread`` makes each slot two, at its members'
+    mean key plus and minus their spread along their principal key direction (twice the places in the budget), so
+    that a query's share of the group follows how far its direction spreads their logits. ``summary_max_ratio`` (None:
     every ratio) folds only for a sequence compressed at most that much (its tokens seen over its per-head target,
     :meth:`folds`); one compressed harder drops what it evicts, as without summary slots. ``summary_layers`` = k
     (None: every layer) folds in the first k layers only; the layers above drop what they evict. It asks where a
@@ -57,6 +59,7 @@ class Budget:
     summary_kmeans: int = 0
     summary_fit: int = 0
     summary_fit_value: bool = True
+    summary_spread: bool = False
     summary_max_ratio: float | None = None
     summary_layers: int | None = None
 
@@ -80,6 +83,13 @@ class Budget:
             )
         if not isinstance(self.summary_fit_value, bool):
             raise BudgetError(f"budget.summary_fit_value must be true or false, got {self.summary_fit_value!r}")
+        if not isinstance(self.summary_spread, bool):
+            raise BudgetError(f"budget.summary_spread must be true or false, got {self.summary_spread!r}")
+        if self.summary_spread and (not self.summary_slots or self.summary_fit):
+            raise BudgetError(
+                "budget.summary_spread=true splits each summary slot in two, which needs budget.summary_slots >= 1 "
+                f"and no budget.summary_fit (got summary_slots={self.summary_slots}, summary_fit={self.summary_fit})"
+            )
         if not self.summary_fit_value and not self.summary_fit:
             raise BudgetError(
                 "budget.summary_fit_value=false keeps the mean value of slots fitted to observed queries, which "
@@ -154,6 +164,7 @@ class Budget:
             summary_kmeans=0,
             summary_fit=0,
             summary_fit_value=True,
+            summary_spread=False,
             summary_max_ratio=None,
             summary_layers=None,
         )

@@ -148,12 +148,20 @@ class Compressor:
         if fold_views:  # the summaries take the places of each head's lowest-ranked kept tokens, so a head holds
             # what its allocator gave it (the global allocator's whole freed blocks stay whole)
             k = len(fold_views)
-            counts = torch.cat([torch.maximum(counts[:k] - budget.summary_slots, floor[:k]), counts[k:]])
+            places = budget.summary_slots * (2 if budget.summary_spread else 1)
+            counts = torch.cat([torch.maximum(counts[:k] - places, floor[:k]), counts[k:]])
         keep = keep_top(ranks_t, counts)
         if fold_views:
             queries = self._queries_to_fit(seq_ids, cache.num_layers, budget) if budget.summary_fit else None
             keep = fold_evicted(
-                cache, fold_views, keep, budget.summary_slots, budget.summary_kmeans, queries, budget.summary_fit_value
+                cache,
+                fold_views,
+                keep,
+                budget.summary_slots,
+                budget.summary_kmeans,
+                queries,
+                budget.summary_fit_value,
+                budget.summary_spread,
             )
         return cache.evict(seq_ids, keep)
 

@@ -26,9 +26,18 @@ of leaving the Jensen gap: for a query ``q`` a group's exact contribution is its
 the mean key and takes the bias ``mean_q [logsumexp_i(s q.k_i + b_i) - s q.k_mean]`` (at least ``log(n)``: the gap
 is closed on average, in log space) and the value ``mean_q Σ_i softmax_i(s q.k_i + b_i) v_i``, the group's output
 averaged over the queries. With one query the slot gives that query exactly the full group's share and output.
+
+``spread`` (``budget.summary_spread``) closes part of the Jensen gap for every query instead of on average: a group
+becomes two slots at ``k_mean ± sqrt(var) u``, ``u`` its members' principal key direction and ``var`` their key
+variance along it, each with half the group's count, and values ``v_mean ± sqrt(var) slope`` (the values' linear
+fit on that projection). A query then weighs the group ``n exp(s q.k_mean) cosh(s sqrt(var) q.u)``: more for a query
+whose direction spreads the members' logits, as the members themselves would, and exactly the members' weight and
+output when their keys lie at two points symmetric about the mean.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -44,6 +53,7 @@ def fold_evicted(
     kmeans: int = 0,
     queries: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     fit_value: bool = True,
+    spread: bool = False,
 ) -> torch.Tensor:
     """Fold what ``keep`` (``[L, S, H, N]`` over each layer's logical slots, :meth:`PagedKVCache.evict`'s mask)
     evicts from every head of ``views`` (one per layer, gathered with keys and values) into ``groups`` summary
@@ -51,6 +61,8 @@ def fold_evicted(
     Lloyd iterations that regroup each head's evicted tokens by key first (0: groups by position). ``queries``:
     per layer, ``(q [S, H_q, M, D] post-RoPE, valid [S, M])`` to fit each slot's bias and value to (None: the
     ``log(n)`` bias and the mean value). ``fit_value`` False fits the bias only and keeps the mean value.
+    ``spread``: each group becomes two slots, its spread along its keys' principal direction (module docstring),
+    stored in its last two members; a group of one member keeps one slot.
 
     Everything stays on the device: an empty group (a head that evicts fewer than ``groups`` tokens) writes into
     the cache's scratch slot and keeps nothing.
@@ -98,6 +110,24 @@ def fold_evicted(
                 q.float(), q_valid, view.keys.float(), view.values.float(), own, group, mean_keys, groups
             )
             mean_values = fitted_values if fit_value else mean_values
+        if spread:
+            # the group's second-last member (by position) holds its second slot; a group of one has none
+            last_of = last.gather(-1, group)  # [S, H, n]: each token's group's last rank
+            second = torch.full(buckets, -1, dtype=torch.long, device=group.device)
+            second = second.scatter_reduce(-1, group, rank.masked_fill(~gone | (rank == last_of), -1), "amax")
+            pair = second[..., :groups] >= 0  # [S, H, groups]
+            rep2 = order.gather(-1, second[..., :groups].clamp_min(0))
+            slots2 = torch.where(pair, view.slots.gather(-1, rep2), cache.scratch_slot).reshape(-1)
+            offset_k, offset_v = _principal_spread(
+                view.keys.float(), view.values.float(), mass, group, mean_keys, mean_values, groups
+            )
+            slot_bias = torch.where(pair, slot_bias - math.log(2), slot_bias)
+            k_flat[slots2] = (mean_keys - offset_k).reshape(-1, D).to(k_flat.dtype)
+            v_flat[slots2] = (mean_values - offset_v).reshape(-1, D).to(v_flat.dtype)
+            bias[slots2] = torch.where(pair, slot_bias, 0.0).reshape(-1)
+            score[slots2] = best[..., :groups].reshape(-1)
+            keep[layer, :, :, :n] |= torch.zeros_like(rank).scatter_add(-1, rep2, pair.long()) > 0
+            mean_keys, mean_values = mean_keys + offset_k, mean_values + offset_v
         k_flat[slots] = mean_keys.reshape(-1, D).to(k_flat.dtype)
         v_flat[slots] = mean_values.reshape(-1, D).to(v_flat.dtype)
         bias[slots] = torch.where(real, slot_bias, 0.0).reshape(-1)
@@ -105,6 +135,45 @@ def fold_evicted(
         kept = torch.zeros_like(rank).scatter_add(-1, rep, real.long()) > 0
         keep[layer, :, :, :n] |= kept
     return keep
+
+
+def _principal_spread(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mass: torch.Tensor,
+    group: torch.Tensor,
+    mean_keys: torch.Tensor,
+    mean_values: torch.Tensor,
+    groups: int,
+    iters: int = 12,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's key and value offsets ``[S, H, groups, D]`` for its two slots, ``mean ± offset``: the key offset
+    is ``sqrt(var) u``, with ``u`` the members' principal key direction (mass-weighted; ``iters`` power iterations
+    from a fixed start) and ``var`` their key variance along it; the value offset is ``sqrt(var)`` times the
+    least-squares slope of the values on the keys' projection onto ``u``. ``keys``, ``values`` ``[S, H, n, D]``,
+    ``mass`` ``[S, H, n]`` (0 for the kept), ``group`` as :func:`fold_evicted` assigns it, the means
+    ``[S, H, groups, D]``. Two slots at these points, each half the group's mass, match its mean key and the key
+    variance along ``u``, so a query ``q`` weighs them ``n exp(s q.k_mean) cosh(s q.offset)``: its share grows
+    with how far its direction spreads the members' logits, where one slot gives every query ``n exp(s q.k_mean)``.
+    """
+    S, H, n, D = keys.shape
+    pad = keys.new_zeros(S, H, 1, D)  # the kept tokens' bucket
+    idx = group[..., None].expand(-1, -1, -1, D)
+    centred = (keys - torch.cat([mean_keys, pad], -2).gather(-2, idx)) * (mass > 0)[..., None]
+    u = torch.ones(S, H, groups + 1, D, device=keys.device, dtype=keys.dtype)
+    u[..., 1::2] = -0.5  # a fixed start no principal direction is orthogonal to in practice
+    for _ in range(iters):
+        t = (centred * u.gather(-2, idx)).sum(-1)  # [S, H, n]: each member's projection
+        u = keys.new_zeros(S, H, groups + 1, D).scatter_add(-2, idx, centred * (mass * t)[..., None])
+        u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    t = (centred * u.gather(-2, idx)).sum(-1)
+    total = keys.new_zeros(S, H, groups + 1).scatter_add(-1, group, mass).clamp_min(1e-30)
+    moment = keys.new_zeros(S, H, groups + 1).scatter_add(-1, group, mass * t * t)  # [S, H, groups + 1]
+    dv = (values - torch.cat([mean_values, pad], -2).gather(-2, idx)) * (mass > 0)[..., None]
+    cov = keys.new_zeros(S, H, groups + 1, D).scatter_add(-2, idx, dv * (mass * t)[..., None])
+    sigma = (moment / total).sqrt()[..., None]
+    slope = cov / moment.clamp_min(1e-30)[..., None]
+    return (sigma * u)[..., :groups, :], (sigma * slope)[..., :groups, :]
 
 
 def _regroup_by_key(

@@ -100,6 +100,7 @@ def fingerprint(cfg: DictConfig) -> str:
         "summary_slots",
         "summary_kmeans",
         "summary_fit",
+        "summary_spread",
         "summary_max_ratio",
         "summary_layers",
     )
@@ -399,6 +400,7 @@ def summarize(
         "summary_kmeans": int(cfg.budget.get("summary_kmeans") or 0),
         "summary_fit": int(cfg.budget.get("summary_fit") or 0),
         "summary_fit_value": bool(cfg.budget.get("summary_fit_value", True)),
+        "summary_spread": bool(cfg.budget.get("summary_spread") or False),
         "summary_max_ratio": cfg.budget.get("summary_max_ratio"),
         "summary_layers": cfg.budget.get("summary_layers"),
         "seed": int(cfg.seed),

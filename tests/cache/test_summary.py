@@ -311,6 +311,71 @@ def test_fitting_the_bias_only_keeps_the_mean_value() -> None:
             assert got[2] == pytest.approx(full_fit[2], rel=1e-5) and got[2] > mean[2]  # the fitted count
 
 
+def test_spread_slots_give_every_query_a_two_point_groups_exact_share_and_output() -> None:
+    """``spread``: a group whose keys sit at two points symmetric about their mean, with values linear in the same
+    offset, is folded into two slots that any query weighs and reads exactly as it does the members; the one
+    ``log(n)`` slot does not (its Jensen gap). A group of one member keeps one slot."""
+    n = 20
+    gen = torch.Generator().manual_seed(14)
+    keys, values = torch.randn(L, n, H, D, generator=gen), torch.randn(L, n, H, D, generator=gen)
+    centre, a, v0, b = (torch.randn(L, 1, H, D, generator=gen) for _ in range(4))
+    side = torch.tensor([1.0, -1.0] * 8).view(1, 16, 1, 1)  # tokens 2-17, alternating sides
+    keys[:, 2:18], values[:, 2:18] = centre + 2 * side * a, v0 + side * b
+    keep = torch.ones(L, 1, H, n, dtype=torch.bool)
+    keep[..., 2:18] = False
+    caches = []
+    for spread in (True, False):
+        cache = PagedKVCache(L, H, D, 128, block_size=BS, max_seqs=2, max_tokens_per_head=64, summaries=True)
+        seq = cache.add_sequence()
+        plan = cache.plan_step([seq], [n])
+        for layer in range(L):
+            cache.write(layer, plan, keys[layer], values[layer])
+        views = [cache.view(layer, [0]) for layer in range(L)]
+        cache.evict([0], fold_evicted(cache, views, keep, 1, spread=spread))
+        caches.append(cache)
+    queries = torch.randn(5, D, generator=gen) * 2
+    for layer in range(L):
+        for h in range(H):
+            assert sorted(held(caches[0], layer, h)) == [0, 1, 16, 17, 18, 19]  # the last two members hold the pair
+            assert [c for _, _, c in held(caches[0], layer, h).values()].count(8.0) == 2
+            for q in queries:
+                full = attend(q, keys[layer, :, h], values[layer, :, h], torch.zeros(n))
+                torch.testing.assert_close(attend(q, *held_tensors(caches[0], layer, h)), full)
+                assert not torch.allclose(attend(q, *held_tensors(caches[1], layer, h)), full, atol=1e-3)
+    single = torch.ones(L, 1, H, n, dtype=torch.bool)
+    single[..., 5] = False  # one member: one slot, its own key and value, no second slot
+    cache, k1, v1 = filled(n, seed=15)
+    cache.evict([0], fold_evicted(cache, [cache.view(layer, [0]) for layer in range(L)], single, 1, spread=True))
+    slot = held(cache, 0, 0)[5]
+    torch.testing.assert_close(slot[0], k1[0, 5, 0])
+    torch.testing.assert_close(slot[1], v1[0, 5, 0])
+    assert len(held(cache, 0, 0)) == n and slot[2] == pytest.approx(1.0)
+
+
+def test_spread_slots_take_two_places_each_in_the_budget() -> None:
+    """Through the compressor, a head at 4x holds what the allocator gave it: 10 of 40 tokens, two of them the
+    spread pair (one without spread)."""
+    from kvcompress.budget import Budget, BudgetError
+    from kvcompress.compressor import Compressor
+    from kvcompress.policies.knorm import KnormPolicy
+
+    for spread, summaries in ((True, 2), (False, 1)):
+        cache, _, _ = filled(40, seed=16)
+        budget = Budget(ratio=4, protected_window=2, summary_slots=1, summary_spread=spread)
+        Compressor(KnormPolicy(), budget).compress(cache, [0])
+        for layer in range(L):
+            for h in range(H):
+                counts = [c for _, _, c in held(cache, layer, h).values()]
+                assert len(counts) == 10 and sum(c > 1.5 for c in counts) == summaries
+                assert sum(counts) == pytest.approx(40, rel=1e-5)  # every token counted once
+    with pytest.raises(BudgetError, match=r"summary_spread=true splits .* \(got summary_slots=0, summary_fit=0\)"):
+        Budget(ratio=4, summary_spread=True)
+    with pytest.raises(BudgetError, match=r"summary_spread=true .* \(got summary_slots=1, summary_fit=4\)"):
+        Budget(ratio=4, summary_slots=1, summary_fit=4, summary_spread=True)
+    with pytest.raises(BudgetError, match=r"budget.summary_spread must be true or false, got 1"):
+        Budget(ratio=4, summary_slots=1, summary_spread=1)
+
+
 def test_the_compressor_fits_slots_to_the_queries_it_observed() -> None:
     """``budget.summary_fit`` = m: the compressor keeps, per layer, the first m queries of a reconstruction pass
     (its repeat request) or the last m of a prompt window, follows forks and releases, and fits the slots to them;
