@@ -260,10 +260,11 @@ def add_filled_sequence(cache: PagedKVCache, n: int, seed: int) -> None:
         cache.write(layer, plan, data[layer], -data[layer])
 
 
-def test_slots_fitted_for_two_sequences_at_once_are_each_sequences_own_fit() -> None:
-    """A compression folds every due sequence in one call: each sequence's slots are fitted to its own queries (the
-    second has fewer, padded), exactly as when it is folded alone. (A count broadcast over the wrong axis once made
-    every call with two sequences fail.)"""
+@pytest.mark.parametrize("how", ["fit", "spread"])
+def test_two_sequences_folded_at_once_fold_as_each_alone(how: str) -> None:
+    """A compression folds every due sequence in one call: each sequence's slots are exactly those it gets when
+    folded alone, fitted to its own queries (the second has fewer, padded) or spread along its own keys. (A count
+    broadcast over the wrong axis once made every fitted call with two sequences fail.)"""
     n, seeds = 24, (1, 2)
     q = torch.randn(2, 2 * H, 3, D, generator=torch.Generator().manual_seed(11)) * 2  # [S, H_q, M, D]
     valid = torch.tensor([[True, True, True], [True, True, False]])
@@ -273,18 +274,20 @@ def test_slots_fitted_for_two_sequences_at_once_are_each_sequences_own_fit() -> 
     def new_cache() -> PagedKVCache:
         return PagedKVCache(L, H, D, 128, block_size=BS, max_seqs=2, max_tokens_per_head=64, summaries=True)
 
+    def fold(cache: PagedKVCache, seqs: list[int], keep: torch.Tensor, queries: list | None) -> None:
+        views = [cache.view(layer, seqs) for layer in range(L)]
+        args = {"queries": queries} if how == "fit" else {"spread": True}
+        cache.evict(seqs, fold_evicted(cache, views, keep, 1, **args))
+
     both = new_cache()
     for seed in seeds:
         add_filled_sequence(both, n, seed)
-    views = [both.view(layer, [0, 1]) for layer in range(L)]
-    both.evict([0, 1], fold_evicted(both, views, keep, 1, queries=[(q, valid)] * L))
+    fold(both, [0, 1], keep, [(q, valid)] * L)
     for s, seed in enumerate(seeds):
         alone = new_cache()
         add_filled_sequence(alone, n, seed)
         m = int(valid[s].sum())
-        own = [(q[s : s + 1, :, :m], valid[s : s + 1, :m])] * L
-        views = [alone.view(layer, [0]) for layer in range(L)]
-        alone.evict([0], fold_evicted(alone, views, keep[:, s : s + 1], 1, queries=own))
+        fold(alone, [0], keep[:, s : s + 1], [(q[s : s + 1, :, :m], valid[s : s + 1, :m])] * L)
         for layer in range(L):
             for h in range(H):
                 for got, want in zip(held_tensors(both, layer, h, s), held_tensors(alone, layer, h), strict=True):
