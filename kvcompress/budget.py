@@ -176,10 +176,15 @@ class Budget:
             return self.protected_window
         return min(self.protected_window, math.floor(self.protected_fraction * self.per_head_target(seen)))
 
+    @property
+    def summary_places(self) -> int:
+        """Places each folding head gives its summaries: ``summary_slots``, twice that with ``summary_spread``."""
+        return self.summary_slots * (2 if self.summary_spread else 1)
+
     def check(self, seen: int, extra_protected: int = 0) -> None:
         """Raise :class:`BudgetError` when the budget is smaller than what is always kept."""
         window = self.protected(seen)
-        slots = self.summary_slots if self.folds(seen) else 0
+        slots = self.summary_places if self.folds(seen) else 0
         floor = window + self.n_sinks + extra_protected + slots
         target = self.per_head_target(seen)
         if seen > floor and math.floor(target) < floor:

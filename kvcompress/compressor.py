@@ -148,7 +148,7 @@ class Compressor:
         if fold_views:  # the summaries take the places of each head's lowest-ranked kept tokens, so a head holds
             # what its allocator gave it (the global allocator's whole freed blocks stay whole)
             k = len(fold_views)
-            places = budget.summary_slots * (2 if budget.summary_spread else 1)
+            places = budget.summary_places
             counts = torch.cat([torch.maximum(counts[:k] - places, floor[:k]), counts[k:]])
         keep = keep_top(ranks_t, counts)
         if fold_views:

@@ -2,7 +2,7 @@
 (or one part of a draw): per draw and pooled, per compressed (mode, ratio) cell, the % of full and what it retained
 of the full cache's own answers (kvcompress.experiment.paired). Pooling sums the scores over every sample before
 dividing, so each sample weighs the same whatever draw it comes from; this is how docs/RESULTS.md pools the
-held-out 4k draws. Each figure comes with its 95% bootstrap interval over the samples (seeded, 10,000
+held-out 4k draws. Each % of full comes with its 95% bootstrap interval over the samples (seeded, 10,000
 resamples): a target inside it is not decided by these samples, however many draws they come from.
 
 Each argument is ``PATH:LABEL`` as in ``scripts/paired_scores.py`` (a results directory and a quality_table setup

@@ -28,7 +28,8 @@ is closed on average, in log space) and the value ``mean_q Σ_i softmax_i(s q.k_
 averaged over the queries. With one query the slot gives that query exactly the full group's share and output.
 
 ``spread`` (``budget.summary_spread``) closes part of the Jensen gap for every query instead of on average: a group
-becomes two slots at ``k_mean ± sqrt(var) u``, ``u`` its members' principal key direction and ``var`` their key
+becomes two slots at ``k_mean ± sqrt(var) u``, ``u`` its members' principal key direction (approximately: a
+few power iterations) and ``var`` their key
 variance along it, each with half the group's count, and values ``v_mean ± sqrt(var) slope`` (the values' linear
 fit on that projection). A query then weighs the group ``n exp(s q.k_mean) cosh(s sqrt(var) q.u)``: more for a query
 whose direction spreads the members' logits, as the members themselves would, and exactly the members' weight and
@@ -69,6 +70,10 @@ def fold_evicted(
     """
     if cache.slot_bias is None:
         raise ValueError("summary slots need a cache made with summaries=True (its slot_bias holds their counts)")
+    if spread and queries is not None:
+        raise ValueError("spread summary slots take the log(n) bias; they cannot also be fitted to queries")
+    if not fit_value and queries is None:
+        raise ValueError("fit_value=False keeps the mean value of slots fitted to queries, but no queries were given")
     keep = keep.clone()
     D = cache.head_dim
     k_flat, v_flat = cache.k_cache.view(-1, D), cache.v_cache.view(-1, D)
@@ -147,14 +152,15 @@ def _principal_spread(
     groups: int,
     iters: int = 12,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each group's key and value offsets ``[S, H, groups, D]`` for its two slots, ``mean ± offset``: the key offset
-    is ``sqrt(var) u``, with ``u`` the members' principal key direction (mass-weighted; ``iters`` power iterations
-    from a fixed start) and ``var`` their key variance along it; the value offset is ``sqrt(var)`` times the
-    least-squares slope of the values on the keys' projection onto ``u``. ``keys``, ``values`` ``[S, H, n, D]``,
-    ``mass`` ``[S, H, n]`` (0 for the kept), ``group`` as :func:`fold_evicted` assigns it, the means
-    ``[S, H, groups, D]``. Two slots at these points, each half the group's mass, match its mean key and the key
-    variance along ``u``, so a query ``q`` weighs them ``n exp(s q.k_mean) cosh(s q.offset)``: its share grows
-    with how far its direction spreads the members' logits, where one slot gives every query ``n exp(s q.k_mean)``.
+    """Each group's key and value offsets ``[S, H, groups, D]`` for its two slots, ``mean ± offset``. The key
+    offset is ``sqrt(var) u``: ``u`` the members' principal key direction (mass-weighted; approximated by ``iters``
+    power iterations from a fixed start, which on near-isotropic keys may stop at another high-variance direction)
+    and ``var`` their key variance along it. The value offset is ``sqrt(var)`` times the least-squares slope of the
+    values on the keys' projection onto ``u``. ``keys``, ``values`` ``[S, H, n, D]``, ``mass`` ``[S, H, n]`` (0 for
+    the kept), ``group`` as :func:`fold_evicted` assigns it, the means ``[S, H, groups, D]``. Two slots at these
+    points, each half the group's mass, match its mean key and the key variance along ``u``, so a query ``q``
+    weighs them ``n exp(s q.k_mean) cosh(s q.offset)``: its share grows with how far its direction spreads the
+    members' logits, where one slot gives every query ``n exp(s q.k_mean)``.
     """
     S, H, n, D = keys.shape
     pad = keys.new_zeros(S, H, 1, D)  # the kept tokens' bucket

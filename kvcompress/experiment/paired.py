@@ -330,6 +330,10 @@ def bootstrap_percent(
     interval is not yet decided either way by these samples."""
     if len(scores) != len(full) or not scores:
         raise ValueError(f"bootstrap_percent needs paired, non-empty scores (got {len(scores)} and {len(full)})")
+    if sum(full) <= 0:
+        raise ValueError("bootstrap_percent: the full cache scores nothing on these samples, so no % of full exists")
+    if draws < 1 or not 0 < level < 1:
+        raise ValueError(f"bootstrap_percent needs draws >= 1 and 0 < level < 1 (got {draws} and {level})")
     rng = np.random.default_rng(seed)
     pick = rng.integers(0, len(scores), size=(draws, len(scores)))
     num = np.asarray(scores, dtype=float)[pick].sum(1)

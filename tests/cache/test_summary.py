@@ -268,8 +268,8 @@ def test_two_sequences_folded_at_once_fold_as_each_alone(how: str) -> None:
     n, seeds = 24, (1, 2)
     q = torch.randn(2, 2 * H, 3, D, generator=torch.Generator().manual_seed(11)) * 2  # [S, H_q, M, D]
     valid = torch.tensor([[True, True, True], [True, True, False]])
-    keep = torch.zeros(L, 2, H, n, dtype=torch.bool)
-    keep[..., [0, 3, 22, 23]] = True
+    keep = torch.rand(L, 2, H, n, generator=torch.Generator().manual_seed(12)) < 0.3  # each head its own tokens
+    keep[..., [0, 23]] = True
 
     def new_cache() -> PagedKVCache:
         return PagedKVCache(L, H, D, 128, block_size=BS, max_seqs=2, max_tokens_per_head=64, summaries=True)
@@ -277,7 +277,7 @@ def test_two_sequences_folded_at_once_fold_as_each_alone(how: str) -> None:
     def fold(cache: PagedKVCache, seqs: list[int], keep: torch.Tensor, queries: list | None) -> None:
         views = [cache.view(layer, seqs) for layer in range(L)]
         args = {"queries": queries} if how == "fit" else {"spread": True}
-        cache.evict(seqs, fold_evicted(cache, views, keep, 1, **args))
+        cache.evict(seqs, fold_evicted(cache, views, keep, 2, **args))
 
     both = new_cache()
     for seed in seeds:
@@ -377,6 +377,17 @@ def test_spread_slots_take_two_places_each_in_the_budget() -> None:
         Budget(ratio=4, summary_slots=1, summary_fit=4, summary_spread=True)
     with pytest.raises(BudgetError, match=r"budget.summary_spread must be true or false, got 1"):
         Budget(ratio=4, summary_slots=1, summary_spread=1)
+    # a target of 3 per head holds 2 recent + 1 slot, but not 2 recent + a spread pair
+    Budget(ratio=40 / 3, protected_window=2, summary_slots=1).check(40)
+    with pytest.raises(BudgetError, match=r"protected tokens \(2 recent \+ 0 sinks \+ 2 summary slots"):
+        Budget(ratio=40 / 3, protected_window=2, summary_slots=1, summary_spread=True).check(40)
+    cache, _, _ = filled(20, seed=17)
+    views = [cache.view(layer, [0]) for layer in range(L)]
+    keep = torch.ones(L, 1, H, 20, dtype=torch.bool)
+    with pytest.raises(ValueError, match="spread summary slots take the log\\(n\\) bias; they cannot also be fitted"):
+        fold_evicted(cache, views, keep, 1, queries=fit_queries(torch.randn(H, 2, D)), spread=True)
+    with pytest.raises(ValueError, match="fit_value=False keeps the mean value .* but no queries were given"):
+        fold_evicted(cache, views, keep, 1, fit_value=False)
 
 
 def test_the_compressor_fits_slots_to_the_queries_it_observed() -> None:

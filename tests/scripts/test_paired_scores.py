@@ -209,6 +209,10 @@ def test_bootstrap_interval_holds_the_pooled_figure_and_narrows_with_more_sample
     assert bootstrap_percent([50.0, 100.0], [100.0, 0.0]) == (50.0, 150.0)
     with pytest.raises(ValueError, match="paired, non-empty"):
         bootstrap_percent([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="the full cache scores nothing on these samples"):
+        bootstrap_percent([100.0, 0.0], [0.0, 0.0])
+    with pytest.raises(ValueError, match=r"draws >= 1 and 0 < level < 1 \(got 10000 and 95\)"):
+        bootstrap_percent([1.0], [1.0], level=95)
 
 
 def test_pooled_scores_refuse_a_sample_scored_twice_differently(script_module, tmp_path: Path, capsys) -> None:
