@@ -148,8 +148,7 @@ class Compressor:
         if fold_views:  # the summaries take the places of each head's lowest-ranked kept tokens, so a head holds
             # what its allocator gave it (the global allocator's whole freed blocks stay whole)
             k = len(fold_views)
-            places = budget.summary_places
-            counts = torch.cat([torch.maximum(counts[:k] - places, floor[:k]), counts[k:]])
+            counts = torch.cat([torch.maximum(counts[:k] - budget.summary_places, floor[:k]), counts[k:]])
         keep = keep_top(ranks_t, counts)
         if fold_views:
             queries = self._queries_to_fit(seq_ids, cache.num_layers, budget) if budget.summary_fit else None

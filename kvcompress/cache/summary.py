@@ -76,8 +76,7 @@ def fold_evicted(
         raise ValueError("fit_value=False keeps the mean value of slots fitted to queries, but no queries were given")
     keep = keep.clone()
     D = cache.head_dim
-    k_flat, v_flat = cache.k_cache.view(-1, D), cache.v_cache.view(-1, D)
-    bias, score = cache.slot_bias.view(-1), cache.slot_score.view(-1)
+    bias = cache.slot_bias.view(-1)
     for layer, view in enumerate(views):
         n = view.valid.shape[-1]
         if n == 0:
@@ -105,7 +104,6 @@ def fold_evicted(
         last = last.scatter_reduce(-1, group, rank.masked_fill(~gone, -1), "amax")
         rep = order.gather(-1, last[..., :groups].clamp_min(0))  # [S, H, groups]: logical index of the last member
         real = total > 0
-        slots = torch.where(real, view.slots.gather(-1, rep), cache.scratch_slot).reshape(-1)
         mean_keys, mean_values = keys[..., :groups, :] / denom, values[..., :groups, :] / denom
         slot_bias = total.clamp_min(1).log()
         if queries is not None:
@@ -122,24 +120,41 @@ def fold_evicted(
             second = second.scatter_reduce(-1, group, rank.masked_fill(~gone | (rank == last_of), -1), "amax")
             pair = second[..., :groups] >= 0  # [S, H, groups]
             rep2 = order.gather(-1, second[..., :groups].clamp_min(0))
-            slots2 = torch.where(pair, view.slots.gather(-1, rep2), cache.scratch_slot).reshape(-1)
             offset_k, offset_v = _principal_spread(
                 view.keys.float(), view.values.float(), mass, group, mean_keys, mean_values, groups
             )
             slot_bias = torch.where(pair, slot_bias - math.log(2), slot_bias)
-            k_flat[slots2] = (mean_keys - offset_k).reshape(-1, D).to(k_flat.dtype)
-            v_flat[slots2] = (mean_values - offset_v).reshape(-1, D).to(v_flat.dtype)
-            bias[slots2] = torch.where(pair, slot_bias, 0.0).reshape(-1)
-            score[slots2] = best[..., :groups].reshape(-1)
-            keep[layer, :, :, :n] |= torch.zeros_like(rank).scatter_add(-1, rep2, pair.long()) > 0
+            keep[layer, :, :, :n] |= _write_slots(
+                cache, view, rep2, pair, mean_keys - offset_k, mean_values - offset_v, slot_bias, best[..., :groups]
+            )
             mean_keys, mean_values = mean_keys + offset_k, mean_values + offset_v
-        k_flat[slots] = mean_keys.reshape(-1, D).to(k_flat.dtype)
-        v_flat[slots] = mean_values.reshape(-1, D).to(v_flat.dtype)
-        bias[slots] = torch.where(real, slot_bias, 0.0).reshape(-1)
-        score[slots] = best[..., :groups].reshape(-1)
-        kept = torch.zeros_like(rank).scatter_add(-1, rep, real.long()) > 0
-        keep[layer, :, :, :n] |= kept
+        keep[layer, :, :, :n] |= _write_slots(
+            cache, view, rep, real, mean_keys, mean_values, slot_bias, best[..., :groups]
+        )
     return keep
+
+
+def _write_slots(
+    cache: PagedKVCache,
+    view: HeadView,
+    rep: torch.Tensor,
+    present: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    slot_bias: torch.Tensor,
+    best: torch.Tensor,
+) -> torch.Tensor:
+    """Write one summary per (sequence, kv head, group) into the cache slot of ``view``'s logical index ``rep``
+    (``[S, H, groups]``), where ``present`` (same shape) says a group has one; the others go to the scratch slot.
+    ``keys``, ``values`` ``[S, H, groups, D]``; ``slot_bias`` and ``best`` (the score a summary ranks by)
+    ``[S, H, groups]``. Returns the ``[S, H, n]`` mask of the logical slots that now hold a summary."""
+    D = cache.head_dim
+    slots = torch.where(present, view.slots.gather(-1, rep), cache.scratch_slot).reshape(-1)
+    cache.k_cache.view(-1, D)[slots] = keys.reshape(-1, D).to(cache.k_cache.dtype)
+    cache.v_cache.view(-1, D)[slots] = values.reshape(-1, D).to(cache.v_cache.dtype)
+    cache.slot_bias.view(-1)[slots] = torch.where(present, slot_bias, 0.0).reshape(-1)
+    cache.slot_score.view(-1)[slots] = best.reshape(-1)
+    return torch.zeros_like(view.slots).scatter_add(-1, rep, present.long()) > 0
 
 
 def _principal_spread(
@@ -165,7 +180,11 @@ def _principal_spread(
     S, H, n, D = keys.shape
     pad = keys.new_zeros(S, H, 1, D)  # the kept tokens' bucket
     idx = group[..., None].expand(-1, -1, -1, D)
-    centred = (keys - torch.cat([mean_keys, pad], -2).gather(-2, idx)) * (mass > 0)[..., None]
+
+    def from_mean(x: torch.Tensor, means: torch.Tensor) -> torch.Tensor:  # [S, H, n, D]; 0 for the kept
+        return (x - torch.cat([means, pad], -2).gather(-2, idx)) * (mass > 0)[..., None]
+
+    centred = from_mean(keys, mean_keys)
     u = torch.ones(S, H, groups + 1, D, device=keys.device, dtype=keys.dtype)
     u[..., 1::2] = -0.5  # a fixed start no principal direction is orthogonal to in practice
     for _ in range(iters):
@@ -175,7 +194,7 @@ def _principal_spread(
     t = (centred * u.gather(-2, idx)).sum(-1)
     total = keys.new_zeros(S, H, groups + 1).scatter_add(-1, group, mass).clamp_min(1e-30)
     moment = keys.new_zeros(S, H, groups + 1).scatter_add(-1, group, mass * t * t)  # [S, H, groups + 1]
-    dv = (values - torch.cat([mean_values, pad], -2).gather(-2, idx)) * (mass > 0)[..., None]
+    dv = from_mean(values, mean_values)
     cov = keys.new_zeros(S, H, groups + 1, D).scatter_add(-2, idx, dv * (mass * t)[..., None])
     sigma = (moment / total).sqrt()[..., None]
     slope = cov / moment.clamp_min(1e-30)[..., None]
