@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 RATIO_TOLERANCE = 1e-9
@@ -39,12 +41,15 @@ class Budget:
     of the ``log(n)`` bias and the mean value; the policy must observe some queries. ``summary_fit_value=false``
     fits the bias only and keeps the members' mean value. ``summary_spread`` makes each slot two, at its members'
     mean key plus and minus their spread along their principal key direction (twice the places in the budget), so
-    that a query's share of the group follows how far its direction spreads their logits. ``summary_max_ratio`` (None:
-    every ratio) folds only for a sequence compressed at most that much (its tokens seen over its per-head target,
-    :meth:`folds`); one compressed harder drops what it evicts, as without summary slots. ``summary_layers`` = k
-    (None: every layer) folds in the first k layers only; the layers above drop what they evict. It asks where a
-    head's evicted average matters (docs/RESULTS.md, "Which layers lose a multikey binding at 4k" and "Summary slots
-    in the first layers only"; no preset sets it).
+    that a query's share of the group follows how far its direction spreads their logits. ``summary_shared_value``
+    gives every slot of a head the mean value of all it evicts, so that the slots (several, best grouped by key)
+    sketch only the evicted tokens' share of each query's attention. ``summary_offset`` (a path) adds a measured
+    offset per (layer, kv head) to every summary slot's ``log(n)`` bias (:mod:`kvcompress.cache.summary`).
+    ``summary_max_ratio`` (None: every ratio) folds only for a sequence compressed at most that much (its tokens seen
+    over its per-head target, :meth:`folds`); one compressed harder drops what it evicts, as without summary slots.
+    ``summary_layers`` = k (None: every layer) folds in the first k layers only; the layers above drop what they
+    evict. It asks where a head's evicted average matters (docs/RESULTS.md, "Which layers lose a multikey binding at
+    4k" and "Summary slots in the first layers only"; no preset sets it).
     """
 
     ratio: float = 1.0
@@ -60,6 +65,8 @@ class Budget:
     summary_fit: int = 0
     summary_fit_value: bool = True
     summary_spread: bool = False
+    summary_shared_value: bool = False
+    summary_offset: str | None = None
     summary_max_ratio: float | None = None
     summary_layers: int | None = None
 
@@ -90,6 +97,29 @@ class Budget:
                 "budget.summary_spread=true splits each summary slot in two, which needs budget.summary_slots >= 1 "
                 f"and no budget.summary_fit (got summary_slots={self.summary_slots}, summary_fit={self.summary_fit})"
             )
+        if not isinstance(self.summary_shared_value, bool):
+            raise BudgetError(f"budget.summary_shared_value must be true or false, got {self.summary_shared_value!r}")
+        if self.summary_shared_value and (self.summary_slots < 2 or self.summary_fit or self.summary_spread):
+            raise BudgetError(
+                "budget.summary_shared_value=true gives every summary slot of a head its mean evicted value, which "
+                "needs budget.summary_slots >= 2, no budget.summary_fit and no budget.summary_spread (got "
+                f"summary_slots={self.summary_slots}, summary_fit={self.summary_fit}, "
+                f"summary_spread={str(self.summary_spread).lower()})"
+            )
+        if self.summary_offset is not None:
+            if not isinstance(self.summary_offset, str) or not Path(self.summary_offset).expanduser().is_file():
+                raise BudgetError(
+                    f"budget.summary_offset must be null or a file of per-(layer, kv head) offsets, as "
+                    f"scripts/slot_share.py --save-gap writes; no such file: {self.summary_offset!r}"
+                )
+            self.offsets()  # a file of the wrong form fails here, before any model loads
+            if not self.summary_slots or self.summary_fit or self.summary_spread or self.compress_every:
+                raise BudgetError(
+                    "budget.summary_offset adds a measured offset to each summary slot's bias once, at the prompt's "
+                    "compression, which needs budget.summary_slots >= 1, no summary_fit, no summary_spread and "
+                    f"compress_every=0 (got summary_slots={self.summary_slots}, summary_fit={self.summary_fit}, "
+                    f"summary_spread={str(self.summary_spread).lower()}, compress_every={self.compress_every})"
+                )
         if not self.summary_fit_value and not self.summary_fit:
             raise BudgetError(
                 "budget.summary_fit_value=false keeps the mean value of slots fitted to observed queries, which "
@@ -123,6 +153,29 @@ class Budget:
                 f"got {self.protected_fraction!r}"
             )
         self.allocator_args = dict(self.allocator_args or {})
+
+    def offsets(self, num_layers: int | None = None, num_kv_heads: int | None = None) -> list[list[float]]:
+        """``summary_offset``'s offsets, one list per layer of one offset per kv head (the ``gap`` of a
+        ``scripts/slot_share.py --save-gap`` JSON file); checked against the model's geometry when it is given."""
+        path = str(self.summary_offset)
+        try:
+            gap = json.loads(Path(path).expanduser().read_text())["gap"]
+            ok = isinstance(gap, list) and gap and all(isinstance(row, list) and row for row in gap)
+            ok = ok and len({len(row) for row in gap}) == 1
+            gap = [[float(x) for x in row] for row in gap] if ok else None
+        except (OSError, ValueError, KeyError, TypeError):
+            gap = None
+        if gap is None:
+            raise BudgetError(
+                f"budget.summary_offset {path!r} is not a scripts/slot_share.py --save-gap file (JSON with 'gap': "
+                "one list per layer of one offset per kv head)"
+            )
+        if num_layers is not None and (len(gap), len(gap[0])) != (num_layers, num_kv_heads):
+            raise BudgetError(
+                f"budget.summary_offset {path!r} holds offsets for {len(gap)} layers x {len(gap[0])} kv heads, but "
+                f"the model has {num_layers} x {num_kv_heads}: measure them for this model with scripts/slot_share.py"
+            )
+        return gap
 
     @property
     def compresses(self) -> bool:
@@ -165,6 +218,8 @@ class Budget:
             summary_fit=0,
             summary_fit_value=True,
             summary_spread=False,
+            summary_shared_value=False,
+            summary_offset=None,
             summary_max_ratio=None,
             summary_layers=None,
         )

@@ -32,6 +32,7 @@ class Compressor:
     # budget.summary_fit's queries: seq id -> per layer [H_q, <= m, D], the first observation's that ask about the
     # prompt (kept with the sequence, as the policy's scores are)
     fit_queries: dict[int, list[torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
+    offsets: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False)  # budget.summary_offset
 
     def __post_init__(self) -> None:
         self.check_budget(self.budget)
@@ -161,8 +162,18 @@ class Compressor:
                 queries,
                 budget.summary_fit_value,
                 budget.summary_spread,
+                budget.summary_shared_value,
+                self._summary_offsets(budget, cache) if budget.summary_offset else None,
             )
         return cache.evict(seq_ids, keep)
+
+    def _summary_offsets(self, budget: Budget, cache: PagedKVCache) -> torch.Tensor:
+        """``budget.summary_offset``'s offsets ``[L, H]`` on the cache's device, read once per file."""
+        path = str(budget.summary_offset)
+        if path not in self.offsets:
+            gap = budget.offsets(cache.num_layers, cache.num_kv_heads)
+            self.offsets[path] = torch.tensor(gap, dtype=torch.float32, device=cache.device)
+        return self.offsets[path]
 
     def _queries_to_fit(
         self, seq_ids: list[int], num_layers: int, budget: Budget

@@ -152,15 +152,16 @@ def only_layers_ratio(ratio: float, layers: tuple[int, int], num_layers: int) ->
     return num_layers / (num_layers - n + n / ratio)
 
 
-def parse_layers(text: str, num_layers: int | None = None) -> tuple[int, int]:
-    """``"A-B"`` -> ``(A, B)``; ``ValueError`` unless 0 <= A <= B (< ``num_layers`` when given)."""
+def parse_layers(text: str, num_layers: int | None = None, flag: str = "--only-layers") -> tuple[int, int]:
+    """``"A-B"`` -> ``(A, B)``; ``ValueError`` (naming the command-line ``flag``) unless 0 <= A <= B (< ``num_layers``
+    when given)."""
     try:
         a, b = (int(x) for x in text.split("-"))
     except ValueError:
-        raise ValueError(f"--only-layers takes a layer range A-B, like 0-13, got {text!r}") from None
+        raise ValueError(f"{flag} takes a layer range A-B, like 0-13, got {text!r}") from None
     if not 0 <= a <= b or (num_layers is not None and b >= num_layers):
         top = f" and B < {num_layers}, the model's layer count" if num_layers is not None else ""
-        raise ValueError(f"--only-layers A-B needs 0 <= A <= B{top}, got {text!r}")
+        raise ValueError(f"{flag} A-B needs 0 <= A <= B{top}, got {text!r}")
     return a, b
 
 

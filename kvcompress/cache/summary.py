@@ -34,6 +34,18 @@ variance along it, each with half the group's count, and values ``v_mean ± sqrt
 fit on that projection). A query then weighs the group ``n exp(s q.k_mean) cosh(s sqrt(var) q.u)``: more for a query
 whose direction spreads the members' logits, as the members themselves would, and exactly the members' weight and
 output when their keys lie at two points symmetric about the mean.
+
+``shared_value`` (``budget.summary_shared_value``) gives every slot of a head the mean value of everything the
+head evicts (mass-weighted), and leaves the slots' keys and biases as they are. The slots then sketch only the
+evicted tokens' share of each query's attention, and every query reads the same average out of it. With groups by
+key (``kmeans``) that approximates keeping every evicted key with the head's mean value
+(``scripts/inspect_allocation.py --mass mean``): each query's share follows which clusters its direction favours,
+and no slot carries one region's content.
+
+``offsets`` (``budget.summary_offset``, a file ``scripts/slot_share.py --save-gap`` writes) add a measured
+per-(layer, kv head) offset to each slot's ``log(n)`` bias: the mean gap, on calibration prompts, between what the
+evicted tokens weighed for a question's queries and what their mean key weighs. A slot's bias then no longer
+counts its members, so a sequence folds once (``compress_every=0``).
 """
 
 from __future__ import annotations
@@ -55,6 +67,8 @@ def fold_evicted(
     queries: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     fit_value: bool = True,
     spread: bool = False,
+    shared_value: bool = False,
+    offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fold what ``keep`` (``[L, S, H, N]`` over each layer's logical slots, :meth:`PagedKVCache.evict`'s mask)
     evicts from every head of ``views`` (one per layer, gathered with keys and values) into ``groups`` summary
@@ -63,7 +77,9 @@ def fold_evicted(
     per layer, ``(q [S, H_q, M, D] post-RoPE, valid [S, M])`` to fit each slot's bias and value to (None: the
     ``log(n)`` bias and the mean value). ``fit_value`` False fits the bias only and keeps the mean value.
     ``spread``: each group becomes two slots, its spread along its keys' principal direction (module docstring),
-    stored in its last two members; a group of one member keeps one slot.
+    stored in its last two members; a group of one member keeps one slot. ``shared_value``: every slot of a head
+    takes the mean value of all it evicts (module docstring). ``offsets`` ``[len(views), H]``: added to the bias of
+    every slot that stands for more than one token (module docstring).
 
     Everything stays on the device: an empty group (a head that evicts fewer than ``groups`` tokens) writes into
     the cache's scratch slot and keeps nothing.
@@ -72,6 +88,8 @@ def fold_evicted(
         raise ValueError("summary slots need a cache made with summaries=True (its slot_bias holds their counts)")
     if spread and queries is not None:
         raise ValueError("spread summary slots take the log(n) bias; they cannot also be fitted to queries")
+    if shared_value and (spread or queries is not None):
+        raise ValueError("shared-value summary slots keep the head's mean value; they cannot also be spread or fitted")
     if not fit_value and queries is None:
         raise ValueError("fit_value=False keeps the mean value of slots fitted to queries, but no queries were given")
     keep = keep.clone()
@@ -106,6 +124,11 @@ def fold_evicted(
         real = total > 0
         mean_keys, mean_values = keys[..., :groups, :] / denom, values[..., :groups, :] / denom
         slot_bias = total.clamp_min(1).log()
+        if offsets is not None:
+            slot_bias = torch.where(total > 1, slot_bias + offsets[layer][None, :, None], slot_bias)
+        if shared_value:  # the head's mean evicted value in every slot: [S, H, 1, D] over [S, H, groups, D]
+            head_mean = values[..., :groups, :].sum(-2, keepdim=True) / total.sum(-1).clamp_min(1e-30)[..., None, None]
+            mean_values = head_mean.expand_as(mean_values)
         if queries is not None:
             q, q_valid = queries[layer]
             own = bias[view.slots].masked_fill(~view.valid, 0.0)

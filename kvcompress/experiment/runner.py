@@ -101,6 +101,8 @@ def fingerprint(cfg: DictConfig) -> str:
         "summary_kmeans",
         "summary_fit",
         "summary_spread",
+        "summary_shared_value",
+        "summary_offset",
         "summary_max_ratio",
         "summary_layers",
     )
@@ -109,6 +111,9 @@ def fingerprint(cfg: DictConfig) -> str:
             budget.pop(key, None)
     if budget.get("summary_fit_value", True) is True:  # added later, default true
         budget.pop("summary_fit_value", None)
+    if budget.get("summary_offset"):  # a file: its content decides the predictions, not its name alone
+        offsets = Path(str(budget["summary_offset"])).expanduser()
+        budget["summary_offset_sha1"] = hashlib.sha1(offsets.read_bytes()).hexdigest() if offsets.is_file() else None
     return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -401,6 +406,8 @@ def summarize(
         "summary_fit": int(cfg.budget.get("summary_fit") or 0),
         "summary_fit_value": bool(cfg.budget.get("summary_fit_value", True)),
         "summary_spread": bool(cfg.budget.get("summary_spread") or False),
+        "summary_shared_value": bool(cfg.budget.get("summary_shared_value") or False),
+        "summary_offset": cfg.budget.get("summary_offset"),
         "summary_max_ratio": cfg.budget.get("summary_max_ratio"),
         "summary_layers": cfg.budget.get("summary_layers"),
         "seed": int(cfg.seed),

@@ -3,6 +3,8 @@ value and their token counts, which survive compaction, a second compression, fo
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -185,6 +187,47 @@ def test_kmeans_needs_several_summary_slots() -> None:
     ):
         Budget(ratio=4, summary_slots=1, summary_kmeans=5)
     Budget(ratio=4, summary_slots=2, summary_kmeans=5)
+
+
+def test_shared_value_slots_keep_their_groups_keys_and_counts_and_the_heads_mean_value() -> None:
+    """``shared_value`` (``budget.summary_shared_value``): with the two key clusters of the k-means test, each slot
+    keeps its cluster's mean key and count, and every slot holds the mean value of all 18 evicted tokens, so the
+    slots sketch only the evicted tokens' share of attention."""
+    far = torch.where(torch.arange(20) % 2 == 0, 8.0, -8.0)[None, :, None, None]
+    cache, keys, values = filled(20, seed=4, spread=far)
+    keep = torch.zeros(L, 1, H, 20, dtype=torch.bool)
+    keep[..., [0, 19]] = True
+    views = [cache.view(layer, [0]) for layer in range(L)]
+    cache.evict([0], fold_evicted(cache, views, keep, 2, kmeans=3, shared_value=True))
+    for layer in range(L):
+        for h in range(H):
+            slots = held(cache, layer, h)
+            for members in (list(range(2, 19, 2)), list(range(1, 18, 2))):
+                k, v, count = slots[members[-1]]
+                assert count == pytest.approx(len(members))
+                torch.testing.assert_close(k, keys[layer, members, h].mean(0))
+                torch.testing.assert_close(v, values[layer, 1:19, h].mean(0))
+            assert torch.equal(slots[0][1], values[layer, 0, h])  # a kept token keeps its own value
+
+
+def test_shared_value_needs_several_plain_slots() -> None:
+    from kvcompress.budget import Budget, BudgetError
+
+    Budget(ratio=4, summary_slots=2, summary_kmeans=5, summary_shared_value=True)
+    for args, got in (
+        ({"summary_slots": 1}, "summary_slots=1, summary_fit=0, summary_spread=false"),
+        ({"summary_slots": 2, "summary_fit": 4}, "summary_slots=2, summary_fit=4, summary_spread=false"),
+        ({"summary_slots": 2, "summary_spread": True}, "summary_slots=2, summary_fit=0, summary_spread=true"),
+    ):
+        with pytest.raises(BudgetError, match=rf"summary_shared_value=true .* >= 2, .* \(got {got}\)"):
+            Budget(ratio=4, summary_shared_value=True, **args)
+    with pytest.raises(BudgetError, match=r"budget.summary_shared_value must be true or false, got 'yes'"):
+        Budget(ratio=4, summary_slots=2, summary_shared_value="yes")
+    cache, _, _ = filled(20, seed=17)
+    views = [cache.view(layer, [0]) for layer in range(L)]
+    keep = torch.ones(L, 1, H, 20, dtype=torch.bool)
+    with pytest.raises(ValueError, match="shared-value summary slots keep the head's mean value"):
+        fold_evicted(cache, views, keep, 2, spread=True, shared_value=True)
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -518,3 +561,52 @@ def test_summary_layers_is_a_layer_count_over_summary_slots() -> None:
     with pytest.raises(BudgetError, match=r"summary_layers=7 .* needs budget.summary_slots >= 1 \(got 0\)"):
         Budget(ratio=4, summary_layers=7)
     assert Budget(ratio=4, summary_slots=1, summary_layers=7).without_summaries().summary_layers is None
+
+
+def test_summary_offset_adds_each_heads_measured_offset_to_its_slots_bias(tmp_path) -> None:
+    """``budget.summary_offset``: through the compressor, every summary slot's bias is ``log(n)`` plus its (layer,
+    kv head)'s offset from the file; the tokens kept as themselves keep bias 0."""
+    import json
+
+    from kvcompress.budget import Budget
+    from kvcompress.compressor import Compressor
+    from kvcompress.policies.knorm import KnormPolicy
+
+    offset = [[0.5, 1.0, 2.0], [3.0, 0.0, -1.0]]
+    path = tmp_path / "gap.json"
+    path.write_text(json.dumps({"gap": offset}))
+    for file, shift in ((None, [[0.0] * H] * L), (str(path), offset)):
+        cache, _, _ = filled(40, seed=18)
+        budget = Budget(ratio=4, protected_window=2, summary_slots=1, summary_offset=file)
+        Compressor(KnormPolicy(), budget).compress(cache, [0])
+        for layer in range(L):
+            v = cache.view(layer, [0], with_kv=False)
+            for h in range(H):
+                bias = cache.slot_bias.view(-1)[v.slots[0, h][v.valid[0, h]]]
+                assert len(bias) == 10 and int((bias != 0).sum()) == 1
+                assert float(bias[bias != 0][0]) == pytest.approx(math.log(31) + shift[layer][h])
+
+
+def test_summary_offset_is_a_file_for_this_model_folded_once(tmp_path) -> None:
+    import json
+
+    from kvcompress.budget import Budget, BudgetError
+
+    with pytest.raises(BudgetError, match=r"scripts/slot_share.py --save-gap writes; no such file: '/no/gap.json'"):
+        Budget(ratio=4, summary_slots=1, summary_offset="/no/gap.json")
+    path = tmp_path / "gap.json"
+    path.write_text(json.dumps({"gap": [[0.5, 1.0, 2.0]]}))
+    for args, got in (
+        ({"summary_slots": 0}, "summary_slots=0, summary_fit=0, summary_spread=false, compress_every=0"),
+        ({"summary_slots": 1, "compress_every": 8}, "summary_slots=1, .* compress_every=8"),
+    ):
+        with pytest.raises(BudgetError, match=rf"summary_offset adds .* \(got {got}\)"):
+            Budget(ratio=4, summary_offset=str(path), **args)
+    budget = Budget(ratio=4, summary_slots=1, summary_offset=str(path))
+    assert budget.offsets(1, 3) == [[0.5, 1.0, 2.0]]
+    with pytest.raises(BudgetError, match=r"holds offsets for 1 layers x 3 kv heads, but the model has 2 x 3"):
+        budget.offsets(2, 3)
+    for text in ("{}", '{"gap": [[1.0], [1.0, 2.0]]}', '{"gap": [["a"]]}', "not json"):
+        path.write_text(text)
+        with pytest.raises(BudgetError, match=r"is not a scripts/slot_share.py --save-gap file \(JSON with 'gap'"):
+            Budget(ratio=4, summary_slots=1, summary_offset=str(path))

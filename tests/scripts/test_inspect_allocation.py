@@ -175,6 +175,7 @@ def test_answers_are_found_as_they_are_tokenized_in_the_text(ia, smollm2_tokeniz
         (["--mass", "half"], "argument --mass: invalid choice: 'half'"),
         (["--mass", "zero", "--mass-groups", "0"], "--mass-groups must be >= 1, got 0"),
         (["--only-layers", "0-13", "--setups", "kvzip"], "--only-layers needs setups with the global allocation"),
+        (["--setups", "recommended_query_agnostic:budget.summary_offset=/no/gap.json"], "no such file: '/no/gap.json'"),
     ],
 )
 def test_bad_arguments_fail_in_one_line_before_the_model_loads(args, message) -> None:

@@ -1,0 +1,193 @@
+"""What share of a question's attention the tokens a setup evicts would have had, and what one summary slot gives.
+
+Query-agnostic, a question is prefilled after compression, so whatever a head evicted is gone for its queries.
+A summary slot (``budget.summary_slots=1``) stands in for it with the evicted keys' mean key and a logit bias of
+``log(n)``. For each sample this script
+
+1. runs the sample's query-agnostic request through the Engine under the setup (as ``scripts/inspect_allocation.py``
+   does) and records which context positions each (layer, kv head) evicted at its one compression;
+2. prefills the whole prompt (context, question, the template's tail) with the full cache, and takes the question's
+   and the tail's queries (post-RoPE, every query head) and every context key;
+3. for each question query ``q`` of query head ``h`` reading kv head ``g``, compares the evicted keys' exact share of
+   its attention, ``Σ_evicted exp(s q.k)`` over that plus ``Σ_visible exp(s q.k)`` (the kept context and the
+   question up to ``q``; ``s = head_dim^-1/2``), with the share one slot gives, ``n exp(s q.k_mean)`` in place of
+   the evicted sum. The log of their ratio is the slot's **gap** for that query (Jensen's: never negative).
+
+Printed per layer, means over the samples, the kv heads and their queries: the exact share, the slot's share, the
+mean gap and its standard deviation over a head's queries (how far one constant per head could close it).
+``--save-gap FILE`` writes the mean gap per (layer, kv head) as JSON (``--gap-layers A-B``: those layers' only, zero
+in the others), the offsets ``budget.summary_offset=FILE`` adds to every summary slot's bias. Measure them on samples
+you do not evaluate on.
+
+    python scripts/slot_share.py --path docs/results/suites/tune-4k.jsonl --sample-id tune-4000-passkey-00 \\
+        --sample-id tune-4000-multikey-00 --setup recommended_query_agnostic --ratio 4 --save-gap gap.json
+
+The evicted set is the setup's own; where it folds into a summary slot, the slot's token (its group's last member)
+counts as kept. Queries come from the full cache, not the compressed one: the share a question would give the
+evicted tokens had they stayed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from kvcompress.experiment.prompts import bind_tokenizer, build_prompt
+from kvcompress.generate import as_request
+from kvcompress.model import load_model
+from kvcompress.model_runner import ModelRunner, make_cache
+from kvcompress.tasks.base import Sample
+from kvcompress.tasks.registry import build_task
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from inspect_allocation import build_compressor, parse_layers, run_recorded  # noqa: E402
+
+
+class QueryTap:
+    """The observer of one full-cache prefill: its attention hands over the last ``window`` queries of every layer,
+    kept as ``[H_q, window, D]`` per layer (post-RoPE)."""
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.queries: list[torch.Tensor] = []
+
+    def configure_step(self, step, observe_window: int) -> None:
+        step.observer, step.obs_window = self, observe_window
+
+    def observe_prefill(self, cache, obs) -> None:
+        self.queries.append(obs.queries[0].float())
+
+    def observe_decode(self, cache, obs) -> None:  # a prefill only
+        pass
+
+
+def evicted_positions(lm, sample: Sample, setup: str, ratio: float, protected: int) -> list[list[torch.Tensor]]:
+    """Per layer and kv head, the context positions ``setup`` evicts from ``sample`` at ``ratio``, query-agnostic."""
+    _, comp = build_compressor(setup, ratio, protected)
+    bind_tokenizer(comp.policy, lm.tokenizer)
+    prompt = build_prompt(lm.tokenizer, sample)
+    request = as_request(0, prompt.context_ids, prompt.question_ids, "query_agnostic", 1, suffix=prompt.suffix_ids)
+    run_recorded(lm.model, comp, request)
+    if not comp.kept:
+        raise ValueError(f"setup {setup!r} at {ratio:g}x did not compress sample {sample.sample_id!r}")
+    context = torch.arange(len(prompt.context_ids))
+    return [
+        [context[~torch.isin(context, positions[h][valid[h]])] for h in range(positions.shape[0])]
+        for positions, valid in comp.kept
+    ]
+
+
+def full_cache_tensors(model, ids: list[int], tail: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The full cache's prefill of ``ids``: per layer the last ``tail`` positions' queries ``[H_q, tail, D]`` and
+    every position's keys ``[H, T, D]`` in position order (both post-RoPE, float32)."""
+    tap = QueryTap(tail)
+    runner = ModelRunner(model, make_cache(model, 1, len(ids)))
+    seq = runner.cache.add_sequence(len(ids))
+    with torch.no_grad():
+        runner.forward([seq], [ids], tap, tail)
+    keys = []
+    for layer in range(runner.cache.num_layers):
+        view = runner.cache.view(layer, [seq])
+        order = view.positions[0].argsort(-1)  # [H, T]
+        keys.append(view.keys[0].float().gather(1, order[..., None].expand(-1, -1, view.keys.shape[-1])))
+    return tap.queries, keys
+
+
+def head_shares(q: torch.Tensor, keys: torch.Tensor, evicted: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """For queries ``q`` ``[G, M, D]`` (a kv head's query heads; the last M positions of the prompt) over that head's
+    keys ``[T, D]`` with ``evicted`` context positions: the exact evicted share, one slot's share, and the gap, each
+    ``[G, M]`` (module docstring)."""
+    T, D = keys.shape
+    M = q.shape[1]
+    s = D**-0.5
+    logits = s * q @ keys.T  # [G, M, T]
+    gone = torch.zeros(T, dtype=torch.bool)
+    gone[evicted] = True
+    causal = torch.arange(T)[None, :] <= torch.arange(T - M, T)[:, None]  # [M, T]
+    visible = causal & ~gone
+    rest = logits.masked_fill(~visible, -math.inf).logsumexp(-1)
+    exact = logits[..., gone].logsumexp(-1)
+    slot = math.log(int(gone.sum())) + s * q @ keys[gone].mean(0)
+    return torch.sigmoid(exact - rest), torch.sigmoid(slot - rest), exact - slot
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--path", required=True, help="a jsonl suite (scripts/make_suites.py)")
+    ap.add_argument("--sample-id", action="append", required=True, help="a sample of the suite (repeatable)")
+    ap.add_argument("--setup", default="recommended_query_agnostic", help="a quality-table setup")
+    ap.add_argument("--ratio", type=float, default=4.0, help="> 1")
+    ap.add_argument("--protected", type=int, default=32)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--save-gap", help="write the mean gap per (layer, kv head) to this JSON file")
+    ap.add_argument("--gap-layers", help="with --save-gap: keep layers A-B's gaps only (e.g. 0-6), zero elsewhere")
+    args = ap.parse_args()
+    if args.ratio <= 1:
+        ap.error(f"--ratio must be > 1, got {args.ratio:g}")
+    try:
+        gap_layers = parse_layers(args.gap_layers, flag="--gap-layers") if args.gap_layers else None
+    except ValueError as err:
+        ap.error(str(err))
+    torch.set_num_threads(1)
+    lm = load_model(args.model)
+    by_id = {s.sample_id: s for s in build_task("jsonl", path=args.path, tokenizer=lm.tokenizer).samples()}
+    unknown = [i for i in args.sample_id if i not in by_id]
+    if unknown:
+        ap.error(f"--sample-id {', '.join(unknown)} not in {args.path}; it has {', '.join(list(by_id)[:5])}, ...")
+    try:
+        build_compressor(args.setup, args.ratio, args.protected)
+    except ValueError as e:
+        ap.error(str(e))
+    sums: dict[tuple[int, int], torch.Tensor] = {}  # (layer, kv head) -> [exact, slot, gap, gap sd, samples]
+    for sid in args.sample_id:
+        sample = by_id[sid]
+        try:
+            evicted = evicted_positions(lm, sample, args.setup, args.ratio, args.protected)
+        except ValueError as e:
+            ap.error(str(e))
+        prompt = build_prompt(lm.tokenizer, sample)
+        queries, keys = full_cache_tensors(lm.model, prompt.ids, len(prompt.ids) - len(prompt.context_ids))
+        for layer, (q, k) in enumerate(zip(queries, keys, strict=True)):
+            H = k.shape[0]
+            group = q.shape[0] // H
+            for h in range(H):
+                if evicted[layer][h].numel() == 0:
+                    continue
+                exact, slot, gap = head_shares(q[h * group : (h + 1) * group], k[h], evicted[layer][h])
+                row = torch.tensor([exact.mean(), slot.mean(), gap.mean(), gap.std(), 1.0])
+                sums[(layer, h)] = sums.get((layer, h), torch.zeros(5)) + row
+        print(f"{sid}: done", file=sys.stderr)
+    layers = 1 + max(layer for layer, _ in sums)
+    heads = 1 + max(h for _, h in sums)
+    print(f"{args.setup} at {args.ratio:g}x, query-agnostic, {len(args.sample_id)} sample(s): the question's queries")
+    print("layer | evicted share, exact | one slot's | gap (nats) | gap sd over a head's queries")
+    gap = [[0.0] * heads for _ in range(layers)]
+    for layer in range(layers):
+        rows = [sums[(layer, h)] for h in range(heads) if (layer, h) in sums]
+        for h in range(heads):
+            inside = gap_layers is None or gap_layers[0] <= layer <= gap_layers[1]
+            if (layer, h) in sums and inside:
+                gap[layer][h] = float(sums[(layer, h)][2] / sums[(layer, h)][4])
+        if rows:
+            m = sum(r[:4] for r in rows) / sum(r[4] for r in rows)
+            print(f"{layer:5d} | {m[0]:20.3f} | {m[1]:10.3f} | {m[2]:10.2f} | {m[3]:5.2f}")
+    if args.save_gap:
+        out = {
+            "setup": args.setup,
+            "ratio": args.ratio,
+            "model": args.model,
+            "samples": args.sample_id,
+            "layers": args.gap_layers or "all",
+            "gap": gap,
+        }
+        Path(args.save_gap).write_text(json.dumps(out, indent=1))
+        print(f"gap per (layer, kv head) written to {args.save_gap}")
+
+
+if __name__ == "__main__":
+    main()
