@@ -44,7 +44,8 @@ class Budget:
     that a query's share of the group follows how far its direction spreads their logits. ``summary_shared_value``
     gives every slot of a head the mean value of all it evicts, so that the slots (several, best grouped by key)
     sketch only the evicted tokens' share of each query's attention. ``summary_offset`` (a path) adds a measured
-    offset per (layer, kv head) to every summary slot's ``log(n)`` bias (:mod:`kvcompress.cache.summary`).
+    offset per (layer, kv head) to the one summary slot's ``log(n)`` bias (:mod:`kvcompress.cache.summary`); a
+    sequence folds with it once, and a later compression of it drops what it evicts.
     ``summary_max_ratio`` (None: every ratio) folds only for a sequence compressed at most that much (its tokens seen
     over its per-head target, :meth:`folds`); one compressed harder drops what it evicts, as without summary slots.
     ``summary_layers`` = k (None: every layer) folds in the first k layers only; the layers above drop what they
@@ -113,12 +114,13 @@ class Budget:
                     f"scripts/slot_share.py --save-gap writes; no such file: {self.summary_offset!r}"
                 )
             self.offsets()  # a file of the wrong form fails here, before any model loads
-            if not self.summary_slots or self.summary_fit or self.summary_spread or self.compress_every:
+            if self.summary_slots != 1 or self.summary_fit or self.summary_spread or self.compress_every:
                 raise BudgetError(
-                    "budget.summary_offset adds a measured offset to each summary slot's bias once, at the prompt's "
-                    "compression, which needs budget.summary_slots >= 1, no summary_fit, no summary_spread and "
-                    f"compress_every=0 (got summary_slots={self.summary_slots}, summary_fit={self.summary_fit}, "
-                    f"summary_spread={str(self.summary_spread).lower()}, compress_every={self.compress_every})"
+                    "budget.summary_offset adds the gap scripts/slot_share.py measured for one slot per head to that "
+                    "slot's bias, once, at the prompt's compression: it needs budget.summary_slots=1, no summary_fit, "
+                    f"no summary_spread and compress_every=0 (got summary_slots={self.summary_slots}, "
+                    f"summary_fit={self.summary_fit}, summary_spread={str(self.summary_spread).lower()}, "
+                    f"compress_every={self.compress_every})"
                 )
         if not self.summary_fit_value and not self.summary_fit:
             raise BudgetError(
@@ -162,13 +164,15 @@ class Budget:
             gap = json.loads(Path(path).expanduser().read_text())["gap"]
             ok = isinstance(gap, list) and gap and all(isinstance(row, list) and row for row in gap)
             ok = ok and len({len(row) for row in gap}) == 1
+            ok = ok and all(isinstance(x, (int, float)) and not isinstance(x, bool) for row in gap for x in row)
+            ok = ok and all(math.isfinite(x) for row in gap for x in row)
             gap = [[float(x) for x in row] for row in gap] if ok else None
         except (OSError, ValueError, KeyError, TypeError):
             gap = None
         if gap is None:
             raise BudgetError(
                 f"budget.summary_offset {path!r} is not a scripts/slot_share.py --save-gap file (JSON with 'gap': "
-                "one list per layer of one offset per kv head)"
+                "one list per layer of one finite offset per kv head)"
             )
         if num_layers is not None and (len(gap), len(gap[0])) != (num_layers, num_kv_heads):
             raise BudgetError(

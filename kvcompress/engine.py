@@ -191,6 +191,9 @@ class Engine:
                     "cache has no summary slots: give the engine's compressor a budget with summary_slots > 0 (and "
                     "a ratio at most its summary_max_ratio)"
                 )
+        budget = self._budget(request)
+        if budget is not None and budget.summary_offset:  # a file measured for another model fails here, not later
+            budget.offsets(self.cache.num_layers, self.cache.num_kv_heads)
         forced = len(request.forced_ids)
         if forced and request.max_new_tokens > forced:
             raise ValueError(

@@ -77,9 +77,12 @@ class RecordingCompressor(Compressor):
     only_layers: tuple[int, int] | None = None  # oracle: layers outside [a, b] keep everything
     mass: str | None = None  # oracle: stand-ins for the evicted tokens' values (zero, mean), see the module doc
     mass_groups: int = 1
+    _recording: bool = field(default=False, init=False, repr=False)
 
     def compress(self, cache: PagedKVCache, seq_ids: list[int], budget: Budget | None = None) -> int:
-        if self.before or not self.compresses(budget or self.budget) or not seq_ids:
+        # a compression that splits its sequences (some past budget.summary_max_ratio) calls this again: the outer
+        # call's recording hooks are in place already
+        if self._recording or self.before or not self.compresses(budget or self.budget) or not seq_ids:
             return super().compress(cache, seq_ids, budget)
         rank_layers = self.policy.rank_layers  # wrapped, not called twice: a policy may draw its ranks (random)
 
@@ -104,9 +107,11 @@ class RecordingCompressor(Compressor):
         self.policy.rank_layers = recording
         if self.mass:
             cache.evict = standing_in
+        self._recording = True
         try:
             freed = super().compress(cache, seq_ids, budget)
         finally:
+            self._recording = False
             del self.policy.rank_layers
             if self.mass:
                 del cache.evict

@@ -54,7 +54,7 @@ from kvcompress.experiment.prompts import bind_tokenizer, build_prompt
 from kvcompress.experiment.setups import SETUPS, check_setup, resolve_setup, split_setups
 from kvcompress.generate import as_request
 from kvcompress.model import load_model
-from kvcompress.model_runner import paged_attention
+from kvcompress.model_runner import model_kv_geometry, paged_attention
 from kvcompress.policies.head_bias import HeadBias
 from kvcompress.sequence import RequestOutput
 from kvcompress.tasks.base import spread
@@ -288,6 +288,11 @@ def main() -> None:
         ap.error("--task jsonl needs --path FILE.jsonl")
     out.mkdir(parents=True, exist_ok=True)
     lm = load_model("smollm2")
+    try:  # an offsets file measured for another model fails before any sample runs
+        for file in {w[5]["summary_offset"] for w in wanted if w[5].get("summary_offset")}:
+            Budget(summary_slots=1, summary_offset=file).offsets(*model_kv_geometry(lm.model)[:2])
+    except ValueError as err:
+        ap.error(str(err))
     if args.task == "jsonl":
         samples = spread(build_task("jsonl", path=args.path, tokenizer=lm.tokenizer).samples(), args.samples)
     else:

@@ -49,18 +49,17 @@ from inspect_allocation import build_compressor, parse_layers, run_recorded  # n
 
 
 class QueryTap:
-    """The observer of one full-cache prefill: its attention hands over the last ``window`` queries of every layer,
-    kept as ``[H_q, window, D]`` per layer (post-RoPE)."""
+    """The observer of one full-cache prefill: its attention hands over the forward's observation window (the last
+    ``observe_window`` queries) of every layer, kept as ``[H_q, window, D]`` per layer (post-RoPE, float32)."""
 
-    def __init__(self, window: int) -> None:
-        self.window = window
+    def __init__(self) -> None:
         self.queries: list[torch.Tensor] = []
 
     def configure_step(self, step, observe_window: int) -> None:
         step.observer, step.obs_window = self, observe_window
 
     def observe_prefill(self, cache, obs) -> None:
-        self.queries.append(obs.queries[0].float())
+        self.queries.append(obs.queries[0].float().clone())  # a copy, not a view of the forward's query buffer
 
     def observe_decode(self, cache, obs) -> None:  # a prefill only
         pass
@@ -85,7 +84,7 @@ def evicted_positions(lm, sample: Sample, setup: str, ratio: float, protected: i
 def full_cache_tensors(model, ids: list[int], tail: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The full cache's prefill of ``ids``: per layer the last ``tail`` positions' queries ``[H_q, tail, D]`` and
     every position's keys ``[H, T, D]`` in position order (both post-RoPE, float32)."""
-    tap = QueryTap(tail)
+    tap = QueryTap()
     runner = ModelRunner(model, make_cache(model, 1, len(ids)))
     seq = runner.cache.add_sequence(len(ids))
     with torch.no_grad():
@@ -106,14 +105,36 @@ def head_shares(q: torch.Tensor, keys: torch.Tensor, evicted: torch.Tensor) -> t
     M = q.shape[1]
     s = D**-0.5
     logits = s * q @ keys.T  # [G, M, T]
-    gone = torch.zeros(T, dtype=torch.bool)
-    gone[evicted] = True
-    causal = torch.arange(T)[None, :] <= torch.arange(T - M, T)[:, None]  # [M, T]
+    gone = torch.zeros(T, dtype=torch.bool, device=keys.device)
+    gone[evicted.to(keys.device)] = True
+    pos = torch.arange(T, device=keys.device)
+    causal = pos[None, :] <= pos[T - M :, None]  # [M, T]
     visible = causal & ~gone
     rest = logits.masked_fill(~visible, -math.inf).logsumexp(-1)
     exact = logits[..., gone].logsumexp(-1)
     slot = math.log(int(gone.sum())) + s * q @ keys[gone].mean(0)
     return torch.sigmoid(exact - rest), torch.sigmoid(slot - rest), exact - slot
+
+
+def mean_over_samples(
+    sums: dict[tuple[int, int], torch.Tensor], layers: int, heads: int, gap_layers: tuple[int, int] | None
+) -> tuple[list[tuple[int, torch.Tensor]], list[list[float]]]:
+    """From per-(layer, kv head) sums ``[exact share, slot share, gap, gap sd, samples]`` over the samples: the
+    printed table, ``(layer, [4] means over its heads and samples)`` for each layer where some head evicted, and
+    the mean gap ``[layers][heads]`` the model's geometry gives the file (0 for a head that never evicted, or for a
+    layer outside ``gap_layers``)."""
+    table = []
+    gap = [[0.0] * heads for _ in range(layers)]
+    for layer in range(layers):
+        rows = [sums[(layer, h)] for h in range(heads) if (layer, h) in sums]
+        if rows:
+            table.append((layer, sum(r[:4] for r in rows) / sum(r[4] for r in rows)))
+        if gap_layers is not None and not gap_layers[0] <= layer <= gap_layers[1]:
+            continue
+        for h in range(heads):
+            if (layer, h) in sums:
+                gap[layer][h] = float(sums[(layer, h)][2] / sums[(layer, h)][4])
+    return table, gap
 
 
 def main() -> None:
@@ -129,27 +150,31 @@ def main() -> None:
     args = ap.parse_args()
     if args.ratio <= 1:
         ap.error(f"--ratio must be > 1, got {args.ratio:g}")
+    if args.gap_layers and not args.save_gap:
+        ap.error("--gap-layers chooses the layers --save-gap writes: give --save-gap FILE too")
     try:
         gap_layers = parse_layers(args.gap_layers, flag="--gap-layers") if args.gap_layers else None
+        build_compressor(args.setup, args.ratio, args.protected)
     except ValueError as err:
         ap.error(str(err))
     torch.set_num_threads(1)
     lm = load_model(args.model)
+    if gap_layers is not None:
+        try:
+            parse_layers(args.gap_layers, lm.model.config.num_hidden_layers, flag="--gap-layers")
+        except ValueError as err:
+            ap.error(str(err))
     by_id = {s.sample_id: s for s in build_task("jsonl", path=args.path, tokenizer=lm.tokenizer).samples()}
     unknown = [i for i in args.sample_id if i not in by_id]
     if unknown:
         ap.error(f"--sample-id {', '.join(unknown)} not in {args.path}; it has {', '.join(list(by_id)[:5])}, ...")
-    try:
-        build_compressor(args.setup, args.ratio, args.protected)
-    except ValueError as e:
-        ap.error(str(e))
     sums: dict[tuple[int, int], torch.Tensor] = {}  # (layer, kv head) -> [exact, slot, gap, gap sd, samples]
     for sid in args.sample_id:
         sample = by_id[sid]
         try:
             evicted = evicted_positions(lm, sample, args.setup, args.ratio, args.protected)
-        except ValueError as e:
-            ap.error(str(e))
+        except ValueError as err:  # BudgetError among them: a budget the prompt cannot meet
+            ap.error(str(err))
         prompt = build_prompt(lm.tokenizer, sample)
         queries, keys = full_cache_tensors(lm.model, prompt.ids, len(prompt.ids) - len(prompt.context_ids))
         for layer, (q, k) in enumerate(zip(queries, keys, strict=True)):
@@ -162,20 +187,11 @@ def main() -> None:
                 row = torch.tensor([exact.mean(), slot.mean(), gap.mean(), gap.std(), 1.0])
                 sums[(layer, h)] = sums.get((layer, h), torch.zeros(5)) + row
         print(f"{sid}: done", file=sys.stderr)
-    layers = 1 + max(layer for layer, _ in sums)
-    heads = 1 + max(h for _, h in sums)
+    table, gap = mean_over_samples(sums, len(keys), keys[0].shape[0], gap_layers)
     print(f"{args.setup} at {args.ratio:g}x, query-agnostic, {len(args.sample_id)} sample(s): the question's queries")
     print("layer | evicted share, exact | one slot's | gap (nats) | gap sd over a head's queries")
-    gap = [[0.0] * heads for _ in range(layers)]
-    for layer in range(layers):
-        rows = [sums[(layer, h)] for h in range(heads) if (layer, h) in sums]
-        for h in range(heads):
-            inside = gap_layers is None or gap_layers[0] <= layer <= gap_layers[1]
-            if (layer, h) in sums and inside:
-                gap[layer][h] = float(sums[(layer, h)][2] / sums[(layer, h)][4])
-        if rows:
-            m = sum(r[:4] for r in rows) / sum(r[4] for r in rows)
-            print(f"{layer:5d} | {m[0]:20.3f} | {m[1]:10.3f} | {m[2]:10.2f} | {m[3]:5.2f}")
+    for layer, m in table:
+        print(f"{layer:5d} | {m[0]:20.3f} | {m[1]:10.3f} | {m[2]:10.2f} | {m[3]:5.2f}")
     if args.save_gap:
         out = {
             "setup": args.setup,

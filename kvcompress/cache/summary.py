@@ -45,7 +45,8 @@ and no slot carries one region's content.
 ``offsets`` (``budget.summary_offset``, a file ``scripts/slot_share.py --save-gap`` writes) add a measured
 per-(layer, kv head) offset to each slot's ``log(n)`` bias: the mean gap, on calibration prompts, between what the
 evicted tokens weighed for a question's queries and what their mean key weighs. A slot's bias then no longer
-counts its members, so a sequence folds once (``compress_every=0``).
+counts its members, so a sequence folds with offsets once (the compressor drops what a later compression of it
+evicts).
 """
 
 from __future__ import annotations
@@ -78,8 +79,8 @@ def fold_evicted(
     ``log(n)`` bias and the mean value). ``fit_value`` False fits the bias only and keeps the mean value.
     ``spread``: each group becomes two slots, its spread along its keys' principal direction (module docstring),
     stored in its last two members; a group of one member keeps one slot. ``shared_value``: every slot of a head
-    takes the mean value of all it evicts (module docstring). ``offsets`` ``[len(views), H]``: added to the bias of
-    every slot that stands for more than one token (module docstring).
+    takes the mean value of all it evicts (module docstring). ``offsets`` ``[L, H]`` (at least ``len(views)`` rows):
+    row l is added to the bias of every slot of layer l that stands for more than one token (module docstring).
 
     Everything stays on the device: an empty group (a head that evicts fewer than ``groups`` tokens) writes into
     the cache's scratch slot and keeps nothing.
@@ -88,6 +89,8 @@ def fold_evicted(
         raise ValueError("summary slots need a cache made with summaries=True (its slot_bias holds their counts)")
     if spread and queries is not None:
         raise ValueError("spread summary slots take the log(n) bias; they cannot also be fitted to queries")
+    if offsets is not None and queries is not None:
+        raise ValueError("offsets shift the log(n) bias; slots fitted to queries take a fitted bias instead")
     if shared_value and (spread or queries is not None):
         raise ValueError("shared-value summary slots keep the head's mean value; they cannot also be spread or fitted")
     if not fit_value and queries is None:

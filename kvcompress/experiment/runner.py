@@ -87,6 +87,12 @@ class Item:
     max_new_tokens: int
 
 
+def file_sha1(path: str | None) -> str | None:
+    """The SHA-1 of a file's bytes (None for no path or a missing file)."""
+    file = Path(str(path)).expanduser() if path else None
+    return hashlib.sha1(file.read_bytes()).hexdigest() if file is not None and file.is_file() else None
+
+
 def fingerprint(cfg: DictConfig) -> str:
     """Hash of everything that changes a run's predictions (the logger and bookkeeping paths do not)."""
     data = OmegaConf.to_container(cfg, resolve=True)
@@ -112,8 +118,7 @@ def fingerprint(cfg: DictConfig) -> str:
     if budget.get("summary_fit_value", True) is True:  # added later, default true
         budget.pop("summary_fit_value", None)
     if budget.get("summary_offset"):  # a file: its content decides the predictions, not its name alone
-        offsets = Path(str(budget["summary_offset"])).expanduser()
-        budget["summary_offset_sha1"] = hashlib.sha1(offsets.read_bytes()).hexdigest() if offsets.is_file() else None
+        budget["summary_offset_sha1"] = file_sha1(budget["summary_offset"])
     return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -408,6 +413,7 @@ def summarize(
         "summary_spread": bool(cfg.budget.get("summary_spread") or False),
         "summary_shared_value": bool(cfg.budget.get("summary_shared_value") or False),
         "summary_offset": cfg.budget.get("summary_offset"),
+        "summary_offset_sha1": file_sha1(cfg.budget.get("summary_offset")),
         "summary_max_ratio": cfg.budget.get("summary_max_ratio"),
         "summary_layers": cfg.budget.get("summary_layers"),
         "seed": int(cfg.seed),

@@ -72,7 +72,7 @@ def sweep_name(task_overrides: list[str]) -> str:
         bare = key.lstrip("+~")
         if bare.startswith(NAME_EXCLUDE) or bare in NAME_EXCLUDE:
             continue
-        if bare.endswith(".path") or bare.endswith("_dir"):
+        if bare.endswith(".path") or bare.endswith("_dir") or "/" in value:  # a file (summary_offset, head_bias)
             value = Path(value.rstrip("/")).name
         parts.append(_UNSAFE.sub("_", f"{key}={value}" if value or "=" in item else key).strip("_"))
     name = "_".join(p for p in parts if p) or "defaults"

@@ -598,6 +598,7 @@ def test_summary_offset_is_a_file_for_this_model_folded_once(tmp_path) -> None:
     path.write_text(json.dumps({"gap": [[0.5, 1.0, 2.0]]}))
     for args, got in (
         ({"summary_slots": 0}, "summary_slots=0, summary_fit=0, summary_spread=false, compress_every=0"),
+        ({"summary_slots": 2}, "summary_slots=2, summary_fit=0, .*"),
         ({"summary_slots": 1, "compress_every": 8}, "summary_slots=1, .* compress_every=8"),
     ):
         with pytest.raises(BudgetError, match=rf"summary_offset adds .* \(got {got}\)"):
@@ -606,7 +607,59 @@ def test_summary_offset_is_a_file_for_this_model_folded_once(tmp_path) -> None:
     assert budget.offsets(1, 3) == [[0.5, 1.0, 2.0]]
     with pytest.raises(BudgetError, match=r"holds offsets for 1 layers x 3 kv heads, but the model has 2 x 3"):
         budget.offsets(2, 3)
-    for text in ("{}", '{"gap": [[1.0], [1.0, 2.0]]}', '{"gap": [["a"]]}', "not json"):
+    for text in ("{}", '{"gap": [[1.0], [1.0, 2.0]]}', '{"gap": [["1.5"]]}', '{"gap": [[NaN]]}', '{"gap": [[true]]}'):
         path.write_text(text)
         with pytest.raises(BudgetError, match=r"is not a scripts/slot_share.py --save-gap file \(JSON with 'gap'"):
             Budget(ratio=4, summary_slots=1, summary_offset=str(path))
+
+
+def test_a_sequence_folds_with_its_offset_once(tmp_path) -> None:
+    """A slot with an offset no longer counts its tokens, so a second compression of the sequence (here a harder
+    budget, as under pool pressure) drops what it evicts: no slot folds the first one in again, no offset doubles."""
+    import json
+
+    from kvcompress.budget import Budget
+    from kvcompress.compressor import Compressor
+    from kvcompress.policies.knorm import KnormPolicy
+
+    offset = [[0.5, 1.0, 2.0], [3.0, 0.0, -1.0]]
+    path = tmp_path / "gap.json"
+    path.write_text(json.dumps({"gap": offset}))
+    cache, _, _ = filled(40, seed=19)
+    comp = Compressor(KnormPolicy(), Budget(ratio=4, protected_window=2, summary_slots=1, summary_offset=str(path)))
+    comp.compress(cache, [0])
+    assert comp.offset_folded == {0}
+    comp.compress(cache, [0], Budget(ratio=8, protected_window=2, summary_slots=1, summary_offset=str(path)))
+    for layer in range(L):
+        v = cache.view(layer, [0], with_kv=False)
+        for h in range(H):
+            bias = cache.slot_bias.view(-1)[v.slots[0, h][v.valid[0, h]]]
+            assert len(bias) == 5
+            assert all(b == 0 or b == pytest.approx(math.log(31) + offset[layer][h]) for b in bias.tolist())
+    child = cache.fork(0)
+    comp.fork(0, child)
+    assert child in comp.offset_folded
+    comp.release(child)
+    assert comp.offset_folded == {0}
+
+
+def test_an_offset_file_for_another_model_is_refused_when_the_request_is_queued(tmp_path, tiny_llama) -> None:
+    import json
+
+    from kvcompress.budget import Budget, BudgetError
+    from kvcompress.compressor import Compressor
+    from kvcompress.engine import Engine
+    from kvcompress.generate import as_request
+    from kvcompress.policies.knorm import KnormPolicy
+
+    path = tmp_path / "gap.json"
+    path.write_text(json.dumps({"gap": [[0.5, 1.0, 2.0]]}))  # 1 layer x 3 kv heads; the model has 2 x 2
+    budget = Budget(ratio=4, protected_window=2, summary_slots=1, summary_offset=str(path))
+    engine = Engine(tiny_llama, Compressor(KnormPolicy(), budget), max_tokens_per_head=64)
+    with pytest.raises(BudgetError, match=r"holds offsets for 1 layers x 3 kv heads, but the model has 2 x 2"):
+        engine.add_request(as_request("r", list(range(3, 40)), [5], "query_agnostic", 2))
+    path.write_text(json.dumps({"gap": [[0.5, 1.0], [0.0, -1.0]]}))  # the same file, now for this model: it runs
+    out = Engine(tiny_llama, Compressor(KnormPolicy(), budget), max_tokens_per_head=64).run(
+        [as_request("r", list(range(3, 40)), [5], "query_agnostic", 2)]
+    )
+    assert len(out[0].tokens) == 2

@@ -15,7 +15,10 @@ def cfg(**budget):
 
 def test_later_budget_fields_left_unset_keep_older_runs_hashes() -> None:
     base = fingerprint(cfg())
+    assert base == "d4fc12580f27"  # what the runner of 9a65bed, before these fields, gives this config
     assert fingerprint(cfg(summary_shared_value=False, summary_offset=None, summary_fit_value=True)) == base
+    preset = {"summary_slots": 1, "summary_max_ratio": 4}
+    assert fingerprint(cfg(**preset, summary_shared_value=False, summary_offset=None)) == "af0f307c7310"
     assert fingerprint(cfg(summary_slots=4, summary_shared_value=True)) != fingerprint(cfg(summary_slots=4))
 
 

@@ -149,6 +149,8 @@ def test_sweep_name_is_stable_and_short() -> None:
     )
     assert sweep_name(["budget.ratio=2,4", "policy=full,lfu"]) == sweep_name(["policy=full,lfu", "budget.ratio=2,4"])
     assert sweep_name([]) == "defaults"
+    # a file given by path names the sweep by its file name, so the directory does not nest
+    assert sweep_name(["budget.summary_offset=docs/results/slot-share/gap.json"]) == "budget.summary_offset=gap.json"
     long = sweep_name([f"task.opt{i}=value{i}" for i in range(40)])
     assert len(long) <= 120 and long != sweep_name([f"task.opt{i}=value{i}" for i in range(39)])
 

@@ -40,6 +40,17 @@ def test_recorded_ranks_separate_what_each_head_kept_from_what_it_evicted(ia, ti
             assert r[open_].std() > 0, "the ranks were recorded before KVzip's reconstruction scored the prompt"
 
 
+def test_a_setup_past_its_summary_max_ratio_is_recorded_once(ia, tiny_llama) -> None:
+    """Past ``summary_max_ratio`` the compressor calls itself again for the sequences that drop what they evict;
+    the recording (hooked by the outer call) must see that compression once, not hook the policy twice."""
+    budget = Budget(ratio=8, protected_window=4, allocation="global", summary_slots=1, summary_max_ratio=4)
+    comp = ia.RecordingCompressor(KVzipPolicy(repeat_ids=[5, 9, 17]), budget)
+    context = [(7 * i) % 120 + 3 for i in range(120)]
+    ia.run_recorded(tiny_llama, comp, as_request("r", context, [11, 12], "query_agnostic", 2))
+    assert len(comp.kept) == len(comp.before) == tiny_llama.config.num_hidden_layers
+    assert all(int(valid.sum()) < len(context) * valid.shape[0] for _, valid in comp.kept)
+
+
 def test_a_drawn_policy_is_recorded_by_the_ranks_it_evicted_with(ia, tiny_llama) -> None:
     """``random`` draws its ranks: the recording must be of the draw eviction used, not of a second draw."""
     from kvcompress.experiment.policy_config import load_policy

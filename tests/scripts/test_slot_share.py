@@ -65,11 +65,27 @@ def test_shares_are_the_evicted_tokens_softmax_mass_and_the_slots_mean_key_mass(
     assert (gap >= 0).all() and (slot < exact).all()  # Jensen: the mean key under-weighs the evicted tokens
 
 
+def test_the_saved_gap_has_the_models_geometry_whatever_evicted(ss) -> None:
+    """A head that evicted nothing in any sample, even the last layer's, still has its place (0) in the file, so
+    the file fits the model it was measured on; ``gap_layers`` zeroes the layers outside it."""
+    sums = {
+        (0, 0): torch.tensor([0.2, 0.1, 1.0, 0.5, 1.0]) + torch.tensor([0.4, 0.1, 3.0, 0.5, 1.0]),  # two samples
+        (1, 1): torch.tensor([0.3, 0.1, 4.0, 1.0, 1.0]),
+    }
+    table, gap = ss.mean_over_samples(sums, 3, 2, None)
+    assert gap == [[2.0, 0.0], [0.0, 4.0], [0.0, 0.0]]
+    assert [layer for layer, _ in table] == [0, 1]
+    torch.testing.assert_close(table[0][1], torch.tensor([0.3, 0.1, 2.0, 0.5]))
+    assert ss.mean_over_samples(sums, 3, 2, (1, 2))[1] == [[0.0, 0.0], [0.0, 4.0], [0.0, 0.0]]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--ratio", "1"], "--ratio must be > 1, got 1"),
-        (["--gap-layers", "6"], "--gap-layers takes a layer range A-B, like 0-13, got '6'"),
+        (["--gap-layers", "6", "--save-gap", "g.json"], "--gap-layers takes a layer range A-B, like 0-13, got '6'"),
+        (["--gap-layers", "0-6"], "--gap-layers chooses the layers --save-gap writes: give --save-gap FILE too"),
+        (["--setup", "kvzip+global:policy.windw=3"], "KVzipPolicy (policy=kvzip) has no field 'windw'"),
     ],
 )
 def test_bad_arguments_fail_in_one_line(args, message) -> None:
