@@ -171,14 +171,15 @@ class Compressor:
                 budget.summary_fit_value,
                 budget.summary_spread,
                 budget.summary_shared_value,
-                self._summary_offsets(budget, cache) if budget.summary_offset else None,
+                self.summary_offsets(budget, cache) if budget.summary_offset else None,
             )
             if budget.summary_offset:
                 self.offset_folded.update(seq_ids)
         return cache.evict(seq_ids, keep)
 
-    def _summary_offsets(self, budget: Budget, cache: PagedKVCache) -> torch.Tensor:
-        """``budget.summary_offset``'s offsets ``[L, H]`` on the cache's device, read once per file."""
+    def summary_offsets(self, budget: Budget, cache: PagedKVCache) -> torch.Tensor:
+        """``budget.summary_offset``'s offsets ``[L, H]`` on the cache's device, read and checked against the cache's
+        geometry once per file (:class:`BudgetError` for a file measured for another model)."""
         path = str(budget.summary_offset)
         if path not in self.offsets:
             gap = budget.offsets(cache.num_layers, cache.num_kv_heads)

@@ -193,7 +193,7 @@ class Engine:
                 )
         budget = self._budget(request)
         if budget is not None and budget.summary_offset:  # a file measured for another model fails here, not later
-            budget.offsets(self.cache.num_layers, self.cache.num_kv_heads)
+            self.compressor.summary_offsets(budget, self.cache)
         forced = len(request.forced_ids)
         if forced and request.max_new_tokens > forced:
             raise ValueError(

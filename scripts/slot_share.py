@@ -37,11 +37,10 @@ from pathlib import Path
 
 import torch
 
-from kvcompress.experiment.prompts import bind_tokenizer, build_prompt
+from kvcompress.experiment.prompts import Prompt, bind_tokenizer, build_prompt
 from kvcompress.generate import as_request
 from kvcompress.model import load_model
-from kvcompress.model_runner import ModelRunner, make_cache
-from kvcompress.tasks.base import Sample
+from kvcompress.model_runner import ModelRunner, make_cache, model_kv_geometry
 from kvcompress.tasks.registry import build_task
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -65,15 +64,14 @@ class QueryTap:
         pass
 
 
-def evicted_positions(lm, sample: Sample, setup: str, ratio: float, protected: int) -> list[list[torch.Tensor]]:
-    """Per layer and kv head, the context positions ``setup`` evicts from ``sample`` at ``ratio``, query-agnostic."""
+def evicted_positions(lm, prompt: Prompt, setup: str, ratio: float, protected: int) -> list[list[torch.Tensor]]:
+    """Per layer and kv head, the context positions ``setup`` evicts from ``prompt`` at ``ratio``, query-agnostic."""
     _, comp = build_compressor(setup, ratio, protected)
     bind_tokenizer(comp.policy, lm.tokenizer)
-    prompt = build_prompt(lm.tokenizer, sample)
     request = as_request(0, prompt.context_ids, prompt.question_ids, "query_agnostic", 1, suffix=prompt.suffix_ids)
     run_recorded(lm.model, comp, request)
     if not comp.kept:
-        raise ValueError(f"setup {setup!r} at {ratio:g}x did not compress sample {sample.sample_id!r}")
+        raise ValueError(f"setup {setup!r} at {ratio:g}x did not compress its {len(prompt.context_ids)} context tokens")
     context = torch.arange(len(prompt.context_ids))
     return [
         [context[~torch.isin(context, positions[h][valid[h]])] for h in range(positions.shape[0])]
@@ -170,12 +168,11 @@ def main() -> None:
         ap.error(f"--sample-id {', '.join(unknown)} not in {args.path}; it has {', '.join(list(by_id)[:5])}, ...")
     sums: dict[tuple[int, int], torch.Tensor] = {}  # (layer, kv head) -> [exact, slot, gap, gap sd, samples]
     for sid in args.sample_id:
-        sample = by_id[sid]
+        prompt = build_prompt(lm.tokenizer, by_id[sid])
         try:
-            evicted = evicted_positions(lm, sample, args.setup, args.ratio, args.protected)
+            evicted = evicted_positions(lm, prompt, args.setup, args.ratio, args.protected)
         except ValueError as err:  # BudgetError among them: a budget the prompt cannot meet
-            ap.error(str(err))
-        prompt = build_prompt(lm.tokenizer, sample)
+            ap.error(f"{sid}: {err}")
         queries, keys = full_cache_tensors(lm.model, prompt.ids, len(prompt.ids) - len(prompt.context_ids))
         for layer, (q, k) in enumerate(zip(queries, keys, strict=True)):
             H = k.shape[0]
@@ -187,7 +184,7 @@ def main() -> None:
                 row = torch.tensor([exact.mean(), slot.mean(), gap.mean(), gap.std(), 1.0])
                 sums[(layer, h)] = sums.get((layer, h), torch.zeros(5)) + row
         print(f"{sid}: done", file=sys.stderr)
-    table, gap = mean_over_samples(sums, len(keys), keys[0].shape[0], gap_layers)
+    table, gap = mean_over_samples(sums, *model_kv_geometry(lm.model)[:2], gap_layers)
     print(f"{args.setup} at {args.ratio:g}x, query-agnostic, {len(args.sample_id)} sample(s): the question's queries")
     print("layer | evicted share, exact | one slot's | gap (nats) | gap sd over a head's queries")
     for layer, m in table:
