@@ -15,6 +15,11 @@ A summary slot (``budget.summary_slots=1``) stands in for it with the evicted ke
 
 Printed per layer, means over the samples, the kv heads and their queries: the exact share, the slot's share, the
 mean gap and its standard deviation over a head's queries (how far one constant per head could close it).
+
+``--sketch 4,8`` adds a column per rank r: the gap left by a rank-r **Gaussian sketch** of the evicted keys, the
+slot's ``log(n) + s q.mu`` plus ``s^2/2 |W q|^2`` over their covariance's top r principal directions
+(``scripts/gaussian_sketch.py``), which gives each query a share of its own: its mean, its sd over a head's queries,
+and the fraction of queries it over-weighs by more than 1 nat (the error that lost answers under a constant offset).
 ``--save-gap FILE`` writes the mean gap per (layer, kv head) as JSON (``--gap-layers A-B``: those layers' only, zero
 in the others), the offsets ``budget.summary_offset=FILE`` adds to every summary slot's bias. Measure them on samples
 you do not evaluate on.
@@ -44,6 +49,7 @@ from kvcompress.model_runner import ModelRunner, make_cache, model_kv_geometry
 from kvcompress.tasks.registry import build_task
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gaussian_sketch import sketch, sketch_term  # noqa: E402
 from inspect_allocation import build_compressor, parse_layers, run_recorded  # noqa: E402
 
 
@@ -114,11 +120,24 @@ def head_shares(q: torch.Tensor, keys: torch.Tensor, evicted: torch.Tensor) -> t
     return torch.sigmoid(exact - rest), torch.sigmoid(slot - rest), exact - slot
 
 
+def sketch_gaps(q: torch.Tensor, keys: torch.Tensor, evicted: torch.Tensor, ranks: list[int]) -> list[torch.Tensor]:
+    """For queries ``q`` ``[G, M, D]`` over one head's ``keys`` ``[T, D]``: per rank r in ``ranks``, the log of the
+    ``evicted`` keys' exact summed weight minus the rank-r Gaussian sketch's ``log n + s q.mu + s^2/2 |W q|^2``
+    (``gaussian_sketch.py``), ``[G, M]``."""
+    s = keys.shape[-1] ** -0.5
+    gone = keys[evicted.to(keys.device)]  # [n, D]
+    exact = (s * q @ gone.T).logsumexp(-1)
+    base = math.log(gone.shape[0]) + s * q @ gone.mean(0)
+    w = sketch(gone, max(ranks, default=0))  # rows by descending eigenvalue: w[:r] is the rank-r sketch
+    return [exact - base - sketch_term(q, w[:r], s) for r in ranks]
+
+
 def mean_over_samples(
     sums: dict[tuple[int, int], torch.Tensor], layers: int, heads: int, gap_layers: tuple[int, int] | None
 ) -> tuple[list[tuple[int, torch.Tensor]], list[list[float]]]:
-    """From per-(layer, kv head) sums ``[exact share, slot share, gap, gap sd, samples]`` over the samples: the
-    printed table, ``(layer, [4] means over its heads and samples)`` for each layer where some head evicted, and
+    """From per-(layer, kv head) sums ``[exact share, slot share, gap, gap sd, *three per sketch rank, samples]``
+    over the samples: the printed table, ``(layer, [C] means over its heads and samples)`` of the C columns before
+    the count, for each layer where some head evicted, and
     the mean gap ``[layers][heads]`` the model's geometry gives the file (0 for a head that never evicted, or for a
     layer outside ``gap_layers``)."""
     table = []
@@ -126,12 +145,12 @@ def mean_over_samples(
     for layer in range(layers):
         rows = [sums[(layer, h)] for h in range(heads) if (layer, h) in sums]
         if rows:
-            table.append((layer, sum(r[:4] for r in rows) / sum(r[4] for r in rows)))
+            table.append((layer, sum(r[:-1] for r in rows) / sum(r[-1] for r in rows)))
         if gap_layers is not None and not gap_layers[0] <= layer <= gap_layers[1]:
             continue
         for h in range(heads):
             if (layer, h) in sums:
-                gap[layer][h] = float(sums[(layer, h)][2] / sums[(layer, h)][4])
+                gap[layer][h] = float(sums[(layer, h)][2] / sums[(layer, h)][-1])
     return table, gap
 
 
@@ -145,7 +164,14 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--save-gap", help="write the mean gap per (layer, kv head) to this JSON file")
     ap.add_argument("--gap-layers", help="with --save-gap: keep layers A-B's gaps only (e.g. 0-6), zero elsewhere")
+    ap.add_argument("--sketch", default="", help="ranks of the Gaussian sketch to measure too, e.g. 4,8,16")
     args = ap.parse_args()
+    try:
+        ranks = [int(r) for r in args.sketch.split(",")] if args.sketch else []
+    except ValueError:
+        ap.error(f"--sketch takes ranks separated by commas, like 4,8,16, got {args.sketch!r}")
+    if any(r < 1 for r in ranks):
+        ap.error(f"--sketch ranks must be >= 1, got {args.sketch!r}")
     if args.ratio <= 1:
         ap.error(f"--ratio must be > 1, got {args.ratio:g}")
     if args.gap_layers and not args.save_gap:
@@ -166,7 +192,8 @@ def main() -> None:
     unknown = [i for i in args.sample_id if i not in by_id]
     if unknown:
         ap.error(f"--sample-id {', '.join(unknown)} not in {args.path}; it has {', '.join(list(by_id)[:5])}, ...")
-    sums: dict[tuple[int, int], torch.Tensor] = {}  # (layer, kv head) -> [exact, slot, gap, gap sd, samples]
+    # (layer, kv head) -> [exact, slot, gap, gap sd, *(sketch gap, its sd, over-weighted) per rank, samples]
+    sums: dict[tuple[int, int], torch.Tensor] = {}
     for sid in args.sample_id:
         prompt = build_prompt(lm.tokenizer, by_id[sid])
         try:
@@ -174,21 +201,29 @@ def main() -> None:
         except ValueError as err:  # BudgetError among them: a budget the prompt cannot meet
             ap.error(f"{sid}: {err}")
         queries, keys = full_cache_tensors(lm.model, prompt.ids, len(prompt.ids) - len(prompt.context_ids))
+        if ranks and max(ranks) > keys[0].shape[-1]:
+            ap.error(f"--sketch ranks must be at most the head dim, {keys[0].shape[-1]}, got {args.sketch!r}")
         for layer, (q, k) in enumerate(zip(queries, keys, strict=True)):
             H = k.shape[0]
             group = q.shape[0] // H
             for h in range(H):
                 if evicted[layer][h].numel() == 0:
                     continue
-                exact, slot, gap = head_shares(q[h * group : (h + 1) * group], k[h], evicted[layer][h])
-                row = torch.tensor([exact.mean(), slot.mean(), gap.mean(), gap.std(), 1.0])
-                sums[(layer, h)] = sums.get((layer, h), torch.zeros(5)) + row
+                qh = q[h * group : (h + 1) * group]
+                exact, slot, gap = head_shares(qh, k[h], evicted[layer][h])
+                cells = [exact.mean(), slot.mean(), gap.mean(), gap.std()]
+                for g in sketch_gaps(qh, k[h], evicted[layer][h], ranks):
+                    cells += [g.mean(), g.std(), (g < -1).float().mean()]
+                row = torch.tensor([*cells, 1.0])
+                sums[(layer, h)] = sums.get((layer, h), torch.zeros(len(row))) + row
         print(f"{sid}: done", file=sys.stderr)
     table, gap = mean_over_samples(sums, *model_kv_geometry(lm.model)[:2], gap_layers)
     print(f"{args.setup} at {args.ratio:g}x, query-agnostic, {len(args.sample_id)} sample(s): the question's queries")
-    print("layer | evicted share, exact | one slot's | gap (nats) | gap sd over a head's queries")
+    sketch_head = "".join(f" | rank-{r} sketch: gap, sd, over by > 1" for r in ranks)
+    print("layer | evicted share, exact | one slot's | gap (nats) | gap sd over a head's queries" + sketch_head)
     for layer, m in table:
-        print(f"{layer:5d} | {m[0]:20.3f} | {m[1]:10.3f} | {m[2]:10.2f} | {m[3]:5.2f}")
+        sketch = "".join(f" | {m[i]:5.2f} {m[i + 1]:4.2f} {m[i + 2]:4.2f}" for i in range(4, len(m), 3))
+        print(f"{layer:5d} | {m[0]:20.3f} | {m[1]:10.3f} | {m[2]:10.2f} | {m[3]:5.2f}" + sketch)
     if args.save_gap:
         out = {
             "setup": args.setup,

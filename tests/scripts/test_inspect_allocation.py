@@ -187,6 +187,13 @@ def test_answers_are_found_as_they_are_tokenized_in_the_text(ia, smollm2_tokeniz
         (["--mass", "zero", "--mass-groups", "0"], "--mass-groups must be >= 1, got 0"),
         (["--only-layers", "0-13", "--setups", "kvzip"], "--only-layers needs setups with the global allocation"),
         (["--setups", "recommended_query_agnostic:budget.summary_offset=/no/gap.json"], "no such file: '/no/gap.json'"),
+        (["--sketch", "8", "--setups", "kvzip+global"], "--sketch weighs a head's one summary slot"),
+        (
+            ["--sketch", "8", "--setups", "recommended_query_agnostic:budget.summary_spread=true"],
+            "no summary_spread, summary_fit or summary_offset",
+        ),
+        (["--sketch", "8", "--mass", "mean", "--setups", "recommended_query_agnostic"], "and no --mass"),
+        (["--sketch", "-1", "--setups", "recommended_query_agnostic"], "--sketch takes a rank >= 1 (0: off)"),
     ],
 )
 def test_bad_arguments_fail_in_one_line_before_the_model_loads(args, message) -> None:

@@ -65,6 +65,30 @@ def test_shares_are_the_evicted_tokens_softmax_mass_and_the_slots_mean_key_mass(
     assert (gap >= 0).all() and (slot < exact).all()  # Jensen: the mean key under-weighs the evicted tokens
 
 
+def test_the_gaussian_sketch_is_the_slot_plus_the_top_principal_directions_spread(ss) -> None:
+    """Rank r adds s^2/2 times the query's squared projections on the evicted keys' top r principal directions
+    (checked against an SVD of the centred keys); on keys drawn from a Gaussian the full-rank sketch is the exact
+    summed weight, so its gap is ~0 where the one slot's is not."""
+    gen = torch.Generator().manual_seed(5)
+    T, M, D = 40, 3, 8
+    q, keys = torch.randn(2, M, D, generator=gen) * 2, torch.randn(T, D, generator=gen) * 1.5
+    evicted = torch.tensor([0, 2, 3, 7, 11, 12, 19, 25, 31])
+    s = D**-0.5
+    _, _, slot_gap = ss.head_shares(q, keys, evicted)
+    centred = keys[evicted] - keys[evicted].mean(0)
+    _, sv, vt = torch.linalg.svd(centred, full_matrices=False)  # descending singular values
+    for r, gap in zip([1, 3, D], ss.sketch_gaps(q, keys, evicted, [1, 3, D]), strict=True):
+        proj = (q @ vt[:r].T) ** 2 * (sv[:r] ** 2 / len(evicted))
+        torch.testing.assert_close(gap, slot_gap - 0.5 * s * s * proj.sum(-1), atol=1e-4, rtol=1e-4)
+    mean, scale = torch.randn(D, generator=gen), torch.linspace(0.2, 1.5, D)
+    drawn = mean + torch.randn(20000, D, generator=gen) * scale  # Gaussian keys; queries see all of them
+    q = torch.randn(2, M, D, generator=gen)
+    keys = torch.cat([drawn, torch.randn(M, D, generator=gen)])
+    everything = torch.arange(len(drawn))
+    full = ss.sketch_gaps(q, keys, everything, [D])[0]
+    assert full.abs().max() < 0.05 < ss.head_shares(q, keys, everything)[2].min()
+
+
 def test_the_saved_gap_has_the_models_geometry_whatever_evicted(ss) -> None:
     """A head that evicted nothing in any sample, even the last layer's, still has its place (0) in the file, so
     the file fits the model it was measured on; ``gap_layers`` zeroes the layers outside it."""
@@ -86,6 +110,8 @@ def test_the_saved_gap_has_the_models_geometry_whatever_evicted(ss) -> None:
         (["--gap-layers", "6", "--save-gap", "g.json"], "--gap-layers takes a layer range A-B, like 0-13, got '6'"),
         (["--gap-layers", "0-6"], "--gap-layers chooses the layers --save-gap writes: give --save-gap FILE too"),
         (["--setup", "kvzip+global:policy.windw=3"], "KVzipPolicy (policy=kvzip) has no field 'windw'"),
+        (["--sketch", "4,x"], "--sketch takes ranks separated by commas, like 4,8,16, got '4,x'"),
+        (["--sketch", "0"], "--sketch ranks must be >= 1, got '0'"),
     ],
 )
 def test_bad_arguments_fail_in_one_line(args, message) -> None:
