@@ -6,6 +6,9 @@ Were a head's n evicted keys drawn from N(mu, Sigma), their summed weight for a 
 gives each query a share of its own, larger where the query's direction spreads the evicted keys' logits. The
 rank-r sketch keeps Sigma's top r principal directions as ``W`` ``[r, D]`` (row i: ``sqrt(lambda_i) u_i``), r D
 numbers per head (the size of r/2 cached tokens' keys and values), and adds ``s^2/2 |W q|^2`` to the slot's logit.
+Real keys are lighter-tailed than a Gaussian in most directions (RoPE bounds the positional ones), so that term
+overshoots for the queries most aligned with them; ``tails="uniform"`` models each direction as uniform with the
+same variance instead, whose term grows linearly in the query's spread rather than quadratically.
 
 No kernel has that term. ``scripts/slot_share.py --sketch`` measures how close it comes to the evicted keys' exact
 share; ``scripts/inspect_allocation.py --sketch R`` generates with it: :class:`SketchedAttention` records each
@@ -34,9 +37,22 @@ def sketch(keys: torch.Tensor, rank: int) -> torch.Tensor:
     return (u.flip(1)[:, :rank] * top.sqrt()).T
 
 
-def sketch_term(q: torch.Tensor, w: torch.Tensor, scale: float) -> torch.Tensor:
-    """``s^2/2 |W q|^2`` for queries ``q`` ``[..., D]`` and a sketch ``w`` ``[r, D]``: ``[...]``."""
-    return 0.5 * scale * scale * ((q @ w.T) ** 2).sum(-1)
+TAILS = ("gaussian", "uniform")
+
+
+def sketch_term(q: torch.Tensor, w: torch.Tensor, scale: float, tails: str = "gaussian") -> torch.Tensor:
+    """The sketch's log-weight term for queries ``q`` ``[..., D]`` and a sketch ``w`` ``[r, D]``: ``[...]``. With
+    ``t_i = s q.w_i`` (the query's logit spread along direction i), ``gaussian`` is ``sum_i t_i^2 / 2``; ``uniform``
+    takes each direction as independent and uniform with that spread, ``sum_i log(sinh(x_i) / x_i)`` with
+    ``x_i = sqrt(3) |t_i|``: the same for small t, but growing linearly, not quadratically, in a direction the keys
+    span only so far (module docstring)."""
+    t = scale * (q @ w.T)
+    if tails == "gaussian":
+        return 0.5 * (t**2).sum(-1)
+    if tails != "uniform":
+        raise ValueError(f"tails must be one of {', '.join(TAILS)}, got {tails!r}")
+    x = (math.sqrt(3) * t.abs()).double().clamp_min(1e-6)  # float64: 1 - exp(-2x) cancels for small x
+    return (x + torch.log1p(-torch.exp(-2 * x)) - math.log(2) - torch.log(x)).sum(-1).to(t.dtype)
 
 
 class SketchedAttention:
@@ -46,8 +62,8 @@ class SketchedAttention:
     its sequence holds a summary slot (a slot with a positive bias), then attends densely with the sketch's term
     on those slots."""
 
-    def __init__(self, rank: int, fold, paged) -> None:
-        self.rank, self.fold, self.paged = rank, fold, paged
+    def __init__(self, rank: int, fold, paged, tails: str = "gaussian") -> None:
+        self.rank, self.fold, self.paged, self.tails = rank, fold, paged, tails
         self.sketches: dict[int, torch.Tensor] = {}
         self.dense_calls = 0  # forwards attended densely, the sketch's term in force
 
@@ -85,7 +101,7 @@ class SketchedAttention:
         bias = cache.slot_bias.view(-1)[view.slots[0]].masked_fill(~valid, 0)  # [H, L]
         q = query[0].transpose(0, 1).reshape(T, H, Hq // H, D).float()  # [T, H, G, D]
         logits = s * torch.einsum("thgd,hld->thgl", q, view.keys[0].float()) + bias[None, :, None, :]
-        term = torch.stack([sketch_term(q[:, h], self.sketches[layer][h], s) for h in range(H)], 1)  # [T, H, G]
+        term = torch.stack([sketch_term(q[:, h], self.sketches[layer][h], s, self.tails) for h in range(H)], 1)
         logits = logits + term[..., None] * (bias > 0)[None, :, None, :]
         seen = valid[None, :, None, :] & (view.positions[0][None, :, None, :] <= plan.positions[:, None, None, None])
         probs = logits.masked_fill(~seen, -math.inf).softmax(-1)

@@ -28,7 +28,8 @@ Two oracles ask what an answer needs, on top of a setup's own choice:
   have kept. (Summary slots, ``budget.summary_slots`` in a setup, are the real thing: the mean key too, one slot.)
 - ``--sketch R`` (a setup with ``budget.summary_slots=1``) gives each summary slot a query's share of its own: the
   rank-R Gaussian sketch of the keys the head evicted adds ``s^2/2 |W q|^2`` to the slot's logit
-  (``scripts/gaussian_sketch.py``; no kernel has it, so the compressed sequence attends densely in torch).
+  (``scripts/gaussian_sketch.py``; no kernel has it, so the compressed sequence attends densely in torch);
+  ``--sketch-tails uniform`` models each direction as uniform instead.
 The ranks reported are still the policy's own.
 """
 
@@ -60,7 +61,7 @@ from kvcompress.tasks.metrics import score
 from kvcompress.tasks.registry import build_task
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gaussian_sketch import SketchedAttention  # noqa: E402
+from gaussian_sketch import TAILS, SketchedAttention  # noqa: E402
 
 
 def answer_positions(tokenizer, ids: list[int], answer: str) -> list[int]:
@@ -230,6 +231,7 @@ def inspect(
     mass: str | None = None,
     mass_groups: int = 1,
     sketch: int = 0,
+    sketch_tails: str = "gaussian",
 ) -> None:
     """Run ``sample`` under ``setup`` and print where the budget went; ``keep``, ``only_layers``, ``mass`` and
     ``sketch`` are the oracles of the module docstring."""
@@ -239,7 +241,7 @@ def inspect(
     label, comp = build_compressor(setup, overall, protected)
     comp.only_layers, comp.mass, comp.mass_groups = only_layers, mass, mass_groups
     if sketch:
-        comp.sketched = SketchedAttention(sketch, compressor_module.fold_evicted, paged_attention_forward)
+        comp.sketched = SketchedAttention(sketch, compressor_module.fold_evicted, paged_attention_forward, sketch_tails)
     bind_tokenizer(comp.policy, tok)
     prompt = build_prompt(tok, sample)
     request = as_request(
@@ -273,7 +275,7 @@ def inspect(
     if mass:
         oracles.append(f"evicting nothing: {mass} stand-ins over {mass_groups} group(s) per head")
     if sketch:
-        oracles.append(f"each summary slot weighed by a rank-{sketch} Gaussian sketch of what its head evicted")
+        oracles.append(f"each summary slot weighed by a rank-{sketch} {sketch_tails} sketch of what its head evicted")
     print(f"\n{label} at {ratio:g}x, {mode}: {len(compressed)} tokens compressed" + "".join(f"; {o}" for o in oracles))
     for a, pos in answers.items():
         print(f"  answer {a!r}: " + (f"positions {pos[0]}-{pos[-1]}" if pos else "not in the compressed prompt"))
@@ -309,6 +311,7 @@ def main() -> None:
     ap.add_argument("--mass", choices=MASS_MODES, help="oracle: stand-ins for the evicted tokens (see above)")
     ap.add_argument("--mass-groups", type=int, default=1, help="groups of evicted tokens per head, for --mass")
     ap.add_argument("--sketch", type=int, default=0, help="oracle: a rank-R Gaussian sketch on each summary slot")
+    ap.add_argument("--sketch-tails", default="gaussian", choices=TAILS, help="the sketch's model of each direction")
     ap.add_argument("--protected", type=int, default=32, help="protected window (the RESULTS commands' 32)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -378,6 +381,7 @@ def main() -> None:
                 args.mass,
                 args.mass_groups,
                 args.sketch,
+                args.sketch_tails,
             )
     except ValueError as err:  # a budget the prompt cannot meet (BudgetError), a prompt too long for the engine
         ap.error(str(err))

@@ -20,6 +20,7 @@ mean gap and its standard deviation over a head's queries (how far one constant 
 slot's ``log(n) + s q.mu`` plus ``s^2/2 |W q|^2`` over their covariance's top r principal directions
 (``scripts/gaussian_sketch.py``), which gives each query a share of its own: its mean, its sd over a head's queries,
 and the fraction of queries it over-weighs by more than 1 nat (the error that lost answers under a constant offset).
+``--tails uniform`` models each direction as uniform instead of Gaussian.
 ``--save-gap FILE`` writes the mean gap per (layer, kv head) as JSON (``--gap-layers A-B``: those layers' only, zero
 in the others), the offsets ``budget.summary_offset=FILE`` adds to every summary slot's bias. Measure them on samples
 you do not evaluate on.
@@ -49,7 +50,7 @@ from kvcompress.model_runner import ModelRunner, make_cache, model_kv_geometry
 from kvcompress.tasks.registry import build_task
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gaussian_sketch import sketch, sketch_term  # noqa: E402
+from gaussian_sketch import TAILS, sketch, sketch_term  # noqa: E402
 from inspect_allocation import build_compressor, parse_layers, run_recorded  # noqa: E402
 
 
@@ -120,16 +121,18 @@ def head_shares(q: torch.Tensor, keys: torch.Tensor, evicted: torch.Tensor) -> t
     return torch.sigmoid(exact - rest), torch.sigmoid(slot - rest), exact - slot
 
 
-def sketch_gaps(q: torch.Tensor, keys: torch.Tensor, evicted: torch.Tensor, ranks: list[int]) -> list[torch.Tensor]:
+def sketch_gaps(
+    q: torch.Tensor, keys: torch.Tensor, evicted: torch.Tensor, ranks: list[int], tails: str = "gaussian"
+) -> list[torch.Tensor]:
     """For queries ``q`` ``[G, M, D]`` over one head's ``keys`` ``[T, D]``: per rank r in ``ranks``, the log of the
-    ``evicted`` keys' exact summed weight minus the rank-r Gaussian sketch's ``log n + s q.mu + s^2/2 |W q|^2``
-    (``gaussian_sketch.py``), ``[G, M]``."""
+    ``evicted`` keys' exact summed weight minus the rank-r sketch's ``log n + s q.mu`` plus its ``tails`` term
+    (``gaussian_sketch.py``; ``s^2/2 |W q|^2`` for a Gaussian), ``[G, M]``."""
     s = keys.shape[-1] ** -0.5
     gone = keys[evicted.to(keys.device)]  # [n, D]
     exact = (s * q @ gone.T).logsumexp(-1)
     base = math.log(gone.shape[0]) + s * q @ gone.mean(0)
     w = sketch(gone, max(ranks, default=0))  # rows by descending eigenvalue: w[:r] is the rank-r sketch
-    return [exact - base - sketch_term(q, w[:r], s) for r in ranks]
+    return [exact - base - sketch_term(q, w[:r], s, tails) for r in ranks]
 
 
 def mean_over_samples(
@@ -165,6 +168,7 @@ def main() -> None:
     ap.add_argument("--save-gap", help="write the mean gap per (layer, kv head) to this JSON file")
     ap.add_argument("--gap-layers", help="with --save-gap: keep layers A-B's gaps only (e.g. 0-6), zero elsewhere")
     ap.add_argument("--sketch", default="", help="ranks of the Gaussian sketch to measure too, e.g. 4,8,16")
+    ap.add_argument("--tails", default="gaussian", choices=TAILS, help="the sketch's model of each direction")
     args = ap.parse_args()
     try:
         ranks = [int(r) for r in args.sketch.split(",")] if args.sketch else []
@@ -212,14 +216,14 @@ def main() -> None:
                 qh = q[h * group : (h + 1) * group]
                 exact, slot, gap = head_shares(qh, k[h], evicted[layer][h])
                 cells = [exact.mean(), slot.mean(), gap.mean(), gap.std()]
-                for g in sketch_gaps(qh, k[h], evicted[layer][h], ranks):
+                for g in sketch_gaps(qh, k[h], evicted[layer][h], ranks, args.tails):
                     cells += [g.mean(), g.std(), (g < -1).float().mean()]
                 row = torch.tensor([*cells, 1.0])
                 sums[(layer, h)] = sums.get((layer, h), torch.zeros(len(row))) + row
         print(f"{sid}: done", file=sys.stderr)
     table, gap = mean_over_samples(sums, *model_kv_geometry(lm.model)[:2], gap_layers)
     print(f"{args.setup} at {args.ratio:g}x, query-agnostic, {len(args.sample_id)} sample(s): the question's queries")
-    sketch_head = "".join(f" | rank-{r} sketch: gap, sd, over by > 1" for r in ranks)
+    sketch_head = "".join(f" | rank-{r} {args.tails} sketch: gap, sd, over by > 1" for r in ranks)
     print("layer | evicted share, exact | one slot's | gap (nats) | gap sd over a head's queries" + sketch_head)
     for layer, m in table:
         sketch = "".join(f" | {m[i]:5.2f} {m[i + 1]:4.2f} {m[i + 2]:4.2f}" for i in range(4, len(m), 3))

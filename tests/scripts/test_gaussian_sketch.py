@@ -36,6 +36,27 @@ def test_the_sketch_is_the_covariances_top_principal_directions(gs) -> None:
     torch.testing.assert_close(gs.sketch_term(q, w, 0.5), 0.125 * torch.einsum("md,de,me->m", q, cov, q))
 
 
+def test_uniform_tails_match_the_gaussian_for_small_spreads_and_are_exact_on_uniform_keys(gs) -> None:
+    """Each direction uniform: the term is log(sinh(x)/x) per direction, t^2/2 to second order, and on keys
+    uniform and independent along their axes it is their exact summed weight, where the Gaussian's overshoots."""
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(3, 5, generator=gen)
+    q = torch.randn(7, 5, generator=gen) * 1e-2
+    torch.testing.assert_close(
+        gs.sketch_term(q, w, 1.0, "uniform"), gs.sketch_term(q, w, 1.0, "gaussian"), atol=1e-7, rtol=1e-3
+    )
+    D, n = 4, 200000
+    half = torch.tensor([2.0, 1.5, 1.0, 0.5])  # each axis uniform on [-half, half]
+    keys = (torch.rand(n, D, generator=gen) * 2 - 1) * half
+    q = torch.randn(6, D, generator=gen) * 2
+    exact = (q @ keys.T).logsumexp(-1) - torch.log(torch.tensor(float(n))) - q @ keys.mean(0)
+    w = gs.sketch(keys, D)
+    torch.testing.assert_close(gs.sketch_term(q, w, 1.0, "uniform"), exact, atol=0.05, rtol=0)
+    assert (gs.sketch_term(q, w, 1.0, "gaussian") - exact).min() > 0.1
+    with pytest.raises(ValueError, match="tails must be one of gaussian, uniform, got 'heavy'"):
+        gs.sketch_term(q, w, 1.0, "heavy")
+
+
 @pytest.mark.parametrize("sketched", [False, True], ids=["zero-sketch", "rank-2"])
 def test_the_dense_attention_is_the_kernels_with_the_term_on_the_summary_slot(
     gs, ia, tiny_llama, sketched: bool

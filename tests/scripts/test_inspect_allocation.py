@@ -194,6 +194,7 @@ def test_answers_are_found_as_they_are_tokenized_in_the_text(ia, smollm2_tokeniz
         ),
         (["--sketch", "8", "--mass", "mean", "--setups", "recommended_query_agnostic"], "and no --mass"),
         (["--sketch", "-1", "--setups", "recommended_query_agnostic"], "--sketch takes a rank >= 1 (0: off)"),
+        (["--sketch-tails", "heavy"], "argument --sketch-tails: invalid choice: 'heavy'"),
     ],
 )
 def test_bad_arguments_fail_in_one_line_before_the_model_loads(args, message) -> None:

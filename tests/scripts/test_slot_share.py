@@ -112,6 +112,7 @@ def test_the_saved_gap_has_the_models_geometry_whatever_evicted(ss) -> None:
         (["--setup", "kvzip+global:policy.windw=3"], "KVzipPolicy (policy=kvzip) has no field 'windw'"),
         (["--sketch", "4,x"], "--sketch takes ranks separated by commas, like 4,8,16, got '4,x'"),
         (["--sketch", "0"], "--sketch ranks must be >= 1, got '0'"),
+        (["--tails", "heavy"], "argument --tails: invalid choice: 'heavy'"),
     ],
 )
 def test_bad_arguments_fail_in_one_line(args, message) -> None:
