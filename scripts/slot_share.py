@@ -122,17 +122,15 @@ def head_shares(q: torch.Tensor, keys: torch.Tensor, evicted: torch.Tensor) -> t
 
 
 def sketch_gaps(
-    q: torch.Tensor, keys: torch.Tensor, evicted: torch.Tensor, ranks: list[int], tails: str = "gaussian"
+    q: torch.Tensor, gone: torch.Tensor, slot_gap: torch.Tensor, ranks: list[int], tails: str = "gaussian"
 ) -> list[torch.Tensor]:
-    """For queries ``q`` ``[G, M, D]`` over one head's ``keys`` ``[T, D]``: per rank r in ``ranks``, the log of the
-    ``evicted`` keys' exact summed weight minus the rank-r sketch's ``log n + s q.mu`` plus its ``tails`` term
-    (``gaussian_sketch.py``; ``s^2/2 |W q|^2`` for a Gaussian), ``[G, M]``."""
-    s = keys.shape[-1] ** -0.5
-    gone = keys[evicted.to(keys.device)]  # [n, D]
-    exact = (s * q @ gone.T).logsumexp(-1)
-    base = math.log(gone.shape[0]) + s * q @ gone.mean(0)
+    """For queries ``q`` ``[G, M, D]`` of one head and the keys it evicted, ``gone`` ``[n, D]``: per rank r in
+    ``ranks``, the gap the rank-r sketch leaves, ``[G, M]``. The sketch is the slot (whose gap ``slot_gap``
+    :func:`head_shares` gives) plus its ``tails`` term (``gaussian_sketch.py``; ``s^2/2 |W q|^2`` for a Gaussian),
+    so its gap is the slot's less that term."""
+    s = gone.shape[-1] ** -0.5
     w = sketch(gone, max(ranks, default=0))  # rows by descending eigenvalue: w[:r] is the rank-r sketch
-    return [exact - base - sketch_term(q, w[:r], s, tails) for r in ranks]
+    return [slot_gap - sketch_term(q, w[:r], s, tails) for r in ranks]
 
 
 def mean_over_samples(
@@ -216,7 +214,7 @@ def main() -> None:
                 qh = q[h * group : (h + 1) * group]
                 exact, slot, gap = head_shares(qh, k[h], evicted[layer][h])
                 cells = [exact.mean(), slot.mean(), gap.mean(), gap.std()]
-                for g in sketch_gaps(qh, k[h], evicted[layer][h], ranks, args.tails):
+                for g in sketch_gaps(qh, k[h][evicted[layer][h]], gap, ranks, args.tails):
                     cells += [g.mean(), g.std(), (g < -1).float().mean()]
                 row = torch.tensor([*cells, 1.0])
                 sums[(layer, h)] = sums.get((layer, h), torch.zeros(len(row))) + row
@@ -226,8 +224,8 @@ def main() -> None:
     sketch_head = "".join(f" | rank-{r} {args.tails} sketch: gap, sd, over by > 1" for r in ranks)
     print("layer | evicted share, exact | one slot's | gap (nats) | gap sd over a head's queries" + sketch_head)
     for layer, m in table:
-        sketch = "".join(f" | {m[i]:5.2f} {m[i + 1]:4.2f} {m[i + 2]:4.2f}" for i in range(4, len(m), 3))
-        print(f"{layer:5d} | {m[0]:20.3f} | {m[1]:10.3f} | {m[2]:10.2f} | {m[3]:5.2f}" + sketch)
+        sketched = "".join(f" | {m[i]:5.2f} {m[i + 1]:4.2f} {m[i + 2]:4.2f}" for i in range(4, len(m), 3))
+        print(f"{layer:5d} | {m[0]:20.3f} | {m[1]:10.3f} | {m[2]:10.2f} | {m[3]:5.2f}" + sketched)
     if args.save_gap:
         out = {
             "setup": args.setup,

@@ -77,7 +77,7 @@ def test_the_gaussian_sketch_is_the_slot_plus_the_top_principal_directions_sprea
     _, _, slot_gap = ss.head_shares(q, keys, evicted)
     centred = keys[evicted] - keys[evicted].mean(0)
     _, sv, vt = torch.linalg.svd(centred, full_matrices=False)  # descending singular values
-    for r, gap in zip([1, 3, D], ss.sketch_gaps(q, keys, evicted, [1, 3, D]), strict=True):
+    for r, gap in zip([1, 3, D], ss.sketch_gaps(q, keys[evicted], slot_gap, [1, 3, D]), strict=True):
         proj = (q @ vt[:r].T) ** 2 * (sv[:r] ** 2 / len(evicted))
         torch.testing.assert_close(gap, slot_gap - 0.5 * s * s * proj.sum(-1), atol=1e-4, rtol=1e-4)
     mean, scale = torch.randn(D, generator=gen), torch.linspace(0.2, 1.5, D)
@@ -85,8 +85,9 @@ def test_the_gaussian_sketch_is_the_slot_plus_the_top_principal_directions_sprea
     q = torch.randn(2, M, D, generator=gen)
     keys = torch.cat([drawn, torch.randn(M, D, generator=gen)])
     everything = torch.arange(len(drawn))
-    full = ss.sketch_gaps(q, keys, everything, [D])[0]
-    assert full.abs().max() < 0.05 < ss.head_shares(q, keys, everything)[2].min()
+    one_slot = ss.head_shares(q, keys, everything)[2]
+    full = ss.sketch_gaps(q, drawn, one_slot, [D])[0]
+    assert full.abs().max() < 0.05 < one_slot.min()
 
 
 def test_the_saved_gap_has_the_models_geometry_whatever_evicted(ss) -> None:
