@@ -61,6 +61,27 @@ def check_slot_bias(slot_bias: torch.Tensor | None, k_cache: torch.Tensor) -> No
         )
 
 
+def check_slot_term(slot_term: torch.Tensor | None, slot_bias: torch.Tensor | None, q: torch.Tensor) -> None:
+    """``slot_term``: None, or contiguous float32 ``[T, H_q]`` (one per query row of ``q`` ``[T, H_q, D]``), a logit
+    term each query adds to every slot whose ``slot_bias`` is positive (the summary slots), so it needs
+    ``slot_bias``."""
+    if slot_term is None:
+        return
+    if slot_bias is None:
+        raise ValueError("slot_term is added to the logits of slots with a positive slot_bias: pass slot_bias too")
+    if slot_term.shape != q.shape[:2] or slot_term.dtype != torch.float32 or not slot_term.is_contiguous():
+        raise ValueError(
+            f"slot_term must be None or contiguous float32 {tuple(q.shape[:2])} (one per query row and query head), "
+            f"got {slot_term.dtype} {tuple(slot_term.shape)}"
+        )
+
+
+def term_rows(bias: torch.Tensor, term: torch.Tensor | None) -> torch.Tensor:
+    """The torch references' logit bias: ``bias`` (slot biases, broadcastable to ``[..., rows, M]``) plus, on the
+    slots whose bias is positive, each query row's ``term`` (``[..., rows, 1]``; None adds nothing)."""
+    return bias if term is None else bias + torch.where(bias > 0, term, 0.0)
+
+
 def check_tables(block_tables: torch.Tensor, lengths: torch.Tensor, num_kv_heads: int | None = None) -> None:
     """Validate ``block_tables`` ``[num_seqs, H_kv, max_blocks]`` and ``lengths`` ``[num_seqs, H_kv]`` (int32)."""
     if block_tables.dim() != 3 or block_tables.dtype != torch.int32:
@@ -192,6 +213,17 @@ def load_tile(base_ptr, blk, off, offs_d, mask_n, mask_d, stride_b, stride_s, UP
 def bias_tile(bias_ptr, blk, off, mask_n, BLOCK_SIZE: tl.constexpr):
     """The ``[BLOCK_N]`` logit biases of the slots at physical (blk, off), natural log to the kernels' log2."""
     return tl.load(bias_ptr + blk * BLOCK_SIZE + off, mask=mask_n, other=0.0) * LOG2E_JIT
+
+
+@triton.jit
+def add_bias(qk, bias_ptr, blk, off, mask_n, term, BLOCK_SIZE: tl.constexpr, HAS_TERM: tl.constexpr):
+    """``qk`` ``[rows, BLOCK_N]`` (log2) plus the slots' biases and, on slots with a positive bias, each row's
+    ``term`` ``[rows]`` (already in log2; ignored without HAS_TERM)."""
+    kb = bias_tile(bias_ptr, blk, off, mask_n, BLOCK_SIZE)[None, :]
+    qk += kb
+    if HAS_TERM:
+        qk += tl.where(kb > 0, term[:, None], 0.0)
+    return qk
 
 
 @triton.jit

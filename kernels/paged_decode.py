@@ -30,10 +30,12 @@ import triton.language as tl
 
 from ._common import (
     LOG2E,
+    LOG2E_JIT,
     MIN_DOT,
-    bias_tile,
+    add_bias,
     check_cache,
     check_slot_bias,
+    check_slot_term,
     check_tables,
     finish_rows,
     gather_blocks,
@@ -49,6 +51,7 @@ from ._common import (
     row_lse,
     slot_coords,
     strided_slots,
+    term_rows,
     upcast_tiles,
 )
 from .backend import use_triton
@@ -65,12 +68,14 @@ def _check_args(
     score_out: torch.Tensor | None,
     score_power: int,
     slot_bias: torch.Tensor | None = None,
+    slot_term: torch.Tensor | None = None,
 ) -> tuple[int, int]:
     """Validate shapes; return (block_size, group_size)."""
     block_size, head_dim = check_cache(k_cache, v_cache)
     check_slot_bias(slot_bias, k_cache)
     if q.dim() != 3 or q.shape[-1] != head_dim:
         raise ValueError(f"q must be [B, H_q, {head_dim}], got {tuple(q.shape)}")
+    check_slot_term(slot_term, slot_bias, q)
     check_tables(block_tables, lengths)
     if block_tables.shape[0] != q.shape[0]:
         raise ValueError(f"q has {q.shape[0]} sequences but block_tables has {block_tables.shape[0]}")
@@ -99,6 +104,7 @@ def decode_probs_torch(
     max_len: int | None = None,
     layout: tuple[int, int, int] | None = None,
     slot_bias: torch.Tensor | None = None,
+    slot_term: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax probabilities of one decode query per sequence over each head's logical slots, in fp32.
 
@@ -106,7 +112,7 @@ def decode_probs_torch(
     zero past a head's length, all zero for a length-0 head) and ``valid`` ``[B, H_kv, M]`` (slot < length).
     Shared by the reference decode and by scorers that need raw probabilities (TOVA). ``max_len`` saves a host
     sync when the caller already knows ``lengths.max()``; ``layout`` (see :func:`paged_decode`) reads the keys as a
-    view of the pool instead of gathering them; ``slot_bias`` is :func:`paged_decode`'s.
+    view of the pool instead of gathering them; ``slot_bias`` and ``slot_term`` are :func:`paged_decode`'s.
     """
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = block_tables.shape[1]
@@ -116,7 +122,7 @@ def decode_probs_torch(
     qg = q.float().view(batch, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
     logits = torch.matmul(qg, keys.transpose(-1, -2)) * scale  # [B, H_kv, G, M]
     if slot_bias is not None:
-        logits = logits + _bias_rows(slot_bias, block_tables, valid, max_len, layout)
+        logits = logits + _bias_rows(slot_bias, slot_term, block_tables, valid, max_len, layout)
     logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a length-0 head has an all -inf row
     return probs, valid
@@ -137,6 +143,7 @@ def paged_decode_torch(
     min_len: int | None = None,
     layout: tuple[int, int, int] | None = None,
     slot_bias: torch.Tensor | None = None,
+    slot_term: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """PyTorch reference of :func:`paged_decode` (gathers each head's slots, softmax in fp32).
 
@@ -145,7 +152,9 @@ def paged_decode_torch(
     signature parity and ignored (the reference does not split).
     """
     del num_splits
-    block_size, _ = _check_args(q, k_cache, v_cache, block_tables, lengths, score_out, score_power, slot_bias)
+    block_size, _ = _check_args(
+        q, k_cache, v_cache, block_tables, lengths, score_out, score_power, slot_bias, slot_term
+    )
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = block_tables.shape[1]
     max_len = max_length(lengths) if max_len is None else max_len
@@ -160,13 +169,13 @@ def paged_decode_torch(
         qg = q.float().view(batch, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
         mask = valid[:, :, None, :] if padded else None
         if slot_bias is not None:  # a float mask is added to the logits: the bias, -inf past a head's length
-            bias = _bias_rows(slot_bias, block_tables, valid, max_len, layout)
+            bias = _bias_rows(slot_bias, slot_term, block_tables, valid, max_len, layout)
             mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
         out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=scale)
         if padded:  # a length-0 head masks every key: its softmax is NaN, its output 0 by contract
             out = out.masked_fill((lengths == 0)[:, :, None, None], 0.0)
         return out.reshape(batch, num_q_heads, head_dim).to(q.dtype)
-    probs, valid = decode_probs_torch(q, k_cache, block_tables, lengths, scale, max_len, layout, slot_bias)
+    probs, valid = decode_probs_torch(q, k_cache, block_tables, lengths, scale, max_len, layout, slot_bias, slot_term)
     values = _slots(v_cache, block_tables, valid, max_len, padded, layout).float()
     out = torch.matmul(probs, values)  # [B, H_kv, G, D]
     contrib = probs.pow(score_power).sum(dim=2)  # [B, Hkv, M]: summed over the group's query heads
@@ -178,14 +187,18 @@ def paged_decode_torch(
 
 def _bias_rows(
     slot_bias: torch.Tensor,
+    slot_term: torch.Tensor | None,
     block_tables: torch.Tensor,
     valid: torch.Tensor | None,
     max_len: int,
     layout: tuple[int, int, int] | None,
 ) -> torch.Tensor:
-    """Each head's slot biases ``[B, H_kv, 1, max_len]``, broadcast over the group's query heads (entries past a
-    head's length are whatever the pool holds: the caller masks them)."""
-    return _slots(slot_bias[..., None], block_tables, valid, max_len, False, layout)[..., 0][:, :, None]
+    """Each head's slot biases ``[B, H_kv, 1, max_len]``, broadcast over the group's query heads, or with a
+    ``slot_term`` ``[B, H_q]`` each query head's ``[B, H_kv, G, max_len]`` (entries past a head's length are
+    whatever the pool holds: the caller masks them)."""
+    bias = _slots(slot_bias[..., None], block_tables, valid, max_len, False, layout)[..., 0][:, :, None]
+    term = None if slot_term is None else slot_term.view(bias.shape[0], bias.shape[1], -1, 1)
+    return term_rows(bias, term)
 
 
 def _slots(
@@ -262,6 +275,7 @@ def _decode_split_kernel(
     logit_ptr,
     score_ptr,
     bias_ptr,
+    term_ptr,
     qk_scale,
     scratch_len,
     stride_qb,
@@ -286,6 +300,7 @@ def _decode_split_kernel(
     POWER: tl.constexpr,
     UPCAST: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_TERM: tl.constexpr,
 ):
     """One (seq, kv_head, split): online softmax over the split's slots (:func:`_split_range`).
 
@@ -312,6 +327,9 @@ def _decode_split_kernel(
     )
     if UPCAST:
         q = q.to(tl.float32)
+    term = tl.zeros([GROUP_PAD], tl.float32)
+    if HAS_TERM:  # [B, H_q] contiguous, natural log to the kernel's log2
+        term = tl.load(term_ptr + b * num_kv_heads * G + hq, mask=row_mask, other=0.0) * LOG2E_JIT
     bt_row_ptr = bt_ptr + b * stride_btb + h * stride_bth
     # scratch row of query head hq: ((b * H_q) + hq) * scratch_len, in int64 (B*H_q*len may exceed 2**31)
     logit_base = logit_ptr + (b.to(tl.int64) * num_kv_heads * G + h * G) * scratch_len
@@ -327,7 +345,7 @@ def _decode_split_kernel(
         v = load_tile(v_ptr, blk, off, offs_d, mask_n, mask_d, stride_vb, stride_vs, UPCAST)
         qk = mm(q, tl.trans(k), UPCAST) * qk_scale
         if HAS_BIAS:
-            qk += bias_tile(bias_ptr, blk, off, mask_n, BLOCK_SIZE)[None, :]
+            qk = add_bias(qk, bias_ptr, blk, off, mask_n, term, BLOCK_SIZE, HAS_TERM)
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
         if ACCUM:
             tl.store(
@@ -472,13 +490,16 @@ def paged_decode_triton(
     min_len: int | None = None,
     layout: tuple[int, int, int] | None = None,
     slot_bias: torch.Tensor | None = None,
+    slot_term: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton implementation of :func:`paged_decode` (split-K flash-decoding + fused score accumulation).
 
     ``min_len`` and ``layout`` are accepted for signature parity and ignored (loads past a head's length are
     masked anyway, and the kernel reads blocks in place whatever their order)."""
     del min_len, layout
-    block_size, group = _check_args(q, k_cache, v_cache, block_tables, lengths, score_out, score_power, slot_bias)
+    block_size, group = _check_args(
+        q, k_cache, v_cache, block_tables, lengths, score_out, score_power, slot_bias, slot_term
+    )
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = block_tables.shape[1]
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
@@ -523,6 +544,7 @@ def paged_decode_triton(
         logits,
         score,
         logits if slot_bias is None else slot_bias,  # dummy pointer without a bias
+        logits if slot_term is None else slot_term,
         scale * LOG2E,
         scratch_len,
         q_in.stride(0),
@@ -547,6 +569,7 @@ def paged_decode_triton(
         POWER=score_power,
         UPCAST=upcast,
         HAS_BIAS=slot_bias is not None,
+        HAS_TERM=slot_term is not None,
         num_warps=4,
     )
     if num_splits > 1:
@@ -602,6 +625,7 @@ def paged_decode(
     min_len: int | None = None,
     layout: tuple[int, int, int] | None = None,
     slot_bias: torch.Tensor | None = None,
+    slot_term: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention of one new token per sequence over the paged, per-head KV cache.
 
@@ -625,6 +649,9 @@ def paged_decode(
         slot_bias: optional float32 ``[num_blocks, block_size]``, added to every slot's logit (natural log):
             ``log(n)`` makes one slot weigh as ``n`` copies of itself, which is how a summary slot stands in for
             the ``n`` tokens it replaces (the cache's ``slot_bias``); None adds nothing and loads nothing.
+        slot_term: optional contiguous float32 ``[B, H_q]`` (natural log), added by each query head to the logit of
+            every slot whose ``slot_bias`` is positive: a summary slot's weight that depends on the query, such as
+            the sketch of what its members' keys spread over (:mod:`kvcompress.cache.sketch`). Needs ``slot_bias``.
 
     Returns:
         ``[B, H_q, D]`` in ``q.dtype``.
@@ -644,6 +671,7 @@ def paged_decode(
         min_len=min_len,
         layout=layout,
         slot_bias=slot_bias,
+        slot_term=slot_term,
     )
 
 

@@ -35,10 +35,13 @@ import triton.language as tl
 
 from ._common import (
     LOG2E,
+    LOG2E_JIT,
     MIN_DOT,
+    add_bias,
     bias_tile,
     check_cache,
     check_slot_bias,
+    check_slot_term,
     check_tables,
     finish_rows,
     gather_blocks,
@@ -53,6 +56,7 @@ from ._common import (
     prob_power,
     row_lse,
     slot_coords,
+    term_rows,
     upcast_tiles,
 )
 from .backend import use_triton
@@ -77,12 +81,14 @@ def _check_args(
     obs_reduce: str,
     obs_exclude: tuple[int, int],
     slot_bias: torch.Tensor | None = None,
+    slot_term: torch.Tensor | None = None,
 ) -> tuple[int, int]:
     """Validate shapes; return (block_size, group_size)."""
     block_size, head_dim = check_cache(k_cache, v_cache)
     check_slot_bias(slot_bias, k_cache)
     if q.dim() != 3 or q.shape[-1] != head_dim:
         raise ValueError(f"q must be [T_total, H_q, {head_dim}], got {tuple(q.shape)}")
+    check_slot_term(slot_term, slot_bias, q)
     if slot_pos.shape != k_cache.shape[:2] or slot_pos.dtype != torch.int32 or not slot_pos.is_contiguous():
         raise ValueError(f"slot_pos must be contiguous int32 {tuple(k_cache.shape[:2])}")
     check_tables(block_tables, lengths)
@@ -122,6 +128,7 @@ def paged_prefill_torch(
     obs_exclude: tuple[int, int] = (0, 0),
     max_len: int | None = None,
     slot_bias: torch.Tensor | None = None,
+    slot_term: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """PyTorch reference of :func:`paged_prefill`: per sequence, gather the heads' slots (a block at a time) and
     run torch's fused attention with the causal-by-position mask over chunks of at most 512 queries (memory
@@ -129,7 +136,7 @@ def paged_prefill_torch(
     probabilities give the window's output too (an observed reconstruction, KVzip's, is one matmul more than a
     prefill instead of a second attention)."""
     block_size, group = _check_args(q, k_cache, v_cache, slot_pos, block_tables, lengths, q_pos, cu_seqlens_q,
-                                    obs_window, obs_power, obs_reduce, obs_exclude, slot_bias)
+                                    obs_window, obs_power, obs_reduce, obs_exclude, slot_bias, slot_term)
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_seqs, num_kv_heads = lengths.shape
     out = torch.zeros_like(q)
@@ -161,20 +168,25 @@ def paged_prefill_torch(
         for c0 in range(window_start if fresh else t0, t1, _REF_QUERY_CHUNK):
             c1 = min(c0 + _REF_QUERY_CHUNK, t1)
             qc = q[c0:c1].float().view(c1 - c0, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)  # [Hkv,G,t,D]
+            # [Hkv, G, t, M]: the slots' biases, and each query's slot_term on the slots with a positive bias
+            cbias = None
+            if kbias is not None:
+                cbias = term_rows(kbias[:, None, None, :], _term_chunk(slot_term, c0, c1, qc))
+                cbias = cbias.expand(-1, group, c1 - c0, -1)
             visible = valid[:, None, :] & (kpos[:, None, :] <= q_pos[c0:c1, None].to(kpos.device))  # [Hkv, t, M]
             # rows c0 + w0 .. c1 are observed: their probabilities are computed anyway and give their output too
             w0 = min(max(window_start - c0, 0), c1 - c0) if obs is not None else c1 - c0
             if not fresh and w0 > 0:
                 mask = visible[:, None, :w0]
-                if kbias is not None:  # a float mask is added to the logits
-                    mask = kbias[:, None, None, :].masked_fill(~mask, float("-inf"))
+                if cbias is not None:  # a float mask is added to the logits
+                    mask = cbias[:, :, :w0].masked_fill(~mask, float("-inf"))
                 oc = F.scaled_dot_product_attention(qc[:, :, :w0], k_g, v_g, attn_mask=mask, scale=scale)
                 out[c0 : c0 + w0] = oc.permute(2, 0, 1, 3).reshape(w0, num_q_heads, head_dim).to(q.dtype)
             if w0 == c1 - c0:
                 continue
             logits = torch.matmul(qc[:, :, w0:] * scale, keys.transpose(-1, -2)[:, None])  # [Hkv, G, w, M]
-            if kbias is not None:
-                logits += kbias[:, None, None, :]
+            if cbias is not None:
+                logits += cbias[:, :, w0:]
             probs = torch.softmax(logits.masked_fill_(~visible[:, None, w0:], float("-inf")), dim=-1).nan_to_num_(0.0)
             if not fresh:
                 oc = torch.matmul(probs, values[:, None])  # [Hkv, G, w, D]
@@ -187,6 +199,13 @@ def paged_prefill_torch(
             row = obs[b, :, :seq_len]
             row.copy_(torch.maximum(row, win) if obs_reduce == "max" else row + win)
     return out, obs
+
+
+def _term_chunk(slot_term: torch.Tensor | None, c0: int, c1: int, qc: torch.Tensor) -> torch.Tensor | None:
+    """Rows ``c0:c1`` of ``slot_term`` ``[T, H_q]`` as ``[H_kv, G, c1 - c0, 1]``, the layout of ``qc``'s logits."""
+    if slot_term is None:
+        return None
+    return slot_term[c0:c1].view(c1 - c0, qc.shape[0], qc.shape[1]).permute(1, 2, 0)[..., None]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -212,13 +231,14 @@ def _find_seq(cu_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, pos_ptr, bt_ptr, len_ptr, qpos_ptr, cu_ptr, out_ptr, lse_ptr, bias_ptr,
+    q_ptr, k_ptr, v_ptr, pos_ptr, bt_ptr, len_ptr, qpos_ptr, cu_ptr, out_ptr, lse_ptr, bias_ptr, term_ptr,
     qk_scale, num_seqs, ex_lo, ex_hi,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_vb, stride_vs,
     stride_btb, stride_bth, stride_lb,
     G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     STORE_LSE: tl.constexpr, EXCLUDE: tl.constexpr, UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_TERM: tl.constexpr,
 ):
     """One (query tile, kv_head). Row r of the tile is query token ``r // G`` of the tile, head ``r % G``
     of the group. Writes ``out`` [T, H_q, D] and, if STORE_LSE, ``lse`` [T, H_q] (log2 domain): with EXCLUDE,
@@ -244,6 +264,9 @@ def _prefill_kernel(
             q = q.to(tl.float32)
         qpos = tl.load(qpos_ptr + t, mask=row_mask, other=-1)
         qpos_max = tl.max(qpos, 0)
+        term = tl.zeros([BLOCK_M], tl.float32)
+        if HAS_TERM:  # [T, H_q] contiguous, natural log to the kernel's log2
+            term = tl.load(term_ptr + t * num_q_heads + hq, mask=row_mask, other=0.0) * LOG2E_JIT
         length = tl.load(len_ptr + b * stride_lb + h)
         bt_row_ptr = bt_ptr + b * stride_btb + h * stride_bth
 
@@ -262,7 +285,7 @@ def _prefill_kernel(
                 v = load_tile(v_ptr, blk, off, offs_d, mask_n, mask_d, stride_vb, stride_vs, UPCAST)
                 qk = mm(q, tl.trans(k), UPCAST) * qk_scale
                 if HAS_BIAS:
-                    qk += bias_tile(bias_ptr, blk, off, mask_n, BLOCK_SIZE)[None, :]
+                    qk = add_bias(qk, bias_ptr, blk, off, mask_n, term, BLOCK_SIZE, HAS_TERM)
                 visible = mask_n[None, :] & (kpos[None, :] <= qpos[:, None])
                 qk = tl.where(visible, qk, float("-inf"))
                 m_i, l_i, acc = online_softmax_step(qk, m_i, l_i, acc, v, UPCAST)
@@ -281,12 +304,12 @@ def _prefill_kernel(
 
 @triton.jit
 def _obs_kernel(
-    q_ptr, k_ptr, pos_ptr, bt_ptr, len_ptr, qpos_ptr, cu_ptr, lse_ptr, obs_ptr, bias_ptr,
+    q_ptr, k_ptr, pos_ptr, bt_ptr, len_ptr, qpos_ptr, cu_ptr, lse_ptr, obs_ptr, bias_ptr, term_ptr,
     qk_scale, obs_window, obs_len, ex_lo, ex_hi,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_btb, stride_bth, stride_lb,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_W: tl.constexpr, BLOCK_SIZE: tl.constexpr, POWER: tl.constexpr, REDUCE_MAX: tl.constexpr,
-    UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TERM: tl.constexpr,
 ):
     """Observation scores of one key tile of one (seq, kv_head): for each query head g of the group,
     ``obs[b, h*G+g, j] = sum (REDUCE_MAX: max) over the last obs_window queries of p**POWER`` (``obs`` is
@@ -324,6 +347,9 @@ def _obs_kernel(
                 qpos = tl.load(qpos_ptr + t64, mask=mask_t, other=-1)
                 lse = tl.load(lse_ptr + t64 * num_q_heads + hq, mask=mask_t, other=float("-inf"))
                 qk = mm(q, kt, UPCAST) * qk_scale + kbias[None, :]
+                if HAS_TERM:  # [T, H_q] contiguous, natural log to the kernel's log2
+                    term = tl.load(term_ptr + t64 * num_q_heads + hq, mask=mask_t, other=0.0) * LOG2E_JIT
+                    qk += tl.where(kbias[None, :] > 0, term[:, None], 0.0)
                 visible = mask_t[:, None] & kept[None, :] & (kpos[None, :] <= qpos[:, None])
                 pp = prob_power(qk, lse[:, None], visible, POWER)
                 if REDUCE_MAX:
@@ -357,10 +383,11 @@ def paged_prefill_triton(
     obs_exclude: tuple[int, int] = (0, 0),
     max_len: int | None = None,
     slot_bias: torch.Tensor | None = None,
+    slot_term: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Triton implementation of :func:`paged_prefill`."""
     block_size, group = _check_args(q, k_cache, v_cache, slot_pos, block_tables, lengths, q_pos, cu_seqlens_q,
-                                    obs_window, obs_power, obs_reduce, obs_exclude, slot_bias)
+                                    obs_window, obs_power, obs_reduce, obs_exclude, slot_bias, slot_term)
     total, num_q_heads, head_dim = q.shape
     num_seqs, num_kv_heads = lengths.shape
     block_tables = block_tables.contiguous()
@@ -384,24 +411,25 @@ def paged_prefill_triton(
     num_tiles = total // block_q + num_seqs
     _prefill_kernel[(num_tiles, num_kv_heads)](
         q_in, k_cache, v_cache, slot_pos, block_tables, lengths, q_pos, cu_seqlens_q, out, lse,
-        out if slot_bias is None else slot_bias, scale * LOG2E, num_seqs, obs_exclude[0], obs_exclude[1],
+        out if slot_bias is None else slot_bias, out if slot_term is None else slot_term,
+        scale * LOG2E, num_seqs, obs_exclude[0], obs_exclude[1],
         q_in.stride(0), q_in.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         block_tables.stride(0), block_tables.stride(1), lengths.stride(0),
         G=group, BLOCK_M=block_m, BLOCK_Q=block_q, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
         BLOCK_SIZE=block_size, STORE_LSE=obs is not None, EXCLUDE=obs is not None and obs_exclude[1] > obs_exclude[0],
-        UPCAST=upcast, HAS_BIAS=slot_bias is not None, num_warps=4,
+        UPCAST=upcast, HAS_BIAS=slot_bias is not None, HAS_TERM=slot_term is not None, num_warps=4,
     )
     if obs is not None and max_len > 0:
         _obs_kernel[(num_seqs, num_kv_heads, triton.cdiv(max_len, block_n))](
             q_in, k_cache, slot_pos, block_tables, lengths, q_pos, cu_seqlens_q, lse, obs,
-            obs if slot_bias is None else slot_bias,
+            obs if slot_bias is None else slot_bias, obs if slot_term is None else slot_term,
             scale * LOG2E, min(obs_window, total), max_len, obs_exclude[0], obs_exclude[1],
             q_in.stride(0), q_in.stride(1), k_cache.stride(0), k_cache.stride(1),
             block_tables.stride(0), block_tables.stride(1), lengths.stride(0),
             G=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_W=MIN_DOT,
             BLOCK_SIZE=block_size, POWER=obs_power, REDUCE_MAX=obs_reduce == "max", UPCAST=upcast,
-            HAS_BIAS=slot_bias is not None, num_warps=4,
+            HAS_BIAS=slot_bias is not None, HAS_TERM=slot_term is not None, num_warps=4,
         )
     return out, obs
 
@@ -423,6 +451,7 @@ def paged_prefill(
     obs_exclude: tuple[int, int] = (0, 0),
     max_len: int | None = None,
     slot_bias: torch.Tensor | None = None,
+    slot_term: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal varlen prefill attention over the paged, per-head KV cache.
 
@@ -446,6 +475,9 @@ def paged_prefill(
             :func:`kvcompress_kernels.paged_decode`; the observation's probabilities include it. The new tokens'
             slots must hold 0 (the cache zeroes a slot's bias when it writes it): the torch reference runs a fresh
             sequence as plain causal attention.
+        slot_term: optional contiguous float32 ``[T_total, H_q]`` (natural log) each query adds to the logit of
+            every slot with a positive ``slot_bias``, as in :func:`kvcompress_kernels.paged_decode`; the
+            observation's probabilities include it.
 
     Returns:
         ``(out, obs)``: ``out`` ``[T_total, H_q, D]`` in ``q.dtype``; ``obs`` ``[B, H_q, max_len]`` float32
@@ -455,4 +487,4 @@ def paged_prefill(
     impl = paged_prefill_triton if use_triton(q.device) else paged_prefill_torch
     return impl(q, k_cache, v_cache, slot_pos, block_tables, lengths, q_pos, cu_seqlens_q, scale,
                 obs_window=obs_window, obs_power=obs_power, obs_reduce=obs_reduce, obs_exclude=obs_exclude,
-                max_len=max_len, slot_bias=slot_bias)
+                max_len=max_len, slot_bias=slot_bias, slot_term=slot_term)

@@ -16,6 +16,7 @@ from kvcompress_kernels import decode_probs_torch, dense_prefill, paged_decode, 
 from torch import nn
 from transformers import AttentionInterface
 
+from kvcompress.cache.sketch import slot_term
 from kvcompress.cache.step import DecodeObservation, ForwardStep, PrefillObservation
 
 ATTN_IMPLEMENTATION = "kvcompress_paged"
@@ -52,6 +53,9 @@ def paged_attention_forward(
     cache.write(layer, plan, k, v)
     tables, lengths, max_len = plan.block_tables[layer], plan.lengths[layer], plan.max_len[layer]
     q = query.transpose(1, 2).reshape(B * T, Hq, D)
+    term = None  # each query's weight on the summary slots, from its sequence's sketch of what they fold
+    if plan.sketched:
+        term = slot_term(q, cache.slot_sketch[layer], plan.token_seqs, scale, cache.sketch_tails)
 
     if plan.is_decode:
         out = paged_decode(
@@ -67,10 +71,13 @@ def paged_attention_forward(
             min_len=plan.min_len[layer],
             layout=plan.layout[layer],
             slot_bias=cache.slot_bias,
+            slot_term=term,
         )
         if step.decode_probs and step.observer is not None:
             layout = plan.layout[layer]  # set only when every head holds max_len tokens: no padding to mask
-            probs, _ = decode_probs_torch(q, cache.k_cache, tables, lengths, scale, max_len, layout, cache.slot_bias)
+            probs, _ = decode_probs_torch(
+                q, cache.k_cache, tables, lengths, scale, max_len, layout, cache.slot_bias, term
+            )
             # probs: [B, H_kv, G, L]
             step.observer.observe_decode(cache, DecodeObservation(layer, plan.seq_ids, probs.reshape(B, Hq, -1)))
     else:
@@ -94,6 +101,7 @@ def paged_attention_forward(
                 **observe,
                 max_len=max_len,
                 slot_bias=cache.slot_bias,
+                slot_term=term,
             )
         if step.obs_window and step.observer is not None:
             end = 0

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvcompress.cache.sketch import TAILS
+
 RATIO_TOLERANCE = 1e-9
 """Relative slack when a sequence's compression (tokens seen over the per-head target) meets a configured ratio
 (``summary_max_ratio``, the global allocator's ``floor_from``), so float rounding at the ratio itself does not
@@ -45,7 +47,11 @@ class Budget:
     gives every slot of a head the mean value of all it evicts, so that the slots (several, best grouped by key)
     sketch only the evicted tokens' share of each query's attention. ``summary_offset`` (a path) adds a measured
     offset per (layer, kv head) to the one summary slot's ``log(n)`` bias (:mod:`kvcompress.cache.summary`); a
-    sequence folds with it once, and a later compression of it drops what it evicts.
+    sequence folds with it once, and a later compression of it drops what it evicts. ``summary_sketch`` = r > 0 keeps,
+    beside the one summary slot per kv head, a rank-r sketch of the keys it folds (their top r principal directions),
+    and each query adds to the slot's logit a term that grows with how far its direction spreads those keys' logits,
+    so the slot weighs for each query about what its members would (:mod:`kvcompress.cache.sketch`;
+    ``summary_sketch_tails`` ``uniform`` or ``gaussian`` says how); a sequence folds with it once, as with an offset.
     ``summary_max_ratio`` (None: every ratio) folds only for a sequence compressed at most that much (its tokens seen
     over its per-head target, :meth:`folds`); one compressed harder drops what it evicts, as without summary slots.
     ``summary_layers`` = k (None: every layer) folds in the first k layers only; the layers above drop what they
@@ -68,6 +74,8 @@ class Budget:
     summary_spread: bool = False
     summary_shared_value: bool = False
     summary_offset: str | None = None
+    summary_sketch: int = 0
+    summary_sketch_tails: str = "uniform"
     summary_max_ratio: float | None = None
     summary_layers: int | None = None
 
@@ -76,7 +84,8 @@ class Budget:
             raise BudgetError(f"budget.ratio must be a number >= 1 (1 = no compression), got {self.ratio!r}")
         if self.max_cache_tokens is not None and self.max_cache_tokens < 1:
             raise BudgetError(f"budget.max_cache_tokens must be >= 1 tokens per kv head, got {self.max_cache_tokens}")
-        for name in ("protected_window", "n_sinks", "compress_every", "summary_slots", "summary_kmeans", "summary_fit"):
+        names = ("protected_window", "n_sinks", "compress_every", "summary_slots", "summary_kmeans", "summary_fit")
+        for name in (*names, "summary_sketch"):
             if getattr(self, name) < 0:
                 raise BudgetError(f"budget.{name} must be >= 0, got {getattr(self, name)}")
         if self.summary_kmeans and self.summary_slots < 2:
@@ -122,6 +131,23 @@ class Budget:
                     f"summary_fit={self.summary_fit}, summary_spread={str(self.summary_spread).lower()}, "
                     f"compress_every={self.compress_every})"
                 )
+        if self.summary_sketch:
+            if self.summary_slots != 1 or self.summary_fit or self.summary_spread or self.summary_offset:
+                raise BudgetError(
+                    f"budget.summary_sketch={self.summary_sketch} sketches the keys one log(n) summary slot per head "
+                    "folds: it needs budget.summary_slots=1, no summary_fit, no summary_spread and no summary_offset "
+                    f"(got summary_slots={self.summary_slots}, summary_fit={self.summary_fit}, "
+                    f"summary_spread={str(self.summary_spread).lower()}, summary_offset={self.summary_offset!r})"
+                )
+            if self.compress_every:
+                raise BudgetError(
+                    f"budget.summary_sketch={self.summary_sketch} sketches what the prompt's compression folds, once; "
+                    f"it needs compress_every=0 (got {self.compress_every})"
+                )
+        if self.summary_sketch_tails not in TAILS:
+            raise BudgetError(
+                f"budget.summary_sketch_tails must be one of {', '.join(TAILS)}, got {self.summary_sketch_tails!r}"
+            )
         if not self.summary_fit_value and not self.summary_fit:
             raise BudgetError(
                 "budget.summary_fit_value=false keeps the mean value of slots fitted to observed queries, which "
@@ -224,6 +250,7 @@ class Budget:
             summary_spread=False,
             summary_shared_value=False,
             summary_offset=None,
+            summary_sketch=0,
             summary_max_ratio=None,
             summary_layers=None,
         )
@@ -234,6 +261,12 @@ class Budget:
         if self.protected_fraction is None:
             return self.protected_window
         return min(self.protected_window, math.floor(self.protected_fraction * self.per_head_target(seen)))
+
+    @property
+    def folds_once(self) -> bool:
+        """Whether a sequence folds into summary slots at one compression only (an offset or a sketch describes that
+        fold); a later compression of it drops what it evicts."""
+        return bool(self.summary_offset) or bool(self.summary_sketch)
 
     @property
     def summary_places(self) -> int:

@@ -33,9 +33,10 @@ class Compressor:
     # prompt (kept with the sequence, as the policy's scores are)
     fit_queries: dict[int, list[torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
     offsets: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False)  # budget.summary_offset
-    # sequences whose summary slot carries budget.summary_offset: its bias no longer counts its tokens, so they do
-    # not fold again (a later compression, under pool pressure or of a fork, drops what it evicts)
-    offset_folded: set[int] = field(default_factory=set, init=False, repr=False)
+    # sequences whose summary slot carries budget.summary_offset (its bias no longer counts its tokens) or
+    # budget.summary_sketch (the sketch describes that one fold): they do not fold again (a later compression, under
+    # pool pressure or of a fork, drops what it evicts)
+    folded_once: set[int] = field(default_factory=set, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.check_budget(self.budget)
@@ -101,14 +102,14 @@ class Compressor:
         self.policy.fork(parent, child)
         if parent in self.fit_queries:
             self.fit_queries[child] = list(self.fit_queries[parent])
-        if parent in self.offset_folded:
-            self.offset_folded.add(child)
+        if parent in self.folded_once:
+            self.folded_once.add(child)
 
     def release(self, seq_id: int) -> None:
         """A cache sequence was released: the policy drops what it kept for it."""
         self.policy.release(seq_id)
         self.fit_queries.pop(seq_id, None)
-        self.offset_folded.discard(seq_id)
+        self.folded_once.discard(seq_id)
 
     # ------------------------------------------------------------------ compression
     @torch.no_grad()
@@ -120,8 +121,8 @@ class Compressor:
         seen_h = cache.seen[seq_ids]  # host copy: [S]
         seen_list = seen_h.tolist()
         folds = [budget.folds(s) for s in seen_list]
-        if budget.summary_offset:  # a sequence whose slot carries the offset folded once already
-            folds = [f and q not in self.offset_folded for q, f in zip(seq_ids, folds, strict=True)]
+        if budget.folds_once:  # a sequence whose slot carries an offset or a sketch folded once already
+            folds = [f and q not in self.folded_once for q, f in zip(seq_ids, folds, strict=True)]
         if budget.summary_slots and not all(folds):  # some are past summary_max_ratio: they drop what they evict
             folding = [q for q, f in zip(seq_ids, folds, strict=True) if f]
             dropping = [q for q, f in zip(seq_ids, folds, strict=True) if not f]
@@ -172,9 +173,10 @@ class Compressor:
                 budget.summary_spread,
                 budget.summary_shared_value,
                 self.summary_offsets(budget, cache) if budget.summary_offset else None,
+                bool(budget.summary_sketch),
             )
-            if budget.summary_offset:
-                self.offset_folded.update(seq_ids)
+            if budget.folds_once:
+                self.folded_once.update(seq_ids)
         return cache.evict(seq_ids, keep)
 
     def summary_offsets(self, budget: Budget, cache: PagedKVCache) -> torch.Tensor:

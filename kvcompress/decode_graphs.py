@@ -59,7 +59,9 @@ class DecodeGraphs:
     Static buffers, for ``B`` = the largest bucket, ``L`` layers, ``H`` kv heads and ``MB`` blocks per head:
     ``input_ids`` and ``positions`` ``[B]`` int64, ``slot_positions`` ``[B * H]`` int32 (token-major, as the cache
     writes them), ``slots`` ``[L, B, H]`` int64, ``block_tables`` ``[L, B, H, MB]`` int32 and ``lengths``
-    ``[L, B, H]`` int32. A bucket reads the first rows of each, so ``tensor[layer, :bucket]`` stays contiguous.
+    ``[L, B, H]`` int32, and with summary sketches ``token_seqs`` ``[B]`` int64 (padding rows read sequence 0's
+    sketch, which their empty heads never use). A bucket reads the first rows of each, so ``tensor[layer, :bucket]``
+    stays contiguous.
     """
 
     def __init__(self, runner: ModelRunner, max_batch: int, capture: bool = True) -> None:
@@ -77,6 +79,7 @@ class DecodeGraphs:
         self.slots = torch.full((L, B, H), cache.scratch_slot, **long)
         self.block_tables = torch.zeros((L, B, H, MB), **i32)
         self.lengths = torch.zeros((L, B, H), **i32)
+        self.token_seqs = torch.zeros(B, **long) if cache.slot_sketch is not None else None
         self._recorded: dict[tuple[int, int], _Recorded] = {}
         self._pool: tuple[int, int] | None = None  # one memory pool for every graph: they never replay at once
         self.replays = 0
@@ -130,6 +133,8 @@ class DecodeGraphs:
             max_len=[self.capacity] * L,
             min_len=[0] * L,
             layout=[None] * L,
+            token_seqs=None if self.token_seqs is None else self.token_seqs[:bucket],
+            sketched=self.token_seqs is not None,  # recorded with the term: a zero sketch adds nothing
         )
         return ForwardStep(self.cache, plan, decode_power=decode_power)
 
@@ -170,6 +175,8 @@ class DecodeGraphs:
         self.slots[:, :n].copy_(plan.slots)
         self.block_tables[:, :n, :, :cols].copy_(plan.block_tables)  # columns past a head's length are never read
         self.lengths[:, :n].copy_(plan.lengths)
+        if self.token_seqs is not None:
+            self.token_seqs[:n].copy_(plan.token_seqs)
         self._pad(n, bucket)
 
     def _pad(self, start: int, stop: int) -> None:

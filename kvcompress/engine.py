@@ -125,9 +125,17 @@ class Engine:
         if self.max_prefill_tokens < 1 or self.prefill_chunk < 1 or self.max_seqs < 1:
             raise ValueError("max_seqs, prefill_chunk and max_prefill_tokens must be >= 1")
         max_tokens = self.max_tokens_per_head or int(self.model.config.max_position_embeddings)
-        summaries = self.compressor is not None and self.compressor.budget.ever_folds
+        budget = self.compressor.budget if self.compressor is not None else None
+        summaries = budget is not None and budget.ever_folds
         self.cache: PagedKVCache = make_cache(
-            self.model, self.max_seqs, max_tokens, self.num_blocks, self.block_size, summaries
+            self.model,
+            self.max_seqs,
+            max_tokens,
+            self.num_blocks,
+            self.block_size,
+            summaries,
+            budget.summary_sketch if summaries else 0,
+            budget.summary_sketch_tails if summaries else "uniform",
         )
         on_cuda = self.cache.device.type == "cuda"
         if self.cuda_graphs and not on_cuda:
@@ -190,6 +198,15 @@ class Engine:
                     f"request {rid!r} asks for budget.summary_slots={request.budget.summary_slots}, but the engine's "
                     "cache has no summary slots: give the engine's compressor a budget with summary_slots > 0 (and "
                     "a ratio at most its summary_max_ratio)"
+                )
+            sketch = self.cache.slot_sketch
+            rank = 0 if sketch is None else sketch.shape[-2]
+            asked = (request.budget.summary_sketch, request.budget.summary_sketch_tails)
+            if request.budget.summary_sketch and asked != (rank, self.cache.sketch_tails):
+                raise ValueError(
+                    f"request {rid!r} asks for budget.summary_sketch={asked[0]} with {asked[1]} tails, but the "
+                    f"engine's cache keeps sketches of rank {rank} with {self.cache.sketch_tails} tails: give the "
+                    "engine's compressor the same summary_sketch and summary_sketch_tails"
                 )
         budget = self._budget(request)
         if budget is not None and budget.summary_offset:  # a file measured for another model fails here, not later

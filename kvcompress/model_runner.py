@@ -52,9 +52,12 @@ def make_cache(
     num_blocks: int | None = None,
     block_size: int = 16,
     summaries: bool = False,
+    sketch_rank: int = 0,
+    sketch_tails: str = "uniform",
 ) -> PagedKVCache:
     """A cache with the model's geometry, dtype and device; ``num_blocks`` defaults to a pool that holds ``max_seqs``
-    uncompressed sequences of ``max_tokens_per_head``; ``summaries`` gives it summary slots' biases."""
+    uncompressed sequences of ``max_tokens_per_head``; ``summaries`` gives it summary slots' biases, and
+    ``sketch_rank`` > 0 their sketches (read with ``sketch_tails``)."""
     layers, heads, head_dim = model_kv_geometry(model)
     if num_blocks is None:
         num_blocks = PagedKVCache.blocks_for(layers, heads, max_tokens_per_head, max_seqs, block_size)
@@ -70,6 +73,8 @@ def make_cache(
         param.dtype,
         param.device,
         summaries,
+        sketch_rank,
+        sketch_tails,
     )
 
 

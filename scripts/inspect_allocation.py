@@ -25,26 +25,18 @@ Two oracles ask what an answer needs, on top of a setup's own choice:
   keys (so their exact attention mass) and get zero values; ``mean``: they keep their keys and get their head's
   mean evicted value. ``--mass-groups G`` averages over G groups of each head's evicted tokens, consecutive in
   position, instead of all of them. Memory is not saved under this oracle; the tables report what the setup would
-  have kept. (Summary slots, ``budget.summary_slots`` in a setup, are the real thing: the mean key too, one slot.)
-- ``--sketch R`` (a setup with ``budget.summary_slots=1``) gives each summary slot a query's share of its own: the
-  rank-R Gaussian sketch of the keys the head evicted adds ``s^2/2 |W q|^2`` to the slot's logit
-  (``scripts/gaussian_sketch.py``; no kernel has it, so the compressed sequence attends densely in torch);
-  ``--sketch-tails uniform`` models each direction as uniform instead.
+  have kept. (Summary slots, ``budget.summary_slots`` in a setup, are the real thing: the mean key too, one slot;
+  ``budget.summary_sketch=R`` gives that slot each query's share of its own, from a rank-R sketch of the keys.)
 The ranks reported are still the policy's own.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from transformers import AttentionInterface
 
-import kvcompress.compressor as compressor_module
-from kvcompress.attention import ATTN_IMPLEMENTATION, paged_attention_forward
 from kvcompress.budget import Budget
 from kvcompress.cache.paged import HeadView, PagedKVCache
 from kvcompress.compressor import Compressor
@@ -59,9 +51,6 @@ from kvcompress.sequence import Request, RequestOutput
 from kvcompress.tasks.base import Sample
 from kvcompress.tasks.metrics import score
 from kvcompress.tasks.registry import build_task
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gaussian_sketch import TAILS, SketchedAttention  # noqa: E402
 
 
 def answer_positions(tokenizer, ids: list[int], answer: str) -> list[int]:
@@ -89,7 +78,6 @@ class RecordingCompressor(Compressor):
     only_layers: tuple[int, int] | None = None  # oracle: layers outside [a, b] keep everything
     mass: str | None = None  # oracle: stand-ins for the evicted tokens' values (zero, mean), see the module doc
     mass_groups: int = 1
-    sketched: SketchedAttention | None = None  # oracle: records each head's Gaussian sketch as the summaries fold
     _recording: bool = field(default=False, init=False, repr=False)
 
     def compress(self, cache: PagedKVCache, seq_ids: list[int], budget: Budget | None = None) -> int:
@@ -120,8 +108,6 @@ class RecordingCompressor(Compressor):
         self.policy.rank_layers = recording
         if self.mass:
             cache.evict = standing_in
-        if self.sketched:
-            compressor_module.fold_evicted = self.sketched.record
         self._recording = True
         try:
             freed = super().compress(cache, seq_ids, budget)
@@ -130,8 +116,6 @@ class RecordingCompressor(Compressor):
             del self.policy.rank_layers
             if self.mass:
                 del cache.evict
-            if self.sketched:
-                compressor_module.fold_evicted = self.sketched.fold
         for layer in range(cache.num_layers if not self.mass else 0):
             v = cache.view(layer, seq_ids[:1], with_kv=False)
             self.kept.append((v.positions[0].cpu(), v.valid[0].cpu()))
@@ -230,18 +214,14 @@ def inspect(
     only_layers: tuple[int, int] | None = None,
     mass: str | None = None,
     mass_groups: int = 1,
-    sketch: int = 0,
-    sketch_tails: str = "gaussian",
 ) -> None:
-    """Run ``sample`` under ``setup`` and print where the budget went; ``keep``, ``only_layers``, ``mass`` and
-    ``sketch`` are the oracles of the module docstring."""
+    """Run ``sample`` under ``setup`` and print where the budget went; ``keep``, ``only_layers`` and ``mass`` are the
+    oracles of the module docstring."""
     tok = lm.tokenizer
     num_layers = lm.model.config.num_hidden_layers
     overall = only_layers_ratio(ratio, only_layers, num_layers) if only_layers else ratio
     label, comp = build_compressor(setup, overall, protected)
     comp.only_layers, comp.mass, comp.mass_groups = only_layers, mass, mass_groups
-    if sketch:
-        comp.sketched = SketchedAttention(sketch, compressor_module.fold_evicted, paged_attention_forward, sketch_tails)
     bind_tokenizer(comp.policy, tok)
     prompt = build_prompt(tok, sample)
     request = as_request(
@@ -262,20 +242,13 @@ def inspect(
                 f"query-aware): give text copied from it"
             )
         comp.keep_positions += pos
-    if comp.sketched:
-        AttentionInterface.register(ATTN_IMPLEMENTATION, comp.sketched)
-    try:
-        out = run_recorded(lm.model, comp, request)
-    finally:
-        AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)
+    out = run_recorded(lm.model, comp, request)
     answers = {a: answer_positions(tok, compressed, a) for a in [*sample.answers, *find, *keep]}
     oracles = [f"keeping {len(comp.keep_positions)} tokens in every head"] if keep else []
     if only_layers:
         oracles.append(f"compressing layers {only_layers[0]}-{only_layers[1]} only (overall {overall:.3g}x)")
     if mass:
         oracles.append(f"evicting nothing: {mass} stand-ins over {mass_groups} group(s) per head")
-    if sketch:
-        oracles.append(f"each summary slot weighed by a rank-{sketch} {sketch_tails} sketch of what its head evicted")
     print(f"\n{label} at {ratio:g}x, {mode}: {len(compressed)} tokens compressed" + "".join(f"; {o}" for o in oracles))
     for a, pos in answers.items():
         print(f"  answer {a!r}: " + (f"positions {pos[0]}-{pos[-1]}" if pos else "not in the compressed prompt"))
@@ -310,8 +283,6 @@ def main() -> None:
     ap.add_argument("--only-layers", help="oracle: compress layers A-B only (e.g. 0-13), the others keep everything")
     ap.add_argument("--mass", choices=MASS_MODES, help="oracle: stand-ins for the evicted tokens (see above)")
     ap.add_argument("--mass-groups", type=int, default=1, help="groups of evicted tokens per head, for --mass")
-    ap.add_argument("--sketch", type=int, default=0, help="oracle: a rank-R Gaussian sketch on each summary slot")
-    ap.add_argument("--sketch-tails", default="gaussian", choices=TAILS, help="the sketch's model of each direction")
     ap.add_argument("--protected", type=int, default=32, help="protected window (the RESULTS commands' 32)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -322,15 +293,6 @@ def main() -> None:
         setups = split_setups(args.setups)
         for name in setups:
             _, comp = build_compressor(name, args.ratio, args.protected)
-            b = comp.budget
-            if args.sketch and (
-                b.summary_slots != 1 or b.summary_spread or b.summary_fit or b.summary_offset or b.compress_every
-            ):
-                raise ValueError(
-                    f"--sketch weighs a head's one summary slot, folded once with its log(n) bias: give setups with "
-                    f"budget.summary_slots=1, no summary_spread, summary_fit or summary_offset and compress_every=0 "
-                    f"(like recommended_query_agnostic), got {name!r}"
-                )
             if only_layers and comp.budget.allocation != "global":
                 raise ValueError(
                     f"--only-layers needs setups with the global allocation (like kvzip+global), got {name!r}: "
@@ -340,8 +302,6 @@ def main() -> None:
         ap.error(str(err))
     if args.mass_groups < 1:
         ap.error(f"--mass-groups must be >= 1, got {args.mass_groups}")
-    if args.sketch < 0 or (args.sketch and args.mass):
-        ap.error(f"--sketch takes a rank >= 1 (0: off) and no --mass, got --sketch {args.sketch} --mass {args.mass}")
     if args.task == "jsonl" and not args.path:
         ap.error("--task jsonl needs --path FILE.jsonl")
     torch.set_num_threads(args.threads)
@@ -380,8 +340,6 @@ def main() -> None:
                 only_layers,
                 args.mass,
                 args.mass_groups,
-                args.sketch,
-                args.sketch_tails,
             )
     except ValueError as err:  # a budget the prompt cannot meet (BudgetError), a prompt too long for the engine
         ap.error(str(err))

@@ -16,11 +16,11 @@ A summary slot (``budget.summary_slots=1``) stands in for it with the evicted ke
 Printed per layer, means over the samples, the kv heads and their queries: the exact share, the slot's share, the
 mean gap and its standard deviation over a head's queries (how far one constant per head could close it).
 
-``--sketch 4,8`` adds a column per rank r: the gap left by a rank-r **Gaussian sketch** of the evicted keys, the
-slot's ``log(n) + s q.mu`` plus ``s^2/2 |W q|^2`` over their covariance's top r principal directions
-(``scripts/gaussian_sketch.py``), which gives each query a share of its own: its mean, its sd over a head's queries,
-and the fraction of queries it over-weighs by more than 1 nat (the error that lost answers under a constant offset).
-``--tails uniform`` models each direction as uniform instead of Gaussian.
+``--sketch 4,8`` adds a column per rank r: the gap left by a rank-r **sketch** of the evicted keys
+(``budget.summary_sketch``, :mod:`kvcompress.cache.sketch`), the slot's ``log(n) + s q.mu`` plus a term over their
+covariance's top r principal directions (``s^2/2 |W q|^2`` for Gaussian tails), which gives each query a share of
+its own: its mean, its sd over a head's queries, and the fraction of queries it over-weighs by more than 1 nat (the
+error that lost answers under a constant offset). ``--tails uniform`` models each direction as uniform instead.
 ``--save-gap FILE`` writes the mean gap per (layer, kv head) as JSON (``--gap-layers A-B``: those layers' only, zero
 in the others), the offsets ``budget.summary_offset=FILE`` adds to every summary slot's bias. Measure them on samples
 you do not evaluate on.
@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from kvcompress.cache.sketch import TAILS, key_sketch, sketch_term
 from kvcompress.experiment.prompts import Prompt, bind_tokenizer, build_prompt
 from kvcompress.generate import as_request
 from kvcompress.model import load_model
@@ -50,7 +51,6 @@ from kvcompress.model_runner import ModelRunner, make_cache, model_kv_geometry
 from kvcompress.tasks.registry import build_task
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gaussian_sketch import TAILS, sketch, sketch_term  # noqa: E402
 from inspect_allocation import build_compressor, parse_layers, run_recorded  # noqa: E402
 
 
@@ -126,11 +126,12 @@ def sketch_gaps(
 ) -> list[torch.Tensor]:
     """For queries ``q`` ``[G, M, D]`` of one head and the keys it evicted, ``gone`` ``[n, D]``: per rank r in
     ``ranks``, the gap the rank-r sketch leaves, ``[G, M]``. The sketch is the slot (whose gap ``slot_gap``
-    :func:`head_shares` gives) plus its ``tails`` term (``gaussian_sketch.py``; ``s^2/2 |W q|^2`` for a Gaussian),
-    so its gap is the slot's less that term."""
+    :func:`head_shares` gives) plus its ``tails`` term (:mod:`kvcompress.cache.sketch`; ``s^2/2 |W q|^2`` for a
+    Gaussian), so its gap is the slot's less that term."""
     s = gone.shape[-1] ** -0.5
-    w = sketch(gone, max(ranks, default=0))  # rows by descending eigenvalue: w[:r] is the rank-r sketch
-    return [slot_gap - sketch_term(q, w[:r], s, tails) for r in ranks]
+    members = torch.ones(gone.shape[0], dtype=torch.bool, device=gone.device)
+    w = key_sketch(gone, members, max(ranks, default=0))  # rows by descending eigenvalue: w[:r] is the rank-r sketch
+    return [slot_gap - sketch_term(s * q @ w[:r].T, tails) for r in ranks]
 
 
 def mean_over_samples(

@@ -12,6 +12,10 @@ Storage, on the model's device (one pool for all layers)::
     slot_bias        : [num_blocks + 1, block_size] float32     logit bias, log(tokens a summary slot stands for);
                                                                 0 for a plain token; only with ``summaries=True``
                                                                 (:mod:`kvcompress.cache.summary`)
+    slot_sketch      : [num_layers, max_seqs, num_kv_heads, r, head_dim] float32   per head, the rank-r sketch of
+                                                                the keys its summary slot folded; only with
+                                                                ``sketch_rank=r`` (:mod:`kvcompress.cache.sketch`,
+                                                                read with ``sketch_tails``)
 
 The extra last block is never handed out: padded entries of a gathered view point at it, so a masked scatter
 (:meth:`set_scores`) can write every entry without a boolean index, which would read a count back to the host.
@@ -129,6 +133,8 @@ class PagedKVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         summaries: bool = False,
+        sketch_rank: int = 0,
+        sketch_tails: str = "uniform",
     ) -> None:
         if num_blocks <= 0 or block_size <= 0 or max_seqs <= 0:
             raise ValueError(
@@ -144,6 +150,12 @@ class PagedKVCache:
         self.slot_pos = torch.zeros(shape, dtype=torch.int32, device=self.device)
         self.slot_score = torch.zeros(shape, dtype=torch.float32, device=self.device)
         self.slot_bias = torch.zeros(shape, dtype=torch.float32, device=self.device) if summaries else None
+        if sketch_rank < 0 or (sketch_rank and not summaries):
+            raise ValueError(f"sketch_rank ({sketch_rank}) must be >= 0, and > 0 only with summaries=True")
+        sketch_shape = (num_layers, max_seqs, num_kv_heads, sketch_rank, head_dim)
+        self.slot_sketch = torch.zeros(sketch_shape, device=self.device) if sketch_rank else None
+        self.sketch_tails = sketch_tails  # how a query reads the sketch (kvcompress.cache.sketch.TAILS)
+        self.sketched = np.zeros(max_seqs, dtype=bool)  # host: the sequence holds a sketch (set by the fold)
         self.scratch_slot = num_blocks * block_size
         table_shape = (num_layers, max_seqs, num_kv_heads)
         self.block_tables = np.full((*table_shape, self.max_blocks_per_head), -1, dtype=np.int32)
@@ -164,6 +176,11 @@ class PagedKVCache:
         (float32)."""
         elt = self.k_cache.element_size()
         return self.block_size * (2 * self.head_dim * elt + 4 + 4 + (4 if self.slot_bias is not None else 0))
+
+    @property
+    def sketch_bytes(self) -> int:
+        """Bytes of one sequence's summary sketches (every layer and kv head; 0 without ``sketch_rank``)."""
+        return 0 if self.slot_sketch is None else self.slot_sketch[:, 0].numel() * 4
 
     @property
     def num_free_blocks(self) -> int:
@@ -217,6 +234,9 @@ class PagedKVCache:
         self.lengths[:, seq_id] = 0
         self.num_blocks_held[:, seq_id] = 0
         self.seen[seq_id] = 0
+        if self.slot_sketch is not None:  # a zero sketch adds nothing: the next sequence here starts without one
+            self.slot_sketch[:, seq_id] = 0
+        self.sketched[seq_id] = False
         self._live.discard(seq_id)
 
     def fork(self, seq_id: int, expected_tokens: int = 0) -> int:
@@ -238,6 +258,9 @@ class PagedKVCache:
         for pool in (self.k_cache, self.v_cache, self.slot_pos, self.slot_score, self.slot_bias):
             if pool is not None:
                 pool[dst_d] = pool[src_d]
+        if self.slot_sketch is not None:
+            self.slot_sketch[:, new] = self.slot_sketch[:, seq_id]
+        self.sketched[new] = self.sketched[seq_id]
         self.block_tables[:, new][used] = dst
         self.lengths[:, new] = self.lengths[:, seq_id]
         self.num_blocks_held[:, new] = self.num_blocks_held[:, seq_id]
@@ -379,6 +402,8 @@ class PagedKVCache:
             max_len=max_len.tolist(),
             min_len=min_len.tolist(),
             layout=layout,
+            token_seqs=None if self.slot_sketch is None else self.upload(sid[tok_seq], torch.long),
+            sketched=bool(self.sketched[sid].any()),
         )
 
     def _layout(self, tables: np.ndarray, uniform: np.ndarray) -> list[tuple[int, int, int] | None]:
@@ -574,7 +599,8 @@ class PagedKVCache:
             tokens_seen=seen,
             tokens_kept=int(kept.sum()),
             blocks_allocated=blocks,
-            allocated_bytes=blocks * (self.block_bytes + 4),  # + one int32 block-table entry per block
+            # + one int32 block-table entry per block, and each sequence's sketches (float32) where the cache has them
+            allocated_bytes=blocks * (self.block_bytes + 4) + len(sid) * self.sketch_bytes,
             dense_bytes=seen * 2 * self.head_dim * elt,
             kept_per_head=torch.from_numpy(kept.copy()),
         )

@@ -38,6 +38,11 @@ class StepPlan:
     holds the same number of tokens in one contiguous run of slots starting at ``first + b * seq_stride +
     h * head_stride``: the torch reference then reads keys and values as a strided view of the pool instead of
     gathering them. None otherwise.
+
+    ``token_seqs`` ``[T]`` int64 (a cache with summary sketches only, else None): each token's sequence id, which
+    row of the cache's ``slot_sketch`` its queries read (:func:`kvcompress.cache.sketch.slot_term`); ``sketched``
+    (host): some sequence of the step holds a sketch, so the attention computes the term (a CUDA graph's step always
+    does: a zero sketch adds nothing).
     """
 
     seq_ids: list[int]
@@ -52,6 +57,8 @@ class StepPlan:
     max_len: list[int]
     min_len: list[int]
     layout: list[tuple[int, int, int] | None]
+    token_seqs: torch.Tensor | None = None
+    sketched: bool = False
     is_decode: bool = field(init=False)  # one token per sequence
     fresh: bool = field(init=False)  # every sequence starts at position 0: nothing was cached before this forward
 

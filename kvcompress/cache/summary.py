@@ -47,6 +47,11 @@ per-(layer, kv head) offset to each slot's ``log(n)`` bias: the mean gap, on cal
 evicted tokens weighed for a question's queries and what their mean key weighs. A slot's bias then no longer
 counts its members, so a sequence folds with offsets once (the compressor drops what a later compression of it
 evicts).
+
+``sketch`` (``budget.summary_sketch``) keeps, beside one ``log(n)`` slot per head, the top principal directions of
+the keys it folds in the cache's ``slot_sketch``; every later query then adds to the slot's logit what that spread
+is worth to it (:mod:`kvcompress.cache.sketch`), so the slot weighs for each query about what its members would.
+A sequence folds with it once, as with offsets.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ import math
 import torch
 
 from kvcompress.cache.paged import HeadView, PagedKVCache
+from kvcompress.cache.sketch import key_sketch
 
 
 @torch.no_grad()
@@ -70,6 +76,7 @@ def fold_evicted(
     spread: bool = False,
     shared_value: bool = False,
     offsets: torch.Tensor | None = None,
+    sketch: bool = False,
 ) -> torch.Tensor:
     """Fold what ``keep`` (``[L, S, H, N]`` over each layer's logical slots, :meth:`PagedKVCache.evict`'s mask)
     evicts from every head of ``views`` (one per layer, gathered with keys and values) into ``groups`` summary
@@ -81,6 +88,8 @@ def fold_evicted(
     stored in its last two members; a group of one member keeps one slot. ``shared_value``: every slot of a head
     takes the mean value of all it evicts (module docstring). ``offsets`` ``[L, H]`` (at least ``len(views)`` rows):
     row l is added to the bias of every slot of layer l that stands for more than one token (module docstring).
+    ``sketch``: also write each head's sketch of the keys it evicts into the cache's ``slot_sketch`` (one slot per
+    head; :mod:`kvcompress.cache.sketch`).
 
     Everything stays on the device: an empty group (a head that evicts fewer than ``groups`` tokens) writes into
     the cache's scratch slot and keeps nothing.
@@ -95,6 +104,11 @@ def fold_evicted(
         raise ValueError("shared-value summary slots keep the head's mean value; they cannot also be spread or fitted")
     if not fit_value and queries is None:
         raise ValueError("fit_value=False keeps the mean value of slots fitted to queries, but no queries were given")
+    if sketch and (cache.slot_sketch is None or groups != 1 or spread or queries is not None or offsets is not None):
+        raise ValueError(
+            "a summary sketch reads one log(n) slot per head: it needs a cache made with sketch_rank > 0, groups=1, "
+            "and no spread, fitted queries or offsets"
+        )
     keep = keep.clone()
     D = cache.head_dim
     bias = cache.slot_bias.view(-1)
@@ -113,6 +127,10 @@ def fold_evicted(
         if kmeans and groups > 1:
             group = _regroup_by_key(view.keys.float(), mass, gone, group, groups, kmeans)
         total = torch.zeros(buckets, device=group.device).scatter_add(-1, group, mass)[..., :groups]
+        if sketch:
+            sid = torch.as_tensor(view.seq_ids, device=group.device)
+            cache.slot_sketch[view.layer, sid] = key_sketch(view.keys.float(), gone, cache.slot_sketch.shape[-2], mass)
+            cache.sketched[view.seq_ids] = True
         denom = total.clamp_min(1e-30)[..., None]
         idx = group[..., None].expand(-1, -1, -1, D)
         keys = torch.zeros(*buckets, D, device=group.device).scatter_add(-2, idx, view.keys.float() * mass[..., None])

@@ -109,6 +109,7 @@ def fingerprint(cfg: DictConfig) -> str:
         "summary_spread",
         "summary_shared_value",
         "summary_offset",
+        "summary_sketch",
         "summary_max_ratio",
         "summary_layers",
     )
@@ -117,6 +118,8 @@ def fingerprint(cfg: DictConfig) -> str:
             budget.pop(key, None)
     if budget.get("summary_fit_value", True) is True:  # added later, default true
         budget.pop("summary_fit_value", None)
+    if budget.get("summary_sketch_tails", "uniform") == "uniform":  # added later, default uniform
+        budget.pop("summary_sketch_tails", None)
     if budget.get("summary_offset"):  # a file: its content decides the predictions, not its name alone
         budget["summary_offset_sha1"] = file_sha1(budget["summary_offset"])
     return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -414,6 +417,8 @@ def summarize(
         "summary_shared_value": bool(cfg.budget.get("summary_shared_value") or False),
         "summary_offset": cfg.budget.get("summary_offset"),
         "summary_offset_sha1": file_sha1(cfg.budget.get("summary_offset")),
+        "summary_sketch": int(cfg.budget.get("summary_sketch") or 0),
+        "summary_sketch_tails": cfg.budget.get("summary_sketch_tails", "uniform"),
         "summary_max_ratio": cfg.budget.get("summary_max_ratio"),
         "summary_layers": cfg.budget.get("summary_layers"),
         "seed": int(cfg.seed),

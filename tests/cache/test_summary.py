@@ -628,7 +628,7 @@ def test_a_sequence_folds_with_its_offset_once(tmp_path) -> None:
     cache, _, _ = filled(40, seed=19)
     comp = Compressor(KnormPolicy(), Budget(ratio=4, protected_window=2, summary_slots=1, summary_offset=str(path)))
     comp.compress(cache, [0])
-    assert comp.offset_folded == {0}
+    assert comp.folded_once == {0}
     comp.compress(cache, [0], Budget(ratio=8, protected_window=2, summary_slots=1, summary_offset=str(path)))
     for layer in range(L):
         v = cache.view(layer, [0], with_kv=False)
@@ -638,9 +638,9 @@ def test_a_sequence_folds_with_its_offset_once(tmp_path) -> None:
             assert all(b == 0 or b == pytest.approx(math.log(31) + offset[layer][h]) for b in bias.tolist())
     child = cache.fork(0)
     comp.fork(0, child)
-    assert child in comp.offset_folded
+    assert child in comp.folded_once
     comp.release(child)
-    assert comp.offset_folded == {0}
+    assert comp.folded_once == {0}
 
 
 def test_an_offset_file_for_another_model_is_refused_when_the_request_is_queued(tmp_path, tiny_llama) -> None:

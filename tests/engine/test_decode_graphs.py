@@ -20,6 +20,7 @@ from kvcompress.compressor import Compressor
 from kvcompress.decode_graphs import DecodeGraphs, batch_buckets
 from kvcompress.engine import Engine, Request
 from kvcompress.policies.h2o import H2OPolicy
+from kvcompress.policies.kvzip import KVzipPolicy
 from kvcompress.policies.lfu import LFUPolicy
 from kvcompress.policies.tova import TOVAPolicy
 
@@ -33,13 +34,18 @@ POLICIES = {
     "lfu": lambda: Compressor(LFUPolicy(window=8), _budget()),  # squared probabilities accumulated in the kernel
     "h2o": lambda: Compressor(H2OPolicy(), _budget()),  # plain probabilities accumulated in the kernel
     "tova": lambda: Compressor(TOVAPolicy(), _budget()),  # a Python hook on the probabilities: never replayed
+    # one summary slot per head with a sketch: each replayed query adds its sketch's term to the slot
+    "kvzip-sketch": lambda: Compressor(
+        KVzipPolicy(repeat_ids=[5, 9, 17]),
+        Budget(ratio=2, protected_window=8, allocation="global", summary_slots=1, summary_sketch=2),
+    ),
 }
 REQUESTS = [(40, 9), (57, 14), (71, 21), (33, 26)]  # (prompt tokens, new tokens): the batch goes 4 -> 3 -> 2 -> 1
 
 
 def _run(model: LlamaForCausalLM, policy: str, graphs: str) -> tuple[list, Engine]:
     """``graphs``: "off" (eager), "static" (the recorded step run eagerly) or "cuda" (captured graphs)."""
-    engine = Engine(model, POLICIES[policy](), max_seqs=4, max_tokens_per_head=128, keep_logits=True,
+    engine = Engine(model, POLICIES[policy](), max_seqs=4, max_tokens_per_head=160, keep_logits=True,
                     cuda_graphs=graphs == "cuda")  # fmt: skip
     if graphs == "static":
         engine.runner.graphs = DecodeGraphs(engine.runner, engine.max_seqs, capture=False)
@@ -58,6 +64,8 @@ def _assert_same(eager: tuple[list, Engine], graphed: tuple[list, Engine], polic
     pools_e = (eng_e.cache.k_cache, eng_e.cache.v_cache, eng_e.cache.slot_pos, eng_e.cache.slot_score)
     for g, e in zip(pools_g, pools_e, strict=True):  # the last block is the scratch block padding rows write into
         torch.testing.assert_close(g[:-1], e[:-1], atol=atol, rtol=0)
+    if eng_e.cache.slot_sketch is not None:
+        assert eng_e.stats.compressions and eng_g.runner.graphs.token_seqs is not None
     graphs = eng_g.runner.graphs
     assert graphs.replays == 0 if policy == "tova" else graphs.replays > 0, graphs.replays
     # every graph was recorded when the engine was built: no decode step paused to record one

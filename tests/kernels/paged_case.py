@@ -136,10 +136,16 @@ def random_bias(case: PagedCase, seed: int = 4) -> torch.Tensor:
 
 
 def naive_decode(
-    q: torch.Tensor, case: PagedCase, scale: float, power: int, bias: torch.Tensor | None = None
+    q: torch.Tensor,
+    case: PagedCase,
+    scale: float,
+    power: int,
+    bias: torch.Tensor | None = None,
+    term: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[int, float]]:
     """Dense per-(seq, query head) decode: SDPA output and ``{flat slot: sum_group p**power}``; ``bias``
-    (``[num_blocks, block_size]``, CPU) is added to each slot's logit."""
+    (``[num_blocks, block_size]``, CPU) is added to each slot's logit, and ``term`` (``[B, H_q]``) to the logit of
+    each slot with a positive bias."""
     batch, num_q_heads, _ = q.shape
     group = num_q_heads // case.lengths.shape[1]
     out = torch.zeros(q.shape, dtype=torch.float32)
@@ -151,6 +157,8 @@ def naive_decode(
                 continue
             k, v, _ = case.dense(b, h)
             kb = torch.zeros(len(k)) if bias is None else bias.view(-1)[case.slots(b, h)]
+            if term is not None:
+                kb = kb + term[b, hq] * (kb > 0)
             qi = q[b, hq].float()
             out[b, hq] = F.scaled_dot_product_attention(
                 qi[None, None, None], k[None, None], v[None, None], attn_mask=kb[None, None, None], scale=scale
@@ -170,9 +178,11 @@ def naive_prefill(
     obs_window: int,
     obs_power: int,
     bias: torch.Tensor | None = None,
+    term: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense per-(seq, query head) causal prefill with a position mask; returns (out fp32, obs fp32); ``bias``
-    (``[num_blocks, block_size]``, CPU) is added to each slot's logit."""
+    (``[num_blocks, block_size]``, CPU) is added to each slot's logit, and ``term`` (``[T, H_q]``) to the logit of
+    each slot with a positive bias."""
     num_q_heads = q.shape[1]
     batch, heads = case.lengths.shape
     group = num_q_heads // heads
@@ -190,12 +200,13 @@ def naive_prefill(
             kb = torch.zeros(n) if bias is None else bias.view(-1)[case.slots(b, h)]
             qb = q[t0:t1, hq].float()
             mask = kpos[None, :] <= q_pos[t0:t1, None].long()  # [T_b, len]
+            kb = kb.expand_as(mask) if term is None else kb + term[t0:t1, hq, None] * (kb > 0)  # [T_b, len]
             logits = (qb @ k.T * scale + kb).masked_fill(~mask, float("-inf"))
             out[t0:t1, hq] = F.scaled_dot_product_attention(
                 qb[None],
                 k[None],
                 v[None],
-                attn_mask=kb.expand_as(mask).masked_fill(~mask, float("-inf"))[None],
+                attn_mask=kb.masked_fill(~mask, float("-inf"))[None],
                 scale=scale,
             )[0]
             p = torch.softmax(logits, dim=-1)

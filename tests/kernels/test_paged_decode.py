@@ -79,20 +79,27 @@ def test_torch_matches_naive(dtype, group, power):
         assert score.sum().item() == pytest.approx(group * int((case.lengths > 0).sum()), rel=1e-3)
 
 
+@pytest.mark.parametrize("with_term", [False, True])
 @pytest.mark.parametrize("power", [0, 1, 2])  # 0: no score accumulation (the reference's fused path)
 @pytest.mark.parametrize("splits", [1, 3])
-def test_slot_bias_weighs_each_slot_in_all_three(device, power, splits):
-    """A ``slot_bias`` is added to each slot's logit: Triton, the torch reference and the naive loop agree, scores
-    included, and a zero bias changes nothing."""
+def test_slot_bias_weighs_each_slot_in_all_three(device, power, splits, with_term):
+    """A ``slot_bias`` is added to each slot's logit, and a ``slot_term`` to each query head's logit of every slot
+    with a positive bias: Triton, the torch reference and the naive loop agree, scores included, and a zero bias
+    changes nothing."""
     case = make_case(LENGTHS, 64, torch.float32, seed=13, device=device)
     q = _query(2, 9, 64, torch.float32, device=device)
     bias = random_bias(case)
+    term = (
+        (4 * torch.rand(q.shape[:2], generator=torch.Generator().manual_seed(6)) - 1).to(device) if with_term else None
+    )
     args = (q, case.k_cache, case.v_cache, case.block_tables, case.lengths, 0.125)
     acc = dict(score_out=torch.zeros_like(case.slot_score), score_power=power) if power else {}
-    ref = paged_decode_torch(*args, slot_bias=bias, **acc)
+    ref = paged_decode_torch(*args, slot_bias=bias, slot_term=term, **acc)
     tri_acc = {**acc, "score_out": torch.zeros_like(case.slot_score)} if power else {}
-    tri = paged_decode_triton(*args, slot_bias=bias, num_splits=splits, **tri_acc)
-    naive_out, naive_scores = naive_decode(q.cpu(), case.to("cpu"), 0.125, power or 1, bias.cpu())
+    tri = paged_decode_triton(*args, slot_bias=bias, slot_term=term, num_splits=splits, **tri_acc)
+    naive_out, naive_scores = naive_decode(
+        q.cpu(), case.to("cpu"), 0.125, power or 1, bias.cpu(), None if term is None else term.cpu()
+    )
     torch.testing.assert_close(ref.cpu(), naive_out, **TOL[torch.float32])
     torch.testing.assert_close(tri, ref, **TOL[torch.float32])
     if power:
@@ -103,6 +110,8 @@ def test_slot_bias_weighs_each_slot_in_all_three(device, power, splits):
         torch.testing.assert_close(tri_acc["score_out"], acc["score_out"], **SCORE_TOL[torch.float32])
     plain = paged_decode_torch(*args)
     assert not torch.allclose(ref, plain, atol=1e-3)  # the bias matters
+    if with_term:  # and so does the term
+        assert not torch.allclose(ref, paged_decode_torch(*args, slot_bias=bias), atol=1e-3)
     torch.testing.assert_close(paged_decode_torch(*args, slot_bias=torch.zeros_like(bias)), plain)
     torch.testing.assert_close(
         paged_decode_triton(*args, slot_bias=torch.zeros_like(bias)), plain, **TOL[torch.float32]

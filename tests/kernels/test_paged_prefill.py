@@ -98,10 +98,12 @@ def test_torch_matches_naive(dtype, group, obs_window, power, query_chunk, monke
         torch.testing.assert_close(obs.sum(-1), window[:, None].expand_as(obs.sum(-1)), atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("with_term", [False, True])
 @pytest.mark.parametrize(("obs_window", "power"), [(0, 1), (8, 2), (1000, 1)])
-def test_slot_bias_weighs_each_slot_in_all_three(device, obs_window, power):
-    """A ``slot_bias`` is added to each cached slot's logit, in the output and in the observation's
-    probabilities: Triton, the torch reference and the naive loop agree."""
+def test_slot_bias_weighs_each_slot_in_all_three(device, obs_window, power, with_term):
+    """A ``slot_bias`` is added to each cached slot's logit, and a ``slot_term`` to each query's logit of every slot
+    with a positive bias, in the output and in the observation's probabilities: Triton, the torch reference and the
+    naive loop agree."""
     case, q_pos, cu = _chunked_case(PREFIX_KEPT, PREFIX_SEEN, NEW_TOKENS, 2, 64, torch.float32, seed=5, device=device)
     q = _query(int(cu[-1]), 6, 64, torch.float32, device=device)
     bias = random_bias(case)
@@ -110,10 +112,20 @@ def test_slot_bias_weighs_each_slot_in_all_three(device, obs_window, power):
             bias.view(-1)[case.slots(b, h)[n:].to(device)] = 0.0
     args = _args(case, q, q_pos, cu, 0.125)
     obs = dict(obs_window=obs_window, obs_power=power)
-    out_ref, obs_ref = paged_prefill_torch(*args, slot_bias=bias, **obs)
-    out_tri, obs_tri = paged_prefill_triton(*args, slot_bias=bias, **obs)
+    gen = torch.Generator().manual_seed(6)
+    term = (4 * torch.rand(q.shape[:2], generator=gen) - 1).to(device) if with_term else None
+    out_ref, obs_ref = paged_prefill_torch(*args, slot_bias=bias, slot_term=term, **obs)
+    out_tri, obs_tri = paged_prefill_triton(*args, slot_bias=bias, slot_term=term, **obs)
     naive_out, naive_obs = naive_prefill(
-        q.cpu(), case.to("cpu"), q_pos.cpu(), cu.cpu(), 0.125, obs_window, power, bias.cpu()
+        q.cpu(),
+        case.to("cpu"),
+        q_pos.cpu(),
+        cu.cpu(),
+        0.125,
+        obs_window,
+        power,
+        bias.cpu(),
+        None if term is None else term.cpu(),
     )
     torch.testing.assert_close(out_ref.cpu(), naive_out, **TOL[torch.float32])
     torch.testing.assert_close(out_tri, out_ref, **TOL[torch.float32])
@@ -121,6 +133,8 @@ def test_slot_bias_weighs_each_slot_in_all_three(device, obs_window, power):
         torch.testing.assert_close(obs_ref.cpu(), naive_obs, **OBS_TOL[torch.float32])
         torch.testing.assert_close(obs_tri, obs_ref, **OBS_TOL[torch.float32])
     assert not torch.allclose(out_ref, paged_prefill_torch(*args, **obs)[0], atol=1e-3)  # the bias matters
+    if with_term:  # and so does the term
+        assert not torch.allclose(out_ref, paged_prefill_torch(*args, slot_bias=bias, **obs)[0], atol=1e-3)
 
 
 def test_chunked_prefill_equals_one_shot(device):

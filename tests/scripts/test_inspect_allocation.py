@@ -187,14 +187,15 @@ def test_answers_are_found_as_they_are_tokenized_in_the_text(ia, smollm2_tokeniz
         (["--mass", "zero", "--mass-groups", "0"], "--mass-groups must be >= 1, got 0"),
         (["--only-layers", "0-13", "--setups", "kvzip"], "--only-layers needs setups with the global allocation"),
         (["--setups", "recommended_query_agnostic:budget.summary_offset=/no/gap.json"], "no such file: '/no/gap.json'"),
-        (["--sketch", "8", "--setups", "kvzip+global"], "--sketch weighs a head's one summary slot"),
+        (["--setups", "kvzip+global:budget.summary_sketch=8"], "it needs budget.summary_slots=1"),
         (
-            ["--sketch", "8", "--setups", "recommended_query_agnostic:budget.summary_spread=true"],
-            "no summary_spread, summary_fit or summary_offset",
+            ["--setups", "recommended_query_agnostic:budget.summary_sketch=8,budget.summary_spread=true"],
+            "no summary_fit, no summary_spread and no summary_offset",
         ),
-        (["--sketch", "8", "--mass", "mean", "--setups", "recommended_query_agnostic"], "and no --mass"),
-        (["--sketch", "-1", "--setups", "recommended_query_agnostic"], "--sketch takes a rank >= 1 (0: off)"),
-        (["--sketch-tails", "heavy"], "argument --sketch-tails: invalid choice: 'heavy'"),
+        (
+            ["--setups", "recommended_query_agnostic:budget.summary_sketch_tails=heavy"],
+            "budget.summary_sketch_tails must be one of uniform, gaussian, got 'heavy'",
+        ),
     ],
 )
 def test_bad_arguments_fail_in_one_line_before_the_model_loads(args, message) -> None:
