@@ -168,25 +168,26 @@ def paged_prefill_torch(
         for c0 in range(window_start if fresh else t0, t1, _REF_QUERY_CHUNK):
             c1 = min(c0 + _REF_QUERY_CHUNK, t1)
             qc = q[c0:c1].float().view(c1 - c0, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)  # [Hkv,G,t,D]
-            # [Hkv, G, t, M]: the slots' biases, and each query's slot_term on the slots with a positive bias
+            # the slots' biases [Hkv, 1, 1, M], or with a slot_term each query's [Hkv, G, t, M] (its term added on the
+            # slots with a positive bias); rows of the chunk are taken only from the second
             cbias = None
             if kbias is not None:
                 cbias = term_rows(kbias[:, None, None, :], _term_chunk(slot_term, c0, c1, qc))
-                cbias = cbias.expand(-1, group, c1 - c0, -1)
+            per_row = slot_term is not None
             visible = valid[:, None, :] & (kpos[:, None, :] <= q_pos[c0:c1, None].to(kpos.device))  # [Hkv, t, M]
             # rows c0 + w0 .. c1 are observed: their probabilities are computed anyway and give their output too
             w0 = min(max(window_start - c0, 0), c1 - c0) if obs is not None else c1 - c0
             if not fresh and w0 > 0:
                 mask = visible[:, None, :w0]
                 if cbias is not None:  # a float mask is added to the logits
-                    mask = cbias[:, :, :w0].masked_fill(~mask, float("-inf"))
+                    mask = (cbias[:, :, :w0] if per_row else cbias).masked_fill(~mask, float("-inf"))
                 oc = F.scaled_dot_product_attention(qc[:, :, :w0], k_g, v_g, attn_mask=mask, scale=scale)
                 out[c0 : c0 + w0] = oc.permute(2, 0, 1, 3).reshape(w0, num_q_heads, head_dim).to(q.dtype)
             if w0 == c1 - c0:
                 continue
             logits = torch.matmul(qc[:, :, w0:] * scale, keys.transpose(-1, -2)[:, None])  # [Hkv, G, w, M]
             if cbias is not None:
-                logits += cbias[:, :, w0:]
+                logits += cbias[:, :, w0:] if per_row else cbias
             probs = torch.softmax(logits.masked_fill_(~visible[:, None, w0:], float("-inf")), dim=-1).nan_to_num_(0.0)
             if not fresh:
                 oc = torch.matmul(probs, values[:, None])  # [Hkv, G, w, D]
