@@ -42,7 +42,9 @@ it, to check a change chosen on the earlier draws' lost answers (a summary slot 
 "heldout7" is a seventh, made on 2026-12-06 before anything ran on it: the presets over more draws, and a check of
 whatever is chosen next on the earlier draws' lost query-agnostic answers. "heldout8" is an eighth, made on
 2026-12-07 before anything ran on it: the presets as they stand on one more draw, where the query-aware 8x target is
-met by less than an answer and the query-agnostic 4x one missed by a point over seven.
+met by less than an answer and the query-agnostic 4x one missed by a point over seven. "heldout9" is a ninth, made on
+2026-12-07 before anything ran on it, after the rank-8 key sketch (``budget.summary_sketch``) had been read on
+heldout5, heldout6 and heldout8: a draw the sketch was neither screened nor read on.
 
 Prompts are sized in tokens of the SmolLM2 tokenizer (``context + question``, no chat template, as
 ``kvcompress.tasks.synthetic.SyntheticTask`` does) and are deterministic per suite, token target and seed::
@@ -60,6 +62,7 @@ Prompts are sized in tokens of the SmolLM2 tokenizer (``context + question``, no
     python scripts/make_suites.py --tokens 4000 --suites heldout6 # heldout6-4k.jsonl
     python scripts/make_suites.py --tokens 4000 --suites heldout7 # heldout7-4k.jsonl
     python scripts/make_suites.py --tokens 4000 --suites heldout8 # heldout8-4k.jsonl
+    python scripts/make_suites.py --tokens 4000 --suites heldout9 # heldout9-4k.jsonl
 
     python experiments/run.py task=jsonl task.path=docs/results/suites/dev-1k.jsonl policy=tova budget.ratio=4
 """
@@ -93,6 +96,7 @@ SUITE_SEEDS = {
     "heldout6": 7000,
     "heldout7": 8000,
     "heldout8": 9000,
+    "heldout9": 10000,
 }
 
 _HELDOUT_FILLER = (
@@ -331,6 +335,7 @@ STYLES = {
     "heldout6": HELDOUT,
     "heldout7": HELDOUT,
     "heldout8": HELDOUT,
+    "heldout9": HELDOUT,
 }
 NEEDLES_OF = {"varied": "heldout", "devprose": "dev"}  # a suite drawing another's needles, questions and depths
 

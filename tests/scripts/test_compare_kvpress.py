@@ -389,7 +389,7 @@ def test_suites(suites, tmp_path):
     assert not set(suites.TUNE.cities) & set(suites.HELDOUT.cities)
     draws = [held]
     # heldout's wording and haystack, drawn anew
-    for name in ("heldout2", "heldout3", "heldout4", "heldout5", "heldout6", "heldout7", "heldout8"):
+    for name in ("heldout2", "heldout3", "heldout4", "heldout5", "heldout6", "heldout7", "heldout8", "heldout9"):
         again = suites.suite_records(name, tok, 300)
         assert [r["id"].replace(f"{name}-", "heldout-") for r in again] == [r["id"] for r in held]
         assert {r["question"].split()[0] for r in again} == {r["question"].split()[0] for r in held}
@@ -421,7 +421,7 @@ def test_suite_asks_its_sources_questions_in_another_haystack(suites, suite, cap
     with pytest.raises(
         ValueError,
         match="unknown suite 'essays'; accepted: dev, heldout, varied, devprose, tune, heldout2, heldout3, heldout4, "
-        "heldout5, heldout6, heldout7, heldout8",
+        "heldout5, heldout6, heldout7, heldout8, heldout9",
     ):
         suites.suite_records("essays", WordTokenizer(), 600)
     with pytest.raises(SystemExit):  # the command line says so in one line, before loading a tokenizer
