@@ -14,7 +14,7 @@ A setup (:mod:`kvcompress.experiment.setups`) is a named policy config, ``<polic
 
     --setups lfu+global,lfu+global_floor_normalized,lfu_avg+global,lfu+global:floor=0.2,normalize=sum,hybrid
     --setups kvzip+global:policy.prefix_keep=4
-    --setups recommended_query_aware,recommended_query_agnostic:budget.summary_slots=0
+    --setups recommended_query_aware,recommended_query_agnostic:budget.summary_sketch=0
 
 ``--fidelity`` also teacher-forces the full cache's answer to each sample through every setup and ratio
 (kvcompress.experiment.fidelity), into ``<out>/fidelity.jsonl``: per sample the answer's NLL per token, the share

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from kvcompress.allocators import build_allocator
 from kvcompress.allocators.global_threshold import GlobalAllocator
-from kvcompress.budget import Budget
+from kvcompress.budget import Budget, BudgetError
 from kvcompress.experiment.policy_config import load_policy, register_policy_configs
 from kvcompress.experiment.setups import resolve_setup
 
@@ -59,6 +59,20 @@ def test_a_preset_as_a_setup_runs_what_experiment_equals_runs(preset: str) -> No
     assert (setup.allocation, setup.allocator_args) == (composed.allocation, composed.allocator_args)
     assert {k: getattr(composed, k) for k in budget_args} == budget_args
     assert resolve_setup(f"{preset}:budget.summary_slots=2")[5]["summary_slots"] == 2
+
+
+def test_the_query_agnostic_preset_folds_with_a_sketch_up_to_4x_and_drops_it_past() -> None:
+    """The preset RESULTS recommends ("The sketch on all nine draws"): one summary slot per head read through a
+    rank-8 sketch up to 4x, plain KVzip past it; and the documented ablation, its slot without the sketch, builds."""
+    _, policy, allocation, _, allocator_args, budget_args = resolve_setup("recommended_query_agnostic")
+    assert (policy, allocation) == ("kvzip", "global")
+    light = Budget(ratio=4, allocation=allocation, allocator_args=allocator_args, **budget_args)
+    assert (light.summary_slots, light.summary_sketch) == (1, 8) and light.folds_once and light.ever_folds
+    assert not Budget(ratio=8, allocation=allocation, allocator_args=allocator_args, **budget_args).ever_folds
+    *_, budget_args = resolve_setup("recommended_query_agnostic:budget.summary_sketch=0")
+    assert Budget(ratio=4, allocation=allocation, **budget_args).summary_sketch == 0
+    with pytest.raises(BudgetError, match=r"summary_sketch=8 sketches .* it needs budget.summary_slots=1.* \(got summary_slots=0"):
+        Budget(ratio=4, **resolve_setup("recommended_query_agnostic:budget.summary_slots=0")[5])
 
 
 def test_an_experiment_that_is_not_a_preset_is_no_setup(tmp_path, monkeypatch) -> None:
