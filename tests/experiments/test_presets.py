@@ -71,7 +71,8 @@ def test_the_query_agnostic_preset_folds_with_a_sketch_up_to_4x_and_drops_it_pas
     assert not Budget(ratio=8, allocation=allocation, allocator_args=allocator_args, **budget_args).ever_folds
     *_, budget_args = resolve_setup("recommended_query_agnostic:budget.summary_sketch=0")
     assert Budget(ratio=4, allocation=allocation, **budget_args).summary_sketch == 0
-    with pytest.raises(BudgetError, match=r"summary_sketch=8 sketches .* it needs budget.summary_slots=1.* \(got summary_slots=0"):
+    refused = r"summary_sketch=8 sketches .* it needs budget.summary_slots=1.* \(got summary_slots=0"
+    with pytest.raises(BudgetError, match=refused):
         Budget(ratio=4, **resolve_setup("recommended_query_agnostic:budget.summary_slots=0")[5])
 
 
