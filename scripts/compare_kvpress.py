@@ -47,6 +47,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from kvcompress.experiment.fidelity import FIDELITY_FILE, answers_by_sample, fidelity_fields, fidelity_lines
 from kvcompress.experiment.paired import prediction_scores, retained_percent, sign_test
 from kvcompress.tasks.base import spread
@@ -219,12 +221,14 @@ def _score(record: dict[str, Any], prediction: str) -> float:
     return score(record.get("metric", "string_match_all"), prediction, record["answers"])
 
 
-def run_ours(args: argparse.Namespace, subset: Path, mode: str, policy: str, ratio: float) -> dict[str, Any]:
-    """One cell through experiments/run.py; predictions rescored here with the same metric as kvpress's."""
-    run_dir = args.out / "ours" / mode / f"{policy}-x{ratio:g}"
-    cmd = [
-        sys.executable,
-        str(ROOT / "experiments" / "run.py"),
+def ours_dir(out: Path, mode: str, policy: str, ratio: float) -> Path:
+    """The experiments/run.py run directory of one cell of our side."""
+    return out / "ours" / mode / f"{policy}-x{ratio:g}"
+
+
+def cell_overrides(args: argparse.Namespace, subset: Path, mode: str, policy: str, ratio: float) -> list[str]:
+    """The Hydra overrides every cell of our side sets (``--ours-override``'s follow them)."""
+    return [
         "task=jsonl",
         f"task.path={subset}",
         f"task.mode={mode}",
@@ -234,11 +238,33 @@ def run_ours(args: argparse.Namespace, subset: Path, mode: str, policy: str, rat
         f"model.path={args.model}",
         f"model.device={args.device}",
         f"model.dtype={args.dtype}",
-        f"hydra.run.dir={run_dir}",
         "baselines_dir=null",
         "progress=false",
-        *args.ours_override,
     ]
+
+
+def ran_with(args: argparse.Namespace, subset: Path, mode: str, policy: str, ratio: float) -> list[str] | None:
+    """The ``--ours-override`` entries the finished cell ran with (from its run directory's ``.hydra/overrides.yaml``,
+    the overrides :func:`cell_overrides` sets for every cell left out), or None when it has no such file."""
+    path = ours_dir(args.out, mode, policy, ratio) / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return None
+    fixed = {o.partition("=")[0] for o in cell_overrides(args, subset, mode, policy, ratio)}
+    return [o for o in yaml.safe_load(path.read_text(encoding="utf-8")) or [] if o.partition("=")[0] not in fixed]
+
+
+def bearing(overrides: Sequence[str], policy: str) -> list[str]:
+    """The overrides that change a cell of ``policy``'s predictions: for the full cache, none of the policy's or
+    the budget's (it evicts nothing)."""
+    unused = ("policy.", "budget.") if policy == "full" else ()
+    return [o for o in overrides if not o.startswith(unused)]
+
+
+def run_ours(args: argparse.Namespace, subset: Path, mode: str, policy: str, ratio: float) -> dict[str, Any]:
+    """One cell through experiments/run.py; predictions rescored here with the same metric as kvpress's."""
+    run_dir = ours_dir(args.out, mode, policy, ratio)
+    overrides = [*cell_overrides(args, subset, mode, policy, ratio), *args.ours_override]
+    cmd = [sys.executable, str(ROOT / "experiments" / "run.py"), *overrides, f"hydra.run.dir={run_dir}"]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT)
     records = {r["id"]: r for r in _load_jsonl(subset)}
@@ -470,6 +496,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows_path = args.out / "rows.jsonl"
     todo = [(side, *c) for c in cells(args.policies, args.ratios, args.modes) for side in args.sides]
     left = pending(todo, read_rows(rows_path))
+    for side, mode, policy, ratio in todo:  # a finished cell of ours is not taken for another --ours-override's
+        done = side == "ours" and (side, mode, policy, ratio) not in left
+        ran = ran_with(args, subset, mode, policy, ratio) if done else None
+        if ran is not None and bearing(ran, policy) != bearing(args.ours_override, policy):
+            sys.exit(
+                f"error: {ours_dir(args.out, mode, policy, ratio)} ran our side with --ours-override {ran or 'none'}, "
+                f"not {args.ours_override or 'none'}; use another --out"
+            )
     print(f"{len(todo) - len(left)} of {len(todo)} cells already in {rows_path}", flush=True)
     for side, mode, policy, ratio in left:
         runner = run_ours if side == "ours" else run_kvpress

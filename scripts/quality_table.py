@@ -3,7 +3,10 @@
 For each policy, every sample goes through one engine: its prompt (query-aware) or context (query-agnostic) is
 prefilled once, forked once per ratio, each fork compressed to its own budget, and the forks of several samples
 decode together. Results append to ``<out>/rows.jsonl`` as they complete (re-running resumes); the Markdown table
-goes to ``<out>/table.md``.
+goes to ``<out>/table.md``. ``<out>/setups.json`` records what each setup label ran (its policy and budget fields
+that differ from their defaults), and a rerun refuses to resume a label that now resolves to another config, e.g.
+a preset changed since (:mod:`kvcompress.experiment.setup_record`). Rows written before that record was kept are
+refused too, unless ``--adopt-rows`` says they ran what their labels resolve to now.
 
     python scripts/quality_table.py --out results/quality --samples 3 --tokens 1000
 
@@ -51,6 +54,7 @@ from kvcompress.experiment.fidelity import FIDELITY_FILE, answer_ids, fidelity_l
 from kvcompress.experiment.paired import retained_percent
 from kvcompress.experiment.policy_config import load_policy
 from kvcompress.experiment.prompts import bind_tokenizer, build_prompt
+from kvcompress.experiment.setup_record import SETUPS_FILE, check_resume, config_record, read_records, write_records
 from kvcompress.experiment.setups import SETUPS, check_setup, resolve_setup, split_setups
 from kvcompress.generate import as_request
 from kvcompress.model import load_model
@@ -89,8 +93,7 @@ def run_setup(
     prompts = {s.sample_id: build_prompt(tok, s) for s in samples}
 
     def budget(ratio: float = 1.0) -> Budget:
-        fields = dict(protected_window=protected, protected_fraction=protected_fraction, allocator_args=allocator_args)
-        return Budget(ratio=ratio, allocation=allocation, **{**fields, **(budget_args or {})})  # the setup's win
+        return setup_budget(allocation, protected, protected_fraction, allocator_args, budget_args, ratio)
 
     compressor = Compressor(policy, budget())
     requests = [
@@ -116,6 +119,33 @@ def run_setup(
     by_id = {s.sample_id: s for s in samples}
     with paged_attention(model):
         yield from _collect(engine, by_id, ratios, tok, forced is not None)
+
+
+def setup_budget(
+    allocation: str,
+    protected: int,
+    protected_fraction: float | None,
+    allocator_args: dict | None,
+    budget_args: dict | None,
+    ratio: float = 1.0,
+) -> Budget:
+    """A setup's budget at ``ratio``: the script's protected window and fraction, unless the setup's own budget
+    fields (``budget_args``) set them."""
+    fields = dict(protected_window=protected, protected_fraction=protected_fraction, allocator_args=allocator_args)
+    return Budget(ratio=ratio, allocation=allocation, **{**fields, **(budget_args or {})})
+
+
+def setup_records(wanted: list[tuple], protected: int, protected_fraction: float | None) -> dict[str, dict]:
+    """Label -> :func:`~kvcompress.experiment.setup_record.config_record` of each resolved setup of ``wanted``
+    but the full cache (whose rows no budget changes)."""
+    return {
+        label: config_record(
+            load_policy(policy, **overrides),
+            setup_budget(allocation, protected, protected_fraction, allocator_args, budget_args),
+        )
+        for label, policy, allocation, overrides, allocator_args, budget_args in wanted
+        if label != "full"
+    }
 
 
 def _collect(engine: Engine, by_id: dict, ratios: list[float], tok, forced: bool) -> Iterator[tuple[str, list[dict]]]:
@@ -243,6 +273,12 @@ def main() -> None:
         help="also teacher-force the full cache's answers through every setup, into OUT/fidelity.jsonl (see above)",
     )
     ap.add_argument(
+        "--adopt-rows",
+        action="store_true",
+        help=f"rows in OUT written before OUT/{SETUPS_FILE} was kept ran what their labels resolve to now: record "
+        "that and resume them (without it they are refused; see kvcompress.experiment.setup_record)",
+    )
+    ap.add_argument(
         "--table-only",
         action="store_true",
         help="rewrite OUT/table.md from OUT/rows.jsonl and exit (runs nothing)",
@@ -283,10 +319,17 @@ def main() -> None:
             wanted = [(*w[:3], {**w[3], **with_bias} if "head_bias" in w[3] else w[3], *w[4:]) for w in wanted]
     except (ValueError, FileNotFoundError) as err:
         ap.error(str(err))
+    try:  # rows under a label that now resolves to another config are not resumed as its own
+        with_rows = {r["setup"] for r in [*rows, *read_fidelity(fidelity_path)]}
+        now = setup_records(wanted, args.protected, args.protected_fraction)
+        records = check_resume(out, read_records(out), now, with_rows, args.adopt_rows)
+    except ValueError as err:
+        ap.error(str(err))
     wanted.append(("full", "full", "uniform", {}, {}, {}))
     if args.task == "jsonl" and not args.path:
         ap.error("--task jsonl needs --path FILE.jsonl")
     out.mkdir(parents=True, exist_ok=True)
+    write_records(out, records)
     lm = load_model("smollm2")
     try:  # an offsets file measured for another model fails before any sample runs
         for file in {w[5]["summary_offset"] for w in wanted if w[5].get("summary_offset")}:

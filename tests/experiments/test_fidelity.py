@@ -83,7 +83,8 @@ def test_table_and_pairs_read_fidelity_rows(script_module, tmp_path: Path) -> No
 def test_quality_table_fidelity_on_the_embedded_model(smollm2, tmp_path: Path) -> None:
     """One dev-1k sample, query-agnostic, StreamingLLM at 4x: the full cache forced through itself (the token ids
     its row records) matches its own greedy answer token for token; the compressed cache scores it at a higher
-    NLL; a rerun adds nothing, and a rerun with one ratio more runs only that ratio."""
+    NLL; a rerun adds nothing, a rerun with one ratio more runs only that ratio, and one with another protected window
+    is refused (setups.json records what the label ran)."""
     cmd = [sys.executable, str(ROOT / "scripts" / "quality_table.py"), "--out", str(tmp_path), "--task", "jsonl",
            "--path", str(ROOT / "docs" / "results" / "suites" / "dev-1k.jsonl"), "--samples", "40", "--first", "1",
            "--setups", "streaming", "--modes", "query_agnostic", "--ratios", "4", "--fidelity"]  # fmt: skip
@@ -107,6 +108,9 @@ def test_quality_table_fidelity_on_the_embedded_model(smollm2, tmp_path: Path) -
     for name in ("rows.jsonl", "fidelity.jsonl"):
         added = [json.loads(line) for line in (tmp_path / name).read_text().splitlines()[2:]]
         assert [(r["setup"], r["ratio"]) for r in added] == [("streaming", 8.0)]
+    assert json.loads((tmp_path / "setups.json").read_text())["streaming"]["budget"] == {"protected_window": 16}
+    changed = subprocess.run([*cmd, "--protected", "8"], capture_output=True, text=True, timeout=900)
+    assert changed.returncode == 2 and "budget.protected_window: recorded 16, now 8" in changed.stderr
 
 
 def test_hydra_runs_record_fidelity_against_the_full_cache_run(run_cli, tiny: list[str], tmp_path: Path) -> None:

@@ -236,6 +236,35 @@ def test_sides_run_apart_into_one_table(compare, tmp_path, monkeypatch):
         compare.parse_args([*base, "--sides", "ours,vllm"])
 
 
+def test_a_finished_cell_of_ours_is_not_resumed_under_another_ours_override(compare, tmp_path, monkeypatch):
+    """Rows key on (side, mode, policy, ratio) only: a rerun with another ``--ours-override`` would skip a cell that
+    ran another config, so the cell's ``.hydra/overrides.yaml`` is read back and such a rerun stops. The full cache's
+    cell ignores policy and budget overrides (it evicts nothing)."""
+    suite = tmp_path / "suite.jsonl"
+    suite.write_text(json.dumps({"id": "s0", "context": "C", "question": "Q", "answers": ["x"]}) + "\n")
+    out = tmp_path / "out"
+    base = ["--suite", str(suite), "--policies", "kvzip", "--ratios", "4", "--sides", "ours", "--out", str(out)]
+    ran: list[str] = []
+
+    def fake(args, subset, mode, policy, ratio):  # what experiments/run.py leaves: the cell's Hydra overrides
+        hydra = compare.ours_dir(args.out, mode, policy, ratio) / ".hydra"
+        hydra.mkdir(parents=True)
+        overrides = [*compare.cell_overrides(args, subset, mode, policy, ratio), *args.ours_override]
+        (hydra / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+        ran.append(policy)
+        return compare.make_row("ours", mode, policy, ratio, [{"id": "s0", "score": 0.0}], 1 / ratio)
+
+    monkeypatch.setattr(compare, "run_ours", fake)
+    compare.main([*base, "--ours-override", "budget.allocation=global"])
+    compare.main([*base, "--ours-override", "budget.allocation=global"])  # the same config: nothing runs again
+    assert ran == ["full", "kvzip"]
+    with pytest.raises(SystemExit, match=r"kvzip-x4 ran our side with --ours-override \['budget.allocation=global'\]"):
+        compare.main([*base, "--ours-override", "policy.window=32"])
+    with pytest.raises(SystemExit, match="not none; use another --out"):
+        compare.main(base)
+    assert compare.bearing(["policy.window=32", "task.n=3"], "full") == ["task.n=3"]
+
+
 def test_fidelity_forces_the_reference_answers_through_kvpress_and_resumes(compare, tmp_path, monkeypatch):
     """--fidelity --reference QDIR: each kvpress cell gets one fidelity row per sample that QDIR's full cache
     answered (an empty answer is not forced), computed from the worker's forced log-probs as our engine's are; a
