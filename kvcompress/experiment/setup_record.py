@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from kvcompress.budget import Budget
+from kvcompress.experiment.records import write_json_atomic
 from kvcompress.experiment.runner import file_sha1
 from kvcompress.policies.base import Policy
 
@@ -81,10 +81,7 @@ def read_records(out: Path) -> dict[str, dict[str, Any]]:
 
 def write_records(out: Path, records: dict[str, dict[str, Any]]) -> None:
     """Replace ``out/setups.json`` with ``records`` in one step (a kill mid-write leaves the old file)."""
-    path = out / SETUPS_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(records, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(out / SETUPS_FILE, records)
 
 
 def _flat(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
